@@ -1,0 +1,1 @@
+"""Generated gRPC contracts (protos/loraplex). Do not edit: run `make proto`."""

@@ -1,0 +1,1 @@
+"""Generated from protos/loraplex/v1. Do not edit: run `make proto`."""

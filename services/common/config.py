@@ -1,0 +1,177 @@
+"""Configuration from `LORAPLEX_*` environment variables, validated once at start.
+
+Each service reads one frozen dataclass; a bad value fails fast with a sentence naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PREFIX = "LORAPLEX_"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class ConfigError(ValueError):
+    """A LORAPLEX_* variable has a value the service cannot use."""
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gib": 1 << 30,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+}
+
+
+def parse_bytes(name: str, raw: str) -> int:
+    """'512MiB', '64m', '1048576' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", raw)
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ConfigError(f"{name}={raw!r} is not a size; use bytes or a unit like 512MiB or 4GiB")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+
+
+class Env:
+    """Typed reads of LORAPLEX_* variables from one mapping (os.environ by default)."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        self._env = os.environ if environ is None else environ
+
+    def raw(self, key: str) -> str | None:
+        value = self._env.get(PREFIX + key)
+        return value if value not in (None, "") else None
+
+    def text(self, key: str, default: str) -> str:
+        return self.raw(key) or default
+
+    def integer(self, key: str, default: int, *, minimum: int = 0) -> int:
+        raw = self.raw(key)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{PREFIX}{key}={raw!r} is not an integer") from None
+        if value < minimum:
+            raise ConfigError(f"{PREFIX}{key}={value} must be >= {minimum}")
+        return value
+
+    def number(self, key: str, default: float, *, minimum: float = 0.0) -> float:
+        raw = self.raw(key)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{PREFIX}{key}={raw!r} is not a number") from None
+        if value < minimum:
+            raise ConfigError(f"{PREFIX}{key}={value} must be >= {minimum}")
+        return value
+
+    def size(self, key: str, default: int) -> int:
+        raw = self.raw(key)
+        return default if raw is None else parse_bytes(PREFIX + key, raw)
+
+    def csv(self, key: str) -> tuple[str, ...]:
+        raw = self.raw(key)
+        return tuple(p.strip() for p in raw.split(",") if p.strip()) if raw else ()
+
+    def flag(self, key: str, default: bool) -> bool:
+        raw = self.raw(key)
+        if raw is None:
+            return default
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{PREFIX}{key}={raw!r} is not a boolean; use true or false")
+
+
+def loraplex_home(env: Env | None = None) -> Path:
+    """Root of local state: models, embedded PostgreSQL, adapter store, caches."""
+    env = env or Env()
+    return Path(env.text("HOME", str(Path.home() / ".cache" / "loraplex"))).expanduser()
+
+
+def _check_address(name: str, value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"{PREFIX}{name}={value!r} must be host:port, e.g. 127.0.0.1:50051")
+    return value
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    home: Path
+    listen: str
+    # None: start (or reuse) an embedded PostgreSQL under home/postgres.
+    database_url: str | None
+    admin_token: str
+    # "file:///dir" or "s3://bucket/prefix": where uploaded adapters are stored.
+    adapter_store: str
+    allowed_buckets: tuple[str, ...]
+    allowed_file_roots: tuple[str, ...]
+    max_adapter_rank: int
+    max_adapter_bytes: int
+    worker_ttl_s: float = 15.0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> RegistrySettings:
+        env = Env(environ)
+        home = loraplex_home(env)
+        admin_token = env.raw("ADMIN_TOKEN")
+        if admin_token is None:
+            raise ConfigError(f"{PREFIX}ADMIN_TOKEN is required: admin RPCs are refused without it")
+        if len(admin_token) < 16:
+            raise ConfigError(f"{PREFIX}ADMIN_TOKEN must be at least 16 characters")
+        store = env.text("ADAPTER_STORE", (home / "adapters").as_uri())
+        if not store.startswith(("file://", "s3://")):
+            raise ConfigError(f"{PREFIX}ADAPTER_STORE={store!r} must start with file:// or s3://")
+        buckets = env.csv("ALLOWED_BUCKETS")
+        if store.startswith("s3://"):
+            store_bucket = store[5:].split("/", 1)[0]
+            buckets = tuple(dict.fromkeys((*buckets, store_bucket)))
+        return cls(
+            home=home,
+            listen=_check_address("REGISTRY_LISTEN", env.text("REGISTRY_LISTEN", "127.0.0.1:50051")),
+            database_url=env.raw("DATABASE_URL"),
+            admin_token=admin_token,
+            adapter_store=store,
+            allowed_buckets=buckets,
+            allowed_file_roots=env.csv("ALLOWED_FILE_ROOTS"),
+            max_adapter_rank=env.integer("MAX_ADAPTER_RANK", 256, minimum=1),
+            max_adapter_bytes=env.size("MAX_ADAPTER_BYTES", 512 << 20),
+            worker_ttl_s=env.number("WORKER_TTL_S", 15.0, minimum=1.0),
+        )
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """What the CLI needs to reach the services."""
+
+    registry: str
+    router: str
+    admin_token: str | None
+    api_key: str | None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ClientSettings:
+        env = Env(environ)
+        return cls(
+            registry=_check_address("REGISTRY", env.text("REGISTRY", "127.0.0.1:50051")),
+            router=_check_address("ROUTER", env.text("ROUTER", "127.0.0.1:50050")),
+            admin_token=env.raw("ADMIN_TOKEN"),
+            api_key=env.raw("API_KEY"),
+        )

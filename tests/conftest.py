@@ -1,0 +1,7 @@
+"""Shared fixtures: each plugin module builds one real dependency once per session."""
+
+pytest_plugins = [
+    "tests.fixtures.models",
+    "tests.fixtures.postgres",
+    "tests.fixtures.s3",
+]
