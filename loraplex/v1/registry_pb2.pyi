@@ -342,22 +342,26 @@ class TargetModule(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     IN_FEATURES_FIELD_NUMBER: _builtins.int
     OUT_FEATURES_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Module name suffix as PEFT targets it, e.g. "q_proj"."""
     in_features: _builtins.int
     """Input features of the linear layer."""
     out_features: _builtins.int
     """Output features of the linear layer."""
+    path: _builtins.str
+    """Path inside a transformer block, e.g. "self_attn.q_proj"."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         in_features: _builtins.int = ...,
         out_features: _builtins.int = ...,
+        path: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_features", b"in_features", "name", b"name", "out_features", b"out_features"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_features", b"in_features", "name", b"name", "out_features", b"out_features", "path", b"path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -376,6 +380,9 @@ class BaseModel(_message.Message):
     TARGET_MODULES_FIELD_NUMBER: _builtins.int
     INPUT_PRICE_PER_MTOK_FIELD_NUMBER: _builtins.int
     OUTPUT_PRICE_PER_MTOK_FIELD_NUMBER: _builtins.int
+    HIDDEN_SIZE_FIELD_NUMBER: _builtins.int
+    VOCAB_SIZE_FIELD_NUMBER: _builtins.int
+    LAYERS_PREFIX_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique name, e.g. "smollm2-135m-instruct"."""
     architecture: _builtins.str
@@ -388,6 +395,12 @@ class BaseModel(_message.Message):
     """Price per million input tokens, in USD."""
     output_price_per_mtok: _builtins.float
     """Price per million output tokens, in USD."""
+    hidden_size: _builtins.int
+    """Width of the residual stream."""
+    vocab_size: _builtins.int
+    """Vocabulary size."""
+    layers_prefix: _builtins.str
+    """Where blocks live in the HF module tree, e.g. "model.layers" (block i is "model.layers.i")."""
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedCompositeFieldContainer[Global___TargetModule]:
         """Every LoRA-targetable linear layer and its shape (same in every layer)."""
@@ -402,10 +415,13 @@ class BaseModel(_message.Message):
         target_modules: _abc.Iterable[Global___TargetModule] | None = ...,
         input_price_per_mtok: _builtins.float = ...,
         output_price_per_mtok: _builtins.float = ...,
+        hidden_size: _builtins.int = ...,
+        vocab_size: _builtins.int = ...,
+        layers_prefix: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "context_length", b"context_length", "input_price_per_mtok", b"input_price_per_mtok", "name", b"name", "num_layers", b"num_layers", "output_price_per_mtok", b"output_price_per_mtok", "target_modules", b"target_modules"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "context_length", b"context_length", "hidden_size", b"hidden_size", "input_price_per_mtok", b"input_price_per_mtok", "layers_prefix", b"layers_prefix", "name", b"name", "num_layers", b"num_layers", "output_price_per_mtok", b"output_price_per_mtok", "target_modules", b"target_modules", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
