@@ -1,0 +1,241 @@
+"""Object storage for adapter files: a local directory or an S3 bucket, behind one small interface.
+
+Blocking calls (boto3, file copies); async callers run them in a thread. Names are relative,
+'/'-separated keys under the store's root, e.g. "<digest hex>/adapter_config.json".
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import urllib.parse
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import boto3
+from botocore.exceptions import ClientError
+
+from services.common.adapter_errors import NotFound, TooLarge, UriNotAllowed
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+_CHUNK = 1 << 20
+
+
+class _Readable(Protocol):
+    def read(self, size: int = ..., /) -> bytes: ...
+
+
+class ObjectStore(Protocol):
+    def download(self, name: str, dest: Path, *, max_bytes: int) -> int:
+        """Stream `name` into `dest`; returns its size. TooLarge past max_bytes (dest removed)."""
+        ...
+
+    def upload(self, name: str, src: Path) -> None: ...
+
+    def exists(self, name: str) -> bool: ...
+
+    def delete(self, name: str) -> None:
+        """Remove `name`; a missing object is not an error."""
+        ...
+
+    def uri_for(self, name: str) -> str: ...
+
+
+def open_store(uri: str) -> ObjectStore:
+    """'file:///abs/dir' or 's3://bucket/prefix' -> a store rooted there."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme == "file":
+        return FileStore(_file_uri_path(uri))
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise UriNotAllowed(f"{uri!r} names no bucket; use s3://bucket/prefix.")
+        return S3Store(parsed.netloc, parsed.path.strip("/"))
+    raise UriNotAllowed(f"{uri!r} is not a supported location; use s3://bucket/prefix or file:///abs/dir.")
+
+
+def _file_uri_path(uri: str) -> Path:
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
+        raise UriNotAllowed(f"{uri!r} is not an absolute file URI; write it as file:///abs/dir.")
+    return Path(urllib.parse.unquote(parsed.path))
+
+
+def _check_name(name: str) -> str:
+    parts = name.split("/")
+    if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"{name!r} is not a relative object name")
+    return name
+
+
+def _copy_limited(src: _Readable, dest: Path, *, max_bytes: int, label: str) -> int:
+    """Copy in chunks, stopping (and removing dest) as soon as more than max_bytes arrived."""
+    total = 0
+    try:
+        with dest.open("wb") as out:
+            while chunk := src.read(_CHUNK):
+                total += len(chunk)
+                if total > max_bytes:
+                    raise TooLarge(f"{label} is larger than the limit of {max_bytes} bytes.", limit=max_bytes)
+                out.write(chunk)
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    return total
+
+
+class FileStore:
+    """A directory; writes land under a temporary name and are renamed into place."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, name: str) -> Path:
+        return self.root / _check_name(name)
+
+    def download(self, name: str, dest: Path, *, max_bytes: int) -> int:
+        path = self._path(name)
+        try:
+            src = path.open("rb")
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound(f"{self.uri_for(name)} does not exist.") from None
+        except IsADirectoryError:
+            raise NotFound(f"{self.uri_for(name)} is a directory, not a file.") from None
+        with src:
+            return _copy_limited(src, dest, max_bytes=max_bytes, label=self.uri_for(name))
+
+    def upload(self, name: str, src: Path) -> None:
+        path = self._path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out, src.open("rb") as inp:
+                shutil.copyfileobj(inp, out, _CHUNK)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def exists(self, name: str) -> bool:
+        return self._path(name).is_file()
+
+    def delete(self, name: str) -> None:
+        path = self._path(name)
+        path.unlink(missing_ok=True)
+        # Drop directories the object leaves empty, so a deleted adapter leaves no trace.
+        parent = path.parent
+        while parent != self.root and parent.is_relative_to(self.root):
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+
+    def uri_for(self, name: str) -> str:
+        return (self.root / name).as_uri() if name else self.root.as_uri()
+
+
+def s3_client() -> S3Client:
+    """boto3 reads AWS_ENDPOINT_URL and credentials itself; only the region gets a default."""
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return boto3.client("s3", region_name=region)
+
+
+class S3Store:
+    def __init__(self, bucket: str, prefix: str, client: S3Client | None = None) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self._client = client or s3_client()
+
+    def _key(self, name: str) -> str:
+        _check_name(name)
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def download(self, name: str, dest: Path, *, max_bytes: int) -> int:
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=self._key(name))
+        except ClientError as exc:
+            if _is_missing(exc):
+                raise NotFound(f"{self.uri_for(name)} does not exist.") from None
+            raise
+        body = response["Body"]
+        try:
+            if response.get("ContentLength", 0) > max_bytes:
+                raise TooLarge(
+                    f"{self.uri_for(name)} is {response['ContentLength']} bytes, over the limit of "
+                    f"{max_bytes} bytes.",
+                    limit=max_bytes,
+                )
+            return _copy_limited(body, dest, max_bytes=max_bytes, label=self.uri_for(name))
+        finally:
+            body.close()
+
+    def upload(self, name: str, src: Path) -> None:
+        # S3 makes an object visible only once its upload completes, so this is atomic too.
+        self._client.upload_file(str(src), self.bucket, self._key(name))
+
+    def exists(self, name: str) -> bool:
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=self._key(name))
+        except ClientError as exc:
+            if _is_missing(exc):
+                return False
+            raise
+        return True
+
+    def delete(self, name: str) -> None:
+        self._client.delete_object(Bucket=self.bucket, Key=self._key(name))
+
+    def uri_for(self, name: str) -> str:
+        key = self._key(name) if name else self.prefix
+        return f"s3://{self.bucket}/{key}"
+
+
+def _is_missing(exc: ClientError) -> bool:
+    code = exc.response.get("Error", {}).get("Code", "")
+    return code in ("404", "NoSuchKey", "NotFound")
+
+
+def check_source_uri(
+    uri: str, *, allowed_buckets: Iterable[str], allowed_file_roots: Iterable[str | Path]
+) -> None:
+    """Refuse a client-supplied source location outside the registry's allow-lists."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme == "s3":
+        buckets = tuple(allowed_buckets)
+        if parsed.netloc not in buckets:
+            allowed = ", ".join(buckets) if buckets else "none are configured"
+            raise UriNotAllowed(
+                f"bucket {parsed.netloc!r} is not one this registry reads from (allowed: {allowed}); "
+                f"copy the adapter into an allowed bucket or add it to LORAPLEX_ALLOWED_BUCKETS."
+            )
+        return
+    if parsed.scheme == "file":
+        _check_file_source(uri, tuple(Path(r) for r in allowed_file_roots))
+        return
+    raise UriNotAllowed(f"{uri!r} is not a supported location; use s3://bucket/prefix or file:///abs/dir.")
+
+
+def _check_file_source(uri: str, roots: tuple[Path, ...]) -> None:
+    if not roots:
+        raise UriNotAllowed(
+            f"{uri} is a local path but this registry reads no local directories; upload the files "
+            f"instead, or set LORAPLEX_ALLOWED_FILE_ROOTS."
+        )
+    resolved_roots = [r.resolve() for r in roots]
+    directory = _file_uri_path(uri)
+    # resolve() follows symlinks and collapses '..', so what is checked is what will be read.
+    targets = [directory.resolve()]
+    if directory.is_dir():
+        targets += [entry.resolve() for entry in directory.iterdir() if entry.is_symlink()]
+    for target in targets:
+        if not any(target.is_relative_to(root) for root in resolved_roots):
+            raise UriNotAllowed(
+                f"{uri} leads to {target}, which is outside the directories this registry may read "
+                f"({', '.join(str(r) for r in resolved_roots)})."
+            )
