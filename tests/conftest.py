@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.postgres",
     "tests.fixtures.s3",
+    "tests.fixtures.registry",
 ]

@@ -1,0 +1,171 @@
+"""CLI commands that call the registry's gRPC API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+
+from loraplex.v1 import common_pb2, registry_pb2
+from services.client.registry import RegistryClient
+from services.common.config import ClientSettings, loraplex_home
+
+
+class UsageError(Exception):
+    """The command line cannot work as given; the message says how to fix it."""
+
+
+def _client() -> RegistryClient:
+    settings = ClientSettings.from_env()
+    if not settings.admin_token:
+        raise UsageError("set LORAPLEX_ADMIN_TOKEN to the registry's admin token")
+    return RegistryClient(settings.registry, settings.admin_token)
+
+
+def _as_dict(msg: Message) -> dict[str, Any]:
+    return MessageToDict(msg, preserving_proto_field_name=True)
+
+
+def _emit(
+    args: argparse.Namespace, messages: Iterable[Message], rows: Iterable[Iterable[object]], header: list[str]
+) -> int:
+    if args.json:
+        print(json.dumps([_as_dict(m) for m in messages], indent=2))
+        return 0
+    table = [header, *[[str(c) for c in r] for r in rows]]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    for r in table:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def _emit_one(args: argparse.Namespace, msg: Message) -> int:
+    print(json.dumps(_as_dict(msg), indent=2))
+    return 0
+
+
+def models_register(args: argparse.Namespace) -> int:
+    from services.common.base_models import describe_model
+    from services.registry.convert import base_model_pb
+
+    model_dir = loraplex_home() / "models" / args.name
+    if not (model_dir / "config.json").exists():
+        raise UsageError(
+            f"model {args.name!r} is not pulled here: run 'loraplex models pull {args.name}' first"
+        )
+    spec = describe_model(args.name, model_dir)
+    with _client() as c:
+        stored = c.upsert_base_model(base_model_pb(spec, args.input_price, args.output_price))
+    if args.json:
+        return _emit_one(args, stored)
+    print(
+        f"registered base model {stored.name}: {stored.num_layers} layers, "
+        f"{len(stored.target_modules)} target modules, context {stored.context_length}"
+    )
+    return 0
+
+
+def tenants_create(args: argparse.Namespace) -> int:
+    with _client() as c:
+        t = c.create_tenant(args.name)
+    return _emit(args, [t], [[t.tenant_id, t.name]], ["TENANT_ID", "NAME"])
+
+
+def tenants_list(args: argparse.Namespace) -> int:
+    with _client() as c:
+        ts = c.list_tenants()
+    return _emit(args, ts, [[t.tenant_id, t.name] for t in ts], ["TENANT_ID", "NAME"])
+
+
+def keys_create(args: argparse.Namespace) -> int:
+    with _client() as c:
+        resp = c.create_api_key(args.tenant, args.name)
+    if args.json:
+        return _emit_one(args, resp)
+    print(f"key id:  {resp.api_key.key_id}")
+    print(f"secret:  {resp.secret}")
+    print("The secret is shown only now; store it (e.g. export LORAPLEX_API_KEY=...).")
+    return 0
+
+
+def keys_revoke(args: argparse.Namespace) -> int:
+    with _client() as c:
+        key = c.revoke_api_key(args.key_id)
+    return _emit(args, [key], [[key.key_id, key.name, "revoked"]], ["KEY_ID", "NAME", "STATE"])
+
+
+def _status(a: registry_pb2.Adapter) -> str:
+    return common_pb2.AdapterStatus.Name(a.status).removeprefix("ADAPTER_STATUS_")
+
+
+def _variant(a: registry_pb2.Adapter) -> str:
+    return common_pb2.AdapterVariant.Name(a.ref.variant).removeprefix("ADAPTER_VARIANT_")
+
+
+def _adapter_rows(adapters: list[registry_pb2.Adapter]) -> list[list[object]]:
+    return [
+        [
+            f"{a.ref.name}@{a.ref.version}",
+            _status(a),
+            a.ref.base_model,
+            _variant(a),
+            a.ref.rank,
+            a.ref.size_bytes,
+            a.ref.digest[:19],
+            a.ref.adapter_id,
+        ]
+        for a in adapters
+    ]
+
+
+ADAPTER_HEADER = ["ADAPTER", "STATUS", "BASE_MODEL", "VARIANT", "RANK", "BYTES", "DIGEST", "ADAPTER_ID"]
+
+
+def adapters_register(args: argparse.Namespace) -> int:
+    with _client() as c:
+        if args.path:
+            directory = Path(args.path)
+            if not directory.is_dir():
+                raise UsageError(f"{directory} is not a directory holding adapter_config.json")
+            a = c.upload_adapter(
+                directory,
+                tenant=args.tenant,
+                name=args.name,
+                base_model=args.base_model,
+                keep_warm=args.keep_warm,
+                description=args.description,
+            )
+        else:
+            a = c.register_adapter(
+                tenant=args.tenant,
+                name=args.name,
+                base_model=args.base_model,
+                uri=args.uri,
+                keep_warm=args.keep_warm,
+                description=args.description,
+            )
+    return _emit(args, [a], _adapter_rows([a]), ADAPTER_HEADER)
+
+
+def adapters_list(args: argparse.Namespace) -> int:
+    status = common_pb2.AdapterStatus.Value(f"ADAPTER_STATUS_{args.status.upper()}") if args.status else 0
+    with _client() as c:
+        adapters = list(c.list_adapters(tenant=args.tenant, base_model=args.base_model, status=status))
+    return _emit(args, adapters, _adapter_rows(adapters), ADAPTER_HEADER)
+
+
+def adapters_show(args: argparse.Namespace) -> int:
+    with _client() as c:
+        a = c.get_adapter(args.adapter, args.tenant)
+    return _emit_one(args, a)
+
+
+def adapters_archive(args: argparse.Namespace) -> int:
+    with _client() as c:
+        a = c.archive_adapter(args.adapter, args.tenant)
+    return _emit(args, [a], _adapter_rows([a]), ADAPTER_HEADER)

@@ -1,0 +1,59 @@
+"""CLI commands that run things on this machine: servers, model pulls, the dev stack."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+
+from services.common.config import RegistrySettings, loraplex_home
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def registry_serve(args: argparse.Namespace) -> int:
+    from services.registry.server import serve
+
+    _logging()
+    settings = RegistrySettings.from_env()
+
+    def ready(running: object) -> None:
+        print(f"registry listening on {settings.listen}", flush=True)
+
+    asyncio.run(serve(settings, ready))
+    return 0
+
+
+def models_pull(args: argparse.Namespace) -> int:
+    from services.common.base_models import pull_model
+
+    path = pull_model(args.name, loraplex_home())
+    if args.json:
+        print(json.dumps({"name": args.name, "path": str(path)}))
+    else:
+        print(f"{args.name} ready at {path}")
+    return 0
+
+
+def models_list(args: argparse.Namespace) -> int:
+    from services.common.base_models import local_models
+
+    models = local_models(loraplex_home())
+    if args.json:
+        print(json.dumps([{"name": m.name, "path": str(m.path)} for m in models]))
+        return 0
+    if not models:
+        print("no models pulled yet: run 'loraplex models pull smollm2-135m-instruct'")
+    for m in models:
+        print(f"{m.name}  {m.path}")
+    return 0
+
+
+def dev(args: argparse.Namespace) -> int:
+    from services.cli.dev import run_dev
+
+    _logging()
+    return run_dev()

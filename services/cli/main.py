@@ -1,0 +1,114 @@
+"""`loraplex` command line: servers, admin calls over the gRPC API, local model management."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+import grpc
+
+from services.cli import admin, local
+from services.common.config import ConfigError
+
+
+def _add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable JSON output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
+    sub = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
+
+    def group(name: str, help_text: str) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+        return sub.add_parser(name, help=help_text).add_subparsers(
+            dest="action", required=True, metavar="ACTION"
+        )
+
+    def cmd(
+        parent: argparse._SubParsersAction[argparse.ArgumentParser],
+        name: str,
+        fn: Callable[[argparse.Namespace], int],
+        help_text: str,
+    ) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help_text)
+        _add_json(p)
+        p.set_defaults(fn=fn)
+        return p
+
+    registry = group("registry", "the registry service")
+    cmd(
+        registry,
+        "serve",
+        local.registry_serve,
+        "run the registry (embedded PostgreSQL unless LORAPLEX_DATABASE_URL)",
+    )
+
+    models = group("models", "base models")
+    p = cmd(models, "pull", local.models_pull, "download/convert a base model into $LORAPLEX_HOME/models")
+    p.add_argument("name")
+    cmd(models, "list", local.models_list, "local models, and the registry catalog when it answers")
+    p = cmd(
+        models, "register", admin.models_register, "add a pulled model to the registry catalog with prices"
+    )
+    p.add_argument("name")
+    p.add_argument("--input-price", type=float, required=True, help="USD per million input tokens")
+    p.add_argument("--output-price", type=float, required=True, help="USD per million output tokens")
+
+    tenants = group("tenants", "tenants (admin)")
+    p = cmd(tenants, "create", admin.tenants_create, "create a tenant")
+    p.add_argument("name")
+    cmd(tenants, "list", admin.tenants_list, "list tenants")
+
+    keys = group("keys", "API keys (admin)")
+    p = cmd(keys, "create", admin.keys_create, "create an API key; the secret is printed once")
+    p.add_argument("--tenant", required=True, help="tenant id or name")
+    p.add_argument("--name", default="default", help="label for the key")
+    p = cmd(keys, "revoke", admin.keys_revoke, "revoke an API key")
+    p.add_argument("key_id")
+
+    adapters = group("adapters", "LoRA adapters")
+    p = cmd(adapters, "register", admin.adapters_register, "register a new adapter version")
+    p.add_argument("name")
+    p.add_argument("--tenant", required=True, help="tenant id or name")
+    p.add_argument("--base-model", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--uri", help="s3://bucket/prefix or file:///dir already holding the PEFT files")
+    src.add_argument("--path", help="local PEFT output directory to upload")
+    p.add_argument("--keep-warm", action="store_true", help="keep resident on at least one worker")
+    p.add_argument("--description", default="")
+    p = cmd(adapters, "list", admin.adapters_list, "list adapter versions")
+    p.add_argument("--tenant", default="", help="tenant id or name (admin: empty lists all)")
+    p.add_argument("--base-model", default="")
+    p.add_argument("--status", default="", choices=["", "validating", "ready", "failed", "archived"])
+    p = cmd(adapters, "show", admin.adapters_show, "show one adapter version")
+    p.add_argument("adapter", help="name, name@version or adapter id")
+    p.add_argument("--tenant", default="")
+    p = cmd(adapters, "archive", admin.adapters_archive, "archive an adapter version")
+    p.add_argument("adapter", help="name@version or adapter id")
+    p.add_argument("--tenant", required=True)
+
+    p = sub.add_parser("dev", help="run the local stack (registry on embedded PostgreSQL)")
+    p.set_defaults(fn=local.dev)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.fn(args)
+        return code
+    except grpc.RpcError as exc:
+        status = exc.code().name if hasattr(exc, "code") else "ERROR"
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        print(f"error ({status}): {details}", file=sys.stderr)
+        return 1
+    except (ConfigError, admin.UsageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,55 @@
+"""`loraplex registry serve`: database, object store and the gRPC server, wired once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import grpc
+
+from loraplex.v1 import registry_pb2, registry_pb2_grpc
+from services.common.config import RegistrySettings
+from services.common.grpc_server import RunningServer, run_until_signalled, start_server
+from services.common.object_store import open_store
+from services.registry import db
+from services.registry.change_feed import ChangeFeed
+from services.registry.servicer import AdapterRegistryServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (registry_pb2.DESCRIPTOR.services_by_name["AdapterRegistryService"].full_name,)
+
+
+async def start_registry(settings: RegistrySettings) -> RunningServer:
+    """Starts the registry and returns once it serves; the caller drains it."""
+    url = settings.database_url
+    if url is None:
+        url = await asyncio.to_thread(db.start_embedded_postgres, settings.home)
+        log.info("using embedded PostgreSQL under %s", settings.home / "postgres")
+    await asyncio.to_thread(db.run_migrations, url)
+    engine = db.create_engine(url)
+    sessions = db.session_factory(engine)
+    store = open_store(settings.adapter_store)
+    feed = ChangeFeed()
+    stop_listening = await db.listen_adapter_changes(url, feed.on_notify)
+    servicer = AdapterRegistryServicer(settings, sessions, store, feed)
+
+    def register(server: grpc.aio.Server) -> None:
+        registry_pb2_grpc.add_AdapterRegistryServiceServicer_to_server(servicer, server)
+
+    running = await start_server(settings.listen, register, SERVICE_NAMES)
+
+    async def close() -> None:
+        await stop_listening()
+        await engine.dispose()
+
+    running.on_stop.append(close)
+    return running
+
+
+async def serve(settings: RegistrySettings, on_ready: Callable[[RunningServer], None] | None = None) -> None:
+    running = await start_registry(settings)
+    if on_ready:
+        on_ready(running)
+    await run_until_signalled(running)
