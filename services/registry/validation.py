@@ -170,9 +170,15 @@ def _collect_modules(
     for name, info in header.tensors.items():
         m = _TENSOR_RE.match(name)
         if m is None:
-            raise AdapterRejected(_unservable_tensor(name, config))
+            raise AdapterRejected(
+                _special_refusal(name, config)
+                or f"tensor {name!r} is not a LoRA weight loraplex can serve; expected names like "
+                f"base_model.model.<module>.lora_A.weight, as PEFT's save_pretrained writes them."
+            )
         module_path, kind = m.group("module"), m.group("kind")
         layer = layer_re.match(module_path)
+        if layer is None and (special := _special_refusal(name, config)):
+            raise AdapterRejected(special)
         if layer is None or layer.group(2) not in by_path:
             targetable = ", ".join(t.name for t in base.target_modules)
             raise AdapterRejected(
@@ -205,7 +211,14 @@ def _collect_modules(
     return modules
 
 
-def _unservable_tensor(name: str, config: Mapping[str, Any]) -> str:
+def _special_refusal(name: str, config: Mapping[str, Any]) -> str | None:
+    """A specific explanation for tensors of features loraplex does not serve, if one applies."""
+    if config.get("modules_to_save") and ".lora_" not in name:
+        return (
+            f"tensor {name!r} is a fully trained copy of a module (modules_to_save="
+            f"{config['modules_to_save']!r}); loraplex serves only LoRA deltas on a shared base, so "
+            f"retrain without modules_to_save."
+        )
     if "lora_embedding_" in name or ".embed_tokens." in name:
         return (
             f"tensor {name!r} adapts the token embeddings, which loraplex does not serve; target only "
@@ -218,16 +231,7 @@ def _unservable_tensor(name: str, config: Mapping[str, Any]) -> str:
         )
     if name.endswith(".bias"):
         return f"tensor {name!r} is a LoRA bias, which loraplex does not serve; retrain with lora_bias=False."
-    if config.get("modules_to_save"):
-        return (
-            f"tensor {name!r} is a fully trained copy of a module (modules_to_save="
-            f"{config['modules_to_save']!r}); loraplex serves only LoRA deltas on a shared base, so "
-            f"retrain without modules_to_save."
-        )
-    return (
-        f"tensor {name!r} is not a LoRA weight loraplex can serve; expected names like "
-        f"base_model.model.<module>.lora_A.weight, as PEFT's save_pretrained writes them."
-    )
+    return None
 
 
 def _shape(info: TensorInfo) -> str:

@@ -1,0 +1,227 @@
+"""validate_adapter on real PEFT adapters of a tiny Llama, and on the ways they can be wrong."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import pytest
+
+from services.common.adapter_errors import AdapterRejected
+from services.common.adapter_files import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    SafetensorsHeader,
+    TensorInfo,
+    read_safetensors_header,
+)
+from services.registry.validation import AdapterLimits, ValidatedAdapter, validate_adapter
+from tests.fixtures.tiny_peft import HIDDEN, TINY_NAME, tiny_spec, write_adapter
+
+LIMITS = AdapterLimits()
+Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict[str, Any], SafetensorsHeader]]:
+    root = tmp_path_factory.mktemp("adapters")
+    out = {}
+    for kind in ("lora", "rslora", "dora", "mixed", "one_layer"):
+        directory = write_adapter(kind, root / kind)
+        config = json.loads((directory / ADAPTER_CONFIG).read_text())
+        out[kind] = (config, read_safetensors_header(directory / ADAPTER_WEIGHTS))
+    return out
+
+
+def config_of(adapters: dict[str, Any], kind: str, **changes: Any) -> dict[str, Any]:
+    return {**adapters[kind][0], **changes}
+
+
+def header_with(header: SafetensorsHeader, name: str, info: TensorInfo | None) -> SafetensorsHeader:
+    """A copy of `header` with one tensor replaced, or removed when info is None."""
+    new = dict(header.tensors)
+    if info is None:
+        del new[name]
+    else:
+        new[name] = info
+    return SafetensorsHeader(tensors=new, metadata=header.metadata)
+
+
+def validate(adapters: dict[str, Any], kind: str, **config_changes: Any) -> ValidatedAdapter:
+    return validate_adapter(
+        config_of(adapters, kind, **config_changes), adapters[kind][1], tiny_spec(), LIMITS
+    )
+
+
+def rejection(config: dict[str, Any], header: SafetensorsHeader, **kw: Any) -> str:
+    base = kw.pop("base", tiny_spec())
+    limits = kw.pop("limits", LIMITS)
+    with pytest.raises(AdapterRejected) as info:
+        validate_adapter(config, header, base, limits)
+    return str(info.value)
+
+
+def test_plain_lora_is_accepted_with_ranks_from_its_tensors(adapters: dict[str, Any]) -> None:
+    v = validate(adapters, "lora")
+    assert (v.variant, v.rank, v.lora_alpha) == ("LORA", 4, 8.0)
+    assert v.target_modules == ("q_proj", "v_proj")
+    assert v.module_ranks == {
+        f"model.layers.{i}.self_attn.{m}": 4 for i in (0, 1) for m in ("q_proj", "v_proj")
+    }
+    assert v.scale("model.layers.0.self_attn.q_proj") == 2.0
+
+
+def test_rslora_is_accepted_and_scales_by_sqrt_rank(adapters: dict[str, Any]) -> None:
+    v = validate(adapters, "rslora")
+    assert (v.variant, v.rank) == ("RSLORA", 8)
+    assert v.target_modules == ("k_proj", "o_proj", "q_proj", "v_proj")
+    assert math.isclose(v.scale("model.layers.1.self_attn.o_proj"), 16 / math.sqrt(8))
+
+
+def test_dora_is_accepted_with_its_magnitude_vectors(adapters: dict[str, Any]) -> None:
+    v = validate(adapters, "dora")
+    assert (v.variant, v.rank, v.target_modules) == ("DORA", 4, ("down_proj", "q_proj"))
+
+
+def test_rank_and_alpha_patterns_give_per_module_values(adapters: dict[str, Any]) -> None:
+    v = validate(adapters, "mixed")
+    assert v.rank == 16
+    assert v.module_ranks["model.layers.0.self_attn.q_proj"] == 4
+    assert v.module_ranks["model.layers.1.self_attn.v_proj"] == 8
+    assert v.module_ranks["model.layers.0.mlp.up_proj"] == 4
+    assert v.module_ranks["model.layers.1.mlp.up_proj"] == 16
+    assert v.module_alphas["model.layers.1.mlp.up_proj"] == 32.0
+    assert v.module_alphas["model.layers.1.self_attn.v_proj"] == 8.0
+
+
+def test_layers_to_transform_is_accepted(adapters: dict[str, Any]) -> None:
+    v = validate(adapters, "one_layer")
+    assert v.module_ranks == {"model.layers.1.mlp.gate_proj": 2}
+
+
+def test_tensor_for_a_module_the_base_lacks_is_rejected(adapters: dict[str, Any]) -> None:
+    spec = tiny_spec()
+    no_v = dataclasses.replace(
+        spec, target_modules=tuple(m for m in spec.target_modules if m.name != "v_proj")
+    )
+    message = rejection(adapters["lora"][0], adapters["lora"][1], base=no_v)
+    assert "self_attn.v_proj" in message and "not a LoRA-targetable layer" in message
+    assert "another base model" in message
+
+
+def test_right_module_wrong_input_size_names_the_expected_size(adapters: dict[str, Any]) -> None:
+    config, header = adapters["lora"]
+    bad = header_with(header, f"{Q0}.lora_A.weight", TensorInfo("F32", (4, 100)))
+    message = rejection(config, bad)
+    assert f"has shape [4, 100] but q_proj of {TINY_NAME} takes {HIDDEN} inputs" in message
+    assert "was this adapter trained for another base model?" in message
+
+
+def test_adapter_for_a_wider_model_is_rejected_on_output_size(adapters: dict[str, Any]) -> None:
+    spec = tiny_spec()
+    wider = dataclasses.replace(
+        spec,
+        target_modules=tuple(
+            dataclasses.replace(m, out_features=m.out_features * 2) if m.name == "q_proj" else m
+            for m in spec.target_modules
+        ),
+    )
+    message = rejection(adapters["lora"][0], adapters["lora"][1], base=wider)
+    assert "lora_B.weight has shape [64, 4] but q_proj" in message and "128 outputs" in message
+
+
+def test_layer_beyond_the_base_depth_is_rejected(adapters: dict[str, Any]) -> None:
+    shallow = dataclasses.replace(tiny_spec(), num_layers=1)
+    message = rejection(adapters["lora"][0], adapters["lora"][1], base=shallow)
+    assert "is for layer 1 but" in message and "has 1 layers" in message
+
+
+def test_rank_over_the_limit_is_rejected(adapters: dict[str, Any]) -> None:
+    message = rejection(*adapters["mixed"], limits=AdapterLimits(max_rank=8))
+    assert "rank 16" in message and "limit of 8" in message and "r <= 8" in message
+
+
+def test_missing_lora_b_is_rejected(adapters: dict[str, Any]) -> None:
+    config, header = adapters["lora"]
+    message = rejection(config, header_with(header, f"{Q0}.lora_B.weight", None))
+    assert "has no lora_B.weight" in message
+
+
+def test_mismatched_pair_ranks_are_rejected(adapters: dict[str, Any]) -> None:
+    config, header = adapters["lora"]
+    bad = header_with(header, f"{Q0}.lora_B.weight", TensorInfo("F32", (HIDDEN, 3)))
+    assert "lora_A of rank 4 but lora_B of rank 3" in rejection(config, bad)
+
+
+def test_config_rank_that_disagrees_with_tensors_is_rejected(adapters: dict[str, Any]) -> None:
+    message = rejection(config_of(adapters, "lora", r=8), adapters["lora"][1])
+    assert "rank 8" in message and "tensors have rank 4" in message
+
+
+def test_dora_without_magnitude_vector_is_rejected(adapters: dict[str, Any]) -> None:
+    config, header = adapters["dora"]
+    bad = header_with(header, f"{Q0}.lora_magnitude_vector", None)
+    assert "no lora_magnitude_vector" in rejection(config, bad)
+
+
+def test_magnitude_vectors_without_use_dora_are_rejected(adapters: dict[str, Any]) -> None:
+    message = rejection(config_of(adapters, "dora", use_dora=False), adapters["dora"][1])
+    assert "does not set use_dora" in message
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"peft_type": "IA3"}, "serves only LoRA adapters"),
+        ({"use_foo": True}, "use_foo=True, a variant loraplex does not know"),
+        ({"use_qalora": True}, "QALoRA"),
+        ({"use_dora": True, "use_rslora": True}, "both use_dora and use_rslora"),
+        ({"bias": "lora_only"}, 'retrain with bias="none"'),
+        ({"lora_bias": True}, "lora_bias"),
+        ({"init_lora_weights": "pissa_niter_4"}, "path_initial_model_for_weight_conversion"),
+        ({"lora_alpha": "eight"}, "lora_alpha='eight'"),
+        ({"rank_pattern": {"(": 2}}, "not a valid regex"),
+        ({"base_model_name_or_path": "meta-llama/Llama-3.2-1B"}, "trained on 'meta-llama/Llama-3.2-1B'"),
+    ],
+)
+def test_unsupported_config_is_rejected_with_a_reason(
+    adapters: dict[str, Any], changes: dict[str, Any], expected: str
+) -> None:
+    assert expected in rejection(config_of(adapters, "lora", **changes), adapters["lora"][1])
+
+
+@pytest.mark.parametrize("trained_on", [None, "SomeOrg/Tiny_Test_Llama", "/home/me/models/base", "./base"])
+def test_matching_or_local_base_model_names_are_accepted(
+    adapters: dict[str, Any], trained_on: str | None
+) -> None:
+    assert validate(adapters, "lora", base_model_name_or_path=trained_on).rank == 4
+
+
+@pytest.mark.parametrize(
+    ("extra", "config_changes", "expected"),
+    [
+        ("base_model.model.lm_head.weight", {"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ("base_model.model.lm_head.lora_A.weight", {}, "adapts lm_head"),
+        ("base_model.model.model.embed_tokens.lora_embedding_A", {}, "token embeddings"),
+        (f"{Q0}.lora_B.bias", {}, "lora_bias=False"),
+        ("base_model.model.model.layers.0.self_attn.q_proj.weight", {}, "not a LoRA weight"),
+    ],
+)
+def test_tensors_of_unserved_features_are_rejected(
+    adapters: dict[str, Any], extra: str, config_changes: dict[str, Any], expected: str
+) -> None:
+    config, header = adapters["lora"]
+    bad = SafetensorsHeader(tensors={**header.tensors, extra: TensorInfo("F32", (4, HIDDEN))})
+    assert expected in rejection({**config, **config_changes}, bad)
+
+
+def test_integer_weights_are_rejected(adapters: dict[str, Any]) -> None:
+    config, header = adapters["lora"]
+    bad = header_with(header, f"{Q0}.lora_A.weight", TensorInfo("I8", (4, HIDDEN)))
+    assert "is I8" in rejection(config, bad)
+
+
+def test_adapter_without_lora_tensors_is_rejected(adapters: dict[str, Any]) -> None:
+    assert "no LoRA tensors" in rejection(adapters["lora"][0], SafetensorsHeader(tensors={}))
