@@ -1,0 +1,1 @@
+"""The worker engine: one base model, continuous batching, paged KV cache, multi-LoRA rows."""

@@ -1,0 +1,82 @@
+"""Adapters resident on the device, keyed by digest, in the layout the multi-LoRA layer reads.
+
+Loading pads each module to its adapter's rank bucket, folds the scale into B, stores A^T and
+(sB)^T contiguously so a step can stack them without transposes, and computes the DoRA factor
+m / ||W + s B A||_row once, against the untouched base weight.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from services.worker.engine.adapter_weights import AdapterWeights
+from services.worker.layers.lora import ModuleKey
+from services.worker.models.llama import LlamaForCausalLM
+
+MIN_BUCKET = 8
+_uids = itertools.count(1)
+
+
+class AdapterMismatch(ValueError):
+    """The adapter's layers or shapes do not fit this base model."""
+
+
+def rank_bucket(rank: int) -> int:
+    bucket = MIN_BUCKET
+    while bucket < rank:
+        bucket *= 2
+    return bucket
+
+
+@dataclass
+class DeviceAdapter:
+    digest: str
+    uid: int  # changes on every load, so cached step stacks never outlive the weights they copied
+    bucket: int
+    is_dora: bool
+    a_t: dict[ModuleKey, torch.Tensor]  # [in, bucket]
+    b_t: dict[ModuleKey, torch.Tensor]  # [bucket, out], scale folded in
+    dora_scale: dict[ModuleKey, torch.Tensor]  # [out]
+    size_bytes: int
+
+
+def to_device(weights: AdapterWeights, model: LlamaForCausalLM, max_rank: int, device: str) -> DeviceAdapter:
+    if weights.max_rank > max_rank:
+        raise AdapterMismatch(f"adapter rank {weights.max_rank} exceeds this worker's limit of {max_rank}")
+    dtype = model.lm_head.weight.dtype
+    bucket = rank_bucket(weights.max_rank)
+    a_t: dict[ModuleKey, torch.Tensor] = {}
+    b_t: dict[ModuleKey, torch.Tensor] = {}
+    dora: dict[ModuleKey, torch.Tensor] = {}
+    for key, w in weights.tensors.items():
+        linear = model.linear(key)
+        if linear is None:
+            raise AdapterMismatch(f"adapter targets layer {key[0]} {key[1]}, which this base model lacks")
+        if w.a.shape[1] != linear.in_features or w.b.shape[0] != linear.out_features:
+            raise AdapterMismatch(
+                f"layer {key[0]} {key[1]}: adapter shapes {tuple(w.a.shape)}/{tuple(w.b.shape)} do not fit "
+                f"[{linear.out_features}, {linear.in_features}]; was it trained for another base model?"
+            )
+        a = torch.zeros(linear.in_features, bucket, dtype=dtype, device=device)
+        b = torch.zeros(bucket, linear.out_features, dtype=dtype, device=device)
+        a[:, : w.rank] = w.a.to(device=device, dtype=dtype).T
+        b[: w.rank] = (w.b.to(device=device, dtype=torch.float32) * w.scale).T.to(dtype)
+        a_t[key], b_t[key] = a, b
+        if w.magnitude is not None:
+            base = linear.weight.float()
+            delta = (w.b.to(device=device, dtype=torch.float32) * w.scale) @ w.a.to(device, torch.float32)
+            norm = torch.linalg.norm(base + delta, dim=1)
+            dora[key] = (w.magnitude.to(device, torch.float32) / norm).to(dtype)
+    return DeviceAdapter(
+        digest=weights.digest,
+        uid=next(_uids),
+        bucket=bucket,
+        is_dora=weights.variant == "DORA",
+        a_t=a_t,
+        b_t=b_t,
+        dora_scale=dora,
+        size_bytes=weights.size_bytes,
+    )

@@ -1,0 +1,107 @@
+"""Read a PEFT adapter directory into host tensors (safetensors only, never pickles)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file
+
+Variant = Literal["LORA", "RSLORA", "DORA"]
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\."
+    r"(lora_A|lora_B|lora_magnitude_vector)(?:\.weight)?$"
+)
+
+
+class AdapterFormatError(ValueError):
+    """The adapter directory is not a PEFT LoRA adapter this engine can serve."""
+
+
+@dataclass
+class LoraModuleWeights:
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r]
+    scale: float  # alpha / r, or alpha / sqrt(r) for rsLoRA
+    magnitude: torch.Tensor | None = None  # DoRA [out]
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+
+@dataclass
+class AdapterWeights:
+    digest: str
+    variant: Variant
+    tensors: dict[tuple[int, str], LoraModuleWeights]
+    ranks: dict[str, int] = field(default_factory=dict)  # module name -> rank
+    size_bytes: int = 0
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.ranks.values(), default=0)
+
+
+def _alpha_for(name: str, config: dict) -> float:
+    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        if re.search(pattern, name):
+            return float(alpha)
+    return float(config.get("lora_alpha", 8))
+
+
+def load_adapter_weights(adapter_dir: Path, digest: str, dtype: torch.dtype) -> AdapterWeights:
+    config_path = adapter_dir / "adapter_config.json"
+    weights_path = adapter_dir / "adapter_model.safetensors"
+    if not config_path.is_file() or not weights_path.is_file():
+        raise AdapterFormatError(
+            f"{adapter_dir} needs adapter_config.json and adapter_model.safetensors (pickles are refused)"
+        )
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterFormatError(f"peft_type {config.get('peft_type')!r} is not supported; only LORA")
+    if config.get("modules_to_save"):
+        raise AdapterFormatError("adapters with modules_to_save are not supported")
+    variant: Variant = "DORA" if config.get("use_dora") else "RSLORA" if config.get("use_rslora") else "LORA"
+    raw = load_file(str(weights_path))
+    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in raw.items():
+        m = _KEY.match(key)
+        if m is None or m.group(2) not in TARGETS:
+            raise AdapterFormatError(f"tensor {key!r} does not map to a supported linear layer")
+        parts.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = tensor
+    tensors: dict[tuple[int, str], LoraModuleWeights] = {}
+    ranks: dict[str, int] = {}
+    for (layer, name), p in sorted(parts.items()):
+        if "lora_A" not in p or "lora_B" not in p:
+            raise AdapterFormatError(f"layer {layer} {name} lacks lora_A or lora_B")
+        a, b = p["lora_A"], p["lora_B"]
+        r = int(a.shape[0])
+        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != r:
+            raise AdapterFormatError(
+                f"layer {layer} {name}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}"
+            )
+        alpha = _alpha_for(f"model.layers.{layer}.{name}", config)
+        scale = alpha / math.sqrt(r) if variant == "RSLORA" or config.get("use_rslora") else alpha / r
+        magnitude = p.get("lora_magnitude_vector")
+        if variant == "DORA" and magnitude is None:
+            raise AdapterFormatError(f"DoRA adapter lacks the magnitude vector for layer {layer} {name}")
+        tensors[(layer, name)] = LoraModuleWeights(
+            a=a.to(dtype).contiguous(),
+            b=b.to(dtype).contiguous(),
+            scale=scale,
+            magnitude=None if magnitude is None else magnitude.to(dtype).reshape(-1),
+        )
+        ranks[name] = max(ranks.get(name, 0), r)
+    if not tensors:
+        raise AdapterFormatError(f"{weights_path} holds no LoRA tensors")
+    # Bytes as resident in the engine's dtype, which is what a step reads.
+    size = sum(t.numel() for t in raw.values()) * torch.empty(0, dtype=dtype).element_size()
+    return AdapterWeights(digest=digest, variant=variant, tensors=tensors, ranks=ranks, size_bytes=size)

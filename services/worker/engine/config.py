@@ -1,0 +1,46 @@
+"""Engine configuration: one frozen dataclass validated at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_dir: Path
+    dtype: torch.dtype = torch.bfloat16
+    device: str = "cpu"
+    max_batch_size: int = 64
+    max_step_tokens: int = 2048  # per-step token budget shared by prefill and decode
+    kv_block_size: int = 16
+    kv_cache_blocks: int | None = None  # None: sized from kv_cache_bytes
+    max_waiting: int = 256
+    max_adapter_slots: int = 64
+    max_lora_rank: int = 256
+    kv_cache_bytes: int | None = None  # None: 512 MiB on CPU, half the free memory on CUDA
+
+    def __post_init__(self) -> None:
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype {self.dtype} is not supported; use bfloat16, float16 or float32")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device {self.device!r} is not supported; use 'cpu' or 'cuda'")
+        positive = {
+            "max_batch_size": self.max_batch_size,
+            "max_step_tokens": self.max_step_tokens,
+            "kv_block_size": self.kv_block_size,
+            "max_waiting": self.max_waiting,
+            "max_adapter_slots": self.max_adapter_slots,
+            "max_lora_rank": self.max_lora_rank,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.max_step_tokens < self.max_batch_size:
+            raise ValueError("max_step_tokens must be at least max_batch_size so every row can decode")
+        if self.kv_cache_blocks is not None and self.kv_cache_blocks < 2:
+            raise ValueError(f"kv_cache_blocks must be at least 2, got {self.kv_cache_blocks}")

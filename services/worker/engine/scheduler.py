@@ -1,0 +1,103 @@
+"""Which sequences run this step, and how many of their tokens.
+
+Decodes go first (one token each), then chunks of prompts, all under one token budget. The
+waiting queue is a deque per adapter, admitted round-robin, so one adapter's burst cannot starve
+the others. When blocks run out, the newest running sequence is preempted: its blocks are freed
+and it goes back to the front of its waiting queue to be recomputed later.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+from services.worker.engine.block_manager import BlockManager
+from services.worker.engine.config import EngineConfig
+from services.worker.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]
+    num_tokens: list[int]  # tokens of each sequence computed this step
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+        self.max_batch_size = config.max_batch_size
+        self.max_step_tokens = config.max_step_tokens
+        self.max_waiting = config.max_waiting
+        self.blocks = block_manager
+        self.waiting: OrderedDict[str | None, deque[Sequence]] = OrderedDict()
+        self.running: list[Sequence] = []
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(len(q) for q in self.waiting.values())
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.setdefault(seq.adapter, deque()).append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out of whichever queue holds it and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        queue = self.waiting.get(seq.adapter)
+        if queue is not None and seq in queue:
+            queue.remove(seq)
+            if not queue:
+                del self.waiting[seq.adapter]
+        self.blocks.free_sequence(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free_sequence(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.setdefault(seq.adapter, deque()).appendleft(seq)
+        self.waiting.move_to_end(seq.adapter, last=False)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch([], [])
+        budget = self.max_step_tokens
+        # Running sequences: decodes and unfinished prompt chunks, oldest first.
+        for seq in list(self.running):
+            if seq not in self.running:
+                continue  # preempted below to make room for an older one
+            n = min(seq.num_uncomputed_tokens, budget)
+            if n == 0:
+                continue
+            while self.blocks.blocks_needed(seq, n) > self.blocks.num_free:
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq not in self.running:
+                continue
+            self.blocks.allocate(seq, n)
+            batch.seqs.append(seq)
+            batch.num_tokens.append(n)
+            budget -= n
+        # New sequences, round-robin across adapters.
+        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+            adapter, queue = next(iter(self.waiting.items()))
+            seq = queue[0]
+            if not seq.block_table:
+                self.blocks.reuse_prefix(seq)
+            n = min(seq.num_uncomputed_tokens, budget)
+            if self.blocks.blocks_needed(seq, n) > self.blocks.num_free:
+                break
+            queue.popleft()
+            if queue:
+                self.waiting.move_to_end(adapter)
+            else:
+                del self.waiting[adapter]
+            self.blocks.allocate(seq, n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_tokens.append(n)
+            budget -= n
+        return batch

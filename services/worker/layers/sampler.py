@@ -1,0 +1,52 @@
+"""Next-token choice for a batch of rows, each with its own parameters and random generator."""
+
+from __future__ import annotations
+
+import torch
+
+from services.worker.engine.sequence import Sequence
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """CTRL-style, as HF does it: seen tokens' logits are divided (or, if negative, multiplied)."""
+    for row, seq in enumerate(seqs):
+        penalty = seq.sampling.repetition_penalty
+        if penalty == 1.0:
+            continue
+        seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
+        scores = logits[row, seen]
+        logits[row, seen] = torch.where(scores < 0, scores * penalty, scores / penalty)
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """logits [N, V] sorted once; keep each row's top_k (0 = all) and smallest nucleus >= top_p."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[1], device=logits.device).expand_as(sorted_logits)
+    k = torch.where(top_k > 0, top_k, logits.shape[1]).unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    # Drop a token when the tokens ranked above it already reach top_p.
+    before = probs.cumsum(dim=-1) - probs
+    sorted_logits = sorted_logits.masked_fill(before >= top_p.unsqueeze(1), float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    """logits [N, V] fp32, one row per sequence -> one token id per sequence."""
+    apply_repetition_penalty(logits, seqs)
+    chosen = logits.argmax(dim=-1)
+    rows = [i for i, s in enumerate(seqs) if not s.sampling.greedy]
+    if rows:
+        idx = torch.tensor(rows, device=logits.device)
+        sub = [seqs[i].sampling for i in rows]
+        temp = torch.tensor([p.temperature for p in sub], device=logits.device).unsqueeze(1)
+        top_k = torch.tensor([p.top_k for p in sub], device=logits.device)
+        top_p = torch.tensor([p.top_p for p in sub], device=logits.device)
+        probs = _filter_top_k_top_p(logits[idx] / temp, top_k, top_p).softmax(dim=-1)
+        # Exponential race (equivalent to a multinomial draw); the noise comes from each
+        # request's own generator so its draws do not depend on who else is in the batch.
+        noise = torch.stack(
+            [torch.empty(logits.shape[1]).exponential_(generator=seqs[i].generator) for i in rows]
+        )
+        chosen[idx] = (probs / noise.to(logits.device)).argmax(dim=-1)
+    return chosen.tolist()
