@@ -241,5 +241,6 @@ async def listen_adapter_changes(
         yield changes
     finally:
         if conn is not None:
+            conn.remove_termination_listener(changes._lost)
             with contextlib.suppress(Exception):
                 await conn.close(timeout=5)

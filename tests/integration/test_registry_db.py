@@ -486,11 +486,16 @@ async def test_usage_for_unknown_tenant_or_with_unknown_fields_is_refused(sessio
 # -- embedded PostgreSQL -----------------------------------------------------------------------
 
 
-def test_embedded_postgres_starts_once_persists_and_stops(tmp_path: Path) -> None:
+async def test_embedded_postgres_starts_once_persists_and_stops(tmp_path: Path) -> None:
     url = db.start_embedded_postgres(tmp_path)
     pid = db.embedded_postgres_pid(tmp_path)
     try:
         assert pid is not None and (tmp_path / "postgres" / "PG_VERSION").exists()
+        # The registry's own path: asyncpg over the server's Unix socket, as the URL names it.
+        engine = db.create_engine(url)
+        async with engine.connect() as conn:
+            assert await conn.scalar(text("SELECT current_database()")) == "loraplex"
+        await engine.dispose()
         with psycopg.connect(db.libpq_url(url), autocommit=True) as conn:
             assert conn.execute("SELECT current_database()").fetchone() == ("loraplex",)
             conn.execute("CREATE TABLE kept (x int)")
