@@ -30,12 +30,14 @@ _UNSUPPORTED_FEATURES: dict[str, str] = {
     "target_parameters": "LoRA on raw parameters (target_parameters)",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
     "arrow_config": "Arrow routing",
+    "velora_config": "VeLoRA",
+    "kasa_config": "KaSA",
     "monteclora_config": "MonteCLoRA",
     "megatron_config": "Megatron-parallel layers",
 }
 _KNOWN_USE_FLAGS = {"use_dora", "use_rslora", *(k for k in _UNSUPPORTED_FEATURES if k.startswith("use_"))}
 # Initialisations that subtract the adapter from the base weights: the adapter alone is not a delta.
-_BASE_MUTATING_INITS = ("pissa", "olora", "corda")
+_BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 _TENSOR_RE = re.compile(
     r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$"
@@ -130,8 +132,9 @@ def _check_config(config: Mapping[str, Any], base: BaseModelSpec) -> Variant:
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_MUTATING_INITS):
         raise AdapterRejected(
-            f"the adapter was initialised with {init!r}, which also changes the base weights; convert it "
-            f"to a plain LoRA with save_pretrained(..., path_initial_model_for_weight_conversion=...)."
+            f"the adapter was initialised with {init!r}, which also changes the base weights, so it is not "
+            f"a delta on the shared base; convert it to a plain LoRA with PEFT's "
+            f"save_pretrained(..., path_initial_model_for_weight_conversion=...)."
         )
     alpha = config.get("lora_alpha")
     if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):

@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 import pytest
+from peft import LoraConfig
 
 from services.common.adapter_errors import AdapterRejected
 from services.common.adapter_files import (
@@ -190,6 +191,32 @@ def test_unsupported_config_is_rejected_with_a_reason(
     adapters: dict[str, Any], changes: dict[str, Any], expected: str
 ) -> None:
     assert expected in rejection(config_of(adapters, "lora", **changes), adapters["lora"][1])
+
+
+PEFT_VARIANT_FIELDS = [
+    f.name
+    for f in dataclasses.fields(LoraConfig)
+    if f.metadata.get("is_lora_variant") and f.name != "use_dora"
+]
+
+
+@pytest.mark.parametrize("field", PEFT_VARIANT_FIELDS)
+def test_every_other_peft_lora_variant_is_rejected(adapters: dict[str, Any], field: str) -> None:
+    message = rejection(config_of(adapters, "lora", **{field: {"enabled": 1}}), adapters["lora"][1])
+    assert f"({field})" in message and "does not serve" in message
+
+
+@pytest.mark.parametrize("init", ["olora", "corda", "loftq", "lora_ga", "pissa"])
+def test_initialisations_that_change_the_base_are_rejected(adapters: dict[str, Any], init: str) -> None:
+    message = rejection(config_of(adapters, "lora", init_lora_weights=init), adapters["lora"][1])
+    assert "changes the base weights" in message
+
+
+@pytest.mark.parametrize("init", [True, "gaussian", "eva", "orthogonal", "mica"])
+def test_initialisations_that_leave_the_base_alone_are_accepted(
+    adapters: dict[str, Any], init: object
+) -> None:
+    assert validate(adapters, "lora", init_lora_weights=init).variant == "LORA"
 
 
 @pytest.mark.parametrize("trained_on", [None, "SomeOrg/Tiny_Test_Llama", "/home/me/models/base", "./base"])
