@@ -153,7 +153,7 @@ def adapters_register(args: argparse.Namespace) -> int:
 
 
 def adapters_list(args: argparse.Namespace) -> int:
-    status = common_pb2.AdapterStatus.Value(f"ADAPTER_STATUS_{args.status.upper()}") if args.status else 0
+    status = common_pb2.AdapterStatus.Value(f"ADAPTER_STATUS_{(args.status or 'unspecified').upper()}")
     with _client() as c:
         adapters = list(c.list_adapters(tenant=args.tenant, base_model=args.base_model, status=status))
     return _emit(args, adapters, _adapter_rows(adapters), ADAPTER_HEADER)

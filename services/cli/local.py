@@ -30,6 +30,20 @@ def registry_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def worker_serve(args: argparse.Namespace) -> int:
+    from services.common.config import WorkerSettings
+    from services.worker.server import RunningWorker, serve
+
+    _logging()
+    settings = WorkerSettings.from_env()
+
+    def ready(worker: RunningWorker) -> None:
+        print(f"worker {settings.worker_id} serving {settings.model} on port {worker.port}", flush=True)
+
+    asyncio.run(serve(settings, ready))
+    return 0
+
+
 def models_pull(args: argparse.Namespace) -> int:
     from services.common.base_models import pull_model
 
@@ -60,3 +74,17 @@ def dev(args: argparse.Namespace) -> int:
 
     _logging()
     return run_dev()
+
+
+def bench(args: argparse.Namespace) -> int:
+    import importlib
+    import re
+
+    if not re.fullmatch(r"[a-z_]+", args.name):
+        raise ValueError(f"unknown benchmark {args.name!r}")
+    try:
+        module = importlib.import_module(f"bench.{args.name}")
+    except ModuleNotFoundError:
+        raise ValueError(f"unknown benchmark {args.name!r}: see the bench/ directory") from None
+    code: int = module.main(args.args) or 0
+    return code

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
         "run the registry (embedded PostgreSQL unless LORAPLEX_DATABASE_URL)",
     )
 
+    worker = group("worker", "the worker service (one base model, many adapters)")
+    cmd(worker, "serve", local.worker_serve, "run a worker for LORAPLEX_MODEL on LORAPLEX_WORKER_LISTEN")
+
     models = group("models", "base models")
     p = cmd(models, "pull", local.models_pull, "download/convert a base model into $LORAPLEX_HOME/models")
     p.add_argument("name")
@@ -88,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", help="name@version or adapter id")
     p.add_argument("--tenant", required=True)
 
+    p = sub.add_parser("bench", help="run a benchmark from bench/ (prints one JSON object last)")
+    p.add_argument("name", help="engine, router, usage, ...")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark, e.g. --json")
+    p.set_defaults(fn=local.bench)
+
     p = sub.add_parser("dev", help="run the local stack (registry on embedded PostgreSQL)")
     p.set_defaults(fn=local.dev)
     return parser
@@ -103,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         details = exc.details() if hasattr(exc, "details") else str(exc)
         print(f"error ({status}): {details}", file=sys.stderr)
         return 1
-    except (ConfigError, admin.UsageError) as exc:
+    except (ConfigError, admin.UsageError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
