@@ -175,3 +175,70 @@ class ClientSettings:
             admin_token=env.raw("ADMIN_TOKEN"),
             api_key=env.raw("API_KEY"),
         )
+
+
+_WORKER_DTYPES = ("bfloat16", "float32")
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """One worker: one base model on one device, many adapters."""
+
+    home: Path
+    listen: str
+    worker_id: str
+    model: str
+    device: str
+    dtype: str
+    max_batch_size: int
+    max_waiting: int
+    # None: the engine sizes the KV cache from memory.
+    kv_cache_blocks: int | None
+    max_adapter_slots: int
+    default_max_tokens: int
+    max_adapter_bytes: int
+    drain_grace_s: float = 30.0
+
+    @property
+    def cache_dir(self) -> Path:
+        """Content-addressed local copies of adapters: <cache_dir>/<digest hex>/."""
+        return self.home / "worker-cache"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerSettings:
+        env = Env(environ)
+        listen = _check_address("WORKER_LISTEN", env.text("WORKER_LISTEN", "127.0.0.1:50052"))
+        device = env.text("DEVICE", "auto").lower()
+        if device == "auto":
+            device = _default_device()
+        elif not (device == "cpu" or re.fullmatch(r"cuda(:\d+)?", device)):
+            raise ConfigError(f"{PREFIX}DEVICE={device!r} must be auto, cpu, cuda or cuda:N")
+        dtype = env.text("DTYPE", "bfloat16").lower()
+        if dtype not in _WORKER_DTYPES:
+            raise ConfigError(f"{PREFIX}DTYPE={dtype!r} must be one of {', '.join(_WORKER_DTYPES)}")
+        kv_blocks = env.integer("KV_CACHE_BLOCKS", 0, minimum=0)
+        if kv_blocks == 1:
+            raise ConfigError(f"{PREFIX}KV_CACHE_BLOCKS=1 is too small; use 0 (auto) or at least 2")
+        import socket
+
+        return cls(
+            home=loraplex_home(env),
+            listen=listen,
+            worker_id=env.text("WORKER_ID", f"{socket.gethostname()}-{listen.rpartition(':')[2]}"),
+            model=env.text("MODEL", DEFAULT_MODEL),
+            device=device,
+            dtype=dtype,
+            max_batch_size=env.integer("MAX_BATCH_SIZE", 32, minimum=1),
+            max_waiting=env.integer("MAX_WAITING", 256, minimum=1),
+            kv_cache_blocks=kv_blocks or None,
+            max_adapter_slots=env.integer("MAX_ADAPTER_SLOTS", 16, minimum=1),
+            default_max_tokens=env.integer("DEFAULT_MAX_TOKENS", 256, minimum=1),
+            max_adapter_bytes=env.size("MAX_ADAPTER_BYTES", 512 << 20),
+            drain_grace_s=env.number("DRAIN_GRACE_S", 30.0, minimum=0.0),
+        )

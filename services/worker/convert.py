@@ -1,0 +1,62 @@
+"""Proto messages <-> engine and loader values, for the worker servicer."""
+
+from __future__ import annotations
+
+from loraplex.v1 import common_pb2
+from services.worker.adapter_loader import AdapterSpec, Tier
+from services.worker.engine.sampling import SamplingParams
+
+# The proto's documented limits; the engine accepts wider ranges, the public contract does not.
+MAX_TEMPERATURE = 2.0
+MAX_STOP_STRINGS = 8
+
+FINISH_REASONS = {
+    "eos": common_pb2.FINISH_REASON_EOS,
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "aborted": common_pb2.FINISH_REASON_CANCELLED,
+}
+
+TIERS = {
+    Tier.DEVICE: common_pb2.ADAPTER_TIER_DEVICE,
+    Tier.DISK: common_pb2.ADAPTER_TIER_DISK,
+    Tier.OBJECT_STORE: common_pb2.ADAPTER_TIER_OBJECT_STORE,
+}
+
+
+def sampling_params(pb: common_pb2.SamplingParams, default_max_tokens: int) -> SamplingParams:
+    """Raises ValueError with a sentence naming the bad field."""
+    temperature = pb.temperature if pb.HasField("temperature") else 0.0
+    if not 0.0 <= temperature <= MAX_TEMPERATURE:
+        raise ValueError(f"temperature must be between 0 and {MAX_TEMPERATURE:g}, got {temperature:g}")
+    if len(pb.stop) > MAX_STOP_STRINGS:
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(pb.stop)}")
+    params = SamplingParams(
+        max_tokens=pb.max_tokens or default_max_tokens,
+        temperature=temperature,
+        top_p=pb.top_p if pb.HasField("top_p") else 1.0,
+        top_k=pb.top_k if pb.HasField("top_k") else 0,
+        seed=pb.seed if pb.HasField("seed") else None,
+        stop=tuple(pb.stop),
+        repetition_penalty=pb.repetition_penalty if pb.HasField("repetition_penalty") else 1.0,
+        ignore_eos=pb.ignore_eos,
+    )
+    params.validate()
+    return params
+
+
+def adapter_spec(ref: common_pb2.AdapterRef) -> AdapterSpec:
+    if not ref.digest:
+        raise ValueError("the adapter reference has no digest; resolve the adapter through the registry")
+    if not ref.uri:
+        raise ValueError(
+            f"the adapter reference for {ref.digest} has no uri; it must say where the files are"
+        )
+    label = f"{ref.name}@{ref.version}" if ref.name else ref.digest
+    return AdapterSpec(digest=ref.digest, uri=ref.uri, base_model=ref.base_model, label=label)
+
+
+def adapter_version(ref: common_pb2.AdapterRef) -> common_pb2.AdapterVersion:
+    return common_pb2.AdapterVersion(
+        adapter_id=ref.adapter_id, name=ref.name, version=ref.version, digest=ref.digest
+    )

@@ -1,0 +1,107 @@
+"""`loraplex worker serve`: base model, engine thread, adapter loader and the gRPC server, wired once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+from transformers import AutoTokenizer
+
+from loraplex.v1 import worker_pb2, worker_pb2_grpc
+from services.common.base_models import is_complete, models_dir, pull_model
+from services.common.config import WorkerSettings
+from services.common.grpc_server import RunningServer, run_until_signalled, start_server
+from services.worker.adapter_loader import AdapterLoader
+from services.worker.async_engine import AsyncEngine
+from services.worker.engine.config import EngineConfig
+from services.worker.engine.llm_engine import LLMEngine
+from services.worker.servicer import WorkerIdentity, WorkerServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,)
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class RunningWorker:
+    server: RunningServer
+    engine: AsyncEngine
+    loader: AdapterLoader
+    servicer: WorkerServicer
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+
+def model_path(settings: WorkerSettings) -> Path:
+    """`$LORAPLEX_HOME/models/<name>`; a directory already there is used as is, else it is pulled."""
+    path = models_dir(settings.home) / settings.model
+    if is_complete(path):
+        return path
+    log.info("model %s is not in %s; pulling it", settings.model, models_dir(settings.home))
+    return pull_model(settings.model, settings.home)
+
+
+def engine_config(settings: WorkerSettings, model_dir: Path) -> EngineConfig:
+    return EngineConfig(
+        model_dir=model_dir,
+        dtype=DTYPES[settings.dtype],
+        device=settings.device,
+        max_batch_size=settings.max_batch_size,
+        max_step_tokens=max(2048, settings.max_batch_size),
+        kv_cache_blocks=settings.kv_cache_blocks,
+        max_waiting=settings.max_waiting,
+        max_adapter_slots=settings.max_adapter_slots,
+    )
+
+
+async def start_worker(settings: WorkerSettings) -> RunningWorker:
+    """Loads the model, starts the step thread and the server; returns once it serves."""
+    model_dir = await asyncio.to_thread(model_path, settings)
+    config = engine_config(settings, model_dir)
+    llm = await asyncio.to_thread(LLMEngine, config)
+    tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(model_dir))
+    engine = AsyncEngine(llm)
+    engine.start()
+    loader = AdapterLoader(
+        engine,
+        settings.cache_dir,
+        base_model=settings.model,
+        dtype=config.dtype,
+        max_slots=settings.max_adapter_slots,
+        max_adapter_bytes=settings.max_adapter_bytes,
+    )
+    identity = WorkerIdentity(
+        worker_id=settings.worker_id,
+        base_model=settings.model,
+        device=settings.device,
+        dtype=settings.dtype,
+        default_max_tokens=settings.default_max_tokens,
+    )
+    servicer = WorkerServicer(identity, engine, loader, tokenizer)
+
+    def register(server: grpc.aio.Server) -> None:
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
+
+    try:
+        running = await start_server(settings.listen, register, SERVICE_NAMES)
+    except BaseException:
+        await engine.shutdown()
+        raise
+    # Runs after the server stopped taking calls and in-flight streams finished (or the grace ran out).
+    running.on_stop.append(engine.shutdown)
+    return RunningWorker(running, engine, loader, servicer)
+
+
+async def serve(settings: WorkerSettings, on_ready: Callable[[RunningWorker], None] | None = None) -> None:
+    worker = await start_worker(settings)
+    if on_ready:
+        on_ready(worker)
+    await run_until_signalled(worker.server, settings.drain_grace_s)

@@ -1,0 +1,244 @@
+"""WorkerService: converts messages to engine calls and back; the engine knows nothing of gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import grpc
+from botocore.exceptions import BotoCoreError, ClientError
+
+from loraplex.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from services.common.adapter_errors import AdapterRejected, NotFound, TooLarge, UriNotAllowed
+from services.common.adapter_files import digest_hex
+from services.common.grpc_errors import RpcError, status_errors
+from services.worker import convert, prompts
+from services.worker.adapter_loader import (
+    AdapterLoader,
+    AdapterSpec,
+    BaseModelMismatch,
+    DigestMismatch,
+    Lease,
+    SlotsBusy,
+    Tier,
+)
+from services.worker.async_engine import AsyncEngine, EngineFailed, EngineStopped
+from services.worker.engine.adapter_slots import AdapterMismatch
+from services.worker.engine.adapter_weights import AdapterFormatError
+from services.worker.engine.llm_engine import EngineRequest, QueueFull, RequestOutput, UnknownAdapter
+
+log = logging.getLogger(__name__)
+
+# How long a shed client should wait before retrying here (gRPC's retry pushback header).
+RETRY_PUSHBACK_MS = 200
+
+ERRORS = {
+    ValueError: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    DigestMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+    BaseModelMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+    AdapterFormatError: grpc.StatusCode.FAILED_PRECONDITION,
+    AdapterMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+    AdapterRejected: grpc.StatusCode.FAILED_PRECONDITION,
+    TooLarge: grpc.StatusCode.FAILED_PRECONDITION,
+    UriNotAllowed: grpc.StatusCode.FAILED_PRECONDITION,
+    UnknownAdapter: grpc.StatusCode.UNAVAILABLE,
+    EngineStopped: grpc.StatusCode.UNAVAILABLE,
+    EngineFailed: grpc.StatusCode.INTERNAL,
+    BotoCoreError: grpc.StatusCode.UNAVAILABLE,
+    ClientError: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def _version() -> str:
+    try:
+        return metadata.version("loraplex")
+    except metadata.PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    worker_id: str
+    base_model: str
+    device: str
+    dtype: str
+    default_max_tokens: int
+
+
+@status_errors(ERRORS)
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    def __init__(
+        self, identity: WorkerIdentity, engine: AsyncEngine, loader: AdapterLoader, tokenizer: Any
+    ) -> None:
+        self.identity = identity
+        self.engine = engine
+        self.loader = loader
+        # A tokenizer of its own: the engine's belongs to the step thread, and HF fast tokenizers
+        # must not be used from two threads at once.
+        self.tokenizer = tokenizer
+        self.context_length: int = engine.engine.context_length
+        self.vocab_size: int = engine.engine.model.config.vocab_size
+        self._tasks: set[asyncio.Task[None]] = set()  # prefetches: held so they are not collected
+
+    async def Generate(
+        self, request: worker_pb2.WorkerServiceGenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.WorkerServiceGenerateResponse]:
+        arrival = time.monotonic()
+        request_id = request.request_id or uuid.uuid4().hex
+        ids = self._prompt_ids(request.prompt)
+        prompts.check_length(ids, self.context_length)
+        sampling = convert.sampling_params(request.sampling, self.identity.default_max_tokens)
+        has_adapter = request.HasField("adapter")
+        spec = convert.adapter_spec(request.adapter) if has_adapter else None
+        if self.engine.last_stats.waiting >= self.engine.engine.config.max_waiting:
+            await self._shed(context, "the worker's queue is full; retry shortly or on another worker")
+        lease: Lease | None = None
+        done = False
+        try:
+            if spec is not None:
+                try:
+                    lease = await self.loader.acquire(spec)
+                except SlotsBusy as exc:
+                    await self._shed(context, str(exc))
+            admitted = time.monotonic()
+            engine_request = EngineRequest(request_id, ids, sampling, spec.digest if spec else None)
+            try:
+                stream = await self.engine.add_request(engine_request)
+            except QueueFull as exc:
+                await self._shed(context, str(exc))
+            yield worker_pb2.WorkerServiceGenerateResponse(
+                started=common_pb2.GenerationStarted(
+                    request_id=request_id,
+                    model=self.identity.base_model,
+                    adapter=convert.adapter_version(request.adapter) if has_adapter else None,
+                )
+            )
+            last: RequestOutput | None = None
+            reason = common_pb2.FINISH_REASON_UNSPECIFIED
+            try:
+                async for out in stream:
+                    last = out
+                    if out.new_token_ids or out.text_delta:
+                        yield _delta(out)
+                reason = convert.FINISH_REASONS[last.finish_reason or "aborted"] if last else reason
+            except EngineFailed:
+                if last is None or last.num_output_tokens == 0:
+                    raise
+                log.warning("request %s failed after %d tokens", request_id, last.num_output_tokens)
+                reason = common_pb2.FINISH_REASON_ERROR
+            done = True
+            end = stream.finished_at or time.monotonic()
+            timings = common_pb2.Timings(
+                queue_ms=_ms((stream.scheduled_at or admitted) - admitted),
+                ttft_ms=_ms((stream.first_token_at or end) - arrival),
+                adapter_load_ms=lease.load_ms if lease else 0.0,
+                cold_start=lease.cold_start if lease else False,
+                adapter_source_tier=(
+                    convert.TIERS[lease.source_tier] if lease else common_pb2.ADAPTER_TIER_UNSPECIFIED
+                ),
+                total_ms=_ms(end - arrival),
+            )
+            usage = common_pb2.Usage(
+                input_tokens=last.num_prompt_tokens if last else len(ids),
+                cached_input_tokens=last.num_cached_tokens if last else 0,
+                output_tokens=last.num_output_tokens if last else 0,
+            )
+            yield worker_pb2.WorkerServiceGenerateResponse(
+                finished=common_pb2.GenerationFinished(
+                    finish_reason=reason, usage=usage, timings=timings, worker_id=self.identity.worker_id
+                )
+            )
+        finally:
+            # Cancellation and deadlines arrive here as CancelledError: free the KV blocks now.
+            if not done:
+                self.engine.abort(request_id)
+            if lease is not None:
+                self.loader.release(lease)
+
+    async def PrefetchAdapter(
+        self, request: worker_pb2.PrefetchAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.PrefetchAdapterResponse:
+        spec = convert.adapter_spec(request.adapter)
+        current = self.loader.current_tier(spec.digest)
+        if request.tier in (common_pb2.ADAPTER_TIER_HOST, common_pb2.ADAPTER_TIER_DISK):
+            # No host tier yet: the disk cache is the warmest place that holds no device slot.
+            self._background(self.loader.fetch_to_disk(spec), spec.digest)
+        elif current is not Tier.DEVICE:
+            self._background(self._load_and_release(spec), spec.digest)
+        tier = convert.TIERS[current] if current else common_pb2.ADAPTER_TIER_OBJECT_STORE
+        return worker_pb2.PrefetchAdapterResponse(current_tier=tier)
+
+    async def EvictAdapter(
+        self, request: worker_pb2.EvictAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.EvictAdapterResponse:
+        digest_hex(request.digest)
+        return worker_pb2.EvictAdapterResponse(evicted=await self.loader.evict(request.digest))
+
+    async def WatchState(
+        self, request: worker_pb2.WatchStateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.WatchStateResponse]:
+        raise RpcError(grpc.StatusCode.UNIMPLEMENTED, "WatchState is not implemented by this worker yet")
+        yield  # an async generator, like the streaming RPC it stands for
+
+    async def GetInfo(
+        self, request: worker_pb2.GetInfoRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.GetInfoResponse:
+        config = self.engine.engine.config
+        return worker_pb2.GetInfoResponse(
+            worker_id=self.identity.worker_id,
+            base_model=self.identity.base_model,
+            device=self.identity.device,
+            dtype=self.identity.dtype,
+            context_length=self.context_length,
+            max_batch_size=config.max_batch_size,
+            kv_blocks_total=self.engine.last_stats.kv_blocks_total,
+            kv_block_size=config.kv_block_size,
+            version=_version(),
+        )
+
+    async def _load_and_release(self, spec: AdapterSpec) -> None:
+        self.loader.release(await self.loader.acquire(spec))
+
+    def _background(self, work: Coroutine[Any, Any, None], digest: str) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: self._prefetch_done(t, digest))
+
+    def _prefetch_done(self, task: asyncio.Task[None], digest: str) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("prefetch of adapter %s failed: %s", digest, task.exception())
+
+    def _prompt_ids(self, prompt: common_pb2.Prompt) -> list[int]:
+        kind = prompt.WhichOneof("kind")
+        if kind == "text":
+            return prompts.text_ids(self.tokenizer, prompt.text)
+        if kind == "token_ids":
+            return prompts.token_ids(prompt.token_ids.ids, self.vocab_size)
+        if kind == "chat":
+            return prompts.chat_ids(self.tokenizer, [(m.role, m.content) for m in prompt.chat.messages])
+        raise prompts.PromptError("the prompt is empty; send text, token ids or chat messages")
+
+    async def _shed(self, context: grpc.aio.ServicerContext, message: str) -> None:
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            message,
+            trailing_metadata=(("grpc-retry-pushback-ms", str(RETRY_PUSHBACK_MS)),),
+        )
+
+
+def _delta(out: RequestOutput) -> worker_pb2.WorkerServiceGenerateResponse:
+    return worker_pb2.WorkerServiceGenerateResponse(
+        delta=common_pb2.GenerationDelta(text=out.text_delta, token_ids=out.new_token_ids)
+    )
+
+
+def _ms(seconds: float) -> float:
+    return max(seconds, 0.0) * 1000.0
