@@ -44,6 +44,7 @@ class ModelRunner:
             attn.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self._stacks: dict[int, tuple[tuple[int, ...], StackedWeights]] = {}
         self._dora: tuple[tuple[int, ...], dict[ModuleKey, torch.Tensor]] = ((), {})
+        self.last_logits: tuple[torch.Tensor, list[str]] = (torch.empty(0), [])
 
     def _blocks_from_budget(self, config: EngineConfig, dtype: torch.dtype) -> int:
         cfg = self.model.config
@@ -76,6 +77,8 @@ class ModelRunner:
             return []
         last = _long([offsets[i + 1] - 1 for i in sampling], self.device)
         logits = self.model.compute_logits(hidden.index_select(0, last))
+        # Kept for inspection (the PEFT oracle compares them); rows follow the sampling sequences.
+        self.last_logits = (logits, [seqs[i].request_id for i in sampling])
         return sample(logits, [seqs[i] for i in sampling])
 
     def _attention(self, batch: ScheduledBatch, starts: list[int]) -> tuple[AttentionMetadata, torch.Tensor]:

@@ -33,6 +33,7 @@ class Scheduler:
         self.blocks = block_manager
         self.waiting: OrderedDict[str | None, deque[Sequence]] = OrderedDict()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     @property
     def num_waiting(self) -> int:
@@ -53,6 +54,7 @@ class Scheduler:
         self.blocks.free_sequence(seq)
 
     def _preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
         self.running.remove(seq)
         self.blocks.free_sequence(seq)
         seq.status = SequenceStatus.WAITING

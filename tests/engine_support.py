@@ -1,0 +1,84 @@
+"""Helpers shared by the engine tests: real PEFT adapters on a base model, and a run loop."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from services.worker.engine.adapter_weights import AdapterWeights, load_adapter_weights
+from services.worker.engine.llm_engine import LLMEngine, RequestOutput
+
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class PeftAdapterSpec:
+    name: str
+    rank: int
+    alpha: int
+    targets: tuple[str, ...] = ALL_TARGETS
+    use_dora: bool = False
+    use_rslora: bool = False
+
+
+# One of each variant and a spread of ranks, so a batch mixes rank buckets.
+VARIANTS = (
+    PeftAdapterSpec("qv-r8", 8, 16, ("q_proj", "v_proj")),
+    PeftAdapterSpec("all-r16", 16, 32),
+    PeftAdapterSpec("dora-r8", 8, 16, ("q_proj", "k_proj", "v_proj", "o_proj"), use_dora=True),
+    PeftAdapterSpec("rslora-r16", 16, 8, use_rslora=True),
+    PeftAdapterSpec("mlp-r64", 64, 64, ("gate_proj", "up_proj", "down_proj")),
+)
+
+
+def build_peft_adapter(base_dir: Path, out: Path, spec: PeftAdapterSpec, seed: int) -> Path:
+    """Save a PEFT adapter whose A and B are both random (B = 0 would make every test trivial)."""
+    if (out / "adapter_model.safetensors").is_file():
+        return out
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        target_modules=list(spec.targets),
+        use_dora=spec.use_dora,
+        use_rslora=spec.use_rslora,
+        init_lora_weights=False,
+    )
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name and "magnitude" not in name:
+                p.normal_(0.0, 0.5 / spec.rank**0.5)
+            elif "magnitude" in name:
+                p.mul_(1.0 + 0.1 * torch.randn_like(p))
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+def digest_of(adapter_dir: Path) -> str:
+    return hashlib.sha256((adapter_dir / "adapter_model.safetensors").read_bytes()).hexdigest()
+
+
+def load_weights(adapter_dir: Path, dtype: torch.dtype = torch.float32) -> AdapterWeights:
+    return load_adapter_weights(adapter_dir, digest_of(adapter_dir), dtype)
+
+
+def run_all(engine: LLMEngine, max_steps: int = 10_000) -> dict[str, list[RequestOutput]]:
+    outputs: dict[str, list[RequestOutput]] = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            break
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    return outputs
+
+
+def tokens_of(outputs: list[RequestOutput]) -> list[int]:
+    return [t for o in outputs for t in o.new_token_ids]
