@@ -8,17 +8,21 @@ from collections.abc import Callable
 
 import grpc
 
-from loraplex.v1 import registry_pb2, registry_pb2_grpc
+from loraplex.v1 import registry_pb2, registry_pb2_grpc, usage_pb2, usage_pb2_grpc
 from services.common.config import RegistrySettings
 from services.common.grpc_server import RunningServer, run_until_signalled, start_server
 from services.common.object_store import open_store
 from services.registry import db
 from services.registry.change_feed import ChangeFeed
 from services.registry.servicer import AdapterRegistryServicer
+from services.registry.usage_servicer import UsageServicer
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = (registry_pb2.DESCRIPTOR.services_by_name["AdapterRegistryService"].full_name,)
+SERVICE_NAMES = (
+    registry_pb2.DESCRIPTOR.services_by_name["AdapterRegistryService"].full_name,
+    usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
+)
 
 
 async def start_registry(settings: RegistrySettings) -> RunningServer:
@@ -34,9 +38,11 @@ async def start_registry(settings: RegistrySettings) -> RunningServer:
     feed = ChangeFeed()
     stop_listening = await db.listen_adapter_changes(url, feed.on_notify)
     servicer = AdapterRegistryServicer(settings, sessions, store, feed)
+    usage = UsageServicer(settings.admin_token, sessions)
 
     def register(server: grpc.aio.Server) -> None:
         registry_pb2_grpc.add_AdapterRegistryServiceServicer_to_server(servicer, server)
+        usage_pb2_grpc.add_UsageServiceServicer_to_server(usage, server)
 
     running = await start_server(settings.listen, register, SERVICE_NAMES)
 

@@ -1,0 +1,243 @@
+"""The usage ledger's queries: idempotent batch ingest, keyset-paged export, per-day summaries.
+
+These run on asyncpg directly (through the session's connection, so inside its transaction):
+the ledger is the registry's only high-volume table, and SQLAlchemy's per-row overhead would
+dominate both a 10,000-record ingest and a million-row export.
+
+Amounts are computed in SQL with `numeric`, exactly: input and output tokens times the base
+model's USD-per-million prices. Cached input tokens are part of input_tokens and are billed at
+the input price (the catalog has no separate cached price).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from services.registry.errors import RegistryError
+
+MAX_BATCH = 10_000
+EXPORT_PAGE = 10_000
+
+# Order of the values in each row given to insert_usage_batch.
+INSERT_COLUMNS = (
+    "request_id",
+    "tenant_id",
+    "api_key_id",
+    "base_model",
+    "adapter_id",
+    "adapter_version",
+    "input_tokens",
+    "cached_input_tokens",
+    "output_tokens",
+    "finish_reason",
+    "ttft_ms",
+    "duration_ms",
+    "worker_id",
+    "cold_start",
+    "started_at",
+    "finished_at",
+)
+_INSERT_TYPES = (
+    "text",
+    "uuid",
+    "uuid",
+    "text",
+    "uuid",
+    "int",
+    "bigint",
+    "bigint",
+    "bigint",
+    "text",
+    "float8",
+    "float8",
+    "text",
+    "bool",
+    "timestamptz",
+    "timestamptz",
+)
+# One statement for the whole batch: unnest() turns 16 array parameters into rows, so the bind
+# parameter count stays 16 whatever the batch size, and duplicates (in the ledger or within the
+# batch) are skipped by the primary key.
+_INSERT = f"""
+WITH ins AS (
+    INSERT INTO usage_records ({", ".join(INSERT_COLUMNS)})
+    SELECT * FROM unnest({", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(_INSERT_TYPES))})
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING 1
+)
+SELECT count(*) FROM ins
+"""
+
+_RFC3339 = """'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'"""
+_AMOUNT = "(u.input_tokens * m.input_price_per_mtok + u.output_tokens * m.output_price_per_mtok)"
+# Columns in services.registry.usage_export.EXPORT_COLUMNS order, already in their export form.
+_EXPORT_SELECT = f"""
+SELECT u.request_id, u.tenant_id::text, u.api_key_id::text, u.base_model, u.adapter_id::text,
+       u.adapter_version, u.input_tokens, u.cached_input_tokens, u.output_tokens, u.finish_reason,
+       u.ttft_ms, u.duration_ms, u.worker_id, u.cold_start,
+       to_char(u.started_at AT TIME ZONE 'UTC', {_RFC3339}),
+       to_char(u.finished_at AT TIME ZONE 'UTC', {_RFC3339}),
+       trim_scale({_AMOUNT} * 0.000001)::text
+FROM usage_records u LEFT JOIN base_models m ON m.name = u.base_model
+"""
+_FINISHED_AT, _REQUEST_ID = 15, 0
+
+
+class UnknownReference(RegistryError):
+    """A record names a tenant or base model the registry does not know; nothing was inserted."""
+
+
+@dataclass(frozen=True)
+class TimeRange:
+    """finished_at in [start, end); None is unbounded on that side."""
+
+    start: datetime | None
+    end: datetime | None
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    tenant_id: str
+    day: str  # UTC, YYYY-MM-DD
+    base_model: str
+    adapter_id: str  # "" for the bare base model
+    requests: int
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    amount_usd: Decimal | None  # None when the base model has no prices
+
+
+async def _driver(s: AsyncSession) -> Any:
+    """The asyncpg connection under the session, inside the session's transaction."""
+    conn = await s.connection()
+    raw = await conn.get_raw_connection()
+    return raw.driver_connection
+
+
+async def insert_usage_batch(s: AsyncSession, rows: Sequence[Sequence[Any]]) -> tuple[int, int]:
+    """Append rows (INSERT_COLUMNS order) to the ledger; (inserted, duplicates).
+
+    All or nothing: a row naming an unknown tenant or base model raises UnknownReference before
+    anything is written. Duplicates — request ids already in the ledger, or repeated within the
+    batch — are counted and skipped.
+    """
+    if not rows:
+        return 0, 0
+    if len(rows) > MAX_BATCH:
+        raise ValueError(f"a batch holds at most {MAX_BATCH} records, not {len(rows)}; split it")
+    columns = [list(c) for c in zip(*rows, strict=True)]
+    pg = await _driver(s)
+    await _require_known(pg, "tenants", "id", "uuid", columns[1], "tenant")
+    await _require_known(pg, "base_models", "name", "text", columns[3], "base model")
+    inserted = int(await pg.fetchval(_INSERT, *columns))
+    return inserted, len(rows) - inserted
+
+
+async def _require_known(pg: Any, table: str, key: str, pg_type: str, values: list[Any], what: str) -> None:
+    wanted = set(values)
+    found = await pg.fetch(f"SELECT {key} FROM {table} WHERE {key} = ANY($1::{pg_type}[])", list(wanted))
+    missing = wanted - {r[0] for r in found}
+    if missing:
+        names = ", ".join(sorted(map(str, missing))[:5]) + (" ..." if len(missing) > 5 else "")
+        raise UnknownReference(
+            f"the batch names {len(missing)} unknown {what}(s): {names}; "
+            f"nothing was recorded (create the {what} first, then resend the batch)"
+        )
+
+
+def _where(window: TimeRange, tenant_id: uuid.UUID | None, args: list[Any]) -> list[str]:
+    conds = []
+    if window.start is not None:
+        args.append(window.start)
+        conds.append(f"u.finished_at >= ${len(args)}")
+    if window.end is not None:
+        args.append(window.end)
+        conds.append(f"u.finished_at < ${len(args)}")
+    if tenant_id is not None:
+        args.append(tenant_id)
+        conds.append(f"u.tenant_id = ${len(args)}")
+    return conds
+
+
+async def _export_page(
+    sessions: async_sessionmaker[AsyncSession],
+    window: TimeRange,
+    tenant_id: uuid.UUID | None,
+    after: tuple[str, str] | None,
+    limit: int,
+) -> list[Any]:
+    args: list[Any] = []
+    conds = _where(window, tenant_id, args)
+    if after is not None:
+        args.extend(after)
+        conds.append(f"(u.finished_at, u.request_id) > (${len(args) - 1}::timestamptz, ${len(args)})")
+    args.append(limit)
+    sql = (
+        _EXPORT_SELECT
+        + (f"WHERE {' AND '.join(conds)}\n" if conds else "")
+        + f"ORDER BY u.finished_at, u.request_id LIMIT ${len(args)}"
+    )
+    async with sessions() as s:
+        pg = await _driver(s)
+        rows: list[Any] = await pg.fetch(sql, *args)
+        return rows
+
+
+async def export_pages(
+    sessions: async_sessionmaker[AsyncSession],
+    window: TimeRange,
+    tenant_id: uuid.UUID | None,
+    page_size: int = EXPORT_PAGE,
+) -> AsyncIterator[list[Any]]:
+    """Pages of export rows (usage_export.EXPORT_COLUMNS order) ordered by (finished_at, request_id).
+
+    Keyset pagination: each page is its own short query after the last key of the previous one,
+    so memory stays at two pages and no transaction is held open while a slow client reads. The
+    next page is fetched while the caller encodes and sends the current one.
+
+    Records that arrive late for a range already passed are not seen: export closed ranges.
+    """
+    fetch = asyncio.ensure_future(_export_page(sessions, window, tenant_id, None, page_size))
+    try:
+        while True:
+            page = await fetch
+            if len(page) < page_size:
+                if page:
+                    yield page
+                return
+            last = page[-1]
+            after = (last[_FINISHED_AT], last[_REQUEST_ID])
+            fetch = asyncio.ensure_future(_export_page(sessions, window, tenant_id, after, page_size))
+            yield page
+    finally:
+        if not fetch.done():
+            fetch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await fetch
+
+
+async def summarize(s: AsyncSession, window: TimeRange, tenant_id: uuid.UUID | None) -> list[SummaryRow]:
+    """Totals per (tenant, UTC day, base model, adapter), in that order."""
+    args: list[Any] = []
+    conds = _where(window, tenant_id, args)
+    sql = f"""
+SELECT u.tenant_id::text, to_char(u.finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, u.base_model,
+       coalesce(u.adapter_id::text, '') AS adapter, count(*), sum(u.input_tokens),
+       sum(u.cached_input_tokens), sum(u.output_tokens), trim_scale(sum({_AMOUNT}) * 0.000001)
+FROM usage_records u LEFT JOIN base_models m ON m.name = u.base_model
+{f"WHERE {' AND '.join(conds)}" if conds else ""}
+GROUP BY 1, 2, 3, 4
+ORDER BY 1, 2, 3, 4
+"""
+    pg = await _driver(s)
+    return [SummaryRow(*r) for r in await pg.fetch(sql, *args)]

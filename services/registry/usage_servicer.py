@@ -1,0 +1,196 @@
+"""UsageService: gRPC messages to ledger queries and export encodings. Admin token on every call."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from loraplex.v1 import common_pb2, usage_pb2, usage_pb2_grpc
+from services.common.admin_auth import require_admin
+from services.common.grpc_errors import status_errors
+from services.registry import errors, queries
+from services.registry.usage_export import ExportFormat, LineChunker, encode_rows, header
+from services.registry.usage_ledger import (
+    MAX_BATCH,
+    TimeRange,
+    UnknownReference,
+    export_pages,
+    insert_usage_batch,
+    summarize,
+)
+
+ERRORS: dict[type[BaseException], grpc.StatusCode] = {
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    UnknownReference: grpc.StatusCode.FAILED_PRECONDITION,
+    ValueError: grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+MAX_REQUEST_ID = 128
+_FORMATS = {
+    usage_pb2.EXPORT_FORMAT_CSV: ExportFormat.CSV,
+    usage_pb2.EXPORT_FORMAT_JSONL: ExportFormat.JSONL,
+    usage_pb2.EXPORT_FORMAT_CLOUDEVENTS: ExportFormat.CLOUDEVENTS,
+}
+# Stored and exported as "eos", "stop", "length", "cancelled", "deadline_exceeded", "error".
+_FINISH_REASONS = {
+    value: name.removeprefix("FINISH_REASON_").lower()
+    for name, value in common_pb2.FinishReason.items()
+    if value != common_pb2.FINISH_REASON_UNSPECIFIED
+}
+
+
+def _uuid(field: str, value: str, *, optional: bool) -> uuid.UUID | None:
+    if not value and optional:
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise ValueError(f"{field} {value!r} is not a UUID") from None
+
+
+def record_row(r: Any) -> tuple[Any, ...]:
+    """One UsageRecord message as a ledger row (usage_ledger.INSERT_COLUMNS order), or ValueError."""
+    rid = r.request_id
+    if not rid or len(rid) > MAX_REQUEST_ID or not rid.isprintable():
+        raise ValueError(
+            f"request_id {rid[:MAX_REQUEST_ID]!r} must be 1 to {MAX_REQUEST_ID} printable characters"
+        )
+    where = f"usage record {rid!r}"
+    if not r.base_model:
+        raise ValueError(f"{where}: base_model is required")
+    u = r.usage
+    if u.cached_input_tokens > u.input_tokens:
+        raise ValueError(f"{where}: cached_input_tokens exceeds input_tokens")
+    reason = _FINISH_REASONS.get(r.finish_reason)
+    if reason is None:
+        raise ValueError(f"{where}: finish_reason must be set")
+    if not (
+        math.isfinite(r.ttft_ms) and r.ttft_ms >= 0 and math.isfinite(r.duration_ms) and r.duration_ms >= 0
+    ):
+        raise ValueError(f"{where}: ttft_ms and duration_ms must be finite and >= 0")
+    if not (r.HasField("started_at") and r.HasField("finished_at")):
+        raise ValueError(f"{where}: started_at and finished_at are required")
+    started, finished = r.started_at.ToDatetime(tzinfo=UTC), r.finished_at.ToDatetime(tzinfo=UTC)
+    if finished < started:
+        raise ValueError(f"{where}: finished_at is before started_at")
+    adapter_id = _uuid(f"{where}: adapter_id", r.adapter_id, optional=True)
+    if (adapter_id is None) != (r.adapter_version == 0):
+        raise ValueError(
+            f"{where}: adapter_id and adapter_version are set together (both empty for the base model)"
+        )
+    return (
+        rid,
+        _uuid(f"{where}: tenant_id", r.tenant_id, optional=False),
+        _uuid(f"{where}: api_key_id", r.api_key_id, optional=True),
+        r.base_model,
+        adapter_id,
+        r.adapter_version or None,
+        u.input_tokens,
+        u.cached_input_tokens,
+        u.output_tokens,
+        reason,
+        r.ttft_ms,
+        r.duration_ms,
+        r.worker_id or None,
+        r.cold_start,
+        started,
+        finished,
+    )
+
+
+def _window(request: Any) -> TimeRange:
+    """An unset start or end leaves that side open."""
+
+    def at(field: str) -> Any:
+        ts: Timestamp = getattr(request, field)
+        return ts.ToDatetime(tzinfo=UTC) if request.HasField(field) else None
+
+    window = TimeRange(at("start"), at("end"))
+    if window.start is not None and window.end is not None and window.end <= window.start:
+        raise ValueError("end must be after start: the range is [start, end)")
+    return window
+
+
+@status_errors(ERRORS)
+class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
+    def __init__(self, admin_token: str, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._admin_token = admin_token
+        self._sessions = sessions
+
+    async def _is_api_key(self, token: str) -> bool:
+        async with self._sessions() as s:
+            return await queries.authenticate_api_key(s, token) is not None
+
+    async def _admin(self, context: grpc.aio.ServicerContext) -> None:
+        await require_admin(context, self._admin_token, self._is_api_key)
+
+    async def _tenant_id(self, tenant: str) -> uuid.UUID | None:
+        if not tenant:
+            return None
+        async with self._sessions() as s:
+            found = await queries.find_tenant(s, tenant)
+        if found is None:
+            raise errors.NotFound(f"tenant {tenant!r} does not exist")
+        return found.id
+
+    async def RecordUsage(self, request: Any, context: Any) -> usage_pb2.RecordUsageResponse:
+        await self._admin(context)
+        if len(request.records) > MAX_BATCH:
+            raise ValueError(
+                f"a batch holds at most {MAX_BATCH} records, not {len(request.records)}; split it"
+            )
+        rows = [record_row(r) for r in request.records]
+        async with self._sessions.begin() as s:
+            inserted, duplicates = await insert_usage_batch(s, rows)
+        return usage_pb2.RecordUsageResponse(inserted=inserted, duplicates=duplicates)
+
+    async def ExportUsage(self, request: Any, context: Any) -> AsyncIterator[usage_pb2.ExportUsageResponse]:
+        await self._admin(context)
+        fmt = _FORMATS.get(request.format)
+        if fmt is None:
+            raise ValueError(
+                "format is required: EXPORT_FORMAT_CSV, EXPORT_FORMAT_JSONL or EXPORT_FORMAT_CLOUDEVENTS"
+            )
+        window = _window(request)
+        tenant_id = await self._tenant_id(request.tenant)
+        chunker = LineChunker()
+        for chunk in chunker.feed(header(fmt)):
+            yield usage_pb2.ExportUsageResponse(data=chunk)
+        async for page in export_pages(self._sessions, window, tenant_id):
+            # In a thread so the event loop keeps serving other calls while a page is encoded.
+            data = await asyncio.to_thread(encode_rows, page, fmt)
+            for chunk in chunker.feed(data):
+                yield usage_pb2.ExportUsageResponse(data=chunk)
+        for chunk in chunker.flush():
+            yield usage_pb2.ExportUsageResponse(data=chunk)
+
+    async def SummarizeUsage(self, request: Any, context: Any) -> usage_pb2.SummarizeUsageResponse:
+        await self._admin(context)
+        window = _window(request)
+        tenant_id = await self._tenant_id(request.tenant)
+        async with self._sessions() as s:
+            rows = await summarize(s, window, tenant_id)
+        return usage_pb2.SummarizeUsageResponse(
+            rows=[
+                usage_pb2.UsageSummaryRow(
+                    tenant_id=r.tenant_id,
+                    base_model=r.base_model,
+                    adapter_id=r.adapter_id,
+                    day=r.day,
+                    requests=r.requests,
+                    input_tokens=r.input_tokens,
+                    cached_input_tokens=r.cached_input_tokens,
+                    output_tokens=r.output_tokens,
+                    amount_usd=float(r.amount_usd or 0),
+                )
+                for r in rows
+            ]
+        )
