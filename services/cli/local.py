@@ -44,6 +44,20 @@ def worker_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def router_serve(args: argparse.Namespace) -> int:
+    from services.common.config import RouterSettings
+    from services.router.server import Router, serve
+
+    _logging()
+    settings = RouterSettings.from_env()
+
+    def ready(router: Router) -> None:
+        print(f"router listening on port {router.port}", flush=True)
+
+    asyncio.run(serve(settings, ready))
+    return 0
+
+
 def models_pull(args: argparse.Namespace) -> int:
     from services.common.base_models import pull_model
 

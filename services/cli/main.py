@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker = group("worker", "the worker service (one base model, many adapters)")
     cmd(worker, "serve", local.worker_serve, "run a worker for LORAPLEX_MODEL on LORAPLEX_WORKER_LISTEN")
 
+    router = group("router", "the router service (public InferenceService)")
+    cmd(router, "serve", local.router_serve, "run the router on LORAPLEX_ROUTER_LISTEN")
+
     models = group("models", "base models")
     p = cmd(models, "pull", local.models_pull, "download/convert a base model into $LORAPLEX_HOME/models")
     p.add_argument("name")

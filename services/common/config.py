@@ -242,3 +242,70 @@ class WorkerSettings:
             max_adapter_bytes=env.size("MAX_ADAPTER_BYTES", 512 << 20),
             drain_grace_s=env.number("DRAIN_GRACE_S", 30.0, minimum=0.0),
         )
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """The router: public InferenceService endpoint, worker pool, usage spool and shipper."""
+
+    home: Path
+    listen: str
+    registry: str
+    # The router calls the registry as the operator (AuthenticateApiKey, WatchAdapters, RecordUsage).
+    admin_token: str
+    # Static worker addresses (host:port); the registry's ListWorkers adds to them when discovery is on.
+    workers: tuple[str, ...]
+    discover_workers: bool
+    spool_dir: Path
+    spool_max_bytes: int
+    max_inflight: int
+    # A key revoked at the registry stops working here within auth_cache_ttl_s.
+    auth_cache_ttl_s: float
+    auth_negative_ttl_s: float
+    # While the registry is unreachable, keys it confirmed within this window keep working.
+    auth_stale_s: float
+    adapter_cache_ttl_s: float
+    route_load_eps: float
+    worker_refresh_s: float
+    ship_interval_s: float
+    ship_batch: int
+    retry_pushback_ms: int
+    metrics_port: int
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> RouterSettings:
+        env = Env(environ)
+        home = loraplex_home(env)
+        admin_token = env.raw("ADMIN_TOKEN")
+        if admin_token is None:
+            raise ConfigError(
+                f"{PREFIX}ADMIN_TOKEN is required: the router calls the registry with the admin token"
+            )
+        workers = tuple(_check_address("WORKERS", w) for w in env.csv("WORKERS"))
+        ship_batch = env.integer("ROUTER_SHIP_BATCH", 500, minimum=1)
+        if ship_batch > 10_000:
+            raise ConfigError(f"{PREFIX}ROUTER_SHIP_BATCH={ship_batch} must be <= 10000 (RecordUsage limit)")
+        spool_max = env.size("ROUTER_SPOOL_MAX_BYTES", 1 << 30)
+        if spool_max < 1 << 20:
+            raise ConfigError(f"{PREFIX}ROUTER_SPOOL_MAX_BYTES must be at least 1MiB")
+        return cls(
+            home=home,
+            listen=_check_address("ROUTER_LISTEN", env.text("ROUTER_LISTEN", "127.0.0.1:50050")),
+            registry=_check_address("REGISTRY", env.text("REGISTRY", "127.0.0.1:50051")),
+            admin_token=admin_token,
+            workers=workers,
+            discover_workers=env.flag("ROUTER_DISCOVER_WORKERS", True),
+            spool_dir=Path(env.text("SPOOL_DIR", str(home / "router-spool"))).expanduser(),
+            spool_max_bytes=spool_max,
+            max_inflight=env.integer("MAX_INFLIGHT", 1024, minimum=1),
+            auth_cache_ttl_s=env.number("AUTH_CACHE_TTL_S", 30.0),
+            auth_negative_ttl_s=env.number("AUTH_NEGATIVE_TTL_S", 2.0),
+            auth_stale_s=env.number("AUTH_STALE_S", 300.0),
+            adapter_cache_ttl_s=env.number("ADAPTER_CACHE_TTL_S", 300.0),
+            route_load_eps=env.number("ROUTE_LOAD_EPS", 0.25, minimum=0.01),
+            worker_refresh_s=env.number("WORKER_REFRESH_S", 2.0, minimum=0.05),
+            ship_interval_s=env.number("ROUTER_SHIP_INTERVAL_S", 1.0, minimum=0.01),
+            ship_batch=ship_batch,
+            retry_pushback_ms=env.integer("ROUTER_RETRY_PUSHBACK_MS", 250, minimum=0),
+            metrics_port=env.integer("ROUTER_METRICS_PORT", 0),
+        )

@@ -1,0 +1,41 @@
+"""The router's Prometheus metrics (process-wide, in the default registry)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter(
+    "loraplex_router_requests_total",
+    "Generate requests by adapter version id ('' for the bare base model) and final status code.",
+    ["adapter", "code"],
+)
+ROUTING = Counter(
+    "loraplex_router_routing_decisions_total",
+    "Routing decisions by why the first candidate was chosen.",
+    ["reason"],
+)
+FAILOVERS = Counter(
+    "loraplex_router_failovers_total",
+    "Requests moved to another worker before their first token, by the worker's status code.",
+    ["code"],
+)
+INFLIGHT = Gauge("loraplex_router_inflight_requests", "Generate streams in progress.")
+REJECTED = Counter(
+    "loraplex_router_rejected_total",
+    "Requests refused before reaching a worker, by reason.",
+    ["reason"],
+)
+TTFT = Histogram(
+    "loraplex_router_ttft_seconds",
+    "Time from the request's arrival at the router to its first token.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+SPOOL_BYTES = Gauge("loraplex_router_spool_bytes", "Bytes of usage records waiting in the local spool.")
+SPOOL_FULL = Gauge(
+    "loraplex_router_spool_full", "1 while the spool is over its cap and new requests are refused."
+)
+SPOOL_WRITE_ERRORS = Counter(
+    "loraplex_router_spool_write_errors_total", "Usage records that could not be written to the spool."
+)
+SHIPPED = Counter("loraplex_router_usage_shipped_total", "Usage records acknowledged by the registry.")
+SHIP_FAILURES = Counter("loraplex_router_usage_ship_failures_total", "RecordUsage batches that failed.")

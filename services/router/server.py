@@ -1,0 +1,109 @@
+"""`loraplex router serve`: registry view, worker pool, spool, shipper and the gRPC server, wired once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from services.common.config import RouterSettings
+from services.common.grpc_server import RunningServer, run_until_signalled, start_metrics, start_server
+from services.router import metrics
+from services.router.metering import SpoolWriter
+from services.router.registry_view import RegistryView
+from services.router.servicer import SERVICE_NAME, InferenceServicer
+from services.router.shipper import Shipper
+from services.router.spool import Spool
+from services.router.worker_pool import WorkerPool
+
+log = logging.getLogger(__name__)
+
+FINAL_SHIP_TIMEOUT_S = 5.0
+
+
+@dataclass
+class Router:
+    running: RunningServer
+    servicer: InferenceServicer
+    registry: RegistryView
+    pool: WorkerPool
+    spool: Spool
+    shipper: Shipper
+
+    @property
+    def port(self) -> int:
+        return self.running.port
+
+
+async def start_router(settings: RouterSettings, *, fsync: Callable[[int], None] = os.fsync) -> Router:
+    """Starts the router and returns once it serves; the caller drains `router.running`."""
+    registry_channel = grpc.aio.insecure_channel(settings.registry)
+    view = RegistryView(
+        registry_channel,
+        settings.admin_token,
+        auth_ttl_s=settings.auth_cache_ttl_s,
+        negative_ttl_s=settings.auth_negative_ttl_s,
+        stale_s=settings.auth_stale_s,
+        adapter_ttl_s=settings.adapter_cache_ttl_s,
+    )
+    pool = WorkerPool(
+        settings.workers,
+        registry_channel=registry_channel if settings.discover_workers else None,
+        admin_token=settings.admin_token,
+        refresh_s=settings.worker_refresh_s,
+    )
+    spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes, fsync=fsync)
+    metrics.SPOOL_BYTES.set(spool.size_bytes)
+    writer = SpoolWriter(spool)
+    shipper = Shipper(
+        spool,
+        registry_channel,
+        settings.admin_token,
+        batch=settings.ship_batch,
+        interval_s=settings.ship_interval_s,
+    )
+    servicer = InferenceServicer(
+        view,
+        pool,
+        spool,
+        writer,
+        max_inflight=settings.max_inflight,
+        retry_pushback_ms=settings.retry_pushback_ms,
+        load_eps=settings.route_load_eps,
+    )
+    await pool.refresh()
+    tasks = [
+        asyncio.create_task(view.watch_adapters(), name="watch-adapters"),
+        asyncio.create_task(pool.run(), name="worker-pool"),
+        asyncio.create_task(shipper.run(), name="usage-shipper"),
+    ]
+    running = await start_server(settings.listen, servicer.register, (SERVICE_NAME,))
+
+    async def close() -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await writer.drain()
+        # One last try so a clean shutdown leaves an empty spool; whatever fails stays on disk
+        # and ships after the restart.
+        with contextlib.suppress(grpc.aio.AioRpcError, TimeoutError):
+            await asyncio.wait_for(shipper.ship_once(timeout_s=FINAL_SHIP_TIMEOUT_S), FINAL_SHIP_TIMEOUT_S)
+        spool.close()
+        await pool.close()
+        await registry_channel.close()
+
+    running.on_stop.append(close)
+    return Router(running, servicer, view, pool, spool, shipper)
+
+
+async def serve(settings: RouterSettings, on_ready: Callable[[Router], None] | None = None) -> None:
+    start_metrics(settings.metrics_port)
+    router = await start_router(settings)
+    if on_ready:
+        on_ready(router)
+    await run_until_signalled(router.running)

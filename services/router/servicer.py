@@ -1,0 +1,430 @@
+"""InferenceService: admit (auth, validate, resolve), route, proxy the worker's stream, bill once.
+
+The stream proxy forwards the worker's chunks as the bytes it received: WorkerServiceGenerateResponse
+and GenerateResponse have the same wire layout, so a delta is never decoded into Python objects and
+re-encoded. The router reads only the oneof tag of each chunk and the token count of deltas.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from loraplex.v1 import common_pb2, inference_pb2, registry_pb2, worker_pb2
+from services.common.auth import bearer_token
+from services.common.grpc_errors import RpcError
+from services.router import metrics, policy
+from services.router.metering import SpoolWriter, usage_record
+from services.router.registry_view import (
+    AdapterNotFound,
+    AdapterNotServable,
+    BadReference,
+    Principal,
+    RegistryUnavailable,
+    RegistryView,
+    Unauthenticated,
+)
+from services.router.spool import Spool
+from services.router.validation import InvalidRequest, check_request, request_id_for
+from services.router.worker_pool import WorkerPool
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "loraplex.v1.InferenceService"
+# Field tags (field number << 3 | wire type 2) of the event oneof, shared by both stream messages.
+_STARTED, _DELTA, _FINISHED = 0x0A, 0x12, 0x1A
+_FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+_FR = common_pb2.FinishReason
+
+
+class Overloaded(RpcError):
+    def __init__(self, message: str) -> None:
+        super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
+@dataclass(frozen=True)
+class Admitted:
+    request_id: str
+    principal: Principal
+    base_model: str
+    adapter: registry_pb2.Adapter | None
+    worker_request: worker_pb2.WorkerServiceGenerateRequest
+    started: bytes  # the serialized GenerationStarted event
+    arrived: float  # perf_counter() when the request arrived
+    arrived_wall: float  # time.time() when the request arrived
+
+
+@dataclass
+class _Stream:
+    """What happened during one proxied stream; read once when it ends, to bill."""
+
+    tokens_out: int = 0
+    first_token_at: float = 0.0
+    worker_started: bool = False
+    finished: common_pb2.GenerationFinished | None = None
+    worker_id: str = ""
+    end: _FR.ValueType = _FR.FINISH_REASON_UNSPECIFIED
+    billed: bool = False
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+class InferenceServicer:
+    def __init__(
+        self,
+        registry: RegistryView,
+        pool: WorkerPool,
+        spool: Spool,
+        writer: SpoolWriter,
+        *,
+        max_inflight: int,
+        retry_pushback_ms: int,
+        load_eps: float,
+    ) -> None:
+        self._registry = registry
+        self._pool = pool
+        self._spool = spool
+        self._writer = writer
+        self._max_inflight = max_inflight
+        self._pushback = (("grpc-retry-pushback-ms", str(retry_pushback_ms)),)
+        self._eps = load_eps
+        self.inflight = 0
+
+    def register(self, server: grpc.aio.Server) -> None:
+        handlers = {
+            "Generate": grpc.unary_stream_rpc_method_handler(
+                self.Generate,
+                request_deserializer=inference_pb2.GenerateRequest.FromString,
+                response_serializer=_identity,
+            ),
+            "ListModels": grpc.unary_unary_rpc_method_handler(
+                self.ListModels,
+                request_deserializer=inference_pb2.ListModelsRequest.FromString,
+                response_serializer=inference_pb2.ListModelsResponse.SerializeToString,
+            ),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+    # -- ListModels --------------------------------------------------------------------------
+
+    async def ListModels(
+        self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.ListModelsResponse:
+        try:
+            principal = await self._authenticate(context)
+            models = await self._registry.base_models()
+            adapters = await self._registry.list_ready_adapters(principal.tenant_id)
+        except RpcError as exc:
+            await context.abort(exc.code, exc.message)
+        except RegistryUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        response = inference_pb2.ListModelsResponse()
+        for name in sorted(models):
+            m = models[name]
+            info = response.models.add(
+                name=m.name,
+                context_length=m.context_length,
+                input_price_per_mtok=m.input_price_per_mtok,
+                output_price_per_mtok=m.output_price_per_mtok,
+            )
+            info.adapters.extend(_public(a) for a in adapters if a.ref.base_model == name)
+        return response
+
+    # -- Generate ----------------------------------------------------------------------------
+
+    async def Generate(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        arrived = time.perf_counter()
+        adapter_label = ""
+        try:
+            admitted = await self._admit(request, context, arrived)
+        except RpcError as exc:
+            metrics.REQUESTS.labels("", exc.code.name).inc()
+            trailing = self._pushback if isinstance(exc, Overloaded) else ()
+            await context.abort(exc.code, exc.message, trailing_metadata=trailing)
+        if admitted.adapter is not None:
+            adapter_label = admitted.adapter.ref.adapter_id
+        self.inflight += 1
+        metrics.INFLIGHT.inc()
+        state = _Stream()
+        code = grpc.StatusCode.OK
+        try:
+            # aclosing: if this generator is closed at a yield, the worker call is cancelled now,
+            # not whenever the inner generator is collected.
+            async with contextlib.aclosing(self._proxy(admitted, state, context)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except RpcError as exc:
+            code = exc.code
+            trailing = self._pushback if isinstance(exc, Overloaded) else ()
+            await self._bill(admitted, state)
+            await context.abort(exc.code, exc.message, trailing_metadata=trailing)
+        except BaseException:
+            # Cancelled by the client or by the deadline: the worker call is already cancelled.
+            code = grpc.StatusCode.CANCELLED
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            state.end = _FR.FINISH_REASON_DEADLINE_EXCEEDED if expired else _FR.FINISH_REASON_CANCELLED
+            await self._bill(admitted, state)
+            raise
+        finally:
+            self.inflight -= 1
+            metrics.INFLIGHT.dec()
+            metrics.REQUESTS.labels(adapter_label, code.name).inc()
+
+    async def _proxy(
+        self, admitted: Admitted, state: _Stream, context: grpc.aio.ServicerContext
+    ) -> AsyncGenerator[bytes, None]:
+        adapter_key = admitted.adapter.ref.digest if admitted.adapter is not None else ""
+        decision = policy.choose(self._pool.views(), admitted.base_model, adapter_key, eps=self._eps)
+        metrics.ROUTING.labels(decision.reason.value).inc()
+        if not decision.candidates:
+            raise RpcError(
+                grpc.StatusCode.UNAVAILABLE, f"no live worker serves base model {admitted.base_model!r}"
+            )
+        exhausted = 0
+        last_error = ""
+        scratch = worker_pb2.WorkerServiceGenerateResponse()
+        finished_event = b""
+        for worker_id in decision.candidates:
+            handle = self._pool.get(worker_id)
+            if handle is None:
+                continue
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise RpcError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before a worker answered"
+                )
+            call = handle.generate(admitted.worker_request, timeout=remaining)
+            handle.in_flight += 1
+            try:
+                async for raw in call:
+                    tag = raw[0] if raw else 0
+                    if tag == _DELTA:
+                        scratch.ParseFromString(raw)
+                        n = len(scratch.delta.token_ids)
+                        if not state.tokens_out and n:
+                            state.first_token_at = time.perf_counter()
+                        state.tokens_out += n
+                        if not state.worker_started:
+                            state.worker_started = True
+                            yield admitted.started
+                        yield raw
+                    elif tag == _STARTED:
+                        if not state.worker_started:
+                            state.worker_started = True
+                            yield admitted.started
+                    elif tag == _FINISHED:
+                        finished_event = raw
+                        scratch.ParseFromString(raw)
+                        state.finished = common_pb2.GenerationFinished()
+                        state.finished.CopyFrom(scratch.finished)
+                        state.worker_id = state.finished.worker_id or handle.worker_id
+                        if not state.worker_started:
+                            state.worker_started = True
+                            yield admitted.started
+                        break
+            except grpc.aio.AioRpcError as exc:
+                err = exc.code()
+                if state.tokens_out == 0 and err in _FAILOVER_CODES:
+                    metrics.FAILOVERS.labels(err.name).inc()
+                    if err == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        exhausted += 1
+                    else:
+                        self._pool.mark_down(handle)
+                    last_error = f"worker {handle.worker_id}: {exc.details()}"
+                    continue
+                state.worker_id = handle.worker_id
+                if err == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    state.end = _FR.FINISH_REASON_DEADLINE_EXCEEDED
+                    raise RpcError(err, "the deadline passed before the generation finished") from None
+                if state.tokens_out:
+                    state.end = _FR.FINISH_REASON_ERROR
+                    raise RpcError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"the worker failed after {state.tokens_out} tokens ({err.name}); "
+                        "the partial output is billed",
+                    ) from None
+                # Not a capacity problem (bad prompt, internal error): the client should see it as is.
+                raise RpcError(err, exc.details() or f"worker error {err.name}") from None
+            finally:
+                handle.in_flight -= 1
+                if not call.done():
+                    call.cancel()
+            if state.finished is None:
+                state.worker_id = handle.worker_id
+                if state.tokens_out:
+                    state.end = _FR.FINISH_REASON_ERROR
+                    raise RpcError(
+                        grpc.StatusCode.UNAVAILABLE, "the worker ended the stream without finishing it"
+                    )
+                continue
+            if adapter_key:
+                handle.served(adapter_key)
+            # Durable before the client sees the end of the stream.
+            await self._bill(admitted, state)
+            yield finished_event
+            return
+        if exhausted:
+            raise Overloaded(f"every worker for {admitted.base_model!r} is at capacity; retry later")
+        raise RpcError(
+            grpc.StatusCode.UNAVAILABLE, f"no worker could take the request ({last_error or 'none left'})"
+        )
+
+    # -- admission ---------------------------------------------------------------------------
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> Principal:
+        secret = bearer_token(context.invocation_metadata())
+        if secret is None:
+            raise RpcError(
+                grpc.StatusCode.UNAUTHENTICATED, "missing credentials: send 'authorization: Bearer <API key>'"
+            )
+        try:
+            return await self._registry.authenticate(secret)
+        except Unauthenticated as exc:
+            raise RpcError(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
+        except RegistryUnavailable as exc:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+
+    async def _admit(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext, arrived: float
+    ) -> Admitted:
+        arrived_wall = time.time()
+        principal = await self._authenticate(context)
+        try:
+            request_id = request_id_for(request.request_id)
+            if request.prompt.WhichOneof("kind") is None:
+                raise InvalidRequest("prompt is required: set prompt.text, prompt.token_ids or prompt.chat")
+        except InvalidRequest as exc:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        if self._spool.full:
+            metrics.SPOOL_FULL.set(1)
+            metrics.REJECTED.labels("spool_full").inc()
+            log.error(
+                "usage spool %s holds %d bytes (cap %d): refusing new requests until it ships",
+                self._spool.directory,
+                self._spool.size_bytes,
+                self._spool.max_bytes,
+            )
+            raise RpcError(
+                grpc.StatusCode.UNAVAILABLE, "the router cannot record usage right now; retry later"
+            )
+        metrics.SPOOL_FULL.set(0)
+        try:
+            adapter = None
+            if request.adapter:
+                adapter = await self._registry.resolve_adapter(principal.tenant_id, request.adapter)
+                base_model = adapter.ref.base_model
+                if request.model and request.model != base_model:
+                    raise RpcError(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"adapter {request.adapter!r} is for base model {base_model!r}, "
+                        f"not {request.model!r}",
+                    )
+            elif request.model:
+                base_model = request.model
+            else:
+                raise InvalidRequest("model is required when no adapter is given")
+            models = await self._registry.base_models()
+            model = models.get(base_model)
+            if model is None:
+                raise RpcError(grpc.StatusCode.NOT_FOUND, f"model {base_model!r} not found")
+            check_request(request, model.context_length)
+        except (InvalidRequest, BadReference) as exc:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        except AdapterNotFound as exc:
+            raise RpcError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
+        except AdapterNotServable as exc:
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
+        except RegistryUnavailable as exc:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        if self.inflight >= self._max_inflight:
+            metrics.REJECTED.labels("router_inflight").inc()
+            raise Overloaded(f"the router has {self.inflight} requests in flight (limit); retry later")
+        worker_request = worker_pb2.WorkerServiceGenerateRequest(
+            request_id=request_id,
+            prompt=request.prompt,
+            sampling=request.sampling,
+            tenant_id=principal.tenant_id,
+        )
+        started = inference_pb2.GenerateResponse(
+            started=common_pb2.GenerationStarted(request_id=request_id, model=base_model)
+        )
+        if adapter is not None:
+            worker_request.adapter.CopyFrom(adapter.ref)
+            started.started.adapter.CopyFrom(_public(adapter))
+        return Admitted(
+            request_id,
+            principal,
+            base_model,
+            adapter,
+            worker_request,
+            started.SerializeToString(),
+            arrived,
+            arrived_wall,
+        )
+
+    # -- billing -----------------------------------------------------------------------------
+
+    async def _bill(self, admitted: Admitted, state: _Stream) -> None:
+        """Writes the request's one usage record, if it produced anything billable."""
+        if state.billed:
+            return
+        finished = state.finished
+        if (
+            finished is None
+            and not state.tokens_out
+            and not (state.worker_started and state.end != _FR.FINISH_REASON_UNSPECIFIED)
+        ):
+            return
+        state.billed = True
+        now = time.perf_counter()
+        arrived = admitted.arrived
+        if finished is not None:
+            usage = finished.usage
+            reason = finished.finish_reason
+            cold = finished.timings.cold_start
+        else:
+            prompt = admitted.worker_request.prompt
+            # Without the worker's Finished the router knows the prompt's size only for token ids.
+            input_tokens = len(prompt.token_ids.ids) if prompt.WhichOneof("kind") == "token_ids" else 0
+            usage = common_pb2.Usage(input_tokens=input_tokens, output_tokens=state.tokens_out)
+            reason = state.end
+            cold = False
+        ttft_ms = (state.first_token_at - arrived) * 1000 if state.first_token_at else 0.0
+        if state.first_token_at:
+            metrics.TTFT.observe(state.first_token_at - arrived)
+        record = usage_record(
+            request_id=admitted.request_id,
+            tenant_id=admitted.principal.tenant_id,
+            api_key_id=admitted.principal.key_id,
+            base_model=admitted.base_model,
+            adapter=admitted.adapter.ref if admitted.adapter is not None else None,
+            usage=usage,
+            finish_reason=reason,
+            ttft_ms=max(ttft_ms, 0.0),
+            duration_ms=(now - arrived) * 1000,
+            worker_id=state.worker_id,
+            cold_start=cold,
+            started_at_s=admitted.arrived_wall,
+            finished_at_s=time.time(),
+        )
+        try:
+            await self._writer.write(record)
+        except Exception:
+            log.exception("usage record for request %s was not written", admitted.request_id)
+
+
+def _public(adapter: registry_pb2.Adapter) -> common_pb2.AdapterVersion:
+    ref = adapter.ref
+    return common_pb2.AdapterVersion(
+        adapter_id=ref.adapter_id, name=ref.name, version=ref.version, digest=ref.digest
+    )

@@ -1,0 +1,104 @@
+"""Ships spooled usage records to the registry's UsageService, oldest segment first.
+
+A segment is deleted only after every batch cut from it was acknowledged by RecordUsage; a failure
+leaves it in place and the next round (after a backoff) sends it again. Re-sent records are
+harmless: the ledger is idempotent on request_id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from loraplex.v1 import usage_pb2, usage_pb2_grpc
+from services.router import metrics
+from services.router.spool import Spool, read_segment
+
+log = logging.getLogger(__name__)
+
+CALL_TIMEOUT_S = 30.0
+
+
+class Shipper:
+    def __init__(
+        self,
+        spool: Spool,
+        channel: grpc.aio.Channel,
+        admin_token: str,
+        *,
+        batch: int = 500,
+        interval_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+    ) -> None:
+        self._spool = spool
+        self._stub = usage_pb2_grpc.UsageServiceStub(channel)
+        self._md = (("authorization", f"Bearer {admin_token}"),)
+        self._batch = batch
+        self._interval = interval_s
+        self._max_backoff = max_backoff_s
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Ship now rather than at the next interval."""
+        self._wake.set()
+
+    async def ship_once(self, *, timeout_s: float = CALL_TIMEOUT_S) -> int:
+        """Sends every record spooled so far; returns how many the registry acknowledged.
+
+        Raises grpc.aio.AioRpcError when a batch fails; what was acknowledged before stays deleted.
+        """
+        shipped = 0
+        for segment in await asyncio.to_thread(self._spool.seal):
+            contents = await asyncio.to_thread(read_segment, segment)
+            records = _decode(contents.records, segment.name)
+            for start in range(0, len(records), self._batch):
+                request = usage_pb2.RecordUsageRequest(records=records[start : start + self._batch])
+                resp = await self._stub.RecordUsage(request, metadata=self._md, timeout=timeout_s)
+                n = len(request.records)
+                shipped += n
+                metrics.SHIPPED.inc(n)
+                if resp.duplicates:
+                    log.info("registry already had %d of %d shipped usage records", resp.duplicates, n)
+            await asyncio.to_thread(self._spool.delete, segment)
+            metrics.SPOOL_BYTES.set(self._spool.size_bytes)
+        return shipped
+
+    async def run(self) -> None:
+        """Runs until cancelled: ships every interval, backing off while the registry fails."""
+        delay = self._interval
+        while True:
+            try:
+                await self.ship_once()
+                delay = self._interval
+            except grpc.aio.AioRpcError as exc:
+                metrics.SHIP_FAILURES.inc()
+                delay = min(self._max_backoff, max(self._interval, delay * 2))
+                log.warning(
+                    "cannot ship usage (%s: %s); %d bytes spooled, retrying in %.1fs",
+                    exc.code().name,
+                    exc.details(),
+                    self._spool.size_bytes,
+                    delay,
+                )
+            except Exception:
+                metrics.SHIP_FAILURES.inc()
+                delay = min(self._max_backoff, max(self._interval, delay * 2))
+                log.exception("usage shipping failed; retrying in %.1fs", delay)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+
+
+def _decode(payloads: list[bytes], segment: str) -> list[usage_pb2.UsageRecord]:
+    records = []
+    for payload in payloads:
+        try:
+            records.append(usage_pb2.UsageRecord.FromString(payload))
+        except DecodeError:
+            # The CRC matched, so these are the bytes that were written: a bug, not a torn write.
+            log.critical("spool segment %s holds a record that is not a UsageRecord; skipping it", segment)
+    return records
