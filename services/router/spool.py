@@ -35,10 +35,6 @@ DEFAULT_SEGMENT_BYTES = 4 << 20
 _PREFIX, _SUFFIX = "seg-", ".log"
 
 
-class SpoolFull(Exception):
-    """The spool holds more than its cap: new requests must wait until the shipper catches up."""
-
-
 def encode_frame(payload: bytes) -> bytes:
     if len(payload) > MAX_RECORD_BYTES:
         raise ValueError(f"a spool record is at most {MAX_RECORD_BYTES} bytes, got {len(payload)}")
