@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from services.cli import admin, local
+from services.cli import admin, local, usage
 from services.common.config import ConfigError
 
 
@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="engine, router, usage, ...")
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark, e.g. --json")
     p.set_defaults(fn=local.bench)
+
+    usage.add_commands(group("usage", "the billing ledger (admin)"), cmd)
 
     p = sub.add_parser("dev", help="run the local stack (registry on embedded PostgreSQL)")
     p.set_defaults(fn=local.dev)

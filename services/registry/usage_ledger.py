@@ -180,7 +180,7 @@ async def _export_page(
     conds = _where(window, tenant_id, args)
     if after is not None:
         args.extend(after)
-        conds.append(f"(u.finished_at, u.request_id) > (${len(args) - 1}::timestamptz, ${len(args)})")
+        conds.append(f"(u.finished_at, u.request_id) > (${len(args) - 1}::text::timestamptz, ${len(args)})")
     args.append(limit)
     sql = (
         _EXPORT_SELECT
@@ -232,8 +232,9 @@ async def summarize(s: AsyncSession, window: TimeRange, tenant_id: uuid.UUID | N
     conds = _where(window, tenant_id, args)
     sql = f"""
 SELECT u.tenant_id::text, to_char(u.finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, u.base_model,
-       coalesce(u.adapter_id::text, '') AS adapter, count(*), sum(u.input_tokens),
-       sum(u.cached_input_tokens), sum(u.output_tokens), trim_scale(sum({_AMOUNT}) * 0.000001)
+       coalesce(u.adapter_id::text, '') AS adapter, count(*), sum(u.input_tokens)::bigint,
+       sum(u.cached_input_tokens)::bigint, sum(u.output_tokens)::bigint,
+       trim_scale(sum({_AMOUNT}) * 0.000001)
 FROM usage_records u LEFT JOIN base_models m ON m.name = u.base_model
 {f"WHERE {' AND '.join(conds)}" if conds else ""}
 GROUP BY 1, 2, 3, 4
