@@ -39,3 +39,6 @@ SPOOL_WRITE_ERRORS = Counter(
 )
 SHIPPED = Counter("loraplex_router_usage_shipped_total", "Usage records acknowledged by the registry.")
 SHIP_FAILURES = Counter("loraplex_router_usage_ship_failures_total", "RecordUsage batches that failed.")
+QUARANTINED = Counter(
+    "loraplex_router_usage_quarantined_total", "Usage records the registry refused as invalid (kept aside)."
+)

@@ -56,16 +56,38 @@ class Shipper:
             contents = await asyncio.to_thread(read_segment, segment)
             records = _decode(contents.records, segment.name)
             for start in range(0, len(records), self._batch):
-                request = usage_pb2.RecordUsageRequest(records=records[start : start + self._batch])
-                resp = await self._stub.RecordUsage(request, metadata=self._md, timeout=timeout_s)
-                n = len(request.records)
-                shipped += n
-                metrics.SHIPPED.inc(n)
-                if resp.duplicates:
-                    log.info("registry already had %d of %d shipped usage records", resp.duplicates, n)
+                shipped += await self._send(records[start : start + self._batch], timeout_s)
             await asyncio.to_thread(self._spool.delete, segment)
             metrics.SPOOL_BYTES.set(self._spool.size_bytes)
         return shipped
+
+    async def _send(self, records: list[usage_pb2.UsageRecord], timeout_s: float) -> int:
+        """Ships one batch; a batch the ledger refuses as invalid is retried record by record and
+        the refused records are quarantined, so one bad record cannot block billing forever."""
+        request = usage_pb2.RecordUsageRequest(records=records)
+        try:
+            resp = await self._stub.RecordUsage(request, metadata=self._md, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            if len(records) == 1:
+                path = await asyncio.to_thread(self._spool.quarantine, [records[0].SerializeToString()])
+                metrics.QUARANTINED.inc()
+                log.critical(
+                    "the ledger refused usage record %r (%s); kept in %s",
+                    records[0].request_id,
+                    exc.details(),
+                    path,
+                )
+                return 0
+            shipped = 0
+            for record in records:
+                shipped += await self._send([record], timeout_s)
+            return shipped
+        metrics.SHIPPED.inc(len(records))
+        if resp.duplicates:
+            log.info("registry already had %d of %d shipped usage records", resp.duplicates, len(records))
+        return len(records)
 
     async def run(self) -> None:
         """Runs until cancelled: ships every interval, backing off while the registry fails."""

@@ -33,6 +33,8 @@ _HEADER = struct.Struct("<II")
 MAX_RECORD_BYTES = 1 << 20
 DEFAULT_SEGMENT_BYTES = 4 << 20
 _PREFIX, _SUFFIX = "seg-", ".log"
+# Records the registry rejected as invalid, kept (same framing) for an operator to look at.
+QUARANTINE = "rejected.log"
 
 
 def encode_frame(payload: bytes) -> bytes:
@@ -183,6 +185,15 @@ class Spool:
             _fsync_dir(self.directory, self._fsync)
             self._sealed.remove(segment)
             self._size -= size
+
+    def quarantine(self, payloads: list[bytes]) -> Path:
+        """Keeps records the ledger refused (a bug, not an outage) out of the shipping path."""
+        path = self.directory / QUARANTINE
+        with self._lock, path.open("ab") as f:
+            f.write(b"".join(encode_frame(p) for p in payloads))
+            f.flush()
+            self._fsync(f.fileno())
+        return path
 
     def close(self) -> None:
         with self._lock:

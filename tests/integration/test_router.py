@@ -1,0 +1,515 @@
+"""The router over real gRPC: a real registry process (auth, adapters, change feed, usage ledger),
+synthetic workers that emit deterministic tokens, and the router in this test's event loop.
+
+Billing is checked where it lands: rows in the registry's usage ledger (PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psycopg
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from loraplex.v1 import common_pb2, inference_pb2, inference_pb2_grpc, usage_pb2
+from services.common.config import RouterSettings
+from services.devtools.tiny_model import TINY_LLAMA
+from services.router.server import Router, start_router
+from services.router.shipper import Shipper
+from services.router.spool import Spool, read_segment
+from tests.fixtures.registry import ADMIN_TOKEN, RegistryProcess, free_port, wait_serving
+from tests.fixtures.synthetic_worker import (
+    RunningSyntheticWorker,
+    expected_token_ids,
+    start_synthetic_worker,
+)
+
+OTHER_MODEL = "smollm2-135m-instruct"
+AUTH_TTL_S = 1.0
+
+
+@dataclass
+class Tenant:
+    tenant_id: str
+    name: str
+    secret: str
+    key_id: str
+
+
+@dataclass
+class Stack:
+    registry: RegistryProcess
+    router: Router
+    workers: list[RunningSyntheticWorker]
+    stub: inference_pb2_grpc.InferenceServiceStub
+    a: Tenant
+    b: Tenant
+    adapter_dir: Path
+
+    def reset(self) -> None:
+        for w in self.workers:
+            w.worker.reset()
+        for h in self.router.pool.handles():
+            h.down_until = 0.0
+
+
+def _tenant(registry: RegistryProcess) -> Tenant:
+    name = f"r-{uuid.uuid4().hex[:10]}"
+    with registry.admin() as c:
+        t = c.create_tenant(name)
+        key = c.create_api_key(name)
+    return Tenant(t.tenant_id, name, key.secret, key.api_key.key_id)
+
+
+@pytest.fixture(scope="module")
+async def stack(
+    registry: RegistryProcess, worker_tiny_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Stack]:
+    a, b = _tenant(registry), _tenant(registry)
+    adapter_dir = worker_tiny_adapters["qv"]
+    with registry.admin() as c:
+        c.upload_adapter(adapter_dir, tenant=a.name, name="bot", base_model=TINY_LLAMA)
+        c.upload_adapter(worker_tiny_adapters["mlp"], tenant=a.name, name="bot", base_model=TINY_LLAMA)
+        c.archive_adapter("bot@2", tenant=a.name)
+        c.upload_adapter(adapter_dir, tenant=b.name, name="secret-sauce", base_model=TINY_LLAMA)
+    workers = [await start_synthetic_worker(f"syn-{i}", TINY_LLAMA) for i in range(2)]
+    settings = RouterSettings.from_env(
+        {
+            "LORAPLEX_HOME": str(tmp_path_factory.mktemp("router-home")),
+            "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN,
+            "LORAPLEX_REGISTRY": registry.target,
+            "LORAPLEX_ROUTER_LISTEN": "127.0.0.1:0",
+            "LORAPLEX_WORKERS": ",".join(w.address for w in workers),
+            "LORAPLEX_ROUTER_DISCOVER_WORKERS": "false",
+            "LORAPLEX_AUTH_CACHE_TTL_S": str(AUTH_TTL_S),
+            "LORAPLEX_ROUTER_SHIP_INTERVAL_S": "0.1",
+            "LORAPLEX_MAX_INFLIGHT": "64",
+        }
+    )
+    router = await start_router(settings)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
+        s = Stack(
+            registry, router, workers, inference_pb2_grpc.InferenceServiceStub(channel), a, b, adapter_dir
+        )
+        yield s
+    await router.running.drain(1.0)
+    for w in workers:
+        await w.server.stop(0)
+
+
+@pytest.fixture
+def s(stack: Stack) -> Stack:
+    stack.reset()
+    return stack
+
+
+def _md(secret: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {secret}"),)
+
+
+def _request(**fields: Any) -> inference_pb2.GenerateRequest:
+    fields.setdefault("prompt", common_pb2.Prompt(text="hello there router"))
+    max_tokens = fields.pop("max_tokens", 5)
+    return inference_pb2.GenerateRequest(sampling=common_pb2.SamplingParams(max_tokens=max_tokens), **fields)
+
+
+@dataclass
+class Result:
+    events: list[inference_pb2.GenerateResponse]
+    code: grpc.StatusCode
+    details: str
+    trailing: dict[str, str]
+
+    @property
+    def tokens(self) -> list[int]:
+        return [t for e in self.events if e.HasField("delta") for t in e.delta.token_ids]
+
+
+async def _generate(s: Stack, secret: str | None, req: inference_pb2.GenerateRequest, **kw: Any) -> Result:
+    call = s.stub.Generate(req, metadata=_md(secret) if secret else (), **kw)
+    events: list[inference_pb2.GenerateResponse] = []
+    try:
+        async for e in call:
+            events.append(e)
+    except grpc.aio.AioRpcError:
+        pass
+    trailing = {k: v for k, v in (await call.trailing_metadata() or ()) if isinstance(v, str)}
+    return Result(events, await call.code(), await call.details() or "", trailing)
+
+
+def _ledger(s: Stack, request_id: str) -> list[dict[str, Any]]:
+    with psycopg.connect(s.registry.database_url) as conn:
+        cur = conn.execute(
+            "SELECT tenant_id::text, api_key_id::text, base_model, adapter_id::text, adapter_version,"
+            " input_tokens, output_tokens, finish_reason, worker_id FROM usage_records WHERE request_id = %s",
+            (request_id,),
+        )
+        names = [d.name for d in cur.description or ()]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+async def _billed(s: Stack, request_id: str, timeout_s: float = 15.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        rows = _ledger(s, request_id)
+        if rows:
+            assert len(rows) == 1
+            return rows[0]
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"request {request_id} never reached the usage ledger")
+
+
+# -- the happy path and billing ----------------------------------------------------------------
+
+
+async def test_stream_is_started_deltas_finished_and_billed_once_per_request_id(s: Stack) -> None:
+    rid = f"client-{uuid.uuid4().hex}"
+    r = await _generate(s, s.a.secret, _request(request_id=rid, adapter="bot", max_tokens=7))
+    assert r.code == grpc.StatusCode.OK, r.details
+    kinds = [e.WhichOneof("event") for e in r.events]
+    assert kinds[0] == "started" and kinds[-1] == "finished" and set(kinds[1:-1]) == {"delta"}
+    started = r.events[0].started
+    assert (started.request_id, started.model) == (rid, TINY_LLAMA)
+    assert (started.adapter.name, started.adapter.version) == ("bot", 1)
+    assert r.tokens == expected_token_ids(7)
+    finished = r.events[-1].finished
+    assert finished.usage.output_tokens == 7 and finished.worker_id.startswith("syn-")
+    # The worker got the router's request with the client's id and the resolved adapter version.
+    seen = [req for w in s.workers for req in w.worker.requests]
+    assert [(q.request_id, q.adapter.name, q.adapter.version, q.tenant_id) for q in seen] == [
+        (rid, "bot", 1, s.a.tenant_id)
+    ]
+    assert seen[0].adapter.digest == started.adapter.digest and seen[0].adapter.uri
+
+    row = await _billed(s, rid)
+    assert row == {
+        "tenant_id": s.a.tenant_id,
+        "api_key_id": s.a.key_id,
+        "base_model": TINY_LLAMA,
+        "adapter_id": started.adapter.adapter_id,
+        "adapter_version": 1,
+        "input_tokens": 3,
+        "output_tokens": 7,
+        "finish_reason": "length",
+        "worker_id": finished.worker_id,
+    }
+    again = await _generate(s, s.a.secret, _request(request_id=rid, adapter="bot", max_tokens=7))
+    assert again.code == grpc.StatusCode.OK
+    await asyncio.sleep(0.5)
+    await s.router.shipper.ship_once()
+    assert len(_ledger(s, rid)) == 1
+
+
+async def test_request_without_id_gets_a_fresh_uuid_and_the_bare_model_needs_no_adapter(s: Stack) -> None:
+    r = await _generate(s, s.a.secret, _request(model=TINY_LLAMA, max_tokens=2))
+    assert r.code == grpc.StatusCode.OK, r.details
+    rid = r.events[0].started.request_id
+    assert str(uuid.UUID(rid)) == rid
+    assert not r.events[0].started.HasField("adapter")
+    row = await _billed(s, rid)
+    assert (row["adapter_id"], row["adapter_version"], row["output_tokens"]) == (None, None, 2)
+
+
+async def test_list_models_shows_only_the_callers_ready_adapters(s: Stack) -> None:
+    resp = await s.stub.ListModels(inference_pb2.ListModelsRequest(), metadata=_md(s.a.secret))
+    models = {m.name: m for m in resp.models}
+    assert {TINY_LLAMA, OTHER_MODEL} <= set(models)
+    assert [(a.name, a.version) for a in models[TINY_LLAMA].adapters] == [("bot", 1)]
+    assert models[TINY_LLAMA].input_price_per_mtok == pytest.approx(0.1)
+    other = await s.stub.ListModels(inference_pb2.ListModelsRequest(), metadata=_md(s.b.secret))
+    assert [a.name for m in other.models for a in m.adapters] == ["secret-sauce"]
+
+
+# -- admission errors --------------------------------------------------------------------------
+
+
+async def test_missing_or_unknown_api_key_is_unauthenticated(s: Stack) -> None:
+    for secret in (None, "lpx_not-a-real-key"):
+        r = await _generate(s, secret, _request(adapter="bot"))
+        assert r.code == grpc.StatusCode.UNAUTHENTICATED, r.details
+        assert not r.events
+    assert not any(w.worker.requests for w in s.workers)
+
+
+async def test_another_tenants_adapter_is_reported_exactly_like_a_missing_one(s: Stack) -> None:
+    theirs = await _generate(s, s.a.secret, _request(adapter="secret-sauce"))
+    missing = await _generate(s, s.a.secret, _request(adapter="no-such-adapter"))
+    assert theirs.code == missing.code == grpc.StatusCode.NOT_FOUND
+    assert theirs.details.replace("secret-sauce", "X") == missing.details.replace("no-such-adapter", "X")
+    by_id = await _generate(s, s.b.secret, _request(adapter="secret-sauce"))
+    assert by_id.code == grpc.StatusCode.OK, by_id.details
+    foreign_id = by_id.events[0].started.adapter.adapter_id
+    r = await _generate(s, s.a.secret, _request(adapter=foreign_id))
+    assert r.code == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "phrase"),
+    [
+        ({"adapter": "bot@2"}, grpc.StatusCode.FAILED_PRECONDITION, "archived"),
+        ({"adapter": "bot", "model": OTHER_MODEL}, grpc.StatusCode.FAILED_PRECONDITION, "base model"),
+        ({"adapter": "bot@zero"}, grpc.StatusCode.INVALID_ARGUMENT, "version"),
+        ({"adapter": "bot", "request_id": "x" * 129}, grpc.StatusCode.INVALID_ARGUMENT, "request_id"),
+        ({"adapter": "bot", "request_id": "tab\there"}, grpc.StatusCode.INVALID_ARGUMENT, "printable"),
+        ({"adapter": "bot", "prompt": common_pb2.Prompt()}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        ({}, grpc.StatusCode.INVALID_ARGUMENT, "model is required"),
+        ({"model": "no-such-model"}, grpc.StatusCode.NOT_FOUND, "no-such-model"),
+        ({"adapter": "bot", "max_tokens": 100_000}, grpc.StatusCode.INVALID_ARGUMENT, "context length"),
+    ],
+)
+async def test_bad_requests_are_refused_before_any_worker_sees_them(
+    s: Stack, fields: dict[str, Any], code: grpc.StatusCode, phrase: str
+) -> None:
+    r = await _generate(s, s.a.secret, _request(**fields))
+    assert r.code == code, r.details
+    assert phrase in r.details
+    assert not any(w.worker.requests for w in s.workers)
+
+
+async def test_revoked_key_stops_working_within_the_auth_cache_ttl(s: Stack) -> None:
+    t = _tenant(s.registry)
+    with s.registry.admin() as c:
+        c.upload_adapter(s.adapter_dir, tenant=t.name, name="bot", base_model=TINY_LLAMA)
+    assert (await _generate(s, t.secret, _request(adapter="bot"))).code == grpc.StatusCode.OK
+    with s.registry.admin() as c:
+        c.revoke_api_key(t.key_id)
+    await asyncio.sleep(AUTH_TTL_S + 0.2)
+    r = await _generate(s, t.secret, _request(adapter="bot"))
+    assert r.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_new_version_is_served_once_the_change_feed_reports_it(s: Stack) -> None:
+    t = _tenant(s.registry)
+    with s.registry.admin() as c:
+        c.upload_adapter(s.adapter_dir, tenant=t.name, name="evolving", base_model=TINY_LLAMA)
+    first = await _generate(s, t.secret, _request(adapter="evolving"))
+    assert first.events[0].started.adapter.version == 1
+    with s.registry.admin() as c:
+        c.upload_adapter(s.adapter_dir, tenant=t.name, name="evolving", base_model=TINY_LLAMA)
+    deadline = time.monotonic() + 10
+    version = 1
+    while version == 1 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        version = (
+            (await _generate(s, t.secret, _request(adapter="evolving"))).events[0].started.adapter.version
+        )
+    assert version == 2
+
+
+# -- routing and the streaming proxy -----------------------------------------------------------
+
+
+async def test_an_adapter_keeps_going_to_the_same_worker(s: Stack) -> None:
+    for _ in range(4):
+        assert (await _generate(s, s.a.secret, _request(adapter="bot"))).code == grpc.StatusCode.OK
+    counts = sorted(len(w.worker.requests) for w in s.workers)
+    assert counts == [0, 4]
+
+
+@pytest.mark.parametrize("refusal", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED])
+async def test_worker_refusing_before_the_first_token_fails_over_to_the_next(
+    s: Stack, refusal: grpc.StatusCode
+) -> None:
+    await _generate(s, s.a.secret, _request(adapter="bot"))
+    home = next(w for w in s.workers if w.worker.requests)
+    other = next(w for w in s.workers if w is not home)
+    s.reset()
+    home.worker.refuse = refusal
+    r = await _generate(s, s.a.secret, _request(adapter="bot", max_tokens=4))
+    assert r.code == grpc.StatusCode.OK, r.details
+    assert r.tokens == expected_token_ids(4)
+    assert r.events[-1].finished.worker_id == other.worker.worker_id
+    assert len(home.worker.requests) == 1 and len(other.worker.requests) == 1
+    assert [e.WhichOneof("event") for e in r.events].count("started") == 1
+
+
+async def test_failure_after_tokens_ends_with_unavailable_and_bills_the_partial_output(s: Stack) -> None:
+    for w in s.workers:
+        w.worker.fail_after = 3
+    rid = f"partial-{uuid.uuid4().hex}"
+    r = await _generate(s, s.a.secret, _request(request_id=rid, adapter="bot", max_tokens=10))
+    assert r.code == grpc.StatusCode.UNAVAILABLE
+    assert r.tokens == expected_token_ids(3)
+    assert sum(len(w.worker.requests) for w in s.workers) == 1  # no failover after a token
+    row = await _billed(s, rid)
+    assert (row["output_tokens"], row["finish_reason"]) == (3, "error")
+
+
+async def test_client_cancellation_cancels_the_worker_call_and_bills_what_was_streamed(s: Stack) -> None:
+    for w in s.workers:
+        w.worker.token_delay_s = 0.02
+    rid = f"cancel-{uuid.uuid4().hex}"
+    call = s.stub.Generate(_request(request_id=rid, adapter="bot", max_tokens=500), metadata=_md(s.a.secret))
+    received = 0
+    async for e in call:
+        received += len(e.delta.token_ids)
+        if received >= 3:
+            break
+    call.cancel()
+    deadline = time.monotonic() + 5
+    while sum(w.worker.cancelled for w in s.workers) == 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert sum(w.worker.cancelled for w in s.workers) == 1
+    assert sum(w.worker.completed for w in s.workers) == 0
+    row = await _billed(s, rid)
+    assert row["finish_reason"] == "cancelled"
+    assert 3 <= row["output_tokens"] < 100
+    assert s.router.servicer.inflight == 0
+
+
+async def test_deadline_reaches_the_worker_as_remaining_time_and_ends_the_stream(s: Stack) -> None:
+    for w in s.workers:
+        w.worker.token_delay_s = 0.05
+    rid = f"deadline-{uuid.uuid4().hex}"
+    r = await _generate(s, s.a.secret, _request(request_id=rid, adapter="bot", max_tokens=500), timeout=0.5)
+    assert r.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadlines = [d for w in s.workers for d in w.worker.deadlines]
+    # The remaining time, not the client's whole timeout again (the wire format rounds up a little).
+    assert len(deadlines) == 1 and deadlines[0] is not None and 0 < deadlines[0] <= 0.51
+    row = await _billed(s, rid)
+    assert row["finish_reason"] in ("deadline_exceeded", "cancelled") and row["output_tokens"] > 0
+
+
+async def test_all_workers_at_capacity_is_resource_exhausted_with_retry_pushback(s: Stack) -> None:
+    for w in s.workers:
+        w.worker.refuse = grpc.StatusCode.RESOURCE_EXHAUSTED
+    r = await _generate(s, s.a.secret, _request(adapter="bot"))
+    assert r.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert int(r.trailing["grpc-retry-pushback-ms"]) > 0
+    assert sum(len(w.worker.requests) for w in s.workers) == 2
+
+
+async def test_router_inflight_limit_sheds_load_with_retry_pushback(s: Stack) -> None:
+    servicer = s.router.servicer
+    limit = servicer._max_inflight
+    servicer._max_inflight = 1
+    try:
+        for w in s.workers:
+            w.worker.token_delay_s = 0.05
+        slow = s.stub.Generate(_request(adapter="bot", max_tokens=200), metadata=_md(s.a.secret))
+        await slow.read()  # started: the slow stream holds the only slot
+        r = await _generate(s, s.a.secret, _request(adapter="bot"))
+        assert r.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "in flight" in r.details and "grpc-retry-pushback-ms" in r.trailing
+        slow.cancel()
+    finally:
+        servicer._max_inflight = limit
+
+
+async def test_no_worker_for_the_base_model_is_unavailable(s: Stack) -> None:
+    r = await _generate(s, s.a.secret, _request(model=OTHER_MODEL))
+    assert r.code == grpc.StatusCode.UNAVAILABLE
+    assert "no live worker" in r.details
+
+
+# -- the spool and the shipper against the real ledger -------------------------------------------
+
+
+def _records(tenant: Tenant, n: int) -> list[usage_pb2.UsageRecord]:
+    now = time.time()
+    out = []
+    for i in range(n):
+        r = usage_pb2.UsageRecord(
+            request_id=f"spooled-{uuid.uuid4().hex}-{i}",
+            tenant_id=tenant.tenant_id,
+            api_key_id=tenant.key_id,
+            base_model=TINY_LLAMA,
+            usage=common_pb2.Usage(input_tokens=2, output_tokens=i),
+            finish_reason=common_pb2.FINISH_REASON_EOS,
+            worker_id="w",
+        )
+        r.started_at.FromNanoseconds(int(now * 1e9))
+        r.finished_at.FromNanoseconds(int(now * 1e9))
+        out.append(r)
+    return out
+
+
+async def test_shipper_keeps_records_while_the_registry_is_down_and_replays_them_after_restart(
+    s: Stack, tmp_path: Path
+) -> None:
+    records = _records(s.a, 7)
+    spool = Spool(tmp_path, max_bytes=1 << 30)
+    spool.append_many([r.SerializeToString() for r in records])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}") as dead:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await Shipper(spool, dead, ADMIN_TOKEN, batch=3).ship_once(timeout_s=1.0)
+    assert [len(read_segment(seg).records) for seg in spool.seal()] == [7]
+    spool.close()
+
+    restarted = Spool(tmp_path, max_bytes=1 << 30)  # a new process finds the segment on disk
+    async with grpc.aio.insecure_channel(s.registry.target) as channel:
+        shipped = await Shipper(restarted, channel, ADMIN_TOKEN, batch=3).ship_once()
+    assert shipped == 7
+    assert restarted.seal() == [] and restarted.size_bytes == 0
+    assert all(len(_ledger(s, r.request_id)) == 1 for r in records)
+
+
+async def test_a_record_the_ledger_refuses_is_quarantined_and_does_not_block_the_rest(
+    s: Stack, tmp_path: Path
+) -> None:
+    good = _records(s.a, 2)
+    bad = usage_pb2.UsageRecord(request_id="bad-" + uuid.uuid4().hex, tenant_id=s.a.tenant_id)
+    spool = Spool(tmp_path, max_bytes=1 << 30)
+    spool.append_many([good[0].SerializeToString(), bad.SerializeToString(), good[1].SerializeToString()])
+    async with grpc.aio.insecure_channel(s.registry.target) as channel:
+        assert await Shipper(spool, channel, ADMIN_TOKEN).ship_once() == 2
+    assert spool.seal() == []
+    assert read_segment(tmp_path / "rejected.log").records == [bad.SerializeToString()]
+    assert all(len(_ledger(s, r.request_id)) == 1 for r in good)
+
+
+# -- the CLI process ---------------------------------------------------------------------------
+
+
+def test_router_serve_reports_health_and_drains_on_sigterm(registry: RegistryProcess, tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        **registry.env,
+        "LORAPLEX_ROUTER_LISTEN": f"127.0.0.1:{port}",
+        "LORAPLEX_SPOOL_DIR": str(tmp_path / "spool"),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli.main", "router", "serve"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_serving(f"127.0.0.1:{port}", proc)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            status = health.Check(health_pb2.HealthCheckRequest(service="loraplex.v1.InferenceService"))
+            assert status.status == health_pb2.HealthCheckResponse.SERVING
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (tmp_path / "spool").is_dir()
+
+
+def test_router_refuses_to_start_without_the_admin_token(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
+    env["LORAPLEX_HOME"] = str(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.cli.main", "router", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "LORAPLEX_ADMIN_TOKEN" in proc.stderr
