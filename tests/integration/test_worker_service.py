@@ -1,0 +1,411 @@
+"""WorkerService over real gRPC on loopback: the tiny Llama in-process for most cases, and one
+`loraplex worker serve` subprocess on SmolLM2 streaming real text through a real PEFT adapter."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from transformers import AutoTokenizer
+
+from loraplex.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from services.common.adapter_files import digest_hex
+from services.common.config import DEFAULT_MODEL
+from services.devtools.tiny_model import TINY_LLAMA
+from services.worker.server import RunningWorker, start_worker
+from tests.fixtures.registry import free_port, wait_serving
+from tests.fixtures.worker import AdapterStore, worker_home, worker_settings
+
+Stub = worker_pb2_grpc.WorkerServiceStub
+PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173]
+
+
+@dataclass
+class Streamed:
+    started: common_pb2.GenerationStarted | None = None
+    deltas: list[common_pb2.GenerationDelta] = field(default_factory=list)
+    finished: common_pb2.GenerationFinished | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t for d in self.deltas for t in d.token_ids]
+
+    @property
+    def text(self) -> str:
+        return "".join(d.text for d in self.deltas)
+
+
+def gen_request(
+    prompt: list[int] | str | None = None,
+    *,
+    adapter: common_pb2.AdapterRef | None = None,
+    max_tokens: int = 12,
+    request_id: str = "",
+    **sampling: object,
+) -> worker_pb2.WorkerServiceGenerateRequest:
+    if isinstance(prompt, str):
+        p = common_pb2.Prompt(text=prompt)
+    else:
+        p = common_pb2.Prompt(token_ids=common_pb2.TokenIdsPrompt(ids=PROMPT if prompt is None else prompt))
+    return worker_pb2.WorkerServiceGenerateRequest(
+        request_id=request_id,
+        adapter=adapter,
+        prompt=p,
+        sampling=common_pb2.SamplingParams(max_tokens=max_tokens, **sampling),  # type: ignore[arg-type]
+    )
+
+
+async def generate(stub: Stub, request: worker_pb2.WorkerServiceGenerateRequest) -> Streamed:
+    out = Streamed()
+    async for msg in stub.Generate(request, timeout=60):
+        kind = msg.WhichOneof("event")
+        if kind == "started":
+            assert out.started is None and not out.deltas
+            out.started = msg.started
+        elif kind == "delta":
+            assert out.started is not None and out.finished is None
+            out.deltas.append(msg.delta)
+        else:
+            out.finished = msg.finished
+    assert out.started is not None and out.finished is not None
+    return out
+
+
+async def status_of(stub: Stub, request: worker_pb2.WorkerServiceGenerateRequest) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await generate(stub, request)
+    return info.value
+
+
+async def wait_kv_used(worker: RunningWorker, expected: int, timeout_s: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = await worker.engine.stats()
+        if stats.kv_blocks_used == expected and stats.running == 0 and stats.waiting == 0:
+            return
+        assert time.monotonic() < deadline, f"KV blocks still held: {stats}"
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def tiny_refs(
+    adapter_store: AdapterStore, worker_tiny_adapters: dict[str, Path]
+) -> dict[str, common_pb2.AdapterRef]:
+    return {
+        kind: adapter_store.publish(path, base_model=TINY_LLAMA, name=kind)
+        for kind, path in worker_tiny_adapters.items()
+    }
+
+
+async def test_stream_reports_started_deltas_and_finished_with_usage(
+    tiny_worker_stub: Stub, tiny_refs: dict[str, common_pb2.AdapterRef]
+) -> None:
+    ref = tiny_refs["qv"]
+    out = await generate(
+        tiny_worker_stub, gen_request(adapter=ref, max_tokens=7, ignore_eos=True, request_id="r-1")
+    )
+    assert out.started is not None and out.finished is not None
+    assert out.started.request_id == "r-1"
+    assert out.started.model == TINY_LLAMA
+    assert out.started.adapter.digest == ref.digest and out.started.adapter.name == "qv"
+    assert len(out.token_ids) == 7
+    assert out.finished.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert out.finished.usage.input_tokens == len(PROMPT)
+    assert out.finished.usage.output_tokens == 7
+    assert out.finished.worker_id == f"test-worker-{TINY_LLAMA}"
+    t = out.finished.timings
+    assert 0 < t.ttft_ms <= t.total_ms
+    assert t.queue_ms >= 0
+
+
+async def test_concurrent_streams_with_different_adapters_match_lone_runs(
+    tiny_worker_stub: Stub, tiny_refs: dict[str, common_pb2.AdapterRef]
+) -> None:
+    cases: list[common_pb2.AdapterRef | None] = [None, *tiny_refs.values()]
+
+    def request(ref: common_pb2.AdapterRef | None) -> worker_pb2.WorkerServiceGenerateRequest:
+        return gen_request(adapter=ref, max_tokens=10, ignore_eos=True)
+
+    alone = [(await generate(tiny_worker_stub, request(ref))).token_ids for ref in cases]
+    together = await asyncio.gather(*(generate(tiny_worker_stub, request(ref)) for ref in cases))
+    assert [o.token_ids for o in together] == alone
+    # Each adapter really changes the greedy path, so the equality compares different computations.
+    assert len({tuple(ids) for ids in alone}) == len(cases), alone
+
+
+async def test_first_use_is_a_cold_start_from_object_store_then_warm(
+    tiny_worker: RunningWorker, tiny_worker_stub: Stub, worker_tiny_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    ref = AdapterStore(tmp_path).publish(worker_tiny_adapters["mlp"], base_model=TINY_LLAMA, name="mlp")
+    evicted = await tiny_worker_stub.EvictAdapter(worker_pb2.EvictAdapterRequest(digest=ref.digest))
+    assert evicted.evicted
+    cache_entry = tiny_worker.loader.cache_dir / digest_hex(ref.digest)
+    if cache_entry.exists():
+        import shutil
+
+        shutil.rmtree(cache_entry)
+    cold = (await generate(tiny_worker_stub, gen_request(adapter=ref, max_tokens=2))).finished
+    warm = (await generate(tiny_worker_stub, gen_request(adapter=ref, max_tokens=2))).finished
+    assert cold is not None and warm is not None
+    assert (
+        cold.timings.cold_start and cold.timings.adapter_source_tier == common_pb2.ADAPTER_TIER_OBJECT_STORE
+    )
+    assert cold.timings.adapter_load_ms > 0
+    assert not warm.timings.cold_start and warm.timings.adapter_source_tier == common_pb2.ADAPTER_TIER_DEVICE
+    assert warm.timings.adapter_load_ms == 0
+    assert cache_entry.is_dir()
+    assert (await tiny_worker_stub.EvictAdapter(worker_pb2.EvictAdapterRequest(digest=ref.digest))).evicted
+    from_disk = (await generate(tiny_worker_stub, gen_request(adapter=ref, max_tokens=2))).finished
+    assert from_disk is not None and from_disk.timings.adapter_source_tier == common_pb2.ADAPTER_TIER_DISK
+
+
+async def test_concurrent_requests_for_one_cold_adapter_share_one_load(
+    tiny_worker: RunningWorker, tiny_worker_stub: Stub, worker_tiny_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    ref = AdapterStore(tmp_path).publish(worker_tiny_adapters["dora"], base_model=TINY_LLAMA, name="dora")
+    await tiny_worker_stub.EvictAdapter(worker_pb2.EvictAdapterRequest(digest=ref.digest))
+    outs = await asyncio.gather(
+        *(generate(tiny_worker_stub, gen_request(adapter=ref, max_tokens=3)) for _ in range(4))
+    )
+    loads = {o.finished.timings.adapter_load_ms for o in outs if o.finished}
+    assert all(o.finished and o.finished.timings.cold_start for o in outs)
+    assert len(loads) == 1  # one load, its time reported to every request that waited on it
+    assert tiny_worker.engine.engine.resident_adapters().count(ref.digest) == 1
+
+
+async def test_cancelled_stream_frees_kv_blocks(tiny_worker: RunningWorker, tiny_worker_stub: Stub) -> None:
+    baseline = (await tiny_worker.engine.stats()).kv_blocks_used
+    call = tiny_worker_stub.Generate(gen_request(list(range(5, 300)), max_tokens=400, ignore_eos=True))
+    async for msg in call:
+        if msg.WhichOneof("event") == "delta":
+            break
+    assert (await tiny_worker.engine.stats()).kv_blocks_used > baseline
+    call.cancel()
+    await wait_kv_used(tiny_worker, baseline)
+
+
+async def test_deadline_exceeded_frees_kv_blocks(tiny_worker: RunningWorker, tiny_worker_stub: Stub) -> None:
+    baseline = (await tiny_worker.engine.stats()).kv_blocks_used
+    request = gen_request(list(range(5, 100)), max_tokens=400, ignore_eos=True)
+    # Slow every step down with a full batch so the long request cannot finish within the deadline.
+    load = [
+        tiny_worker_stub.Generate(gen_request(list(range(5, 100)), max_tokens=400, ignore_eos=True))
+        for _ in range(6)
+    ]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for _ in tiny_worker_stub.Generate(request, timeout=0.3):
+            pass
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for call in load:
+        call.cancel()
+    await wait_kv_used(tiny_worker, baseline)
+
+
+async def test_full_queue_sheds_with_resource_exhausted_and_retry_pushback(
+    loraplex_home: Path, tiny_llama_dir: Path
+) -> None:
+    worker = await start_worker(worker_settings(loraplex_home, TINY_LLAMA, max_batch_size=1, max_waiting=1))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{worker.port}") as channel:
+            stub = Stub(channel)
+            running = stub.Generate(gen_request(max_tokens=400, ignore_eos=True))
+            async for msg in running:
+                if msg.WhichOneof("event") == "delta":
+                    break
+            waiting = stub.Generate(gen_request(max_tokens=400, ignore_eos=True))
+            first = await waiting.read()
+            assert first.WhichOneof("event") == "started"
+            err = await status_of(stub, gen_request(max_tokens=4))
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "retry" in (err.details() or "")
+            trailing = dict(err.trailing_metadata() or ())
+            assert int(trailing["grpc-retry-pushback-ms"]) > 0
+            running.cancel()
+            waiting.cancel()
+            await wait_kv_used(worker, 0)
+    finally:
+        await worker.server.drain(0.5)
+
+
+async def test_digest_mismatch_is_failed_precondition_and_leaves_no_cache_entry(
+    tiny_worker: RunningWorker, tiny_worker_stub: Stub, tiny_refs: dict[str, common_pb2.AdapterRef]
+) -> None:
+    # The uri holds the "qv" adapter's files, but the reference names other bytes.
+    ref = common_pb2.AdapterRef()
+    ref.CopyFrom(tiny_refs["qv"])
+    ref.digest = "sha256:" + "ab" * 32
+    err = await status_of(tiny_worker_stub, gen_request(adapter=ref))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "do not match its digest" in (err.details() or "")
+    cache = tiny_worker.loader.cache_dir
+    assert not (cache / ("ab" * 32)).exists()
+    assert not [p for p in cache.iterdir() if p.name.startswith(".fetch-")]
+
+
+async def test_missing_adapter_is_not_found(
+    tiny_worker_stub: Stub, tiny_refs: dict[str, common_pb2.AdapterRef], tmp_path: Path
+) -> None:
+    ref = common_pb2.AdapterRef()
+    ref.CopyFrom(tiny_refs["qv"])
+    ref.digest = "sha256:" + "cd" * 32
+    ref.uri = (tmp_path / "nowhere").as_uri()
+    err = await status_of(tiny_worker_stub, gen_request(adapter=ref))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert "does not exist" in (err.details() or "")
+
+
+async def test_adapter_for_another_base_model_is_failed_precondition(
+    tiny_worker_stub: Stub, tiny_refs: dict[str, common_pb2.AdapterRef]
+) -> None:
+    ref = common_pb2.AdapterRef()
+    ref.CopyFrom(tiny_refs["qv"])
+    ref.base_model = DEFAULT_MODEL
+    err = await status_of(tiny_worker_stub, gen_request(adapter=ref))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert DEFAULT_MODEL in (err.details() or "") and TINY_LLAMA in (err.details() or "")
+
+
+@pytest.mark.parametrize(
+    ("request_", "phrase"),
+    [
+        (gen_request(list(range(1, 600))), "context"),
+        (gen_request(temperature=3.0), "temperature"),
+        (gen_request(top_p=0.0), "top_p"),
+        (gen_request(""), "empty"),
+        (gen_request([]), "empty"),
+        (gen_request([10**9]), "vocabulary"),
+    ],
+    ids=["prompt-too-long", "temperature", "top-p", "empty-text", "empty-ids", "token-out-of-vocab"],
+)
+async def test_bad_input_is_invalid_argument(
+    tiny_worker_stub: Stub, request_: worker_pb2.WorkerServiceGenerateRequest, phrase: str
+) -> None:
+    err = await status_of(tiny_worker_stub, request_)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert phrase in (err.details() or "")
+
+
+async def test_chat_prompt_is_rendered_with_the_chat_template(
+    tiny_worker_stub: Stub, tiny_llama_dir: Path
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    messages = [{"role": "user", "content": "Name a colour."}]
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    expected_ids = tokenizer(rendered, add_special_tokens=False).input_ids
+    chat = worker_pb2.WorkerServiceGenerateRequest(
+        prompt=common_pb2.Prompt(
+            chat=common_pb2.ChatPrompt(
+                messages=[common_pb2.ChatMessage(role="user", content="Name a colour.")]
+            )
+        ),
+        sampling=common_pb2.SamplingParams(max_tokens=6, ignore_eos=True),
+    )
+    by_chat = await generate(tiny_worker_stub, chat)
+    by_ids = await generate(tiny_worker_stub, gen_request(expected_ids, max_tokens=6, ignore_eos=True))
+    assert by_chat.finished is not None
+    assert by_chat.finished.usage.input_tokens == len(expected_ids)
+    assert by_chat.token_ids == by_ids.token_ids
+
+
+async def test_lru_adapter_is_evicted_when_slots_are_full(
+    loraplex_home: Path, tiny_llama_dir: Path, tiny_refs: dict[str, common_pb2.AdapterRef]
+) -> None:
+    worker = await start_worker(worker_settings(loraplex_home, TINY_LLAMA, max_adapter_slots=2))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{worker.port}") as channel:
+            stub = Stub(channel)
+            order = ["qv", "attn_rs", "qv", "mlp"]
+            for kind in order:
+                await generate(stub, gen_request(adapter=tiny_refs[kind], max_tokens=1))
+            resident = set(worker.engine.engine.resident_adapters())
+            assert resident == {tiny_refs["qv"].digest, tiny_refs["mlp"].digest}
+    finally:
+        await worker.server.drain(0.5)
+
+
+async def test_get_info_health_and_reflection(tiny_worker: RunningWorker) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{tiny_worker.port}") as channel:
+        info = await Stub(channel).GetInfo(worker_pb2.GetInfoRequest())
+        assert info.base_model == TINY_LLAMA and info.device == "cpu" and info.dtype == "float32"
+        assert info.context_length == 512 and info.kv_blocks_total == 256 and info.max_batch_size == 8
+        assert info.version
+        health = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="loraplex.v1.WorkerService")
+        )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = reflection.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+        names = {s.name async for r in responses for s in r.list_services_response.service}
+        assert "loraplex.v1.WorkerService" in names
+
+
+def test_worker_serve_subprocess_streams_smollm2_text_with_an_adapter(
+    loraplex_home: Path, smollm2_dir: Path, worker_smollm2_adapter: Path, adapter_store: AdapterStore
+) -> None:
+    ref = adapter_store.publish(worker_smollm2_adapter, base_model=DEFAULT_MODEL, name="smol")
+    port = free_port()
+    home = worker_home(loraplex_home, DEFAULT_MODEL)
+    env = {
+        **os.environ,
+        "LORAPLEX_HOME": str(home),
+        "LORAPLEX_WORKER_LISTEN": f"127.0.0.1:{port}",
+        "LORAPLEX_DEVICE": "cpu",
+        "LORAPLEX_DTYPE": "float32",
+        "LORAPLEX_KV_CACHE_BLOCKS": "64",
+    }
+    loraplex = Path(sys.executable).parent / "loraplex"
+    proc = subprocess.Popen(
+        [str(loraplex), "worker", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        wait_serving(f"127.0.0.1:{port}", proc)
+        question = common_pb2.Prompt(
+            chat=common_pb2.ChatPrompt(
+                messages=[common_pb2.ChatMessage(role="user", content="What is the capital of France?")]
+            )
+        )
+        sampling = common_pb2.SamplingParams(max_tokens=12)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = worker_pb2_grpc.WorkerServiceStub(channel)
+            base = list(
+                stub.Generate(worker_pb2.WorkerServiceGenerateRequest(prompt=question, sampling=sampling))
+            )
+            tuned = list(
+                stub.Generate(
+                    worker_pb2.WorkerServiceGenerateRequest(
+                        request_id="smol-1", adapter=ref, prompt=question, sampling=sampling
+                    ),
+                    timeout=60,
+                )
+            )
+        base_text = "".join(e.delta.text for e in base if e.WhichOneof("event") == "delta")
+        tuned_text = "".join(e.delta.text for e in tuned if e.WhichOneof("event") == "delta")
+        assert "Paris" in base_text, base_text
+        assert tuned[0].started.request_id == "smol-1" and tuned[0].started.adapter.digest == ref.digest
+        finished = tuned[-1].finished
+        assert finished.usage.output_tokens > 0 and finished.timings.cold_start
+        assert finished.worker_id.endswith(f"-{port}")
+        # The adapter is applied (the answer changes) and the model still writes words.
+        assert tuned_text != base_text
+        assert sum(c.isalpha() for c in tuned_text) >= 5, tuned_text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    log = proc.stdout.read().decode() if proc.stdout else ""
+    assert code == 0, log
