@@ -172,9 +172,10 @@ def random_adapter(model_dir: Path, spec: AdapterSpec, out_dir: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
+    # Base and PEFT's own LoRA init both on meta: nothing is allocated until the seeded fill below.
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(config)
-    model = get_peft_model(base, spec.lora_config())
+        model = get_peft_model(base, spec.lora_config())
     generator = torch.Generator().manual_seed(spec.seed)
     with safe_open(str(model_dir / "model.safetensors"), framework="pt") as weights:
         for path, layer in model.get_base_model().named_modules():

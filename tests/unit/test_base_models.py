@@ -87,6 +87,7 @@ def test_pulled_model_is_plain_safetensors_with_chat_template(smollm2_dir: Path)
     assert "<|im_start|>assistant" in prompt
 
 
+@pytest.mark.slow
 def test_pulled_model_answers_a_factual_question_greedily(smollm2_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
@@ -115,6 +116,7 @@ def test_local_models_ignores_half_written_dirs(tmp_path: Path) -> None:
     assert local_models(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_smollm2_spec_matches_the_loaded_model(smollm2_dir: Path, smollm2_spec: BaseModelSpec) -> None:
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
     assert smollm2_spec.architecture == "LlamaForCausalLM"
