@@ -404,7 +404,11 @@ def test_unsafe_adapter_names_are_refused(
 
 @pytest.mark.parametrize(
     ("uri", "named"),
-    [("s3://someone-elses-bucket/x", "someone-elses-bucket"), ("file:///etc", "/etc"), ("http://example.com/a", "http")],
+    [
+        ("s3://someone-elses-bucket/x", "someone-elses-bucket"),
+        ("file:///etc", "/etc"),
+        ("http://example.com/a", "http"),
+    ],
 )
 def test_uris_outside_the_allowed_stores_are_refused(
     registry: RegistryProcess, tiny_llama_spec: BaseModelSpec, uri: str, named: str
@@ -427,3 +431,16 @@ def test_file_uri_escaping_the_allowed_root_is_refused(
     with registry.admin() as c, pytest.raises(grpc.RpcError) as err:
         c.register_adapter(tenant=tenant, name="x", base_model=tiny_llama_spec.name, uri=escape)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_health_and_reflection_describe_the_registry(registry: RegistryProcess) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(registry.target) as channel:
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="loraplex.v1.AdapterRegistryService"), timeout=5
+        )
+    assert {"loraplex.v1.AdapterRegistryService", "grpc.health.v1.Health"} <= services
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
