@@ -146,7 +146,7 @@ async def insert_usage_batch(s: AsyncSession, rows: Sequence[Sequence[Any]]) -> 
 async def _require_known(pg: Any, table: str, key: str, pg_type: str, values: list[Any], what: str) -> None:
     wanted = set(values)
     found = await pg.fetch(f"SELECT {key} FROM {table} WHERE {key} = ANY($1::{pg_type}[])", list(wanted))
-    missing = wanted - {r[0] for r in found}
+    missing = wanted - {str(r[0]) for r in found}
     if missing:
         names = ", ".join(sorted(map(str, missing))[:5]) + (" ..." if len(missing) > 5 else "")
         raise UnknownReference(

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -47,49 +48,65 @@ _FINISH_REASONS = {
 }
 
 
-def _uuid(field: str, value: str, *, optional: bool) -> uuid.UUID | None:
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+
+
+def _uuid(where: str, field: str, value: str, *, optional: bool) -> str | None:
+    """The canonical lower-case text of a UUID (asyncpg encodes it; uuid.UUID costs ~1 us a call)."""
     if not value and optional:
         return None
+    if _UUID.fullmatch(value) is None:
+        raise ValueError(f"usage record {where!r}: {field} {value!r} is not a UUID")
+    return value.lower()
+
+
+def _time(where: str, field: str, ts: Timestamp) -> datetime:
+    # Timestamp.ToDatetime validates and rounds in Python; this is the same value at a fifth the cost.
     try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise ValueError(f"{field} {value!r} is not a UUID") from None
+        return _EPOCH + (ts.seconds * 1_000_000 + ts.nanos // 1000) * _US
+    except OverflowError:
+        raise ValueError(f"usage record {where!r}: {field} is out of range") from None
 
 
 def record_row(r: Any) -> tuple[Any, ...]:
-    """One UsageRecord message as a ledger row (usage_ledger.INSERT_COLUMNS order), or ValueError."""
+    """One UsageRecord message as a ledger row (usage_ledger.INSERT_COLUMNS order), or ValueError.
+
+    On the ingest path of every request: the checks are cheap and a message is built only on failure.
+    """
     rid = r.request_id
     if not rid or len(rid) > MAX_REQUEST_ID or not rid.isprintable():
         raise ValueError(
             f"request_id {rid[:MAX_REQUEST_ID]!r} must be 1 to {MAX_REQUEST_ID} printable characters"
         )
-    where = f"usage record {rid!r}"
+
+    def bad(problem: str) -> ValueError:
+        return ValueError(f"usage record {rid!r}: {problem}")
+
     if not r.base_model:
-        raise ValueError(f"{where}: base_model is required")
+        raise bad("base_model is required")
     u = r.usage
     if u.cached_input_tokens > u.input_tokens:
-        raise ValueError(f"{where}: cached_input_tokens exceeds input_tokens")
+        raise bad("cached_input_tokens exceeds input_tokens")
     reason = _FINISH_REASONS.get(r.finish_reason)
     if reason is None:
-        raise ValueError(f"{where}: finish_reason must be set")
-    if not (
-        math.isfinite(r.ttft_ms) and r.ttft_ms >= 0 and math.isfinite(r.duration_ms) and r.duration_ms >= 0
-    ):
-        raise ValueError(f"{where}: ttft_ms and duration_ms must be finite and >= 0")
+        raise bad("finish_reason must be set")
+    ttft, duration = r.ttft_ms, r.duration_ms
+    if not (0 <= ttft < math.inf and 0 <= duration < math.inf):
+        raise bad("ttft_ms and duration_ms must be finite and >= 0")
     if not (r.HasField("started_at") and r.HasField("finished_at")):
-        raise ValueError(f"{where}: started_at and finished_at are required")
-    started, finished = r.started_at.ToDatetime(tzinfo=UTC), r.finished_at.ToDatetime(tzinfo=UTC)
+        raise bad("started_at and finished_at are required")
+    started, finished = _time(rid, "started_at", r.started_at), _time(rid, "finished_at", r.finished_at)
     if finished < started:
-        raise ValueError(f"{where}: finished_at is before started_at")
-    adapter_id = _uuid(f"{where}: adapter_id", r.adapter_id, optional=True)
+        raise bad("finished_at is before started_at")
+    adapter_id = _uuid(rid, "adapter_id", r.adapter_id, optional=True)
     if (adapter_id is None) != (r.adapter_version == 0):
-        raise ValueError(
-            f"{where}: adapter_id and adapter_version are set together (both empty for the base model)"
-        )
+        raise bad("adapter_id and adapter_version go together (both empty for the bare base model)")
     return (
         rid,
-        _uuid(f"{where}: tenant_id", r.tenant_id, optional=False),
-        _uuid(f"{where}: api_key_id", r.api_key_id, optional=True),
+        _uuid(rid, "tenant_id", r.tenant_id, optional=False),
+        _uuid(rid, "api_key_id", r.api_key_id, optional=True),
         r.base_model,
         adapter_id,
         r.adapter_version or None,
@@ -97,8 +114,8 @@ def record_row(r: Any) -> tuple[Any, ...]:
         u.cached_input_tokens,
         u.output_tokens,
         reason,
-        r.ttft_ms,
-        r.duration_ms,
+        ttft,
+        duration,
         r.worker_id or None,
         r.cold_start,
         started,

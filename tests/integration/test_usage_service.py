@@ -194,6 +194,15 @@ def test_duplicate_request_ids_are_recorded_and_billed_once(registry: Registry) 
     assert row.requests == 2 and row.input_tokens == 200
 
 
+def test_tenant_ids_are_accepted_in_any_case_and_exported_canonical(registry: Registry) -> None:
+    tenant_id, _ = registry.tenant()
+    start = window()
+    with registry.usage() as c:
+        assert c.record([record(tenant_id.upper(), start)]).inserted == 1
+    (line,) = b"".join(export(registry, "jsonl", start, start + timedelta(days=1), tenant_id)).splitlines()
+    assert json.loads(line)["tenant_id"] == tenant_id
+
+
 def test_csv_export_parses_back_to_the_recorded_tokens_and_amounts(registry: Registry) -> None:
     tenant_id, name = registry.tenant()
     start = window()
@@ -357,6 +366,7 @@ def test_usage_calls_need_the_admin_token(registry: Registry) -> None:
             "cached",
         ),
         (lambda r: setattr(r, "finish_reason", 0), grpc.StatusCode.INVALID_ARGUMENT, "finish_reason"),
+        (lambda r: setattr(r, "ttft_ms", float("nan")), grpc.StatusCode.INVALID_ARGUMENT, "ttft_ms"),
         (lambda r: r.ClearField("finished_at"), grpc.StatusCode.INVALID_ARGUMENT, "finished_at"),
         (lambda r: setattr(r, "adapter_version", 2), grpc.StatusCode.INVALID_ARGUMENT, "adapter_version"),
     ],
