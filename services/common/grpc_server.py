@@ -56,7 +56,8 @@ async def start_server(
     register(server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    names = [*service_names, reflection.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    names = [*service_names, reflection.SERVICE_NAME, health_name]
     reflection.enable_server_reflection(names, server)
     port = server.add_insecure_port(listen)
     if port == 0:
