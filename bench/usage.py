@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 import psycopg
 from psycopg import sql
+from sqlalchemy.engine import make_url
 
 from loraplex.v1 import common_pb2, usage_pb2, usage_pb2_grpc
 from services.client.usage import FORMATS, timestamp
@@ -138,7 +140,39 @@ def ingest_batches(tenant: str, n: int, batch: int) -> list[usage_pb2.RecordUsag
     return reqs
 
 
+class CpuMeter:
+    """CPU seconds spent by this process (the registry) and by the PostgreSQL backends serving this
+    benchmark's database: a load-independent cost to report beside wall-clock times, which on a
+    shared machine depend on what else runs."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._name = make_url(url).database
+
+    def _backends(self) -> dict[int, float]:
+        with psycopg.connect(self._url) as conn:
+            pids = [
+                r[0]
+                for r in conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", (self._name,))
+            ]
+        out = {}
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                t = psutil.Process(pid).cpu_times()
+                out[pid] = t.user + t.system
+        return out
+
+    def start(self) -> None:
+        self._proc, self._db = time.process_time(), self._backends()
+
+    def stop(self) -> dict[str, float]:
+        proc, backends = time.process_time() - self._proc, self._backends()
+        db_cpu = sum(v - self._db.get(pid, 0.0) for pid, v in backends.items())
+        return {"registry_cpu_s": round(proc, 2), "postgres_cpu_s": round(db_cpu, 2)}
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    load_at_start = round(os.getloadavg()[0], 2)
     with fresh_database() as url, tempfile.TemporaryDirectory(prefix="bench-usage-") as home:
         await asyncio.to_thread(db.run_migrations, url)
         tenant = seed(url)
@@ -161,6 +195,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 stub = usage_pb2_grpc.UsageServiceStub(channel)
                 reqs = ingest_batches(tenant, args.ingest_records, args.batch)
                 batch_rates = []
+                meter = CpuMeter(url)
+                meter.start()
                 t0 = time.perf_counter()
                 for req in reqs:
                     tb = time.perf_counter()
@@ -168,10 +204,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     assert resp.inserted == len(req.records), resp
                     batch_rates.append(len(req.records) / (time.perf_counter() - tb))
                 ingest_s = time.perf_counter() - t0
+                ingest_cpu = meter.stop()
                 load_s = await asyncio.to_thread(bulk_load, url, tenant, args.records)
                 exports: dict[str, dict[str, Any]] = {}
                 for fmt in args.formats:
+                    meter.start()
                     exports[fmt] = await export(f"127.0.0.1:{running.port}", fmt, args.records)
+                    exports[fmt]["cpu"] = meter.stop()
         finally:
             await running.drain(1.0)
     csv_run = exports.get("csv") or next(iter(exports.values()))
@@ -190,6 +229,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "export_mb": round(csv_run["bytes"] / 1e6, 1),
         "export_chunks": csv_run["chunks"],
         "bulk_load_s": round(load_s, 2),
+        # CPU seconds (registry process incl. the in-process ingest client; PostgreSQL backends).
+        "ingest_cpu": ingest_cpu,
+        "export_cpu": csv_run["cpu"],
+        "load_avg_1m_at_start": load_at_start,
         "formats": {
             k: {"seconds": round(v["seconds"], 2), "mb": round(v["bytes"] / 1e6, 1)}
             for k, v in exports.items()
