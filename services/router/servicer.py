@@ -30,6 +30,7 @@ from services.router.registry_view import (
     Unauthenticated,
 )
 from services.router.spool import Spool
+from services.router.stream_pump import StreamPump, merge_deltas
 from services.router.validation import InvalidRequest, check_request, request_id_for
 from services.router.worker_pool import WorkerPool
 
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "loraplex.v1.InferenceService"
 # Field tags (field number << 3 | wire type 2) of the event oneof, shared by both stream messages.
-_STARTED, _DELTA, _FINISHED = 0x0A, 0x12, 0x1A
+_DELTA, _FINISHED = b"\x12", b"\x1a"
 _FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 _FR = common_pb2.FinishReason
 
@@ -204,34 +205,39 @@ class InferenceServicer:
                     grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before a worker answered"
                 )
             call = handle.generate(admitted.worker_request, timeout=remaining)
+            pump = StreamPump(call)
             handle.in_flight += 1
             try:
-                async for raw in call:
-                    tag = raw[0] if raw else 0
-                    if tag == _DELTA:
-                        scratch.ParseFromString(raw)
-                        n = len(scratch.delta.token_ids)
-                        if not state.tokens_out and n:
+                while not finished_event:
+                    batch = await pump.take()
+                    if not batch:
+                        break
+                    if not state.worker_started:
+                        state.worker_started = True
+                        yield admitted.started
+                    # One message per read is the common case when the router keeps up: forward
+                    # it as is. A backlog becomes one merged delta, one write instead of many.
+                    if len(batch) == 1:
+                        deltas = batch if batch[0][:1] == _DELTA else []
+                    else:
+                        deltas = [raw for raw in batch if raw[:1] == _DELTA]
+                    if deltas:
+                        if len(deltas) == 1:
+                            out = deltas[0]
+                            scratch.ParseFromString(out)
+                            n = len(scratch.delta.token_ids)
+                        else:
+                            out, n = merge_deltas(deltas, scratch)
+                        if n and not state.tokens_out:
                             state.first_token_at = time.perf_counter()
                         state.tokens_out += n
-                        if not state.worker_started:
-                            state.worker_started = True
-                            yield admitted.started
-                        yield raw
-                    elif tag == _STARTED:
-                        if not state.worker_started:
-                            state.worker_started = True
-                            yield admitted.started
-                    elif tag == _FINISHED:
-                        finished_event = raw
-                        scratch.ParseFromString(raw)
+                        yield out
+                    if batch[-1][:1] == _FINISHED:
+                        finished_event = batch[-1]
+                        scratch.ParseFromString(finished_event)
                         state.finished = common_pb2.GenerationFinished()
                         state.finished.CopyFrom(scratch.finished)
                         state.worker_id = state.finished.worker_id or handle.worker_id
-                        if not state.worker_started:
-                            state.worker_started = True
-                            yield admitted.started
-                        break
             except grpc.aio.AioRpcError as exc:
                 err = exc.code()
                 if state.tokens_out == 0 and err in _FAILOVER_CODES:
@@ -257,6 +263,7 @@ class InferenceServicer:
                 raise RpcError(err, exc.details() or f"worker error {err.name}") from None
             finally:
                 handle.in_flight -= 1
+                pump.close()
                 if not call.done():
                     call.cancel()
             if state.finished is None:

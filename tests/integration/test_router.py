@@ -212,6 +212,21 @@ async def test_stream_is_started_deltas_finished_and_billed_once_per_request_id(
     assert len(_ledger(s, rid)) == 1
 
 
+async def test_long_fast_stream_arrives_whole_and_in_order(s: Stack) -> None:
+    call = s.stub.Generate(_request(adapter="bot", max_tokens=500), metadata=_md(s.a.secret))
+    ids: list[int] = []
+    text = []
+    async for e in call:
+        if e.HasField("delta"):
+            ids.extend(e.delta.token_ids)
+            text.append(e.delta.text)
+        else:
+            last = e
+    assert ids == expected_token_ids(500)
+    assert "".join(text) == "".join(f"t{i} " for i in range(500))
+    assert last.finished.usage.output_tokens == 500
+
+
 async def test_request_without_id_gets_a_fresh_uuid_and_the_bare_model_needs_no_adapter(s: Stack) -> None:
     r = await _generate(s, s.a.secret, _request(model=TINY_LLAMA, max_tokens=2))
     assert r.code == grpc.StatusCode.OK, r.details
