@@ -151,7 +151,7 @@ class AdapterLoader:
     async def fetch_to_disk(self, spec: AdapterSpec) -> None:
         """Warm the disk cache only (verified), using no device slot."""
         digest_hex(spec.digest)
-        await asyncio.to_thread(self._fetch_verified, spec)
+        await asyncio.to_thread(fetch_to_cache, spec, self.cache_dir, max_bytes=self.max_adapter_bytes)
 
     async def evict(self, digest: str) -> bool:
         """Unload from the device unless a request holds it; False when it is in use."""
@@ -171,7 +171,9 @@ class AdapterLoader:
     async def _load(self, spec: AdapterSpec, entry: _Entry) -> tuple[Tier, float]:
         started = time.monotonic()
         try:
-            tier, directory = await asyncio.to_thread(self._fetch_verified, spec)
+            tier, directory = await asyncio.to_thread(
+                fetch_to_cache, spec, self.cache_dir, max_bytes=self.max_adapter_bytes
+            )
             weights = await asyncio.to_thread(load_adapter_weights, directory, spec.digest, self.dtype)
             entry.state = AdapterState.LOADING
             await self._to_device(weights)
@@ -201,43 +203,48 @@ class AdapterLoader:
                 log.info("adapter %s evicted from the device", victim)
             await self.engine.call(lambda engine: engine.load_adapter(weights))
 
-    # Disk cache (runs in a thread) -------------------------------------------------------------
-    def _fetch_verified(self, spec: AdapterSpec) -> tuple[Tier, Path]:
-        final = self.cache_dir / digest_hex(spec.digest)
-        if final.is_dir():
-            if adapter_digest(final) == spec.digest:
-                return Tier.DISK, final
-            log.warning("disk cache entry %s does not match its digest; fetching it again", final)
-            shutil.rmtree(final, ignore_errors=True)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=".fetch-"))
-        try:
-            store = open_store(spec.uri.rstrip("/"))
-            budget = self.max_adapter_bytes
-            for name in ADAPTER_FILES:
-                try:
-                    budget -= store.download(name, staging / name, max_bytes=budget)
-                except NotFound as exc:
-                    raise NotFound(
-                        f"adapter {spec.label or spec.digest} cannot be fetched: {exc} Check that the "
-                        f"worker reads the same adapter store as the registry, or re-register the adapter."
-                    ) from None
-            actual = adapter_digest(staging)
-            if actual != spec.digest:
-                raise DigestMismatch(
-                    f"the adapter's bytes do not match its digest: {spec.uri} hashes to {actual}, not "
-                    f"{spec.digest}; the stored files were changed or the reference is wrong, so "
-                    f"re-register the adapter"
-                )
+
+def fetch_to_cache(spec: AdapterSpec, cache_dir: Path, *, max_bytes: int) -> tuple[Tier, Path]:
+    """The verified local copy of an adapter: `<cache_dir>/<digest hex>/`, fetched if absent.
+
+    Blocking (runs in a thread). Bytes are downloaded into a staging directory and renamed into
+    place only once their digest matches, so the cache never holds an entry that was not verified.
+    """
+    final = cache_dir / digest_hex(spec.digest)
+    if final.is_dir():
+        if adapter_digest(final) == spec.digest:
+            return Tier.DISK, final
+        log.warning("disk cache entry %s does not match its digest; fetching it again", final)
+        shutil.rmtree(final, ignore_errors=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".fetch-"))
+    try:
+        store = open_store(spec.uri.rstrip("/"))
+        budget = max_bytes
+        for name in ADAPTER_FILES:
             try:
-                staging.rename(final)
-            except OSError:
-                if not final.is_dir():
-                    raise
-                # Another fetch of the same digest won the race; its copy is identical.
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return Tier.OBJECT_STORE, final
+                budget -= store.download(name, staging / name, max_bytes=budget)
+            except NotFound as exc:
+                raise NotFound(
+                    f"adapter {spec.label or spec.digest} cannot be fetched: {exc} Check that the "
+                    f"worker reads the same adapter store as the registry, or re-register the adapter."
+                ) from None
+        actual = adapter_digest(staging)
+        if actual != spec.digest:
+            raise DigestMismatch(
+                f"the adapter's bytes do not match its digest: {spec.uri} hashes to {actual}, not "
+                f"{spec.digest}; the stored files were changed or the reference is wrong, so "
+                f"re-register the adapter"
+            )
+        try:
+            staging.rename(final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            # Another fetch of the same digest won the race; its copy is identical.
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return Tier.OBJECT_STORE, final
 
 
 def _unpin(entry: _Entry) -> None:

@@ -102,6 +102,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.last_stats: EngineStats = engine.stats()  # refreshed after every step and command
+        self.steps = 0  # engine steps run; stays put while idle (the thread sleeps, never spins)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -187,6 +188,7 @@ class AsyncEngine:
 
     def _step(self) -> None:
         started = time.monotonic()
+        self.steps += 1
         try:
             outputs = self.engine.step()
         except Exception as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from loraplex.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.common.adapter_files import digest_hex
 from services.common.config import DEFAULT_MODEL
 from services.devtools.tiny_model import TINY_LLAMA
+from services.worker.adapter_loader import Tier
+from services.worker.convert import adapter_spec
 from services.worker.server import RunningWorker, start_worker
 from tests.fixtures.registry import free_port, wait_serving
 from tests.fixtures.worker import AdapterStore, worker_home, worker_settings
@@ -150,10 +153,7 @@ async def test_first_use_is_a_cold_start_from_object_store_then_warm(
     evicted = await tiny_worker_stub.EvictAdapter(worker_pb2.EvictAdapterRequest(digest=ref.digest))
     assert evicted.evicted
     cache_entry = tiny_worker.loader.cache_dir / digest_hex(ref.digest)
-    if cache_entry.exists():
-        import shutil
-
-        shutil.rmtree(cache_entry)
+    shutil.rmtree(cache_entry, ignore_errors=True)
     cold = (await generate(tiny_worker_stub, gen_request(adapter=ref, max_tokens=2))).finished
     warm = (await generate(tiny_worker_stub, gen_request(adapter=ref, max_tokens=2))).finished
     assert cold is not None and warm is not None
@@ -174,13 +174,18 @@ async def test_concurrent_requests_for_one_cold_adapter_share_one_load(
 ) -> None:
     ref = AdapterStore(tmp_path).publish(worker_tiny_adapters["dora"], base_model=TINY_LLAMA, name="dora")
     await tiny_worker_stub.EvictAdapter(worker_pb2.EvictAdapterRequest(digest=ref.digest))
-    outs = await asyncio.gather(
-        *(generate(tiny_worker_stub, gen_request(adapter=ref, max_tokens=3)) for _ in range(4))
-    )
-    loads = {o.finished.timings.adapter_load_ms for o in outs if o.finished}
-    assert all(o.finished and o.finished.timings.cold_start for o in outs)
-    assert len(loads) == 1  # one load, its time reported to every request that waited on it
-    assert tiny_worker.engine.engine.resident_adapters().count(ref.digest) == 1
+    shutil.rmtree(tiny_worker.loader.cache_dir / digest_hex(ref.digest), ignore_errors=True)
+    spec = adapter_spec(ref)
+    # Straight on the loader, so all four ask before the first load can finish.
+    leases = await asyncio.gather(*(tiny_worker.loader.acquire(spec) for _ in range(4)))
+    try:
+        assert {(lease.source_tier, lease.load_ms) for lease in leases} == {
+            (Tier.OBJECT_STORE, leases[0].load_ms)
+        }
+        assert tiny_worker.engine.engine.resident_adapters().count(ref.digest) == 1
+    finally:
+        for lease in leases:
+            tiny_worker.loader.release(lease)
 
 
 async def test_cancelled_stream_frees_kv_blocks(tiny_worker: RunningWorker, tiny_worker_stub: Stub) -> None:
@@ -409,3 +414,34 @@ def test_worker_serve_subprocess_streams_smollm2_text_with_an_adapter(
                 proc.kill()
     log = proc.stdout.read().decode() if proc.stdout else ""
     assert code == 0, log
+
+
+async def test_idle_step_thread_sleeps_instead_of_spinning(
+    tiny_worker: RunningWorker, tiny_worker_stub: Stub
+) -> None:
+    await generate(tiny_worker_stub, gen_request(max_tokens=2))
+    await wait_kv_used(tiny_worker, (await tiny_worker.engine.stats()).kv_blocks_used)
+    idle_steps = tiny_worker.engine.steps
+    await asyncio.sleep(0.2)
+    assert tiny_worker.engine.steps == idle_steps
+    await generate(tiny_worker_stub, gen_request(max_tokens=2))
+    assert tiny_worker.engine.steps > idle_steps
+
+
+async def test_drain_finishes_in_flight_streams_and_refuses_new_ones(
+    loraplex_home: Path, tiny_llama_dir: Path
+) -> None:
+    worker = await start_worker(worker_settings(loraplex_home, TINY_LLAMA))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{worker.port}") as channel:
+        stub = Stub(channel)
+        call = stub.Generate(gen_request(max_tokens=60, ignore_eos=True))
+        assert (await call.read()).WhichOneof("event") == "started"
+        drain = asyncio.create_task(worker.server.drain(10.0))
+        events = []
+        while (msg := await call.read()) != grpc.aio.EOF:
+            events.append(msg)
+        assert events[-1].WhichOneof("event") == "finished"
+        assert events[-1].finished.usage.output_tokens == 60
+        await drain
+        err = await status_of(stub, gen_request(max_tokens=1))
+        assert err.code() == grpc.StatusCode.UNAVAILABLE

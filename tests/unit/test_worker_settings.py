@@ -1,0 +1,67 @@
+"""WorkerSettings: LORAPLEX_* variables for one worker, validated with sentences naming the variable."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from services.common.config import DEFAULT_MODEL, ConfigError, WorkerSettings
+
+
+def test_defaults_serve_smollm2_on_50052_with_an_id_from_host_and_port() -> None:
+    s = WorkerSettings.from_env({"LORAPLEX_HOME": "/srv/lp"})
+    assert s.listen == "127.0.0.1:50052"
+    assert s.worker_id == f"{socket.gethostname()}-50052"
+    assert s.model == DEFAULT_MODEL
+    assert s.dtype == "bfloat16"
+    assert s.device in ("cpu", "cuda")
+    assert s.kv_cache_blocks is None
+    assert s.cache_dir == Path("/srv/lp/worker-cache")
+
+
+def test_every_variable_is_read() -> None:
+    s = WorkerSettings.from_env(
+        {
+            "LORAPLEX_WORKER_LISTEN": "0.0.0.0:6000",
+            "LORAPLEX_WORKER_ID": "w-7",
+            "LORAPLEX_MODEL": "tiny-llama",
+            "LORAPLEX_DEVICE": "cpu",
+            "LORAPLEX_DTYPE": "float32",
+            "LORAPLEX_MAX_BATCH_SIZE": "4",
+            "LORAPLEX_MAX_WAITING": "9",
+            "LORAPLEX_KV_CACHE_BLOCKS": "128",
+            "LORAPLEX_MAX_ADAPTER_SLOTS": "3",
+            "LORAPLEX_DEFAULT_MAX_TOKENS": "50",
+            "LORAPLEX_MAX_ADAPTER_BYTES": "1MiB",
+        }
+    )
+    assert (s.listen, s.worker_id, s.model, s.device, s.dtype) == (
+        "0.0.0.0:6000",
+        "w-7",
+        "tiny-llama",
+        "cpu",
+        "float32",
+    )
+    assert (s.max_batch_size, s.max_waiting, s.kv_cache_blocks) == (4, 9, 128)
+    assert (s.max_adapter_slots, s.default_max_tokens, s.max_adapter_bytes) == (3, 50, 1 << 20)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "phrase"),
+    [
+        ("LORAPLEX_DTYPE", "float16", "bfloat16, float32"),
+        ("LORAPLEX_DEVICE", "tpu", "auto, cpu, cuda"),
+        ("LORAPLEX_WORKER_LISTEN", "50052", "host:port"),
+        ("LORAPLEX_MAX_BATCH_SIZE", "0", ">= 1"),
+        ("LORAPLEX_MAX_WAITING", "many", "not an integer"),
+        ("LORAPLEX_KV_CACHE_BLOCKS", "1", "at least 2"),
+        ("LORAPLEX_MAX_ADAPTER_SLOTS", "0", ">= 1"),
+        ("LORAPLEX_DEFAULT_MAX_TOKENS", "0", ">= 1"),
+    ],
+)
+def test_bad_values_name_the_variable(variable: str, value: str, phrase: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        WorkerSettings.from_env({variable: value})
+    assert variable in str(info.value) and phrase in str(info.value)
