@@ -51,6 +51,10 @@ class BaseModelMismatch(Exception):
     """The adapter was trained for another base model."""
 
 
+class AdapterUnreadable(Exception):
+    """The adapter's files match their digest but are not a LoRA adapter this worker can serve."""
+
+
 class SlotsBusy(Exception):
     """Every device slot holds an adapter that running requests use."""
 
@@ -174,7 +178,7 @@ class AdapterLoader:
             tier, directory = await asyncio.to_thread(
                 fetch_to_cache, spec, self.cache_dir, max_bytes=self.max_adapter_bytes
             )
-            weights = await asyncio.to_thread(load_adapter_weights, directory, spec.digest, self.dtype)
+            weights = await asyncio.to_thread(_parse, spec, directory, self.dtype)
             entry.state = AdapterState.LOADING
             await self._to_device(weights)
         except BaseException:
@@ -245,6 +249,16 @@ def fetch_to_cache(spec: AdapterSpec, cache_dir: Path, *, max_bytes: int) -> tup
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return Tier.OBJECT_STORE, final
+
+
+def _parse(spec: AdapterSpec, directory: Path, dtype: torch.dtype) -> AdapterWeights:
+    try:
+        return load_adapter_weights(directory, spec.digest, dtype)
+    except Exception as exc:  # safetensors, JSON and format errors alike: the files are unusable
+        raise AdapterUnreadable(
+            f"adapter {spec.label or spec.digest} cannot be read: {exc}; re-register it from a PEFT "
+            f"save_pretrained output"
+        ) from exc
 
 
 def _unpin(entry: _Entry) -> None:

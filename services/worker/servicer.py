@@ -22,6 +22,7 @@ from services.worker import convert, prompts
 from services.worker.adapter_loader import (
     AdapterLoader,
     AdapterSpec,
+    AdapterUnreadable,
     BaseModelMismatch,
     DigestMismatch,
     Lease,
@@ -44,6 +45,7 @@ ERRORS = {
     DigestMismatch: grpc.StatusCode.FAILED_PRECONDITION,
     BaseModelMismatch: grpc.StatusCode.FAILED_PRECONDITION,
     AdapterFormatError: grpc.StatusCode.FAILED_PRECONDITION,
+    AdapterUnreadable: grpc.StatusCode.FAILED_PRECONDITION,
     AdapterMismatch: grpc.StatusCode.FAILED_PRECONDITION,
     AdapterRejected: grpc.StatusCode.FAILED_PRECONDITION,
     TooLarge: grpc.StatusCode.FAILED_PRECONDITION,
@@ -100,7 +102,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if self.engine.last_stats.waiting >= self.engine.engine.config.max_waiting:
             await self._shed(context, "the worker's queue is full; retry shortly or on another worker")
         lease: Lease | None = None
-        done = False
+        done = refused = False
         try:
             if spec is not None:
                 try:
@@ -112,7 +114,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             try:
                 stream = await self.engine.add_request(engine_request)
             except QueueFull as exc:
+                refused = True
                 await self._shed(context, str(exc))
+            except Exception:
+                refused = True  # not admitted: the id may belong to another request in flight
+                raise
             yield worker_pb2.WorkerServiceGenerateResponse(
                 started=common_pb2.GenerationStarted(
                     request_id=request_id,
@@ -157,7 +163,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             )
         finally:
             # Cancellation and deadlines arrive here as CancelledError: free the KV blocks now.
-            if not done:
+            if not done and not refused:
                 self.engine.abort(request_id)
             if lease is not None:
                 self.loader.release(lease)

@@ -445,3 +445,30 @@ async def test_drain_finishes_in_flight_streams_and_refuses_new_ones(
         await drain
         err = await status_of(stub, gen_request(max_tokens=1))
         assert err.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_unreadable_adapter_is_failed_precondition(
+    tiny_worker_stub: Stub, worker_tiny_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(worker_tiny_adapters["qv"] / "adapter_config.json", broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    ref = AdapterStore(tmp_path / "store").publish(broken, base_model=TINY_LLAMA, name="broken")
+    err = await status_of(tiny_worker_stub, gen_request(adapter=ref))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "adapter broken@1 cannot be read" in (err.details() or "")
+
+
+async def test_duplicate_request_id_is_refused_and_leaves_the_original_running(
+    tiny_worker_stub: Stub,
+) -> None:
+    original = tiny_worker_stub.Generate(gen_request(max_tokens=40, ignore_eos=True, request_id="dup"))
+    assert (await original.read()).WhichOneof("event") == "started"
+    err = await status_of(tiny_worker_stub, gen_request(max_tokens=2, request_id="dup"))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "already in flight" in (err.details() or "")
+    last = None
+    while (msg := await original.read()) != grpc.aio.EOF:
+        last = msg
+    assert last is not None and last.finished.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert last.finished.usage.output_tokens == 40
