@@ -17,6 +17,10 @@ PROMPTS = (
     "The quick brown fox jumps over the lazy dog and keeps running",
     "1 2 3 4 5 6 7 8 9 10 11 12",
 )
+# Given to two adapters only, so a rank bucket holds adapters with unequal token counts (the
+# padded-segment path) next to buckets of equal ones (the plain-slice path).
+EXTRA_PROMPT = "An extra prompt for some adapters"
+UNEVEN = ("qv-r8", "rslora-r16")
 NEW_TOKENS = 6
 LOGIT_TOLERANCE = 1e-3  # fp32
 
@@ -61,10 +65,10 @@ def peft_reference(tiny_llama_dir: Path, tiny_peft_adapters: dict[str, Path]) ->
     with torch.no_grad():
         for name in names:
             model.set_adapter(name)
-            for prompt in PROMPTS:
+            for prompt in (*PROMPTS, EXTRA_PROMPT):
                 ref[(name, prompt)] = generate(prompt)
         with model.disable_adapter():
-            for prompt in PROMPTS:
+            for prompt in (*PROMPTS, EXTRA_PROMPT):
                 ref[(None, prompt)] = generate(prompt)
     return ref
 
@@ -90,7 +94,8 @@ def test_mixed_adapter_batch_matches_peft_tokens_and_logits(
     digests = {name: digest_of(path) for name, path in tiny_peft_adapters.items()}
     cases: dict[str, tuple[str | None, str]] = {}
     for name in [*tiny_peft_adapters, None]:
-        for p, prompt in enumerate(PROMPTS):
+        prompts = (*PROMPTS, EXTRA_PROMPT) if name in UNEVEN else PROMPTS
+        for p, prompt in enumerate(prompts):
             rid = f"{name}/{p}"
             cases[rid] = (name, prompt)
             engine.add_request(_request(engine, rid, prompt, digests[name] if name else None))
@@ -106,7 +111,7 @@ def test_mixed_adapter_batch_matches_peft_tokens_and_logits(
         for out in outputs:
             tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
     # One step held every adapter and the base rows together.
-    assert len(cases) == len(VARIANTS) * len(PROMPTS) + len(PROMPTS)
+    assert len(cases) == len(VARIANTS) * len(PROMPTS) + len(PROMPTS) + len(UNEVEN)
     for name, prompt in cases.values():
         if name is not None:  # the adapters really change the model, or this test proves nothing
             assert (peft_reference[(name, prompt)][1] - peft_reference[(None, prompt)][1]).abs().max() > 0.05

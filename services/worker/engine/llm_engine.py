@@ -155,13 +155,13 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return outputs
-        sampled = iter(self.runner.run(batch, self.adapters))
+        sampled = self.runner.run(batch, self.adapters)
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
             seq.num_computed_tokens += n
             self.blocks.register_full_blocks(seq)
             if seq.num_computed_tokens < len(seq):
                 continue  # a prompt chunk; the prompt's last chunk samples the first token
-            token = next(sampled)
+            token = sampled[seq.request_id]
             outputs.append(self._append(seq, token))
         return outputs
 

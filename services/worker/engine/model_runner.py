@@ -56,9 +56,16 @@ class ModelRunner:
         return max(2, budget // per_block)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, adapters: dict[str, DeviceAdapter]) -> list[int]:
-        """Compute this step's tokens; returns one sampled token per sequence that reached its end
-        (in batch order), none for prompt chunks that are not the last."""
+    def run(self, batch: ScheduledBatch, adapters: dict[str, DeviceAdapter]) -> dict[str, int]:
+        """Compute this step's tokens; returns request id -> sampled token for every sequence that
+        reached its end (prompt chunks that are not the last sample nothing)."""
+        # Rows of one adapter side by side, adapters of one rank bucket side by side: then most
+        # LoRA segments are plain slices of the activations, with no gather or scatter.
+        order = sorted(
+            range(len(batch.seqs)),
+            key=lambda i: (self._bucket_of(batch.seqs[i].adapter, adapters), batch.seqs[i].adapter or "", i),
+        )
+        batch = ScheduledBatch([batch.seqs[i] for i in order], [batch.num_tokens[i] for i in order])
         seqs, counts = batch.seqs, batch.num_tokens
         starts = [s.num_computed_tokens for s in seqs]
         tokens: list[int] = []
@@ -74,12 +81,17 @@ class ModelRunner:
         ctx = StepContext(positions, attention, self._lora(batch, offsets, adapters))
         hidden = self.model(_long(tokens, self.device), ctx)
         if not sampling:
-            return []
+            return {}
         last = _long([offsets[i + 1] - 1 for i in sampling], self.device)
         logits = self.model.compute_logits(hidden.index_select(0, last))
         # Kept for inspection (the PEFT oracle compares them); rows follow the sampling sequences.
         self.last_logits = (logits, [seqs[i].request_id for i in sampling])
-        return sample(logits, [seqs[i] for i in sampling])
+        tokens = sample(logits, [seqs[i] for i in sampling])
+        return {seqs[i].request_id: t for i, t in zip(sampling, tokens, strict=True)}
+
+    @staticmethod
+    def _bucket_of(adapter: str | None, adapters: dict[str, DeviceAdapter]) -> int:
+        return 0 if adapter is None else adapters[adapter].bucket
 
     def _attention(self, batch: ScheduledBatch, starts: list[int]) -> tuple[AttentionMetadata, torch.Tensor]:
         bs = self.block_size
@@ -97,8 +109,7 @@ class ModelRunner:
         offset_in_seq = torch.arange(len(row)) - first[row]
         positions = start[row] + offset_in_seq
         slot_mapping = tables[row, positions // bs] * bs + positions % bs
-        key_slots = (tables.unsqueeze(2) * bs + torch.arange(bs)).view(b, -1)[:, :max_ctx]
-        key_pos = torch.arange(max_ctx)
+        key_pos = torch.arange(max_blocks * bs)
         q_pos = start.unsqueeze(1) + torch.arange(max_q)  # [B, max_q]
         mask = (key_pos < ctx_lens.view(b, 1, 1)) & (key_pos <= q_pos.unsqueeze(2))
         pad_index = unpad_index = None
@@ -108,11 +119,12 @@ class ModelRunner:
             unpad_index = (row * max_q + offset_in_seq).to(self.device)
         meta = AttentionMetadata(
             slot_mapping=slot_mapping.to(self.device),
-            key_slots=key_slots.to(self.device),
+            block_tables=tables.to(self.device),
             mask=mask.unsqueeze(1).to(self.device),
             pad_index=pad_index,
             unpad_index=unpad_index,
             max_q=max_q,
+            block_size=bs,
         )
         return meta, positions.to(self.device)
 
@@ -148,6 +160,7 @@ class ModelRunner:
             valid += range(j * seg_len, j * seg_len + len(toks))
             dest += toks
         padded = len(valid) != len(gather)
+        contiguous = not padded and dest == list(range(dest[0], dest[0] + len(dest)))
         return LoraGroup(
             num_adapters=len(members),
             seg_len=seg_len,
@@ -155,6 +168,7 @@ class ModelRunner:
             valid=_long(valid, self.device) if padded else None,
             dest=_long(dest, self.device),
             weights=self._stacked(members),
+            span=(dest[0], dest[0] + len(dest)) if contiguous else None,
         )
 
     def _stacked(self, members: list[DeviceAdapter]) -> StackedWeights:

@@ -33,6 +33,7 @@ class LoraGroup:
     valid: torch.Tensor | None  # positions of real tokens in the padded layout (None: no padding)
     dest: torch.Tensor  # [tokens] flat token receiving each real position's correction
     weights: dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]]  # A_t [n, in, r], B_t [n, r, out]
+    span: tuple[int, int] | None = None  # the group's tokens are exactly x[start:end], in order
 
 
 @dataclass
@@ -50,6 +51,11 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, key: ModuleKey, batch: LoraBatch)
         if ab is None:
             continue
         a_t, b_t = ab
+        if g.span is not None:
+            start, end = g.span
+            xs = x[start:end].view(g.num_adapters, g.seg_len, x.shape[1])
+            y[start:end] += torch.bmm(torch.bmm(xs, a_t), b_t).view(end - start, y.shape[1])
+            continue
         xg = x.index_select(0, g.gather_index).view(g.num_adapters, g.seg_len, x.shape[1])
         delta = torch.bmm(torch.bmm(xg, a_t), b_t).view(-1, y.shape[1])
         if g.valid is not None:
