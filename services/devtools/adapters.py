@@ -25,7 +25,7 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # Bump when the training recipe changes, so cached adapters from the old recipe are not reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 TRAIN_STEPS = 5
 # Far above a real fine-tune's rate: a handful of steps must move B well away from zero.
 LEARNING_RATE = 5e-3
@@ -108,16 +108,23 @@ def cache_key(model_dir: Path, spec: AdapterSpec) -> str:
 
 @contextmanager
 def _deterministic(seed: int) -> Iterator[None]:
-    """Seeded, deterministic torch for the block, without leaking either into the caller."""
+    """Seeded, deterministic, single-threaded torch for the block, restored afterwards.
+
+    One thread fixes the order of float reductions, so the bytes do not depend on the core count
+    (two threads give other bytes); it also keeps a shared, oversubscribed CPU from thrashing.
+    """
     import torch
 
     was_deterministic = torch.are_deterministic_algorithms_enabled()
+    threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         torch.use_deterministic_algorithms(True)
+        torch.set_num_threads(1)
         try:
             yield
         finally:
+            torch.set_num_threads(threads)
             torch.use_deterministic_algorithms(was_deterministic)
 
 

@@ -41,6 +41,11 @@ def _target(spec: BaseModelSpec, name: str) -> TargetModule:
     return module
 
 
+@pytest.fixture(scope="module")
+def smollm2_model(smollm2_dir: Path) -> nn.Module:
+    return AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
+
+
 def test_unknown_model_error_names_the_known_models(tmp_path: Path) -> None:
     with pytest.raises(UnknownModelError, match="smollm2-135m-instruct"):
         pull_model("llama-9000", tmp_path)
@@ -88,9 +93,10 @@ def test_pulled_model_is_plain_safetensors_with_chat_template(smollm2_dir: Path)
 
 
 @pytest.mark.slow
-def test_pulled_model_answers_a_factual_question_greedily(smollm2_dir: Path) -> None:
+def test_pulled_model_answers_a_factual_question_greedily(
+    smollm2_dir: Path, smollm2_model: nn.Module
+) -> None:
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
         add_generation_prompt=True,
@@ -98,7 +104,7 @@ def test_pulled_model_answers_a_factual_question_greedily(smollm2_dir: Path) -> 
     )
     ids = torch.tensor([tokenizer.encode(str(prompt), add_special_tokens=False)])
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=8, do_sample=False)
+        out = smollm2_model.generate(ids, max_new_tokens=8, do_sample=False)  # type: ignore[operator]
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
 
 
@@ -117,8 +123,8 @@ def test_local_models_ignores_half_written_dirs(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_smollm2_spec_matches_the_loaded_model(smollm2_dir: Path, smollm2_spec: BaseModelSpec) -> None:
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
+def test_smollm2_spec_matches_the_loaded_model(smollm2_model: nn.Module, smollm2_spec: BaseModelSpec) -> None:
+    model = smollm2_model
     assert smollm2_spec.architecture == "LlamaForCausalLM"
     blocks = model.get_submodule(smollm2_spec.layers_prefix)
     assert isinstance(blocks, nn.ModuleList)
