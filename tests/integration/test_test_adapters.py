@@ -199,3 +199,19 @@ def test_random_smollm2_adapter_loads_in_peft_quickly(
     out = random_adapter(smollm2_dir, spec, tmp_path)
     assert time.perf_counter() - started < 5.0
     _assert_real_peft_adapter(smollm2_dir, out, smollm2_base_logits)
+
+
+def test_training_bytes_do_not_depend_on_the_callers_thread_count(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    threads = torch.get_num_threads()
+    digests = []
+    try:
+        for n, cache in ((1, "one"), (max(2, threads), "many")):
+            torch.set_num_threads(n)
+            built = build_adapter(tiny_llama_dir, TINY_SPECS["rslora-r8"], tmp_path / cache)
+            digests.append(_sha256(built / "adapter_model.safetensors"))
+            assert torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(threads)
+    assert digests[0] == digests[1]
