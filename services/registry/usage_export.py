@@ -1,7 +1,10 @@
-"""Encoding ledger rows for export: CSV, JSON lines, CloudEvents 1.0. Pure: no database, no gRPC.
+"""Encoding ledger rows for export: JSON lines, CloudEvents 1.0, the CSV header, line-aligned chunks.
 
-Rows arrive export-ready from the ledger query (`EXPORT_COLUMNS` order): ids as text, timestamps as
-RFC 3339 strings, and `amount_usd` as an exact decimal string. Amounts stay strings in every
+Pure: no database, no gRPC. CSV rows are written by PostgreSQL's COPY (see usage_ledger) in the
+same columns and spellings as the JSON formats here.
+
+Rows arrive export-ready from the ledger query (`EXPORT_COLUMNS` order): ids as text, timestamps
+as RFC 3339 strings, and `amount_usd` as an exact decimal string. Amounts stay strings in every
 format because a float would round them; OpenMeter, Lago and Stripe all accept numeric strings,
 and the integer token counts are there for meters that price tokens themselves.
 
@@ -12,9 +15,8 @@ each chunk on its own.
 from __future__ import annotations
 
 import csv
-import io
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any, NamedTuple
 
@@ -52,7 +54,7 @@ class ExportRow(NamedTuple):
 
 
 EXPORT_COLUMNS: tuple[str, ...] = ExportRow._fields
-_COLD_START = EXPORT_COLUMNS.index("cold_start")
+_FINISHED_AT = EXPORT_COLUMNS.index("finished_at")
 
 
 def header(fmt: ExportFormat) -> bytes:
@@ -63,23 +65,27 @@ def header(fmt: ExportFormat) -> bytes:
 
 
 def encode_rows(rows: Sequence[Sequence[Any]], fmt: ExportFormat) -> bytes:
-    """Rows (in EXPORT_COLUMNS order) as complete lines, each ending in "\\n"."""
-    if fmt is ExportFormat.CSV:
-        return _csv(rows)
+    """Rows (in EXPORT_COLUMNS order) as JSON lines or CloudEvents, each line ending in "\\n".
+
+    CSV is not encoded here: PostgreSQL's COPY writes it (usage_ledger.export_csv_pages).
+    """
     if fmt is ExportFormat.JSONL:
         return _jsonl(rows)
-    return _cloudevents(rows)
+    if fmt is ExportFormat.CLOUDEVENTS:
+        return _cloudevents(rows)
+    raise ValueError(f"{fmt} rows are written by the database, not encoded here")
 
 
-def _csv(rows: Sequence[Sequence[Any]]) -> bytes:
-    if _plain_text(rows, '",\n\r'):
-        return _csv_plain(rows)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    # csv writes None as "" already; booleans are spelled as in the JSON formats.
-    c = _COLD_START
-    writer.writerows((*r[:c], "true" if r[c] else "false", *r[c + 1 :]) for r in rows)
-    return buf.getvalue().encode()
+def csv_last_key(page: bytes) -> tuple[str, str]:
+    """(finished_at, request_id) of the last line of a CSV page: where the next page starts.
+
+    Lines are records: the ledger's text fields are printable (checked at ingest), so no quoted
+    field holds a line break.
+    """
+    end = len(page) - 1 if page.endswith(b"\n") else len(page)
+    line = page[page.rfind(b"\n", 0, end) + 1 : end].decode()
+    fields = next(csv.reader([line]))
+    return fields[_FINISHED_AT], fields[0]
 
 
 def _plain_text(rows: Sequence[Sequence[Any]], specials: str) -> bool:
@@ -89,19 +95,6 @@ def _plain_text(rows: Sequence[Sequence[Any]], specials: str) -> bool:
     """
     blob = "|".join([f"{r[0]}|{r[3]}|{r[9]}|{r[12] or ''}" for r in rows])
     return blob.isprintable() and not any(ch in blob for ch in specials)
-
-
-def _csv_plain(rows: Sequence[Sequence[Any]]) -> bytes:
-    # The common case, about four times faster than the csv module: nothing needs quoting, so each
-    # line is one f-string. Must write exactly what csv.writer would (floats as repr, None as "").
-    return "".join(
-        [
-            f"{r[0]},{r[1]},{r[2] or ''},{r[3]},{r[4] or ''},{r[5] or ''},{r[6]},{r[7]},{r[8]},{r[9]},"
-            f"{r[10]!r},{r[11]!r},{r[12] or ''},{'true' if r[13] else 'false'},{r[14]},{r[15]},"
-            f"{r[16] or ''}\n"
-            for r in rows
-        ]
-    ).encode()
 
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
@@ -204,12 +197,3 @@ class LineChunker:
         """What is left at the end of the stream (at most one chunk)."""
         rest, self._pending = self._pending, b""
         return [rest] if rest else []
-
-
-def encode_stream(pages: Iterable[Sequence[Sequence[Any]]], fmt: ExportFormat) -> Iterable[bytes]:
-    """A whole export (header, rows, line-aligned chunks) from pages of rows; for tests and tools."""
-    chunker = LineChunker()
-    yield from chunker.feed(header(fmt))
-    for page in pages:
-        yield from chunker.feed(encode_rows(page, fmt))
-    yield from chunker.flush()

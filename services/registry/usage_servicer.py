@@ -23,6 +23,7 @@ from services.registry.usage_ledger import (
     MAX_BATCH,
     TimeRange,
     UnknownReference,
+    export_csv_pages,
     export_pages,
     insert_usage_batch,
     summarize,
@@ -84,8 +85,11 @@ def record_row(r: Any) -> tuple[Any, ...]:
     def bad(problem: str) -> ValueError:
         return ValueError(f"usage record {rid!r}: {problem}")
 
-    if not r.base_model:
-        raise bad("base_model is required")
+    # Printable free text keeps every exported line one record (CSV quotes but keeps line breaks).
+    if not r.base_model or not r.base_model.isprintable():
+        raise bad("base_model is required and must be printable")
+    if len(r.worker_id) > MAX_REQUEST_ID or not r.worker_id.isprintable():
+        raise bad(f"worker_id must be at most {MAX_REQUEST_ID} printable characters")
     u = r.usage
     if u.cached_input_tokens > u.input_tokens:
         raise bad("cached_input_tokens exceeds input_tokens")
@@ -181,11 +185,16 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
         chunker = LineChunker()
         for chunk in chunker.feed(header(fmt)):
             yield usage_pb2.ExportUsageResponse(data=chunk)
-        async for page in export_pages(self._sessions, window, tenant_id):
-            # In a thread so the event loop keeps serving other calls while a page is encoded.
-            data = await asyncio.to_thread(encode_rows, page, fmt)
-            for chunk in chunker.feed(data):
-                yield usage_pb2.ExportUsageResponse(data=chunk)
+        if fmt is ExportFormat.CSV:
+            async for data in export_csv_pages(self._sessions, window, tenant_id):
+                for chunk in chunker.feed(data):
+                    yield usage_pb2.ExportUsageResponse(data=chunk)
+        else:
+            async for page in export_pages(self._sessions, window, tenant_id):
+                # In a thread so the event loop keeps serving other calls while a page is encoded.
+                data = await asyncio.to_thread(encode_rows, page, fmt)
+                for chunk in chunker.feed(data):
+                    yield usage_pb2.ExportUsageResponse(data=chunk)
         for chunk in chunker.flush():
             yield usage_pb2.ExportUsageResponse(data=chunk)
 

@@ -32,7 +32,7 @@ from services.client.registry import RegistryClient
 from services.client.usage import UsageClient, timestamp
 from services.common.config import RegistrySettings
 from services.registry.server import start_registry
-from services.registry.usage_ledger import TimeRange, export_pages
+from services.registry.usage_ledger import TimeRange, export_csv_pages, export_pages
 
 ADMIN_TOKEN = "usage-test-admin-token-0123"
 MODEL = "usage-test-model"
@@ -421,8 +421,14 @@ async def test_keyset_pages_return_every_record_once_in_order(
 ) -> None:
     tenant_id, _ = registry.tenant()
     start = window()
-    # Equal finish times make the request id the tie-breaker across page boundaries.
-    records = [record(tenant_id, start + timedelta(seconds=i // 4)) for i in range(53)]
+    # Equal finish times make the request id the tie-breaker across page boundaries; ids that CSV
+    # must quote check that the next page's key is read back from the page exactly.
+    records = [
+        record(
+            tenant_id, start + timedelta(seconds=i // 4), request_id=f'{i:03d}, "q" {uuid.uuid4().hex[:6]}'
+        )
+        for i in range(53)
+    ]
     with registry.usage() as c:
         await asyncio.to_thread(c.record, records)
     window_ = TimeRange(start, start + timedelta(days=1))
@@ -431,6 +437,11 @@ async def test_keyset_pages_return_every_record_once_in_order(
     expected = sorted(records, key=lambda r: (r.finished_at.ToDatetime(), r.request_id))
     assert ids == [r.request_id for r in expected]
     assert [len(p) for p in pages] == [5] * 10 + [3]
+    csv_pages = [
+        p async for p in export_csv_pages(session_factory, window_, uuid.UUID(tenant_id), page_size=5)
+    ]
+    assert [row[0] for row in csv.reader(io.StringIO(b"".join(csv_pages).decode()))] == ids
+    assert [p.count(b"\n") for p in csv_pages] == [5] * 10 + [3]
 
 
 def test_cli_exports_to_a_file_and_prints_a_json_summary(registry: Registry, tmp_path: Path) -> None:
