@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         details = exc.details() if hasattr(exc, "details") else str(exc)
         print(f"error ({status}): {details}", file=sys.stderr)
         return 1
-    except (ConfigError, admin.UsageError, ValueError) as exc:
+    except (ConfigError, admin.UsageError, ValueError, LookupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

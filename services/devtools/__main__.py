@@ -1,0 +1,38 @@
+"""`python -m services.devtools adapters --out DIR`: train the SmolLM2 test adapters into DIR.
+
+A new user can register a real adapter without training one: each is a few PEFT optimizer steps
+on fixed texts, deterministic and cached under $LORAPLEX_HOME/test-adapters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from services.common.base_models import pull_model
+from services.common.config import DEFAULT_MODEL, loraplex_home
+from services.devtools.adapters import SMOLLM2_TEST_ADAPTERS, build_adapter
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.devtools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("adapters", help=f"train the {DEFAULT_MODEL} test adapters")
+    p.add_argument("--out", required=True, type=Path, help="directory to copy the adapters into")
+    args = parser.parse_args(argv)
+    home = loraplex_home()
+    model_dir = pull_model(DEFAULT_MODEL, home)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for spec in SMOLLM2_TEST_ADAPTERS:
+        built = build_adapter(model_dir, spec, home / "test-adapters")
+        dest = args.out / spec.name
+        if not dest.exists():
+            shutil.copytree(built, dest)
+        print(f"{spec.name:12s} {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
