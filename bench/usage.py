@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,8 @@ from services.registry.server import start_registry
 ADMIN_TOKEN = "bench-usage-admin-token-0123"
 MODEL = "bench-model"
 LOCAL_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
 # The bulk rows live in their own year, so the export range holds exactly them.
 BULK_START = datetime(2030, 1, 1, tzinfo=UTC)
 INGEST_START = datetime(2029, 1, 1, tzinfo=UTC)
@@ -259,6 +260,7 @@ async def export(target: str, fmt: str, expected: int) -> dict[str, Any]:
         "--formats",
         fmt,
         stdout=asyncio.subprocess.PIPE,
+        cwd=ROOT,
     )
     out, _ = await proc.communicate()
     if proc.returncode != 0:
@@ -328,7 +330,7 @@ def plot(result: dict[str, Any], batch_rates: list[float], exports: dict[str, di
     return path
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--records", type=int, default=1_000_000, help="rows to export")
     p.add_argument("--ingest-records", type=int, default=50_000, help="records sent through RecordUsage")
@@ -336,11 +338,11 @@ def main() -> None:
     p.add_argument("--formats", default="csv", help="comma-separated: csv,jsonl,cloudevents")
     p.add_argument("--json", action="store_true", help="print only the JSON result")
     p.add_argument("--consume", metavar="TARGET", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     if args.consume:
         print(json.dumps(consume(args.consume, args.formats[0])))
-        return
+        return 0
     if unknown := set(args.formats) - set(FORMATS):
         p.error(f"unknown formats {sorted(unknown)}; choose from {sorted(FORMATS)}")
     result = asyncio.run(run(args))
@@ -348,7 +350,8 @@ def main() -> None:
         for k, v in result.items():
             print(f"{k:>28}: {v}")
     print(json.dumps(result))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
