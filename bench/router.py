@@ -101,7 +101,13 @@ async def _throughput(open_stream: Callable[[int], AsyncIterator[Any]], streams:
     return sum(counts) / elapsed
 
 
-async def measure(worker: str, router: str, args: argparse.Namespace) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure(worker: str, router: str, args: argparse.Namespace, pids: dict[str, int]) -> dict[str, Any]:
     clients = Clients(worker, router)
     try:
         for _ in range(30):  # warm channels, the router's caches and its worker probe
@@ -114,11 +120,28 @@ async def measure(worker: str, router: str, args: argparse.Namespace) -> dict[st
             routed_ttft.append(await _ttft(clients.routed, args.ttft_tokens))
         direct_tps: list[float] = []
         routed_tps: list[float] = []
+        # CPU per streamed token, per process: unlike tokens/s, this does not depend on what else
+        # the machine is running.
+        cpu = {
+            name: 0.0
+            for name in ("client_direct", "client_routed", "router", "worker_direct", "worker_routed")
+        }
         for _ in range(args.rounds):
-            direct_tps.append(await _throughput(clients.direct, args.streams, args.stream_tokens))
-            routed_tps.append(await _throughput(clients.routed, args.streams, args.stream_tokens))
+            for path in ("direct", "routed"):
+                before = {n: cpu_seconds(p) for n, p in pids.items()}
+                client_before = time.process_time()
+                opener = clients.direct if path == "direct" else clients.routed
+                (direct_tps if path == "direct" else routed_tps).append(
+                    await _throughput(opener, args.streams, args.stream_tokens)
+                )
+                cpu[f"client_{path}"] += time.process_time() - client_before
+                cpu[f"worker_{path}"] += cpu_seconds(pids["backends"]) - before["backends"]
+                if path == "routed":
+                    cpu["router"] += cpu_seconds(pids["router"]) - before["router"]
     finally:
         await clients.close()
+    tokens = args.rounds * args.streams * args.stream_tokens
+    per_token_us = {f"{k}_cpu_us_per_token": round(v / tokens * 1e6, 2) for k, v in cpu.items()}
     direct_tok_s = statistics.median(direct_tps)
     routed_tok_s = statistics.median(routed_tps)
     return {
@@ -133,6 +156,7 @@ async def measure(worker: str, router: str, args: argparse.Namespace) -> dict[st
         "stream_tokens": args.stream_tokens,
         "ttft_requests": args.ttft_requests,
         "cpus": os.cpu_count(),
+        **per_token_us,
         "_ttft": {"direct": direct_ttft, "routed": routed_ttft},
         "_tps": {"direct": direct_tps, "routed": routed_tps},
     }
@@ -170,7 +194,18 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--stream-tokens", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="let processes float over all CPUs (default: the router gets its own CPU, as it would "
+        "in its own pod, and the client and worker share the others)",
+    )
     args = parser.parse_args()
+    cpus = sorted(os.sched_getaffinity(0))
+    pin = not args.no_pin and len(cpus) >= 2
+    router_cpus = {cpus[-1]} if pin else set(cpus)
+    other_cpus = set(cpus[:-1]) if pin else set(cpus)
+    os.sched_setaffinity(0, other_cpus)  # children inherit this; the router is moved below
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
     backends = subprocess.Popen(
@@ -193,12 +228,16 @@ def main() -> None:
             }
             router = subprocess.Popen(
                 [sys.executable, "-m", "services.cli.main", "router", "serve"],
+                preexec_fn=lambda: os.sched_setaffinity(0, router_cpus),
                 env=router_env,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
             wait_serving(f"127.0.0.1:{router_port}", router)
-            result = asyncio.run(measure(f"127.0.0.1:{ports['worker']}", f"127.0.0.1:{router_port}", args))
+            pids = {"router": router.pid, "backends": backends.pid}
+            result = asyncio.run(
+                measure(f"127.0.0.1:{ports['worker']}", f"127.0.0.1:{router_port}", args, pids)
+            )
     finally:
         for proc in (router, backends):
             if proc is not None:
@@ -206,6 +245,8 @@ def main() -> None:
                 proc.wait(timeout=30)
     plot(result, RESULTS / "router.png")
     summary = {k: v for k, v in result.items() if not k.startswith("_")}
+    summary["router_cpus"] = len(router_cpus)
+    summary["client_and_worker_cpus"] = len(other_cpus)
     if not args.json:
         print(
             f"added TTFT p50 {summary['added_ttft_p50_ms']:.3f} ms, "

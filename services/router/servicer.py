@@ -97,6 +97,7 @@ class InferenceServicer:
         self._pushback = (("grpc-retry-pushback-ms", str(retry_pushback_ms)),)
         self._eps = load_eps
         self.inflight = 0
+        self._spool_was_full = False
 
     def register(self, server: grpc.aio.Server) -> None:
         handlers = {
@@ -313,18 +314,26 @@ class InferenceServicer:
         except InvalidRequest as exc:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         if self._spool.full:
-            metrics.SPOOL_FULL.set(1)
             metrics.REJECTED.labels("spool_full").inc()
-            log.error(
-                "usage spool %s holds %d bytes (cap %d): refusing new requests until it ships",
-                self._spool.directory,
-                self._spool.size_bytes,
-                self._spool.max_bytes,
-            )
+            if not self._spool_was_full:
+                self._spool_was_full = True
+                metrics.SPOOL_FULL.set(1)
+                log.error(
+                    "usage spool %s holds %d bytes (cap %d): refusing new requests until the registry "
+                    "takes the backlog (is RecordUsage failing?)",
+                    self._spool.directory,
+                    self._spool.size_bytes,
+                    self._spool.max_bytes,
+                )
             raise RpcError(
                 grpc.StatusCode.UNAVAILABLE, "the router cannot record usage right now; retry later"
             )
-        metrics.SPOOL_FULL.set(0)
+        if self._spool_was_full:
+            self._spool_was_full = False
+            metrics.SPOOL_FULL.set(0)
+            log.warning(
+                "usage spool is under its cap again (%d bytes): accepting requests", self._spool.size_bytes
+            )
         try:
             adapter = None
             if request.adapter:

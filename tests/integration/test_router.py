@@ -432,6 +432,89 @@ async def test_no_worker_for_the_base_model_is_unavailable(s: Stack) -> None:
 # -- the spool and the shipper against the real ledger -------------------------------------------
 
 
+async def test_full_spool_refuses_new_requests_rather_than_lose_billing(s: Stack) -> None:
+    spool = s.router.spool
+    cap = spool.max_bytes
+    spool.max_bytes = 0
+    try:
+        r = await _generate(s, s.a.secret, _request(adapter="bot"))
+        assert r.code == grpc.StatusCode.UNAVAILABLE
+        assert "usage" in r.details
+        assert not any(w.worker.requests for w in s.workers)
+    finally:
+        spool.max_bytes = cap
+    assert (await _generate(s, s.a.secret, _request(adapter="bot"))).code == grpc.StatusCode.OK
+
+
+async def _router_process(
+    s: Stack, spool_dir: Path, ship_interval_s: float
+) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {
+        **s.registry.env,
+        "LORAPLEX_ROUTER_LISTEN": f"127.0.0.1:{port}",
+        "LORAPLEX_SPOOL_DIR": str(spool_dir),
+        "LORAPLEX_WORKERS": ",".join(w.address for w in s.workers),
+        "LORAPLEX_ROUTER_DISCOVER_WORKERS": "false",
+        "LORAPLEX_ROUTER_SHIP_INTERVAL_S": str(ship_interval_s),
+        "LORAPLEX_WORKER_REFRESH_S": "0.2",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli.main", "router", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    target = f"127.0.0.1:{port}"
+    # Wait without blocking the event loop: the synthetic workers live on it and must answer probes.
+    async with grpc.aio.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "router exited during startup"
+            try:
+                resp = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return proc, target
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.1)
+    proc.kill()
+    raise TimeoutError("router process did not start")
+
+
+async def test_records_spooled_by_a_killed_router_are_billed_once_after_restart(
+    s: Stack, tmp_path: Path
+) -> None:
+    proc, target = await _router_process(s, tmp_path, ship_interval_s=3600)
+    ids = [f"killed-{uuid.uuid4().hex}-{i}" for i in range(3)]
+    try:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            for rid in ids:
+                events: list[inference_pb2.GenerateResponse] = []
+                for _ in range(50):  # until the new router has probed the workers
+                    call = stub.Generate(_request(request_id=rid, adapter="bot"), metadata=_md(s.a.secret))
+                    try:
+                        events = [e async for e in call]
+                        break
+                    except grpc.aio.AioRpcError as exc:
+                        assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
+                        await asyncio.sleep(0.1)
+                assert events[-1].finished.usage.output_tokens == 5
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert all(not _ledger(s, rid) for rid in ids)  # spooled, not shipped, when it died
+    proc, _ = await _router_process(s, tmp_path, ship_interval_s=0.1)
+    try:
+        rows = [await _billed(s, rid) for rid in ids]
+        assert [r["output_tokens"] for r in rows] == [5, 5, 5]
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
 def _records(tenant: Tenant, n: int) -> list[usage_pb2.UsageRecord]:
     now = time.time()
     out = []
