@@ -67,14 +67,42 @@ class AdapterSpec:
     uri: str
     base_model: str = ""
     label: str = ""  # "name@version" for messages
+    adapter_id: str = ""
 
 
 @dataclass
 class _Entry:
     state: AdapterState
+    adapter_id: str = ""
     in_flight: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    last_used_wall: float = field(default_factory=time.time)
+    size_bytes: int = 0
     load: asyncio.Task[tuple[Tier, float]] | None = None
+
+
+@dataclass(frozen=True)
+class HeldAdapter:
+    """One adapter the worker holds, at its fastest tier (what WatchState reports)."""
+
+    digest: str
+    adapter_id: str
+    tier: Tier
+    size_bytes: int
+    last_used_at: float  # wall clock seconds; 0 when never used since the worker started
+    in_flight: int
+
+
+@dataclass
+class LoadEstimate:
+    """Exponentially weighted typical load time from one tier."""
+
+    ms: float = 0.0
+    samples: int = 0
+
+    def observe(self, ms: float, weight: float = 0.2) -> None:
+        self.ms = ms if self.samples == 0 else (1 - weight) * self.ms + weight * ms
+        self.samples += 1
 
 
 @dataclass(frozen=True)
@@ -109,12 +137,37 @@ class AdapterLoader:
         self.max_slots = max_slots
         self.max_adapter_bytes = max_adapter_bytes
         self._entries: dict[str, _Entry] = {}
+        self._on_disk: dict[str, int] = _scan_cache(cache_dir)  # digest -> bytes
+        self.estimates: dict[Tier, LoadEstimate] = {
+            Tier.DISK: LoadEstimate(),
+            Tier.OBJECT_STORE: LoadEstimate(),
+        }
         # Evict-then-load must be one step, or two loads could pick the same victim or overfill.
         self._slot_lock = asyncio.Lock()
 
     def state(self, digest: str) -> AdapterState | None:
         entry = self._entries.get(digest)
         return entry.state if entry else None
+
+    def held(self) -> list[HeldAdapter]:
+        """Adapters on the device, then those only in the disk cache."""
+        out = [
+            HeldAdapter(d, e.adapter_id, Tier.DEVICE, e.size_bytes, e.last_used_wall, e.in_flight)
+            for d, e in self._entries.items()
+            if e.state is AdapterState.ON_DEVICE
+        ]
+        on_device = {h.digest for h in out}
+        for digest, size in self._on_disk.items():
+            if digest not in on_device:
+                entry = self._entries.get(digest)
+                in_flight = entry.in_flight if entry else 0
+                out.append(
+                    HeldAdapter(digest, entry.adapter_id if entry else "", Tier.DISK, size, 0.0, in_flight)
+                )
+        return out
+
+    def loading(self) -> list[str]:
+        return [d for d, e in self._entries.items() if e.state is not AdapterState.ON_DEVICE]
 
     async def acquire(self, spec: AdapterSpec) -> Lease:
         """Make the adapter usable by the next step and pin it until `release`."""
@@ -126,7 +179,7 @@ class AdapterLoader:
             )
         entry = self._entries.get(spec.digest)
         if entry is None:
-            entry = self._entries[spec.digest] = _Entry(AdapterState.FETCHING)
+            entry = self._entries[spec.digest] = _Entry(AdapterState.FETCHING, spec.adapter_id)
         entry.in_flight += 1
         try:
             if entry.state is AdapterState.ON_DEVICE:
@@ -155,7 +208,10 @@ class AdapterLoader:
     async def fetch_to_disk(self, spec: AdapterSpec) -> None:
         """Warm the disk cache only (verified), using no device slot."""
         digest_hex(spec.digest)
-        await asyncio.to_thread(fetch_to_cache, spec, self.cache_dir, max_bytes=self.max_adapter_bytes)
+        _, directory = await asyncio.to_thread(
+            fetch_to_cache, spec, self.cache_dir, max_bytes=self.max_adapter_bytes
+        )
+        self._on_disk[spec.digest] = _dir_size(directory)
 
     async def evict(self, digest: str) -> bool:
         """Unload from the device unless a request holds it; False when it is in use."""
@@ -178,8 +234,10 @@ class AdapterLoader:
             tier, directory = await asyncio.to_thread(
                 fetch_to_cache, spec, self.cache_dir, max_bytes=self.max_adapter_bytes
             )
+            self._on_disk[spec.digest] = _dir_size(directory)
             weights = await asyncio.to_thread(_parse, spec, directory, self.dtype)
             entry.state = AdapterState.LOADING
+            entry.size_bytes = weights.size_bytes
             await self._to_device(weights)
         except BaseException:
             log.info("adapter %s failed to load", spec.digest)
@@ -188,6 +246,7 @@ class AdapterLoader:
         entry.state = AdapterState.ON_DEVICE
         entry.load = None
         load_ms = (time.monotonic() - started) * 1000
+        self.estimates[tier].observe(load_ms)
         log.info("adapter %s on device from %s in %.0f ms", spec.digest, tier.value, load_ms)
         return tier, load_ms
 
@@ -264,6 +323,21 @@ def _parse(spec: AdapterSpec, directory: Path, dtype: torch.dtype) -> AdapterWei
 def _unpin(entry: _Entry) -> None:
     entry.in_flight -= 1
     entry.last_used = time.monotonic()
+    entry.last_used_wall = time.time()
+
+
+def _dir_size(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+
+
+def _scan_cache(cache_dir: Path) -> dict[str, int]:
+    """Verified entries left by an earlier run (only complete, renamed-into-place directories)."""
+    found: dict[str, int] = {}
+    if cache_dir.is_dir():
+        for path in cache_dir.iterdir():
+            if path.is_dir() and len(path.name) == 64 and all(c in "0123456789abcdef" for c in path.name):
+                found["sha256:" + path.name] = _dir_size(path)
+    return found
 
 
 def _retrieve(task: asyncio.Task[tuple[Tier, float]]) -> None:

@@ -53,7 +53,9 @@ def adapter_spec(ref: common_pb2.AdapterRef) -> AdapterSpec:
             f"the adapter reference for {ref.digest} has no uri; it must say where the files are"
         )
     label = f"{ref.name}@{ref.version}" if ref.name else ref.digest
-    return AdapterSpec(digest=ref.digest, uri=ref.uri, base_model=ref.base_model, label=label)
+    return AdapterSpec(
+        digest=ref.digest, uri=ref.uri, base_model=ref.base_model, label=label, adapter_id=ref.adapter_id
+    )
 
 
 def adapter_version(ref: common_pb2.AdapterRef) -> common_pb2.AdapterVersion:

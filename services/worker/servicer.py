@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -13,12 +14,13 @@ from typing import Any
 
 import grpc
 from botocore.exceptions import BotoCoreError, ClientError
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from loraplex.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.common.adapter_errors import AdapterRejected, NotFound, TooLarge, UriNotAllowed
 from services.common.adapter_files import digest_hex
 from services.common.grpc_errors import RpcError, status_errors
-from services.worker import convert, prompts
+from services.worker import convert, prompts, state
 from services.worker.adapter_loader import (
     AdapterLoader,
     AdapterSpec,
@@ -88,11 +90,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.context_length: int = engine.engine.context_length
         self.vocab_size: int = engine.engine.model.config.vocab_size
         self._tasks: set[asyncio.Task[None]] = set()  # prefetches: held so they are not collected
+        self._draining = asyncio.Event()
 
     async def Generate(
         self, request: worker_pb2.WorkerServiceGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.WorkerServiceGenerateResponse]:
         arrival = time.monotonic()
+        if self._draining.is_set():
+            raise RpcError(
+                grpc.StatusCode.UNAVAILABLE, "this worker is draining; send the request to another"
+            )
         request_id = request.request_id or uuid.uuid4().hex
         ids = self._prompt_ids(request.prompt)
         prompts.check_length(ids, self.context_length)
@@ -190,8 +197,41 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def WatchState(
         self, request: worker_pb2.WatchStateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.WatchStateResponse]:
-        raise RpcError(grpc.StatusCode.UNIMPLEMENTED, "WatchState is not implemented by this worker yet")
-        yield  # an async generator, like the streaming RPC it stands for
+        seq = 1
+        before = self._state()
+        yield worker_pb2.WatchStateResponse(seq=seq, snapshot=before)
+        last_sent = time.monotonic()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._draining.wait(), state.POLL_S)
+            after = self._state()
+            delta = state.diff(before, after)
+            now = time.monotonic()
+            if delta is not None:
+                seq += 1
+                yield worker_pb2.WatchStateResponse(seq=seq, delta=delta)
+                before, last_sent = after, now
+            elif now - last_sent >= state.HEARTBEAT_S:
+                seq += 1
+                heartbeat = Timestamp()
+                heartbeat.GetCurrentTime()
+                yield worker_pb2.WatchStateResponse(seq=seq, heartbeat=heartbeat)
+                last_sent = now
+            if self._draining.is_set():
+                return  # the last delta said accepting=false; let the drain finish
+
+    def begin_drain(self) -> None:
+        """Refuse new generations and end state streams (their last delta says accepting=false)."""
+        self._draining.set()
+
+    def _state(self) -> worker_pb2.WorkerState:
+        return state.snapshot(
+            self.identity.worker_id,
+            self.identity.base_model,
+            self.loader,
+            self.engine.last_stats,
+            accepting=not self._draining.is_set(),
+        )
 
     async def GetInfo(
         self, request: worker_pb2.GetInfoRequest, context: grpc.aio.ServicerContext

@@ -239,7 +239,7 @@ async def test_full_queue_sheds_with_resource_exhausted_and_retry_pushback(
             waiting.cancel()
             await wait_kv_used(worker, 0)
     finally:
-        await worker.server.drain(0.5)
+        await worker.drain(0.5)
 
 
 async def test_digest_mismatch_is_failed_precondition_and_leaves_no_cache_entry(
@@ -335,7 +335,7 @@ async def test_lru_adapter_is_evicted_when_slots_are_full(
             resident = set(worker.engine.engine.resident_adapters())
             assert resident == {tiny_refs["qv"].digest, tiny_refs["mlp"].digest}
     finally:
-        await worker.server.drain(0.5)
+        await worker.drain(0.5)
 
 
 async def test_get_info_health_and_reflection(tiny_worker: RunningWorker) -> None:
@@ -375,7 +375,7 @@ def test_worker_serve_subprocess_streams_smollm2_text_with_an_adapter(
         [str(loraplex), "worker", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     try:
-        wait_serving(f"127.0.0.1:{port}", proc)
+        wait_serving(f"127.0.0.1:{port}", proc, timeout_s=180)  # slow when the CPUs are shared
         question = common_pb2.Prompt(
             chat=common_pb2.ChatPrompt(
                 messages=[common_pb2.ChatMessage(role="user", content="What is the capital of France?")]
@@ -385,14 +385,16 @@ def test_worker_serve_subprocess_streams_smollm2_text_with_an_adapter(
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
             base = list(
-                stub.Generate(worker_pb2.WorkerServiceGenerateRequest(prompt=question, sampling=sampling))
+                stub.Generate(
+                    worker_pb2.WorkerServiceGenerateRequest(prompt=question, sampling=sampling), timeout=120
+                )
             )
             tuned = list(
                 stub.Generate(
                     worker_pb2.WorkerServiceGenerateRequest(
                         request_id="smol-1", adapter=ref, prompt=question, sampling=sampling
                     ),
-                    timeout=60,
+                    timeout=120,
                 )
             )
         base_text = "".join(e.delta.text for e in base if e.WhichOneof("event") == "delta")
@@ -436,7 +438,7 @@ async def test_drain_finishes_in_flight_streams_and_refuses_new_ones(
         stub = Stub(channel)
         call = stub.Generate(gen_request(max_tokens=60, ignore_eos=True))
         assert (await call.read()).WhichOneof("event") == "started"
-        drain = asyncio.create_task(worker.server.drain(10.0))
+        drain = asyncio.create_task(worker.drain(10.0))
         events = []
         while (msg := await call.read()) != grpc.aio.EOF:
             events.append(msg)
@@ -472,3 +474,41 @@ async def test_duplicate_request_id_is_refused_and_leaves_the_original_running(
         last = msg
     assert last is not None and last.finished.finish_reason == common_pb2.FINISH_REASON_LENGTH
     assert last.finished.usage.output_tokens == 40
+
+
+async def test_watch_state_sends_a_snapshot_then_deltas_when_an_adapter_lands(
+    loraplex_home: Path, tiny_llama_dir: Path, tiny_refs: dict[str, common_pb2.AdapterRef]
+) -> None:
+    worker = await start_worker(worker_settings(loraplex_home, TINY_LLAMA))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{worker.port}") as channel:
+            stub = Stub(channel)
+            watch = stub.WatchState(worker_pb2.WatchStateRequest())
+            first = await watch.read()
+            assert first.seq == 1 and first.WhichOneof("update") == "snapshot"
+            snap = first.snapshot
+            assert (snap.worker_id, snap.base_model, snap.accepting) == (
+                f"test-worker-{TINY_LLAMA}",
+                TINY_LLAMA,
+                True,
+            )
+            assert snap.kv_blocks_total == 256 and not snap.adapters
+            ref = tiny_refs["qv"]
+            await generate(stub, gen_request(adapter=ref, max_tokens=2))
+            seq, landed = 1, None
+            while landed is None:
+                msg = await asyncio.wait_for(watch.read(), 5)
+                assert msg.seq == seq + 1
+                seq = msg.seq
+                if msg.WhichOneof("update") == "delta":
+                    landed = next((a for a in msg.delta.upserted if a.digest == ref.digest), None)
+            assert landed.tier == common_pb2.ADAPTER_TIER_DEVICE and landed.adapter_id == "id-qv"
+            assert landed.size_bytes > 0
+            drain = asyncio.create_task(worker.drain(5.0))
+            rest = []
+            while (msg := await asyncio.wait_for(watch.read(), 5)) != grpc.aio.EOF:
+                rest.append(msg)
+            await drain
+            assert rest[-1].WhichOneof("update") == "delta" and not rest[-1].delta.accepting
+    finally:
+        await worker.drain(0.5)
