@@ -20,8 +20,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoTokenizer
 
 from loraplex.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from services.common.adapter_files import digest_hex
+from services.common.adapter_files import ADAPTER_FILES, digest_hex
 from services.common.config import DEFAULT_MODEL
+from services.common.object_store import open_store
 from services.devtools.tiny_model import TINY_LLAMA
 from services.worker.adapter_loader import Tier
 from services.worker.convert import adapter_spec
@@ -512,3 +513,28 @@ async def test_watch_state_sends_a_snapshot_then_deltas_when_an_adapter_lands(
             assert rest[-1].WhichOneof("update") == "delta" and not rest[-1].delta.accepting
     finally:
         await worker.drain(0.5)
+
+
+async def test_adapter_is_fetched_from_s3_by_reference(
+    tiny_worker: RunningWorker,
+    tiny_worker_stub: Stub,
+    worker_tiny_adapters: dict[str, Path],
+    tiny_refs: dict[str, common_pb2.AdapterRef],
+    s3_bucket: str,
+) -> None:
+    source = worker_tiny_adapters["attn_rs"]
+    ref = common_pb2.AdapterRef()
+    ref.CopyFrom(tiny_refs["attn_rs"])
+    store = open_store(f"s3://{s3_bucket}/adapters")
+    for name in ADAPTER_FILES:
+        store.upload(f"{digest_hex(ref.digest)}/{name}", source / name)
+    ref.uri = store.uri_for(digest_hex(ref.digest))
+    await tiny_worker_stub.EvictAdapter(worker_pb2.EvictAdapterRequest(digest=ref.digest))
+    shutil.rmtree(tiny_worker.loader.cache_dir / digest_hex(ref.digest), ignore_errors=True)
+    from_s3 = await generate(tiny_worker_stub, gen_request(adapter=ref, max_tokens=6, ignore_eos=True))
+    assert from_s3.finished is not None
+    assert from_s3.finished.timings.adapter_source_tier == common_pb2.ADAPTER_TIER_OBJECT_STORE
+    from_file = await generate(
+        tiny_worker_stub, gen_request(adapter=tiny_refs["attn_rs"], max_tokens=6, ignore_eos=True)
+    )
+    assert from_s3.token_ids == from_file.token_ids
