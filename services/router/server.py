@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from services.router.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
 
-FINAL_SHIP_TIMEOUT_S = 5.0
+FINAL_SHIP_TIMEOUT_S = 15.0
 
 
 @dataclass
@@ -91,8 +90,15 @@ async def start_router(settings: RouterSettings, *, fsync: Callable[[int], None]
         await writer.drain()
         # One last try so a clean shutdown leaves an empty spool; whatever fails stays on disk
         # and ships after the restart.
-        with contextlib.suppress(grpc.aio.AioRpcError, TimeoutError):
+        try:
             await asyncio.wait_for(shipper.ship_once(timeout_s=FINAL_SHIP_TIMEOUT_S), FINAL_SHIP_TIMEOUT_S)
+        except (grpc.aio.AioRpcError, TimeoutError) as exc:
+            log.warning(
+                "could not ship the last usage records (%s); %d bytes stay in %s and ship after a restart",
+                type(exc).__name__,
+                spool.size_bytes,
+                spool.directory,
+            )
         spool.close()
         await pool.close()
         await registry_channel.close()

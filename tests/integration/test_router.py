@@ -23,9 +23,10 @@ import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loraplex.v1 import common_pb2, inference_pb2, inference_pb2_grpc, usage_pb2
+from loraplex.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2_grpc, usage_pb2
 from services.common.config import RouterSettings
 from services.devtools.tiny_model import TINY_LLAMA
+from services.router.registry_view import RegistryUnavailable, RegistryView
 from services.router.server import Router, start_router
 from services.router.shipper import Shipper
 from services.router.spool import Spool, read_segment
@@ -323,6 +324,24 @@ async def test_a_new_version_is_served_once_the_change_feed_reports_it(s: Stack)
     assert version == 2
 
 
+async def test_registry_outage_keeps_confirmed_keys_and_resolved_adapters_working(s: Stack) -> None:
+    async with grpc.aio.insecure_channel(s.registry.target) as live:
+        view = RegistryView(live, ADMIN_TOKEN, auth_ttl_s=0.0, adapter_ttl_s=0.0, stale_s=60.0)
+        principal = await view.authenticate(s.a.secret)
+        adapter = await view.resolve_adapter(s.a.tenant_id, "bot")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}") as dead:
+            view._stub = registry_pb2_grpc.AdapterRegistryServiceStub(dead)  # the registry goes away
+            assert await view.authenticate(s.a.secret) == principal
+            assert (await view.resolve_adapter(s.a.tenant_id, "bot")).ref.digest == adapter.ref.digest
+            with pytest.raises(RegistryUnavailable):
+                await view.authenticate(s.b.secret)  # never confirmed: no stale entry to fall back on
+            with pytest.raises(RegistryUnavailable):
+                await view.resolve_adapter(s.a.tenant_id, "bot@1")
+            view._stale = 0.0
+            with pytest.raises(RegistryUnavailable):
+                await view.authenticate(s.a.secret)
+
+
 # -- routing and the streaming proxy -----------------------------------------------------------
 
 
@@ -463,7 +482,7 @@ async def _router_process(
         [sys.executable, "-m", "services.cli.main", "router", "serve"],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=(spool_dir.parent / f"router-{port}.log").open("wb"),
     )
     target = f"127.0.0.1:{port}"
     # Wait without blocking the event loop: the synthetic workers live on it and must answer probes.
@@ -566,6 +585,43 @@ async def test_a_record_the_ledger_refuses_is_quarantined_and_does_not_block_the
     assert spool.seal() == []
     assert read_segment(tmp_path / "rejected.log").records == [bad.SerializeToString()]
     assert all(len(_ledger(s, r.request_id)) == 1 for r in good)
+
+
+async def test_sigterm_lets_a_stream_in_flight_finish_and_ships_its_record(s: Stack, tmp_path: Path) -> None:
+    for w in s.workers:
+        w.worker.token_delay_s = 0.02
+    proc, target = await _router_process(s, tmp_path, ship_interval_s=3600)
+    rid = f"drain-{uuid.uuid4().hex}"
+    try:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            for _ in range(50):
+                call = stub.Generate(
+                    _request(request_id=rid, adapter="bot", max_tokens=40), metadata=_md(s.a.secret)
+                )
+                try:
+                    await call.read()  # started: the stream is in flight
+                    break
+                except grpc.aio.AioRpcError as exc:  # until the new router has probed the workers
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
+                    await asyncio.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            last = None
+            while (event := await call.read()) is not grpc.aio.EOF:
+                last = event
+        assert isinstance(last, inference_pb2.GenerateResponse)
+        assert last.finished.usage.output_tokens == 40
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # Shipped on the way out, though the ship interval had not come round.
+    assert (await _billed(s, rid, timeout_s=1.0))["output_tokens"] == 40
+    assert not list(tmp_path.glob("seg-*"))
 
 
 # -- the CLI process ---------------------------------------------------------------------------
