@@ -104,7 +104,11 @@ class SummaryRow:
 
 
 async def _driver(s: AsyncSession) -> Any:
-    """The asyncpg connection under the session, inside the session's transaction."""
+    """The asyncpg connection under the session.
+
+    SQLAlchemy begins the session's transaction lazily, at its own first statement: code that
+    needs several raw statements to be atomic opens pg.transaction() (a savepoint if one is open).
+    """
     conn = await s.connection()
     raw = await conn.get_raw_connection()
     return raw.driver_connection
@@ -121,10 +125,9 @@ async def insert_usage_batch(s: AsyncSession, rows: Sequence[Sequence[Any]]) -> 
         return 0, 0
     if len(rows) > MAX_BATCH:
         raise ValueError(f"a batch holds at most {MAX_BATCH} records, not {len(rows)}; split it")
-    columns = [list(c) for c in zip(*rows, strict=True)]
     pg = await _driver(s)
-    await _require_known(pg, "tenants", "id", "uuid", columns[1], "tenant")
-    await _require_known(pg, "base_models", "name", "text", columns[3], "base model")
+    await _require_known(pg, "tenants", "id", "uuid", [r[1] for r in rows], "tenant")
+    await _require_known(pg, "base_models", "name", "text", [r[3] for r in rows], "base model")
     # The session's transaction starts lazily on SQLAlchemy's first statement, which may not have
     # run: asyncpg's own transaction (a savepoint inside one already open) keeps staging and move
     # together; the staged rows vanish at commit.
