@@ -23,7 +23,14 @@ import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loraplex.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2_grpc, usage_pb2
+from loraplex.v1 import (
+    common_pb2,
+    inference_pb2,
+    inference_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+    usage_pb2,
+)
 from services.common.config import RouterSettings
 from services.devtools.tiny_model import TINY_LLAMA
 from services.router.registry_view import RegistryUnavailable, RegistryView
@@ -440,6 +447,36 @@ async def test_router_inflight_limit_sheds_load_with_retry_pushback(s: Stack) ->
         slow.cancel()
     finally:
         servicer._max_inflight = limit
+
+
+async def test_workers_registered_in_the_registry_are_discovered_and_served(s: Stack, tmp_path: Path) -> None:
+    extra = await start_synthetic_worker(f"discovered-{uuid.uuid4().hex[:6]}", TINY_LLAMA)
+    with s.registry.admin() as c:
+        c.stub.RegisterWorker(
+            registry_pb2.RegisterWorkerRequest(
+                worker=registry_pb2.Worker(
+                    worker_id=extra.worker.worker_id, address=extra.address, base_model=TINY_LLAMA
+                )
+            ),
+            metadata=c.metadata,
+        )
+    settings = RouterSettings.from_env(
+        {
+            "LORAPLEX_HOME": str(tmp_path),
+            "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN,
+            "LORAPLEX_REGISTRY": s.registry.target,
+            "LORAPLEX_ROUTER_LISTEN": "127.0.0.1:0",
+        }
+    )
+    router = await start_router(settings)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            events = [e async for e in stub.Generate(_request(adapter="bot"), metadata=_md(s.a.secret))]
+        assert events[-1].finished.worker_id == extra.worker.worker_id
+    finally:
+        await router.running.drain(1.0)
+        await extra.server.stop(0)
 
 
 async def test_no_worker_for_the_base_model_is_unavailable(s: Stack) -> None:

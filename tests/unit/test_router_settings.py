@@ -1,0 +1,60 @@
+"""RouterSettings from LORAPLEX_* variables: defaults, and a sentence naming the variable when wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.common.config import ConfigError, RouterSettings
+
+TOKEN = {"LORAPLEX_ADMIN_TOKEN": "router-admin-token-0123456789", "LORAPLEX_HOME": "/srv/lpx"}
+
+
+def test_defaults_listen_on_50050_and_spool_under_home() -> None:
+    s = RouterSettings.from_env(TOKEN)
+    assert (s.listen, s.registry, s.workers, s.discover_workers) == (
+        "127.0.0.1:50050",
+        "127.0.0.1:50051",
+        (),
+        True,
+    )
+    assert s.spool_dir == Path("/srv/lpx/router-spool")
+    assert s.auth_cache_ttl_s == 30.0 and s.auth_negative_ttl_s < s.auth_cache_ttl_s
+
+
+def test_explicit_values_are_parsed() -> None:
+    s = RouterSettings.from_env(
+        {
+            **TOKEN,
+            "LORAPLEX_WORKERS": "10.0.0.1:7000, 10.0.0.2:7000",
+            "LORAPLEX_SPOOL_DIR": "/var/spool/lpx",
+            "LORAPLEX_ROUTER_SPOOL_MAX_BYTES": "2GiB",
+            "LORAPLEX_MAX_INFLIGHT": "8",
+            "LORAPLEX_ROUTER_DISCOVER_WORKERS": "false",
+        }
+    )
+    assert s.workers == ("10.0.0.1:7000", "10.0.0.2:7000")
+    assert (s.spool_dir, s.spool_max_bytes, s.max_inflight, s.discover_workers) == (
+        Path("/var/spool/lpx"),
+        2 << 30,
+        8,
+        False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "phrase"),
+    [
+        ({"LORAPLEX_ADMIN_TOKEN": ""}, "LORAPLEX_ADMIN_TOKEN is required"),
+        ({"LORAPLEX_WORKERS": "10.0.0.1"}, "LORAPLEX_WORKERS"),
+        ({"LORAPLEX_ROUTER_LISTEN": "nowhere"}, "LORAPLEX_ROUTER_LISTEN"),
+        ({"LORAPLEX_MAX_INFLIGHT": "0"}, "LORAPLEX_MAX_INFLIGHT"),
+        ({"LORAPLEX_ROUTER_SHIP_BATCH": "20000"}, "10000"),
+        ({"LORAPLEX_ROUTER_SPOOL_MAX_BYTES": "10k"}, "at least 1MiB"),
+        ({"LORAPLEX_AUTH_CACHE_TTL_S": "soon"}, "LORAPLEX_AUTH_CACHE_TTL_S"),
+    ],
+)
+def test_bad_values_fail_with_the_variable_named(env: dict[str, str], phrase: str) -> None:
+    with pytest.raises(ConfigError, match=phrase):
+        RouterSettings.from_env({**TOKEN, **env})
