@@ -1,8 +1,8 @@
 """The usage ledger's queries: idempotent batch ingest, keyset-paged export, per-day summaries.
 
-These run on asyncpg directly (through the session's connection, so inside its transaction):
-the ledger is the registry's only high-volume table, and SQLAlchemy's per-row overhead would
-dominate both a 10,000-record ingest and a million-row export.
+These run on asyncpg directly, through the session's connection: the ledger is the registry's
+only high-volume table, and SQLAlchemy's per-row overhead would dominate both a 10,000-record
+ingest and a million-row export. Both move data with COPY (binary in, CSV out).
 
 Amounts are computed in SQL with `numeric`, exactly: input and output tokens times the base
 model's USD-per-million prices. Cached input tokens are part of input_tokens and are billed at
@@ -49,7 +49,7 @@ INSERT_COLUMNS = (
 )
 # Batches arrive by binary COPY into a per-connection staging table, then one INSERT ... SELECT
 # moves them, skipping request ids already in the ledger or repeated within the batch. COPY
-# encodes each value in C; unnest() over 16 array parameters cost ~3x more registry CPU per
+# encodes each value in C; unnest() over 16 array parameters cost ~2x more registry CPU per
 # record (asyncpg checks every array element against the collections ABCs).
 _STAGE = (
     "CREATE TEMP TABLE IF NOT EXISTS usage_ingest (LIKE usage_records INCLUDING DEFAULTS)"
