@@ -91,6 +91,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.vocab_size: int = engine.engine.model.config.vocab_size
         self._tasks: set[asyncio.Task[None]] = set()  # prefetches: held so they are not collected
         self._draining = asyncio.Event()
+        self._admitting = 0  # requests between arrival and engine admission (loading adapters)
 
     async def Generate(
         self, request: worker_pb2.WorkerServiceGenerateRequest, context: grpc.aio.ServicerContext
@@ -106,26 +107,32 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         sampling = convert.sampling_params(request.sampling, self.identity.default_max_tokens)
         has_adapter = request.HasField("adapter")
         spec = convert.adapter_spec(request.adapter) if has_adapter else None
-        if self.engine.last_stats.waiting >= self.engine.engine.config.max_waiting:
+        # Requests still loading their adapter count too, so a burst of cold ones stays bounded.
+        if self.engine.last_stats.waiting + self._admitting >= self.engine.engine.config.max_waiting:
             await self._shed(context, "the worker's queue is full; retry shortly or on another worker")
         lease: Lease | None = None
-        done = refused = False
+        submitted = done = False
+        self._admitting += 1
         try:
-            if spec is not None:
-                try:
-                    lease = await self.loader.acquire(spec)
-                except SlotsBusy as exc:
-                    await self._shed(context, str(exc))
-            admitted = time.monotonic()
-            engine_request = EngineRequest(request_id, ids, sampling, spec.digest if spec else None)
             try:
-                stream = await self.engine.add_request(engine_request)
-            except QueueFull as exc:
-                refused = True
-                await self._shed(context, str(exc))
-            except Exception:
-                refused = True  # not admitted: the id may belong to another request in flight
-                raise
+                if spec is not None:
+                    try:
+                        lease = await self.loader.acquire(spec)
+                    except SlotsBusy as exc:
+                        await self._shed(context, str(exc))
+                admitted = time.monotonic()
+                engine_request = EngineRequest(request_id, ids, sampling, spec.digest if spec else None)
+                submitted = True  # from here a cancellation may land after the engine took it
+                try:
+                    stream = await self.engine.add_request(engine_request)
+                except QueueFull as exc:
+                    submitted = False
+                    await self._shed(context, str(exc))
+                except Exception:
+                    submitted = False  # refused: the id may belong to another request in flight
+                    raise
+            finally:
+                self._admitting -= 1
             yield worker_pb2.WorkerServiceGenerateResponse(
                 started=common_pb2.GenerationStarted(
                     request_id=request_id,
@@ -170,7 +177,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             )
         finally:
             # Cancellation and deadlines arrive here as CancelledError: free the KV blocks now.
-            if not done and not refused:
+            if submitted and not done:
                 self.engine.abort(request_id)
             if lease is not None:
                 self.loader.release(lease)

@@ -26,9 +26,9 @@ from services.common.object_store import open_store
 from services.devtools.tiny_model import TINY_LLAMA
 from services.worker.adapter_loader import Tier
 from services.worker.convert import adapter_spec
-from services.worker.server import RunningWorker, start_worker
+from services.worker.server import RunningWorker
 from tests.fixtures.registry import free_port, wait_serving
-from tests.fixtures.worker import AdapterStore, worker_home, worker_settings
+from tests.fixtures.worker import AdapterStore, serving, worker_home, worker_settings
 
 Stub = worker_pb2_grpc.WorkerServiceStub
 PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173]
@@ -220,27 +220,23 @@ async def test_deadline_exceeded_frees_kv_blocks(tiny_worker: RunningWorker, tin
 async def test_full_queue_sheds_with_resource_exhausted_and_retry_pushback(
     loraplex_home: Path, tiny_llama_dir: Path
 ) -> None:
-    worker = await start_worker(worker_settings(loraplex_home, TINY_LLAMA, max_batch_size=1, max_waiting=1))
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{worker.port}") as channel:
-            stub = Stub(channel)
-            running = stub.Generate(gen_request(max_tokens=400, ignore_eos=True))
-            async for msg in running:
-                if msg.WhichOneof("event") == "delta":
-                    break
-            waiting = stub.Generate(gen_request(max_tokens=400, ignore_eos=True))
-            first = await waiting.read()
-            assert first.WhichOneof("event") == "started"
-            err = await status_of(stub, gen_request(max_tokens=4))
-            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "retry" in (err.details() or "")
-            trailing = dict(err.trailing_metadata() or ())
-            assert int(trailing["grpc-retry-pushback-ms"]) > 0
-            running.cancel()
-            waiting.cancel()
-            await wait_kv_used(worker, 0)
-    finally:
-        await worker.drain(0.5)
+    settings = worker_settings(loraplex_home, TINY_LLAMA, max_batch_size=1, max_waiting=1)
+    async with serving(settings) as (worker, stub):
+        running = stub.Generate(gen_request(max_tokens=400, ignore_eos=True))
+        async for msg in running:
+            if msg.WhichOneof("event") == "delta":
+                break
+        waiting = stub.Generate(gen_request(max_tokens=400, ignore_eos=True))
+        first = await waiting.read()
+        assert first.WhichOneof("event") == "started"
+        err = await status_of(stub, gen_request(max_tokens=4))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "retry" in (err.details() or "")
+        trailing = dict(err.trailing_metadata() or ())
+        assert int(trailing["grpc-retry-pushback-ms"]) > 0
+        running.cancel()
+        waiting.cancel()
+        await wait_kv_used(worker, 0)
 
 
 async def test_digest_mismatch_is_failed_precondition_and_leaves_no_cache_entry(
@@ -326,17 +322,13 @@ async def test_chat_prompt_is_rendered_with_the_chat_template(
 async def test_lru_adapter_is_evicted_when_slots_are_full(
     loraplex_home: Path, tiny_llama_dir: Path, tiny_refs: dict[str, common_pb2.AdapterRef]
 ) -> None:
-    worker = await start_worker(worker_settings(loraplex_home, TINY_LLAMA, max_adapter_slots=2))
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{worker.port}") as channel:
-            stub = Stub(channel)
-            order = ["qv", "attn_rs", "qv", "mlp"]
-            for kind in order:
-                await generate(stub, gen_request(adapter=tiny_refs[kind], max_tokens=1))
-            resident = set(worker.engine.engine.resident_adapters())
-            assert resident == {tiny_refs["qv"].digest, tiny_refs["mlp"].digest}
-    finally:
-        await worker.drain(0.5)
+    settings = worker_settings(loraplex_home, TINY_LLAMA, max_adapter_slots=2)
+    async with serving(settings) as (worker, stub):
+        order = ["qv", "attn_rs", "qv", "mlp"]
+        for kind in order:
+            await generate(stub, gen_request(adapter=tiny_refs[kind], max_tokens=1))
+        resident = set(worker.engine.engine.resident_adapters())
+        assert resident == {tiny_refs["qv"].digest, tiny_refs["mlp"].digest}
 
 
 async def test_get_info_health_and_reflection(tiny_worker: RunningWorker) -> None:
@@ -434,9 +426,8 @@ async def test_idle_step_thread_sleeps_instead_of_spinning(
 async def test_drain_finishes_in_flight_streams_and_refuses_new_ones(
     loraplex_home: Path, tiny_llama_dir: Path
 ) -> None:
-    worker = await start_worker(worker_settings(loraplex_home, TINY_LLAMA))
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{worker.port}") as channel:
-        stub = Stub(channel)
+    settings = worker_settings(loraplex_home, TINY_LLAMA)
+    async with serving(settings) as (worker, stub):
         call = stub.Generate(gen_request(max_tokens=60, ignore_eos=True))
         assert (await call.read()).WhichOneof("event") == "started"
         drain = asyncio.create_task(worker.drain(10.0))
@@ -480,39 +471,35 @@ async def test_duplicate_request_id_is_refused_and_leaves_the_original_running(
 async def test_watch_state_sends_a_snapshot_then_deltas_when_an_adapter_lands(
     loraplex_home: Path, tiny_llama_dir: Path, tiny_refs: dict[str, common_pb2.AdapterRef]
 ) -> None:
-    worker = await start_worker(worker_settings(loraplex_home, TINY_LLAMA))
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{worker.port}") as channel:
-            stub = Stub(channel)
-            watch = stub.WatchState(worker_pb2.WatchStateRequest())
-            first = await watch.read()
-            assert first.seq == 1 and first.WhichOneof("update") == "snapshot"
-            snap = first.snapshot
-            assert (snap.worker_id, snap.base_model, snap.accepting) == (
-                f"test-worker-{TINY_LLAMA}",
-                TINY_LLAMA,
-                True,
-            )
-            assert snap.kv_blocks_total == 256 and not snap.adapters
-            ref = tiny_refs["qv"]
-            await generate(stub, gen_request(adapter=ref, max_tokens=2))
-            seq, landed = 1, None
-            while landed is None:
-                msg = await asyncio.wait_for(watch.read(), 5)
-                assert msg.seq == seq + 1
-                seq = msg.seq
-                if msg.WhichOneof("update") == "delta":
-                    landed = next((a for a in msg.delta.upserted if a.digest == ref.digest), None)
-            assert landed.tier == common_pb2.ADAPTER_TIER_DEVICE and landed.adapter_id == "id-qv"
-            assert landed.size_bytes > 0
-            drain = asyncio.create_task(worker.drain(5.0))
-            rest = []
-            while (msg := await asyncio.wait_for(watch.read(), 5)) != grpc.aio.EOF:
-                rest.append(msg)
-            await drain
-            assert rest[-1].WhichOneof("update") == "delta" and not rest[-1].delta.accepting
-    finally:
-        await worker.drain(0.5)
+    settings = worker_settings(loraplex_home, TINY_LLAMA)
+    async with serving(settings) as (worker, stub):
+        watch = stub.WatchState(worker_pb2.WatchStateRequest())
+        first = await watch.read()
+        assert first.seq == 1 and first.WhichOneof("update") == "snapshot"
+        snap = first.snapshot
+        assert (snap.worker_id, snap.base_model, snap.accepting) == (
+            f"test-worker-{TINY_LLAMA}",
+            TINY_LLAMA,
+            True,
+        )
+        assert snap.kv_blocks_total == 256 and not snap.adapters
+        ref = tiny_refs["qv"]
+        await generate(stub, gen_request(adapter=ref, max_tokens=2))
+        seq, landed = 1, None
+        while landed is None:
+            msg = await asyncio.wait_for(watch.read(), 5)
+            assert msg.seq == seq + 1
+            seq = msg.seq
+            if msg.WhichOneof("update") == "delta":
+                landed = next((a for a in msg.delta.upserted if a.digest == ref.digest), None)
+        assert landed.tier == common_pb2.ADAPTER_TIER_DEVICE and landed.adapter_id == "id-qv"
+        assert landed.size_bytes > 0
+        drain = asyncio.create_task(worker.drain(5.0))
+        rest = []
+        while (msg := await asyncio.wait_for(watch.read(), 5)) != grpc.aio.EOF:
+            rest.append(msg)
+        await drain
+        assert rest[-1].WhichOneof("update") == "delta" and not rest[-1].delta.accepting
 
 
 async def test_adapter_is_fetched_from_s3_by_reference(
@@ -538,3 +525,25 @@ async def test_adapter_is_fetched_from_s3_by_reference(
         tiny_worker_stub, gen_request(adapter=tiny_refs["attn_rs"], max_tokens=6, ignore_eos=True)
     )
     assert from_s3.token_ids == from_file.token_ids
+
+
+async def test_cold_adapter_is_shed_while_every_slot_serves_a_request(
+    loraplex_home: Path, tiny_llama_dir: Path, tiny_refs: dict[str, common_pb2.AdapterRef]
+) -> None:
+    settings = worker_settings(loraplex_home, TINY_LLAMA, max_adapter_slots=1)
+    async with serving(settings) as (worker, stub):
+        busy = stub.Generate(gen_request(adapter=tiny_refs["qv"], max_tokens=400, ignore_eos=True))
+        async for msg in busy:
+            if msg.WhichOneof("event") == "delta":
+                break
+        err = await status_of(stub, gen_request(adapter=tiny_refs["mlp"], max_tokens=2))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "adapter slots" in (err.details() or "")
+        assert "grpc-retry-pushback-ms" in dict(err.trailing_metadata() or ())
+        busy.cancel()
+        await wait_kv_used(worker, 0)
+        # Once the slot is free, the same adapter loads by evicting the idle one.
+        assert (
+            await generate(stub, gen_request(adapter=tiny_refs["mlp"], max_tokens=2))
+        ).finished is not None
+        assert worker.engine.engine.resident_adapters() == [tiny_refs["mlp"].digest]
