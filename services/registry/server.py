@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -36,7 +37,8 @@ async def start_registry(settings: RegistrySettings) -> RunningServer:
     sessions = db.session_factory(engine)
     store = open_store(settings.adapter_store)
     feed = ChangeFeed()
-    stop_listening = await db.listen_adapter_changes(url, feed.on_notify)
+    resources = contextlib.AsyncExitStack()
+    await resources.enter_async_context(db.listen_adapter_changes(url, feed.on_notify))
     servicer = AdapterRegistryServicer(settings, sessions, store, feed)
     usage = UsageServicer(settings.admin_token, sessions)
 
@@ -47,7 +49,7 @@ async def start_registry(settings: RegistrySettings) -> RunningServer:
     running = await start_server(settings.listen, register, SERVICE_NAMES)
 
     async def close() -> None:
-        await stop_listening()
+        await resources.aclose()
         await engine.dispose()
 
     running.on_stop.append(close)
