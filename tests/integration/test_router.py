@@ -37,6 +37,7 @@ from services.router.registry_view import RegistryUnavailable, RegistryView
 from services.router.server import Router, start_router
 from services.router.shipper import Shipper
 from services.router.spool import Spool, read_segment
+from services.worker.server import RunningWorker
 from tests.fixtures.registry import ADMIN_TOKEN, RegistryProcess, free_port, wait_serving
 from tests.fixtures.synthetic_worker import (
     RunningSyntheticWorker,
@@ -477,6 +478,39 @@ async def test_workers_registered_in_the_registry_are_discovered_and_served(s: S
     finally:
         await router.running.drain(1.0)
         await extra.server.stop(0)
+
+
+async def test_a_real_worker_serves_a_registered_adapter_through_the_router(
+    s: Stack, tiny_worker: RunningWorker, tmp_path: Path
+) -> None:
+    settings = RouterSettings.from_env(
+        {
+            "LORAPLEX_HOME": str(tmp_path),
+            "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN,
+            "LORAPLEX_REGISTRY": s.registry.target,
+            "LORAPLEX_ROUTER_LISTEN": "127.0.0.1:0",
+            "LORAPLEX_WORKERS": f"127.0.0.1:{tiny_worker.port}",
+            "LORAPLEX_ROUTER_DISCOVER_WORKERS": "false",
+            "LORAPLEX_ROUTER_SHIP_INTERVAL_S": "0.1",
+        }
+    )
+    router = await start_router(settings)
+    rid = f"real-{uuid.uuid4().hex}"
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            req = _request(request_id=rid, adapter="bot", max_tokens=6)
+            req.sampling.ignore_eos = True
+            events = [e async for e in stub.Generate(req, metadata=_md(s.a.secret))]
+    finally:
+        await router.running.drain(1.0)
+    assert events[0].started.adapter.name == "bot"
+    finished = events[-1].finished
+    tokens = [t for e in events if e.HasField("delta") for t in e.delta.token_ids]
+    assert len(tokens) == finished.usage.output_tokens == 6
+    row = await _billed(s, rid)
+    assert (row["input_tokens"], row["output_tokens"]) == (finished.usage.input_tokens, 6)
+    assert row["input_tokens"] > 0 and row["worker_id"] == finished.worker_id
 
 
 async def test_no_worker_for_the_base_model_is_unavailable(s: Stack) -> None:
