@@ -7,7 +7,6 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +15,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from loraplex.v1 import registry_pb2, registry_pb2_grpc
 from services.common import adapter_errors
-from services.common.auth import admin_token_matches, bearer_token
 from services.common.config import RegistrySettings
 from services.common.grpc_errors import RpcError, status_errors
 from services.common.object_store import ObjectStore, check_source_uri
 from services.registry import convert, errors, queries
+from services.registry.callers import ADMIN, Authenticator, Caller
 from services.registry.change_feed import ChangeFeed
 from services.registry.intake import (
     AdapterLimits,
@@ -46,17 +45,6 @@ MAX_PAGE_SIZE = 1000
 WATCH_BATCH = 500
 
 
-@dataclass(frozen=True)
-class Caller:
-    """Who is calling: the operator (admin token) or one tenant (API key)."""
-
-    tenant_id: uuid.UUID | None  # None: admin
-
-    @property
-    def is_admin(self) -> bool:
-        return self.tenant_id is None
-
-
 @status_errors(ERRORS)
 class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServiceServicer):
     def __init__(
@@ -68,6 +56,7 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServiceServicer):
     ) -> None:
         self._settings = settings
         self._sessions = sessions
+        self._auth = Authenticator(settings.admin_token, sessions)
         self._store = store
         self._feed = change_feed
         self._limits = AdapterLimits(max_rank=settings.max_adapter_rank, max_bytes=settings.max_adapter_bytes)
@@ -76,26 +65,10 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServiceServicer):
     # -- auth --------------------------------------------------------------------------------
 
     async def _caller(self, context: grpc.aio.ServicerContext, *, allow_api_key: bool) -> Caller:
-        token = bearer_token(context.invocation_metadata() or ())
-        if token is None:
-            raise RpcError(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing credentials: send metadata 'authorization: Bearer <admin token or API key>'",
-            )
-        if admin_token_matches(token, self._settings.admin_token):
-            return Caller(tenant_id=None)
-        async with self._sessions() as s:
-            key = await queries.authenticate_api_key(s, token)
-        if key is None:
-            raise RpcError(grpc.StatusCode.UNAUTHENTICATED, "the token is not a valid admin token or API key")
-        if not allow_api_key:
-            raise RpcError(
-                grpc.StatusCode.PERMISSION_DENIED, "this call needs the admin token; API keys cannot make it"
-            )
-        return Caller(tenant_id=key.tenant_id)
+        return await self._auth.caller(context, allow_api_key=allow_api_key)
 
     async def _admin(self, context: grpc.aio.ServicerContext) -> None:
-        await self._caller(context, allow_api_key=False)
+        await self._auth.require_admin(context)
 
     async def _tenant_id(
         self, s: AsyncSession, caller: Caller, requested: str, *, required: bool
@@ -130,7 +103,7 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServiceServicer):
     async def CreateApiKey(self, request: Any, context: Any) -> registry_pb2.CreateApiKeyResponse:
         await self._admin(context)
         async with self._sessions.begin() as s:
-            tenant_id = await self._tenant_id(s, Caller(None), request.tenant, required=True)
+            tenant_id = await self._tenant_id(s, ADMIN, request.tenant, required=True)
             assert tenant_id is not None
             key, secret = await queries.create_api_key(s, tenant_id, request.name or "default")
             return registry_pb2.CreateApiKeyResponse(api_key=convert.api_key_pb(key), secret=secret)
@@ -242,7 +215,7 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServiceServicer):
     async def ArchiveAdapter(self, request: Any, context: Any) -> registry_pb2.ArchiveAdapterResponse:
         await self._admin(context)
         async with self._sessions.begin() as s:
-            row = await self._find_adapter(s, Caller(None), request.tenant, request.adapter)
+            row = await self._find_adapter(s, ADMIN, request.tenant, request.adapter)
             row = await queries.archive_adapter(s, row.id)
             response = registry_pb2.ArchiveAdapterResponse(adapter=convert.adapter_pb(row))
         return response
@@ -301,7 +274,7 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServiceServicer):
     # -- helpers -----------------------------------------------------------------------------
 
     async def _tenant_and_base(self, s: AsyncSession, tenant: str, base_model: str) -> tuple[uuid.UUID, Any]:
-        tenant_id = await self._tenant_id(s, Caller(None), tenant, required=True)
+        tenant_id = await self._tenant_id(s, ADMIN, tenant, required=True)
         assert tenant_id is not None
         if not base_model:
             raise ValueError("base_model is required: name the base model the adapter was trained on")

@@ -15,9 +15,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from loraplex.v1 import common_pb2, usage_pb2, usage_pb2_grpc
-from services.common.admin_auth import require_admin
 from services.common.grpc_errors import status_errors
 from services.registry import errors, queries
+from services.registry.callers import Authenticator
 from services.registry.usage_export import ExportFormat, LineChunker, encode_rows, header
 from services.registry.usage_ledger import (
     MAX_BATCH,
@@ -143,15 +143,11 @@ def _window(request: Any) -> TimeRange:
 @status_errors(ERRORS)
 class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
     def __init__(self, admin_token: str, sessions: async_sessionmaker[AsyncSession]) -> None:
-        self._admin_token = admin_token
+        self._auth = Authenticator(admin_token, sessions)
         self._sessions = sessions
 
-    async def _is_api_key(self, token: str) -> bool:
-        async with self._sessions() as s:
-            return await queries.authenticate_api_key(s, token) is not None
-
     async def _admin(self, context: grpc.aio.ServicerContext) -> None:
-        await require_admin(context, self._admin_token, self._is_api_key)
+        await self._auth.require_admin(context)
 
     async def _tenant_id(self, tenant: str) -> uuid.UUID | None:
         if not tenant:
