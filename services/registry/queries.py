@@ -17,7 +17,7 @@ import binascii
 import hmac
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from decimal import Decimal
 from enum import Enum
@@ -38,7 +38,6 @@ from services.registry.tables import (
     ApiKey,
     BaseModel,
     Tenant,
-    UsageRecord,
     Worker,
     adapter_revision_seq,
 )
@@ -463,87 +462,3 @@ async def list_live_workers(
     if base_model is not None:
         stmt = stmt.where(Worker.base_model == base_model)
     return list(await s.scalars(stmt, execution_options={"populate_existing": True}))
-
-
-# -- usage ledger ------------------------------------------------------------------------------
-
-_USAGE_REQUIRED = (
-    "request_id",
-    "tenant_id",
-    "base_model",
-    "input_tokens",
-    "output_tokens",
-    "finish_reason",
-    "started_at",
-    "finished_at",
-)
-_USAGE_DEFAULTS: dict[str, Any] = {
-    "api_key_id": None,
-    "adapter_id": None,
-    "adapter_version": None,
-    "cached_input_tokens": 0,
-    "ttft_ms": 0.0,
-    "duration_ms": 0.0,
-    "worker_id": None,
-    "cold_start": False,
-}
-# Rows per INSERT: well under PostgreSQL's 65535 bind parameters at 16 columns a row.
-_USAGE_CHUNK = 1000
-
-
-def _uuid_or_none(value: object) -> uuid.UUID | None:
-    if value is None or value == "":
-        return None
-    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
-
-
-def _usage_row(record: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = set(record) - set(_USAGE_REQUIRED) - set(_USAGE_DEFAULTS)
-    missing = [k for k in _USAGE_REQUIRED if record.get(k) in (None, "")]
-    if unknown or missing:
-        raise InvalidArgument(
-            f"usage record {record.get('request_id')!r}: "
-            + (f"unknown fields {sorted(unknown)} " if unknown else "")
-            + (f"missing {missing}" if missing else "")
-        )
-    row = {**_USAGE_DEFAULTS, **record}
-    try:
-        row["tenant_id"] = _uuid_or_none(row["tenant_id"])
-        row["api_key_id"] = _uuid_or_none(row["api_key_id"])
-        row["adapter_id"] = _uuid_or_none(row["adapter_id"])
-    except ValueError:
-        raise InvalidArgument(f"usage record {record['request_id']!r} has an id that is not a UUID") from None
-    # The bare base model has neither an adapter id nor a version (the proto sends 0).
-    if row["adapter_id"] is None:
-        row["adapter_version"] = None
-    return row
-
-
-async def insert_usage_records(s: AsyncSession, records: Sequence[Mapping[str, Any]]) -> tuple[int, int]:
-    """Append records to the ledger; (inserted, duplicates). A request_id already present is ignored.
-
-    Keys are UsageRecord column names; ids may be UUIDs or strings.
-    """
-    rows = [_usage_row(r) for r in records]
-    if not rows:
-        return 0, 0
-    tenants = {r["tenant_id"] for r in rows}
-    known = set(await s.scalars(select(Tenant.id).where(Tenant.id.in_(tenants))))
-    if tenants - known:
-        raise NotFound(f"usage records name unknown tenants: {', '.join(sorted(map(str, tenants - known)))}")
-    inserted = 0
-    for start in range(0, len(rows), _USAGE_CHUNK):
-        chunk = rows[start : start + _USAGE_CHUNK]
-        stmt = (
-            insert(UsageRecord)
-            .values(chunk)
-            .on_conflict_do_nothing(index_elements=[UsageRecord.request_id])
-            .returning(UsageRecord.request_id)
-        )
-        inserted += len((await s.execute(stmt)).all())
-    return inserted, len(rows) - inserted
-
-
-async def usage_record_count(s: AsyncSession, request_ids: Sequence[str]) -> int:
-    stmt = select(func.count()).select_from(UsageRecord).where(UsageRecord.request_id.in_(request_ids))
-    return int(await s.scalar(stmt) or 0)

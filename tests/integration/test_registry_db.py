@@ -7,7 +7,6 @@ import hashlib
 import subprocess
 import sys
 import uuid
-from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -404,84 +403,6 @@ async def test_worker_is_live_only_within_ttl_of_its_heartbeat(session_factory: 
     async with session_factory.begin() as s:
         moved = await queries.register_worker(s, worker_id, "127.0.0.1:7000", model)
         assert moved.address == "127.0.0.1:7000"
-
-
-# -- usage ledger ------------------------------------------------------------------------------
-
-
-def _usage(tenant_id: uuid.UUID, request_id: str, **overrides: Any) -> dict[str, Any]:
-    now = datetime.now(UTC)
-    record: dict[str, Any] = {
-        "request_id": request_id,
-        "tenant_id": str(tenant_id),
-        "api_key_id": str(uuid.uuid4()),
-        "base_model": "tiny",
-        "adapter_id": "",
-        "adapter_version": 0,
-        "input_tokens": 12,
-        "cached_input_tokens": 4,
-        "output_tokens": 30,
-        "finish_reason": "length",
-        "ttft_ms": 12.5,
-        "duration_ms": 80.0,
-        "worker_id": "w1",
-        "cold_start": True,
-        "started_at": now - timedelta(seconds=1),
-        "finished_at": now,
-    }
-    record.update(overrides)
-    return record
-
-
-async def test_usage_insert_is_idempotent_on_request_id(session_factory: Sessions) -> None:
-    tenant, _ = await _tenant_and_model(session_factory)
-    rid = f"req-{_suffix()}"
-    async with session_factory.begin() as s:
-        assert await queries.insert_usage_records(s, [_usage(tenant.id, rid)]) == (1, 0)
-    async with session_factory.begin() as s:
-        assert await queries.insert_usage_records(s, [_usage(tenant.id, rid, output_tokens=99)]) == (0, 1)
-    async with session_factory.begin() as s:
-        # Duplicates inside one batch count too.
-        other = f"req-{_suffix()}"
-        batch = [_usage(tenant.id, other), _usage(tenant.id, other), _usage(tenant.id, rid)]
-        assert await queries.insert_usage_records(s, batch) == (1, 2)
-    async with session_factory() as s:
-        rows = (
-            await s.execute(
-                text(
-                    "SELECT output_tokens, adapter_id, adapter_version FROM usage_records"
-                    " WHERE request_id = :r"
-                ),
-                {"r": rid},
-            )
-        ).all()
-    assert rows == [(30, None, None)]
-
-
-async def test_usage_batch_larger_than_one_statement(session_factory: Sessions) -> None:
-    tenant, _ = await _tenant_and_model(session_factory)
-    prefix = f"bulk-{_suffix()}"
-    batch = [
-        _usage(tenant.id, f"{prefix}-{i}", adapter_id=str(uuid.uuid4()), adapter_version=3)
-        for i in range(1100)
-    ]
-    async with session_factory.begin() as s:
-        assert await queries.insert_usage_records(s, batch) == (1100, 0)
-    async with session_factory.begin() as s:
-        assert await queries.insert_usage_records(s, batch[:10]) == (0, 10)
-    async with session_factory() as s:
-        assert await queries.usage_record_count(s, [r["request_id"] for r in batch]) == 1100
-
-
-async def test_usage_for_unknown_tenant_or_with_unknown_fields_is_refused(session_factory: Sessions) -> None:
-    tenant, _ = await _tenant_and_model(session_factory)
-    async with session_factory.begin() as s:
-        with pytest.raises(NotFound, match="unknown tenants"):
-            await queries.insert_usage_records(s, [_usage(uuid.uuid4(), f"req-{_suffix()}")])
-        with pytest.raises(InvalidArgument, match="bogus"):
-            await queries.insert_usage_records(s, [_usage(tenant.id, f"req-{_suffix()}", bogus=1)])
-        with pytest.raises(InvalidArgument, match="missing"):
-            await queries.insert_usage_records(s, [_usage(tenant.id, "")])
 
 
 # -- embedded PostgreSQL -----------------------------------------------------------------------
