@@ -547,3 +547,26 @@ async def test_cold_adapter_is_shed_while_every_slot_serves_a_request(
             await generate(stub, gen_request(adapter=tiny_refs["mlp"], max_tokens=2))
         ).finished is not None
         assert worker.engine.engine.resident_adapters() == [tiny_refs["mlp"].digest]
+
+
+async def test_prefetch_loads_toward_the_requested_tier(
+    loraplex_home: Path, tiny_llama_dir: Path, tiny_refs: dict[str, common_pb2.AdapterRef]
+) -> None:
+    async with serving(worker_settings(loraplex_home, TINY_LLAMA)) as (worker, stub):
+        to_disk, to_device = tiny_refs["qv"], tiny_refs["mlp"]
+        reply = await stub.PrefetchAdapter(
+            worker_pb2.PrefetchAdapterRequest(adapter=to_disk, tier=common_pb2.ADAPTER_TIER_DISK)
+        )
+        assert reply.current_tier == common_pb2.ADAPTER_TIER_OBJECT_STORE
+        reply = await stub.PrefetchAdapter(worker_pb2.PrefetchAdapterRequest(adapter=to_device))
+        assert reply.current_tier == common_pb2.ADAPTER_TIER_OBJECT_STORE
+        on_disk = worker.loader.cache_dir / digest_hex(to_disk.digest)
+        deadline = time.monotonic() + 5
+        while to_device.digest not in worker.engine.engine.resident_adapters() or not on_disk.is_dir():
+            assert time.monotonic() < deadline, "a prefetch never reached its tier"
+            await asyncio.sleep(0.02)
+        assert to_disk.digest not in worker.engine.engine.resident_adapters()
+        again = await stub.PrefetchAdapter(worker_pb2.PrefetchAdapterRequest(adapter=to_device))
+        assert again.current_tier == common_pb2.ADAPTER_TIER_DEVICE
+        warm = await generate(stub, gen_request(adapter=to_device, max_tokens=1))
+        assert warm.finished is not None and not warm.finished.timings.cold_start
