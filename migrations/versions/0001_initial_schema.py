@@ -162,11 +162,17 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("request_id", name=op.f("pk_usage_records")),
     )
-    op.create_index(op.f("ix_usage_records_finished_at"), "usage_records", ["finished_at"], unique=False)
+    # Export pages walk (finished_at, request_id): the index serves them without a sort.
     op.create_index(
-        op.f("ix_usage_records_tenant_id_finished_at"),
+        op.f("ix_usage_records_finished_at_request_id"),
         "usage_records",
-        ["tenant_id", "finished_at"],
+        ["finished_at", "request_id"],
+        unique=False,
+    )
+    op.create_index(
+        op.f("ix_usage_records_tenant_id_finished_at_request_id"),
+        "usage_records",
+        ["tenant_id", "finished_at", "request_id"],
         unique=False,
     )
     op.create_table(
@@ -191,8 +197,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index(op.f("ix_workers_base_model"), table_name="workers")
     op.drop_table("workers")
-    op.drop_index(op.f("ix_usage_records_tenant_id_finished_at"), table_name="usage_records")
-    op.drop_index(op.f("ix_usage_records_finished_at"), table_name="usage_records")
+    op.drop_index(op.f("ix_usage_records_tenant_id_finished_at_request_id"), table_name="usage_records")
+    op.drop_index(op.f("ix_usage_records_finished_at_request_id"), table_name="usage_records")
     op.drop_table("usage_records")
     op.drop_index(op.f("ix_api_keys_tenant_id"), table_name="api_keys")
     op.drop_index(op.f("ix_api_keys_prefix"), table_name="api_keys")

@@ -190,8 +190,9 @@ class UsageRecord(Base):
         ),
         CheckConstraint("(adapter_id IS NULL) = (adapter_version IS NULL)", name="adapter_id_with_version"),
         CheckConstraint("finished_at >= started_at", name="finished_after_started"),
-        Index(None, "finished_at"),
-        Index(None, "tenant_id", "finished_at"),
+        # Export pages walk (finished_at, request_id): these serve them without a sort.
+        Index(None, "finished_at", "request_id"),
+        Index(None, "tenant_id", "finished_at", "request_id"),
     )
 
     request_id: Mapped[str] = mapped_column(primary_key=True)
