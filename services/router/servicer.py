@@ -206,11 +206,19 @@ class InferenceServicer:
                     grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before a worker answered"
                 )
             call = handle.generate(admitted.worker_request, timeout=remaining)
-            pump = StreamPump(call)
+            pump: StreamPump | None = None
             handle.in_flight += 1
             try:
                 while not finished_event:
-                    batch = await pump.take()
+                    if pump is None:
+                        # Until the first token, read directly: nothing stands between the worker's
+                        # first delta and the client. Then read ahead, so a backlog is merged.
+                        message = await call.read()
+                        batch = [] if message is grpc.aio.EOF else [message]
+                        if state.tokens_out:
+                            pump = StreamPump(call.read, grpc.aio.EOF)
+                    else:
+                        batch = await pump.take()
                     if not batch:
                         break
                     if not state.worker_started:
@@ -264,7 +272,8 @@ class InferenceServicer:
                 raise RpcError(err, exc.details() or f"worker error {err.name}") from None
             finally:
                 handle.in_flight -= 1
-                pump.close()
+                if pump is not None:
+                    pump.close()
                 if not call.done():
                     call.cancel()
             if state.finished is None:

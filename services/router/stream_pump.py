@@ -9,7 +9,8 @@ the worker down (back-pressure), and an error is raised only after the messages 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable
+from collections.abc import Awaitable, Callable
+from typing import cast
 
 from loraplex.v1 import inference_pb2, worker_pb2
 
@@ -17,8 +18,17 @@ DEFAULT_HIGH_WATER = 256
 
 
 class StreamPump:
-    def __init__(self, stream: AsyncIterable[bytes], *, high_water: int = DEFAULT_HIGH_WATER) -> None:
-        self._stream = stream
+    def __init__(
+        self,
+        read: Callable[[], Awaitable[object]],
+        eof: object,
+        *,
+        high_water: int = DEFAULT_HIGH_WATER,
+    ) -> None:
+        # read/eof rather than an async iterator: grpc.aio lets a call be read with read() or by
+        # iteration, never both, and the router reads the first messages itself.
+        self._read = read
+        self._eof = eof
         self._buf: list[bytes] = []
         self._done = False
         self._error: BaseException | None = None
@@ -29,10 +39,10 @@ class StreamPump:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        ready, space = self._ready, self._space
+        ready, space, read, eof = self._ready, self._space, self._read, self._eof
         try:
-            async for message in self._stream:
-                self._buf.append(message)
+            while (message := await read()) is not eof:
+                self._buf.append(cast(bytes, message))
                 ready.set()
                 if len(self._buf) >= self._high:
                     space.clear()

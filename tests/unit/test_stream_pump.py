@@ -3,30 +3,42 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
 from loraplex.v1 import common_pb2, inference_pb2, worker_pb2
 from services.router.stream_pump import StreamPump, merge_deltas
 
+EOF = object()
+
 
 class Boom(Exception):
     pass
 
 
-async def source(n: int, *, fail: bool = False, produced: list[int] | None = None) -> AsyncIterator[bytes]:
-    for i in range(n):
-        if produced is not None:
-            produced.append(i)
-        yield str(i).encode()
+def pump_over(
+    n: int, *, fail: bool = False, produced: list[int] | None = None, high_water: int = 256
+) -> StreamPump:
+    """A pump over a stream of n messages, read like a grpc.aio call: read() until EOF."""
+    sent = 0
+
+    async def read() -> object:
+        nonlocal sent
         await asyncio.sleep(0)
-    if fail:
-        raise Boom("worker died")
+        if sent == n:
+            if fail:
+                raise Boom("worker died")
+            return EOF
+        if produced is not None:
+            produced.append(sent)
+        sent += 1
+        return str(sent - 1).encode()
+
+    return StreamPump(read, EOF, high_water=high_water)
 
 
 async def test_a_slow_consumer_takes_the_backlog_as_one_batch_in_order() -> None:
-    pump = StreamPump(source(50))
+    pump = pump_over(50)
     first = await pump.take()
     await asyncio.sleep(0.01)  # the consumer is busy writing; the pump keeps reading
     rest = await pump.take()
@@ -38,7 +50,7 @@ async def test_a_slow_consumer_takes_the_backlog_as_one_batch_in_order() -> None
 
 
 async def test_the_error_comes_after_every_message_read_before_it() -> None:
-    pump = StreamPump(source(5, fail=True))
+    pump = pump_over(5, fail=True)
     got: list[bytes] = []
     with pytest.raises(Boom):
         while batch := await pump.take():
@@ -49,7 +61,7 @@ async def test_the_error_comes_after_every_message_read_before_it() -> None:
 
 async def test_reading_stops_at_the_high_water_mark_until_the_consumer_takes() -> None:
     produced: list[int] = []
-    pump = StreamPump(source(100, produced=produced), high_water=10)
+    pump = pump_over(100, produced=produced, high_water=10)
     await asyncio.sleep(0.05)
     assert len(produced) == 10
     assert len(await pump.take()) == 10
@@ -60,7 +72,7 @@ async def test_reading_stops_at_the_high_water_mark_until_the_consumer_takes() -
 
 async def test_close_stops_reading() -> None:
     produced: list[int] = []
-    pump = StreamPump(source(1000, produced=produced), high_water=5)
+    pump = pump_over(1000, produced=produced, high_water=5)
     await asyncio.sleep(0)
     pump.close()
     await asyncio.sleep(0.01)
