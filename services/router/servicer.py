@@ -7,6 +7,7 @@ re-encoded. The router reads only the oneof tag of each chunk and the token coun
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -169,7 +170,7 @@ class InferenceServicer:
             trailing = self._pushback if isinstance(exc, Overloaded) else ()
             await self._bill(admitted, state)
             await context.abort(exc.code, exc.message, trailing_metadata=trailing)
-        except BaseException:
+        except (asyncio.CancelledError, GeneratorExit):
             # Cancelled by the client or by the deadline: the worker call is already cancelled.
             code = grpc.StatusCode.CANCELLED
             remaining = context.time_remaining()
@@ -177,6 +178,12 @@ class InferenceServicer:
             state.end = _FR.FINISH_REASON_DEADLINE_EXCEEDED if expired else _FR.FINISH_REASON_CANCELLED
             await self._bill(admitted, state)
             raise
+        except Exception:
+            log.exception("request %s failed in the router", admitted.request_id)
+            code = grpc.StatusCode.INTERNAL
+            state.end = _FR.FINISH_REASON_ERROR
+            await self._bill(admitted, state)
+            await context.abort(code, "internal error in the router; it logged the details")
         finally:
             self.inflight -= 1
             metrics.INFLIGHT.dec()
