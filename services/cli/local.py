@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 
@@ -36,6 +37,8 @@ def worker_serve(args: argparse.Namespace) -> int:
 
     _logging()
     settings = WorkerSettings.from_env()
+    if args.model:
+        settings = dataclasses.replace(settings, model=args.model)
 
     def ready(worker: RunningWorker) -> None:
         print(f"worker {settings.worker_id} serving {settings.model} on port {worker.port}", flush=True)

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     worker = group("worker", "the worker service (one base model, many adapters)")
-    cmd(worker, "serve", local.worker_serve, "run a worker for LORAPLEX_MODEL on LORAPLEX_WORKER_LISTEN")
+    p = cmd(worker, "serve", local.worker_serve, "run a worker for one base model on LORAPLEX_WORKER_LISTEN")
+    p.add_argument("--model", default=None, help="base model to serve (default: LORAPLEX_MODEL)")
 
     router = group("router", "the router service (public InferenceService)")
     cmd(router, "serve", local.router_serve, "run the router on LORAPLEX_ROUTER_LISTEN")

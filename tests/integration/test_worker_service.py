@@ -362,10 +362,14 @@ def test_worker_serve_subprocess_streams_smollm2_text_with_an_adapter(
         "LORAPLEX_DEVICE": "cpu",
         "LORAPLEX_DTYPE": "float32",
         "LORAPLEX_KV_CACHE_BLOCKS": "64",
+        "LORAPLEX_MODEL": "a-model-the-flag-overrides",
     }
     loraplex = Path(sys.executable).parent / "loraplex"
     proc = subprocess.Popen(
-        [str(loraplex), "worker", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        [str(loraplex), "worker", "serve", "--model", DEFAULT_MODEL],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         wait_serving(f"127.0.0.1:{port}", proc, timeout_s=180)  # slow when the CPUs are shared
