@@ -486,10 +486,13 @@ class GenerationStarted(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     ADAPTER_FIELD_NUMBER: _builtins.int
+    INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request id: the client's idempotency key, or one the server assigned."""
     model: _builtins.str
     """The base model serving the request."""
+    input_tokens: _builtins.int
+    """Prompt tokens after tokenization: what is billed as input if the stream ends early."""
     @_builtins.property
     def adapter(self) -> Global___AdapterVersion:
         """The adapter version resolved for the request; unset for the base model."""
@@ -500,10 +503,11 @@ class GenerationStarted(_message.Message):
         request_id: _builtins.str = ...,
         model: _builtins.str = ...,
         adapter: Global___AdapterVersion | None = ...,
+        input_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "model", b"model", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "input_tokens", b"input_tokens", "model", b"model", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "loraplex.v1.InferenceService"
 # Field tags (field number << 3 | wire type 2) of the event oneof, shared by both stream messages.
-_DELTA, _FINISHED = b"\x12", b"\x1a"
+_STARTED, _DELTA, _FINISHED = b"\x0a", b"\x12", b"\x1a"
 _FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 _FR = common_pb2.FinishReason
 
@@ -68,6 +68,7 @@ class _Stream:
     tokens_out: int = 0
     first_token_at: float = 0.0
     worker_started: bool = False
+    input_tokens: int = 0  # from the worker's GenerationStarted
     finished: common_pb2.GenerationFinished | None = None
     worker_id: str = ""
     end: _FR.ValueType = _FR.FINISH_REASON_UNSPECIFIED
@@ -230,6 +231,9 @@ class InferenceServicer:
                         break
                     if not state.worker_started:
                         state.worker_started = True
+                        if batch[0][:1] == _STARTED:
+                            scratch.ParseFromString(batch[0])
+                            state.input_tokens = scratch.started.input_tokens
                         yield admitted.started
                     # One message per read is the common case when the router keeps up: forward
                     # it as is. A backlog becomes one merged delta, one write instead of many.
@@ -425,10 +429,8 @@ class InferenceServicer:
             reason = finished.finish_reason
             cold = finished.timings.cold_start
         else:
-            prompt = admitted.worker_request.prompt
-            # Without the worker's Finished the router knows the prompt's size only for token ids.
-            input_tokens = len(prompt.token_ids.ids) if prompt.WhichOneof("kind") == "token_ids" else 0
-            usage = common_pb2.Usage(input_tokens=input_tokens, output_tokens=state.tokens_out)
+            # Without the worker's Finished, bill the prompt size its Started reported.
+            usage = common_pb2.Usage(input_tokens=state.input_tokens, output_tokens=state.tokens_out)
             reason = state.end
             cold = False
         ttft_ms = (state.first_token_at - arrived) * 1000 if state.first_token_at else 0.0

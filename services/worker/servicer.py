@@ -138,6 +138,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     request_id=request_id,
                     model=self.identity.base_model,
                     adapter=convert.adapter_version(request.adapter) if has_adapter else None,
+                    input_tokens=len(ids),
                 )
             )
             last: RequestOutput | None = None

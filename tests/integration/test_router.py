@@ -387,6 +387,7 @@ async def test_failure_after_tokens_ends_with_unavailable_and_bills_the_partial_
     assert sum(len(w.worker.requests) for w in s.workers) == 1  # no failover after a token
     row = await _billed(s, rid)
     assert (row["output_tokens"], row["finish_reason"]) == (3, "error")
+    assert row["input_tokens"] > 0  # from the worker's Started: the prompt was processed
 
 
 async def test_client_cancellation_cancels_the_worker_call_and_bills_what_was_streamed(s: Stack) -> None:
