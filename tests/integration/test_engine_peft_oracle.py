@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,29 +26,46 @@ NEW_TOKENS = 6
 LOGIT_TOLERANCE = 1e-3  # fp32
 
 
-@pytest.fixture(scope="module")
-def tiny_peft_adapters(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny-peft")
-    return {
-        spec.name: build_peft_adapter(tiny_llama_dir, root / spec.name, spec, seed=i)
-        for i, spec in enumerate(VARIANTS)
-    }
+Reference = dict[tuple[str | None, str], tuple[list[int], torch.Tensor, torch.Tensor]]
 
 
-@pytest.fixture(scope="module")
-def peft_reference(tiny_llama_dir: Path, tiny_peft_adapters: dict[str, Path]) -> dict:
+@dataclass
+class Oracle:
+    model_dir: Path
+    adapters: dict[str, Path]  # variant name -> PEFT adapter dir
+    reference: Reference
+
+
+@pytest.fixture(scope="module", params=["tiny-llama", pytest.param("smollm2", marks=pytest.mark.slow)])
+def oracle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Oracle:
+    """The tiny model with strongly random adapters, and the real SmolLM2 with the shared trained
+    test adapters (one per variant: LoRA, rsLoRA, DoRA, ranks 8 to 64)."""
+    if request.param == "tiny-llama":
+        model_dir: Path = request.getfixturevalue("tiny_llama_dir")
+        root = tmp_path_factory.mktemp("tiny-peft")
+        adapters = {
+            spec.name: build_peft_adapter(model_dir, root / spec.name, spec, seed=i)
+            for i, spec in enumerate(VARIANTS)
+        }
+    else:
+        model_dir = request.getfixturevalue("smollm2_dir")
+        adapters = request.getfixturevalue("smollm2_adapters")
+    return Oracle(model_dir, adapters, peft_reference(model_dir, adapters))
+
+
+def peft_reference(model_dir: Path, adapters: dict[str, Path]) -> Reference:
     """(adapter name or None, prompt) -> (greedy tokens, first-step logits, last-step logits)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    names = list(tiny_peft_adapters)
-    model = PeftModel.from_pretrained(base, tiny_peft_adapters[names[0]], adapter_name=names[0])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    names = list(adapters)
+    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
     for name in names[1:]:
-        model.load_adapter(tiny_peft_adapters[name], adapter_name=name)
+        model.load_adapter(adapters[name], adapter_name=name)
     model.eval()
-    ref: dict[tuple[str | None, str], tuple[list[int], torch.Tensor, torch.Tensor]] = {}
+    ref: Reference = {}
 
     def generate(prompt: str) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
@@ -87,13 +105,12 @@ def _request(engine: LLMEngine, rid: str, prompt: str, digest: str | None) -> En
     return EngineRequest(rid, ids, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True), digest)
 
 
-def test_mixed_adapter_batch_matches_peft_tokens_and_logits(
-    tiny_llama_dir: Path, tiny_peft_adapters: dict[str, Path], peft_reference: dict
-) -> None:
-    engine = _engine(tiny_llama_dir, tiny_peft_adapters)
-    digests = {name: digest_of(path) for name, path in tiny_peft_adapters.items()}
+def test_mixed_adapter_batch_matches_peft_tokens_and_logits(oracle: Oracle) -> None:
+    engine = _engine(oracle.model_dir, oracle.adapters)
+    peft_reference = oracle.reference
+    digests = {name: digest_of(path) for name, path in oracle.adapters.items()}
     cases: dict[str, tuple[str | None, str]] = {}
-    for name in [*tiny_peft_adapters, None]:
+    for name in [*oracle.adapters, None]:
         prompts = (*PROMPTS, EXTRA_PROMPT) if name in UNEVEN else PROMPTS
         for p, prompt in enumerate(prompts):
             rid = f"{name}/{p}"
@@ -122,16 +139,14 @@ def test_mixed_adapter_batch_matches_peft_tokens_and_logits(
         assert (last_logits[rid] - want_last).abs().max().item() <= LOGIT_TOLERANCE, rid
 
 
-def test_request_joining_a_busy_batch_mid_flight_gets_the_tokens_it_gets_alone(
-    tiny_llama_dir: Path, tiny_peft_adapters: dict[str, Path]
-) -> None:
-    engine = _engine(tiny_llama_dir, tiny_peft_adapters)
-    names = list(tiny_peft_adapters)
-    probe_digest = digest_of(tiny_peft_adapters[names[2]])
+def test_request_joining_a_busy_batch_mid_flight_gets_the_tokens_it_gets_alone(oracle: Oracle) -> None:
+    engine = _engine(oracle.model_dir, oracle.adapters)
+    names = list(oracle.adapters)
+    probe_digest = digest_of(oracle.adapters[names[2]])
     engine.add_request(_request(engine, "alone", PROMPTS[1], probe_digest))
     alone = tokens_of(run_all(engine)["alone"])
     for i, name in enumerate(names * 2):
-        engine.add_request(_request(engine, f"busy-{i}", PROMPTS[i % 3], digest_of(tiny_peft_adapters[name])))
+        engine.add_request(_request(engine, f"busy-{i}", PROMPTS[i % 3], digest_of(oracle.adapters[name])))
     for _ in range(3):
         engine.step()
     engine.add_request(_request(engine, "joiner", PROMPTS[1], probe_digest))

@@ -44,3 +44,15 @@ class EngineConfig:
             raise ValueError("max_step_tokens must be at least max_batch_size so every row can decode")
         if self.kv_cache_blocks is not None and self.kv_cache_blocks < 2:
             raise ValueError(f"kv_cache_blocks must be at least 2, got {self.kv_cache_blocks}")
+
+
+def preferred_dtype(device: str) -> torch.dtype:
+    """bf16 where the hardware computes in it natively (CUDA, CPUs with AVX512-BF16 or AMX);
+    elsewhere fp32, because emulated bf16 matmuls run several times slower than fp32 ones."""
+    if device.startswith("cuda"):
+        return torch.bfloat16
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return torch.float32
+    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
