@@ -29,9 +29,14 @@ class RunningServer:
     health: HealthServicer
     port: int
     service_names: Sequence[str]
+    # Run first on drain: streams that never end by themselves (state and change feeds) close here,
+    # so the server's grace period waits only for real work.
+    before_drain: list[Callable[[], None]] = field(default_factory=list)
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def drain(self, grace_s: float) -> None:
+        for close_stream in self.before_drain:
+            close_stream()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
         for hook in self.on_stop:

@@ -18,6 +18,9 @@ class ChangeFeed:
         self._latest = 0
         self._changed = asyncio.Condition()
 
+    def wake_all(self) -> None:
+        asyncio.get_running_loop().create_task(self._wake())
+
     def notify_local(self, revision: int) -> None:
         self._latest = max(self._latest, revision)
         asyncio.get_running_loop().create_task(self._wake())

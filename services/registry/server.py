@@ -47,6 +47,7 @@ async def start_registry(settings: RegistrySettings) -> RunningServer:
         usage_pb2_grpc.add_UsageServiceServicer_to_server(usage, server)
 
     running = await start_server(settings.listen, register, SERVICE_NAMES)
+    running.before_drain.append(servicer.begin_drain)
 
     async def close() -> None:
         await resources.aclose()

@@ -61,6 +61,12 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServiceServicer):
         self._feed = change_feed
         self._limits = AdapterLimits(max_rank=settings.max_adapter_rank, max_bytes=settings.max_adapter_bytes)
         self._staging_root = settings.home / "staging"
+        self._draining = asyncio.Event()
+
+    def begin_drain(self) -> None:
+        """Ends WatchAdapters streams (watchers reconnect elsewhere) so a drain waits only for real work."""
+        self._draining.set()
+        self._feed.wake_all()
 
     # -- auth --------------------------------------------------------------------------------
 
@@ -225,7 +231,7 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServiceServicer):
     ) -> AsyncIterator[registry_pb2.WatchAdaptersResponse]:
         await self._admin(context)
         revision = request.since_revision
-        while True:
+        while not self._draining.is_set():
             async with self._sessions() as s:
                 rows = await queries.adapter_changes_since(s, revision, WATCH_BATCH)
                 batch = [(r.revision, convert.adapter_pb(r)) for r in rows]

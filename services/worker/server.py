@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from transformers import AutoTokenizer
 from loraplex.v1 import worker_pb2, worker_pb2_grpc
 from services.common.base_models import is_complete, models_dir, pull_model
 from services.common.config import WorkerSettings
-from services.common.grpc_server import RunningServer, start_server
+from services.common.grpc_server import RunningServer, run_until_signalled, start_server
 from services.worker.adapter_loader import AdapterLoader
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine.config import EngineConfig
@@ -42,7 +41,6 @@ class RunningWorker:
 
     async def drain(self, grace_s: float) -> None:
         """Health NOT_SERVING, end state streams, let in-flight generations finish, stop the engine."""
-        self.servicer.begin_drain()
         await self.server.drain(grace_s)
 
 
@@ -101,6 +99,7 @@ async def start_worker(settings: WorkerSettings) -> RunningWorker:
     except BaseException:
         await engine.shutdown()
         raise
+    running.before_drain.append(servicer.begin_drain)
     # Runs after the server stopped taking calls and in-flight streams finished (or the grace ran out).
     running.on_stop.append(engine.shutdown)
     return RunningWorker(running, engine, loader, servicer)
@@ -110,12 +109,4 @@ async def serve(settings: WorkerSettings, on_ready: Callable[[RunningWorker], No
     worker = await start_worker(settings)
     if on_ready:
         on_ready(worker)
-    # Not run_until_signalled: WatchState streams never end by themselves, so the servicer must
-    # close them before the server waits for in-flight calls.
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("draining (grace %.0fs)", settings.drain_grace_s)
-    await worker.drain(settings.drain_grace_s)
+    await run_until_signalled(worker.server, settings.drain_grace_s)
