@@ -1,0 +1,26 @@
+"""Adapter tiers on a worker: the pure cache policy (policy.py), its eviction orders (orders.py)
+and the adapter-on-worker state machine (states.py). No I/O here; the worker executes the plans."""
+
+from services.worker.tiers.policy import (
+    Eviction,
+    Load,
+    Plan,
+    ResidentRow,
+    Tier,
+    TierBudgets,
+    TierPolicy,
+)
+from services.worker.tiers.states import AdapterState, IllegalTransition, Lifecycle
+
+__all__ = [
+    "AdapterState",
+    "Eviction",
+    "IllegalTransition",
+    "Lifecycle",
+    "Load",
+    "Plan",
+    "ResidentRow",
+    "Tier",
+    "TierBudgets",
+    "TierPolicy",
+]

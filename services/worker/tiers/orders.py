@@ -1,0 +1,125 @@
+"""Eviction orders within one tier: which resident adapter goes first.
+
+`LruOrder` evicts the least recently used. `GdsfOrder` is Greedy-Dual-Size-Frequency (Cherkasova
+1998): priority = L + frequency / size, the lowest goes first and L rises to the evicted priority,
+so small, often used adapters outlive large, rarely used ones while aging keeps it from
+starving newcomers. Both answer `victims(...)` without changing anything, so the policy can check
+that a whole plan fits before it commits to any eviction.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Protocol
+
+
+class Item(Protocol):
+    digest: str
+    size_bytes: int
+    last_used: float
+    freq: int
+
+
+class Order(Protocol):
+    def touch(self, item: Item) -> None: ...
+    def discard(self, digest: str, *, evicted: bool) -> None: ...
+    def victims(
+        self,
+        needed: int,
+        evictable: Callable[[str], Item | None],
+        colder_than: Item | None = None,
+    ) -> list[Item] | None: ...
+
+
+class LruOrder:
+    def __init__(self) -> None:
+        self._od: OrderedDict[str, None] = OrderedDict()
+
+    def touch(self, item: Item) -> None:
+        self._od[item.digest] = None
+        self._od.move_to_end(item.digest)
+
+    def discard(self, digest: str, *, evicted: bool) -> None:
+        self._od.pop(digest, None)
+
+    def victims(
+        self,
+        needed: int,
+        evictable: Callable[[str], Item | None],
+        colder_than: Item | None = None,
+    ) -> list[Item] | None:
+        """Least recent first until `needed` bytes are covered; None if they cannot be."""
+        out: list[Item] = []
+        freed = 0
+        for digest in self._od:
+            if freed >= needed:
+                break
+            item = evictable(digest)
+            if item is None:
+                continue
+            if colder_than is not None and item.last_used > colder_than.last_used:
+                break  # everything after this one is more recent still
+            out.append(item)
+            freed += item.size_bytes
+        return out if freed >= needed else None
+
+
+class GdsfOrder:
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, str]] = []
+        self._live: dict[str, tuple[float, int]] = {}
+        self._seq = itertools.count()
+        self.inflation = 0.0
+
+    def priority(self, item: Item) -> float:
+        return self.inflation + item.freq * 1e6 / max(item.size_bytes, 1)
+
+    def touch(self, item: Item) -> None:
+        key = (self.priority(item), next(self._seq))
+        self._live[item.digest] = key
+        heapq.heappush(self._heap, (key[0], key[1], item.digest))
+        if len(self._heap) > 2 * len(self._live) + 64:
+            self._heap = [(p, s, d) for d, (p, s) in self._live.items()]
+            heapq.heapify(self._heap)
+
+    def discard(self, digest: str, *, evicted: bool) -> None:
+        key = self._live.pop(digest, None)
+        if evicted and key is not None:
+            self.inflation = max(self.inflation, key[0])
+
+    def victims(
+        self,
+        needed: int,
+        evictable: Callable[[str], Item | None],
+        colder_than: Item | None = None,
+    ) -> list[Item] | None:
+        limit = self.priority(colder_than) if colder_than is not None else float("inf")
+        out: list[Item] = []
+        popped: list[tuple[float, int, str]] = []
+        freed = 0
+        while freed < needed and self._heap:
+            top = heapq.heappop(self._heap)
+            prio, seq, digest = top
+            if self._live.get(digest) != (prio, seq):
+                continue  # stale: touched again or gone since it was pushed
+            popped.append(top)
+            if prio > limit:
+                break
+            item = evictable(digest)
+            if item is not None:
+                out.append(item)
+                freed += item.size_bytes
+        for top in popped:  # the caller discards the victims it evicts
+            heapq.heappush(self._heap, top)
+        return out if freed >= needed else None
+
+
+def make_order(kind: str) -> Order:
+    if kind == "lru":
+        return LruOrder()
+    if kind == "gdsf":
+        return GdsfOrder()
+    raise ValueError(f"unknown eviction order {kind!r} (lru or gdsf)")

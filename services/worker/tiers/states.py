@@ -1,0 +1,76 @@
+"""An adapter's life on one worker: one enum state, a transition table, a counter per transition.
+
+    ABSENT ─▶ QUEUED ─▶ DOWNLOADING ─▶ ON_DISK ─▶ LOADING_HOST ─▶ IN_HOST ─▶ LOADING_DEVICE ─▶ ON_DEVICE
+                 │                        │  └──────────────────────────────────▶┘      ▲
+                 └── (retry from a kept copy: LOADING_HOST / LOADING_DEVICE) ───────────┘
+    Demotion walks back down: ON_DEVICE ─▶ IN_HOST | ON_DISK | ABSENT, IN_HOST ─▶ ON_DISK | ABSENT,
+    ON_DISK ─▶ ABSENT. Any step in progress may end in FAILED; FAILED ─▶ QUEUED retries.
+
+ABSENT means "only in object storage" (the policy keeps no row for it). QUEUED is an adapter a
+request wants whose first load has not been admitted yet (no room). The LOADING_* and
+DOWNLOADING states reserve their destination's bytes until `on_loaded` or `on_failed`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import Counter
+
+log = logging.getLogger(__name__)
+
+
+class AdapterState(enum.Enum):
+    # Members are singletons, so identity hashing is exact; Enum's default hashes the name in
+    # Python code, which the policy pays several times per cache miss.
+    __hash__ = object.__hash__
+
+    ABSENT = "absent"
+    QUEUED = "queued"
+    DOWNLOADING = "downloading"  # object store -> disk
+    ON_DISK = "on_disk"
+    LOADING_HOST = "loading_host"  # disk -> parsed tensors in host RAM
+    IN_HOST = "in_host"
+    LOADING_DEVICE = "loading_device"  # host or disk -> a device slot
+    ON_DEVICE = "on_device"
+    FAILED = "failed"
+
+
+S = AdapterState
+
+TRANSITIONS: dict[AdapterState, frozenset[AdapterState]] = {
+    S.ABSENT: frozenset({S.QUEUED}),
+    S.QUEUED: frozenset({S.DOWNLOADING, S.LOADING_HOST, S.LOADING_DEVICE, S.FAILED}),
+    S.DOWNLOADING: frozenset({S.ON_DISK, S.FAILED}),
+    S.ON_DISK: frozenset({S.LOADING_HOST, S.LOADING_DEVICE, S.ABSENT}),
+    S.LOADING_HOST: frozenset({S.IN_HOST, S.FAILED}),
+    S.IN_HOST: frozenset({S.LOADING_DEVICE, S.ON_DISK, S.ABSENT}),
+    S.LOADING_DEVICE: frozenset({S.ON_DEVICE, S.FAILED}),
+    S.ON_DEVICE: frozenset({S.IN_HOST, S.ON_DISK, S.ABSENT}),
+    S.FAILED: frozenset({S.QUEUED, S.ABSENT}),
+}
+
+IN_PROGRESS: frozenset[AdapterState] = frozenset({S.DOWNLOADING, S.LOADING_HOST, S.LOADING_DEVICE})
+
+
+class IllegalTransition(Exception):
+    """A state change the table does not allow (a bug in the caller, never a runtime condition)."""
+
+
+class Lifecycle:
+    """Checks every state change against `TRANSITIONS` and counts it per (from, to)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[AdapterState, AdapterState]] = Counter()
+
+    def move(self, digest: str, src: AdapterState, dst: AdapterState) -> AdapterState:
+        if dst not in TRANSITIONS[src]:
+            raise IllegalTransition(f"adapter {digest[:12]}: {src.value} -> {dst.value}")
+        self.counts[(src, dst)] += 1
+        if log.isEnabledFor(logging.DEBUG):  # the policy moves states on every miss
+            log.debug("adapter %s: %s -> %s", digest[:12], src.value, dst.value)
+        return dst
+
+    def as_dict(self) -> dict[str, int]:
+        """Counts keyed "from->to", for logs, metrics and benchmark output."""
+        return {f"{a.value}->{b.value}": n for (a, b), n in sorted(self.counts.items(), key=str)}
