@@ -54,7 +54,8 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, key: ModuleKey, batch: LoraBatch)
         if g.span is not None:
             start, end = g.span
             xs = x[start:end].view(g.num_adapters, g.seg_len, x.shape[1])
-            y[start:end] += torch.bmm(torch.bmm(xs, a_t), b_t).view(end - start, y.shape[1])
+            # Accumulate straight into y's rows: no [tokens, out] temporary to write and re-read.
+            y[start:end].view(g.num_adapters, g.seg_len, y.shape[1]).baddbmm_(torch.bmm(xs, a_t), b_t)
             continue
         xg = x.index_select(0, g.gather_index).view(g.num_adapters, g.seg_len, x.shape[1])
         delta = torch.bmm(torch.bmm(xg, a_t), b_t).view(-1, y.shape[1])
