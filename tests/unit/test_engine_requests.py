@@ -100,6 +100,9 @@ def test_bad_requests_are_refused_with_a_reason(tiny_llama_dir: Path) -> None:
         engine.add_request(EngineRequest("long", [1] * engine.context_length, GREEDY))
     with pytest.raises(ValueError, match="top_p"):
         engine.add_request(EngineRequest("bad", [1], SamplingParams(top_p=2.0)))
+    small = _engine(tiny_llama_dir, kv_cache_blocks=4)
+    with pytest.raises(ValueError, match="KV cache blocks"):
+        small.add_request(EngineRequest("huge", [1] * 16, GREEDY))
     with pytest.raises(UnknownAdapter):
         engine.add_request(EngineRequest("who", [1], GREEDY, "sha256:nope"))
 

@@ -75,6 +75,7 @@ class EngineStats:
     prefix_cache_hits: int
     prefix_cache_queries: int
     resident_adapters: int
+    preemptions: int
 
 
 class LLMEngine:
@@ -124,6 +125,12 @@ class LLMEngine:
             raise ValueError(
                 f"the prompt has {len(req.prompt_token_ids)} tokens; this model's context is "
                 f"{self.context_length}, so send at most {self.context_length - 1}"
+            )
+        blocks = -(-(len(req.prompt_token_ids) + 1) // self.config.kv_block_size)
+        if blocks > len(self.blocks.blocks):
+            raise ValueError(
+                f"the prompt needs {blocks} KV cache blocks but this worker has {len(self.blocks.blocks)}; "
+                "send a shorter prompt"
             )
         vocab = self.model.config.vocab_size
         if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= vocab:
@@ -210,4 +217,5 @@ class LLMEngine:
             prefix_cache_hits=self.blocks.prefix_hits,
             prefix_cache_queries=self.blocks.prefix_queries,
             resident_adapters=len(self.adapters),
+            preemptions=self.scheduler.num_preemptions,
         )

@@ -1,0 +1,78 @@
+"""Reading PEFT adapter directories: variants, scales, and refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from services.worker.engine.adapter_slots import rank_bucket
+from services.worker.engine.adapter_weights import AdapterFormatError, load_adapter_weights
+
+PREFIX = "base_model.model.model.layers"
+
+
+def _write(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **config}))
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    return path
+
+
+def _qv(rank: int) -> dict[str, torch.Tensor]:
+    return {
+        f"{PREFIX}.0.self_attn.q_proj.lora_A.weight": torch.randn(rank, 64),
+        f"{PREFIX}.0.self_attn.q_proj.lora_B.weight": torch.randn(64, rank),
+        f"{PREFIX}.1.self_attn.v_proj.lora_A.weight": torch.randn(rank, 64),
+        f"{PREFIX}.1.self_attn.v_proj.lora_B.weight": torch.randn(32, rank),
+    }
+
+
+def test_plain_lora_scale_is_alpha_over_rank_and_rslora_alpha_over_sqrt_rank(tmp_path: Path) -> None:
+    lora = load_adapter_weights(
+        _write(tmp_path / "l", {"r": 8, "lora_alpha": 16}, _qv(8)), "d1", torch.float32
+    )
+    rs = load_adapter_weights(
+        _write(tmp_path / "r", {"r": 16, "lora_alpha": 16, "use_rslora": True}, _qv(16)), "d2", torch.float32
+    )
+    assert lora.variant == "LORA" and rs.variant == "RSLORA"
+    assert lora.tensors[(0, "q_proj")].scale == 2.0
+    assert rs.tensors[(1, "v_proj")].scale == pytest.approx(16 / math.sqrt(16))
+    assert lora.ranks == {"q_proj": 8, "v_proj": 8}
+    assert lora.size_bytes == sum(t.numel() for t in _qv(8).values()) * 4
+
+
+def test_dora_adapter_carries_its_magnitude_vectors(tmp_path: Path) -> None:
+    tensors = _qv(4) | {
+        f"{PREFIX}.0.self_attn.q_proj.lora_magnitude_vector": torch.rand(64),
+        f"{PREFIX}.1.self_attn.v_proj.lora_magnitude_vector": torch.rand(32),
+    }
+    weights = load_adapter_weights(
+        _write(tmp_path / "d", {"r": 4, "lora_alpha": 8, "use_dora": True}, tensors), "d", torch.bfloat16
+    )
+    assert weights.variant == "DORA"
+    magnitude = weights.tensors[(1, "v_proj")].magnitude
+    assert magnitude is not None and magnitude.shape == (32,) and magnitude.dtype == torch.bfloat16
+
+
+def test_pickled_weights_are_refused_without_being_read(tmp_path: Path) -> None:
+    path = tmp_path / "pickle"
+    path.mkdir()
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    (path / "adapter_model.bin").write_bytes(b"not to be unpickled")
+    with pytest.raises(AdapterFormatError, match="pickles are refused"):
+        load_adapter_weights(path, "d", torch.float32)
+
+
+def test_tensors_outside_the_supported_linear_layers_are_refused(tmp_path: Path) -> None:
+    tensors = _qv(4) | {"base_model.model.model.embed_tokens.lora_embedding_A": torch.randn(4, 10)}
+    with pytest.raises(AdapterFormatError, match="embed_tokens"):
+        load_adapter_weights(_write(tmp_path / "e", {"r": 4, "lora_alpha": 8}, tensors), "d", torch.float32)
+
+
+def test_rank_buckets_pad_only_to_the_next_power_of_two() -> None:
+    assert [rank_bucket(r) for r in (1, 8, 9, 16, 33, 64, 200)] == [8, 8, 16, 16, 64, 64, 256]
