@@ -18,7 +18,8 @@ strong baseline, not an upper bound. Idle expiry is off (TTL = inf) so both see 
 
 ratio_to_belady = policy hit ratio / Belady hit ratio, worst case over the Zipf traces and
 budgets, for the policy's default order (GDSF, size- and frequency-aware). Plain LRU runs on
-the same inputs and is reported beside it (ratio_to_belady_worst_zipf has both). Prints one JSON object last; draws bench/results/cache.png.
+the same inputs and is reported beside it (ratio_to_belady_worst_zipf has both).
+Prints one JSON object last; draws bench/results/cache.png.
 
     python -m bench.cache --json [--requests 100000] [--orders gdsf,lru]
 """
@@ -162,8 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"{name:8s} device {frac:4.0%}: belady {belady['hit_ratio']:.3f}  "
                 + "  ".join(
-                    f"{o} {row[o]['hit_ratio']:.3f} ({row[o]['ratio_to_belady']:.2f}x)"
-                    for o in orders
+                    f"{o} {row[o]['hit_ratio']:.3f} ({row[o]['ratio_to_belady']:.2f}x)" for o in orders
                 ),
                 file=sys.stderr,
             )
@@ -178,9 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "belady_hit_ratio": worst["belady"]["hit_ratio"],
         "ratio_to_belady": worst[main_order]["ratio_to_belady"],
         "worst_case": {"trace": worst["trace"], "device_fraction": worst["device_fraction"]},
-        "ratio_to_belady_worst_zipf": {
-            o: min(r[o]["ratio_to_belady"] for r in zipf_rows) for o in orders
-        },
+        "ratio_to_belady_worst_zipf": {o: min(r[o]["ratio_to_belady"] for r in zipf_rows) for o in orders},
         "target_ratio_to_belady": 0.9,
         "adapters": N_ADAPTERS,
         "adapter_mb": {
