@@ -109,7 +109,7 @@ class LLMEngine:
         if any(s.adapter == digest for s in self.seqs.values()):
             raise AdapterInUse(f"adapter {digest} is serving requests; unload it when they finish")
         del self.adapters[digest]
-        self.runner.forget_stacks()
+        self.runner.lora.forget_stacks()
 
     def resident_adapters(self) -> list[str]:
         return list(self.adapters)
