@@ -153,3 +153,23 @@ def test_max_tokens_finishes_a_request_with_length(tiny_llama_dir: Path) -> None
     outputs = run_all(engine)["n"]
     assert [o.finish_reason for o in outputs] == [None, None, "length"]
     assert outputs[-1].num_output_tokens == 3
+
+
+def test_bf16_engine_tracks_the_fp32_engine_on_a_mixed_batch(
+    tiny_llama_dir: Path, adapter_dirs: list[Path]
+) -> None:
+    first_logits = []
+    for dtype in (torch.float32, torch.bfloat16):
+        engine = LLMEngine(
+            EngineConfig(model_dir=tiny_llama_dir, dtype=dtype, kv_block_size=4, kv_cache_blocks=64)
+        )
+        weights = load_weights(adapter_dirs[0], dtype)
+        engine.load_adapter(weights)
+        engine.add_request(EngineRequest("lora", list(range(100, 110)), GREEDY, weights.digest))
+        engine.add_request(EngineRequest("base", list(range(200, 207)), GREEDY))
+        engine.step()
+        logits, rids = engine.runner.last_logits
+        first_logits.append(logits[[rids.index("lora"), rids.index("base")]].float())
+        assert all(len(tokens_of(o)) == 3 for o in run_all(engine).values())  # 1 from the first step
+    scale = first_logits[0].abs().max()
+    assert (first_logits[0] - first_logits[1]).abs().max() <= 0.05 * scale
