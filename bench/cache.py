@@ -17,11 +17,12 @@ the future until the new one fits), since exact Belady with variable sizes is NP
 strong baseline, not an upper bound. Idle expiry is off (TTL = inf) so both see the same trace.
 
 ratio_to_belady = policy hit ratio / Belady hit ratio, worst case over the Zipf traces and
-budgets, for the policy's default order (GDSF, size- and frequency-aware). Plain LRU runs on
-the same inputs and is reported beside it (ratio_to_belady_worst_zipf has both).
+budgets, for the first of --orders: the policy's default "lfu_size" (accesses per byte, aged by
+halving). Plain LRU runs on the same inputs and is reported beside it; add gdsf to --orders for
+Greedy-Dual-Size-Frequency (ratio_to_belady_worst_zipf has every order run).
 Prints one JSON object last; draws bench/results/cache.png.
 
-    python -m bench.cache --json [--requests 100000] [--orders gdsf,lru]
+    python -m bench.cache --json [--requests 50000] [--orders lfu_size,lru[,gdsf]] [--seed 7]
 """
 
 from __future__ import annotations
@@ -138,8 +139,8 @@ def run_belady(trace: np.ndarray, sizes: np.ndarray, device: int) -> dict[str, f
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
-    ap.add_argument("--requests", type=int, default=100_000)
-    ap.add_argument("--orders", default="gdsf,lru", help="the first one is the headline")
+    ap.add_argument("--requests", type=int, default=50_000)
+    ap.add_argument("--orders", default="lfu_size,lru", help="the first one is the headline")
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args(argv)
     orders = args.orders.split(",")

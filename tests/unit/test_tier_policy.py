@@ -90,6 +90,29 @@ def test_gdsf_evicts_a_large_rarely_used_adapter_before_small_popular_ones() -> 
     assert [e.digest for e in plan.evictions] == ["big"]
 
 
+def test_lfu_size_keeps_the_most_accesses_per_byte() -> None:
+    p, _ = make(device=40, host=0, order="lfu_size")
+    for _ in range(4):
+        serve(p, "big", 20)  # 4 accesses / 20 bytes
+    for d in ("s1", "s2"):
+        for _ in range(3):
+            serve(p, d, 10)  # 3 accesses / 10 bytes each: worth more per byte
+    plan = serve(p, "new", 10)
+    assert [e.digest for e in plan.evictions] == ["big"]
+
+
+def test_lfu_size_aging_lets_a_past_burst_fall_behind_current_traffic() -> None:
+    clock = Clock()
+    p = TierPolicy(TierBudgets(20, 0, 100), math.inf, clock, order="lfu_size", aging_window=4)
+    for _ in range(16):
+        serve(p, "burst")
+    for _ in range(6):
+        serve(p, "now")
+    # Counts are halved every 4th access: burst ends at 2 and now at 4 (without aging: 16 and 6).
+    plan = serve(p, "next")
+    assert [e.digest for e in plan.evictions] == ["burst"]
+
+
 def test_pinned_adapters_are_never_evicted_and_a_full_device_refuses_the_newcomer() -> None:
     p, _ = make(device=20, host=0)
     serve(p, "a", keep_pinned=True)
@@ -226,7 +249,7 @@ def test_misuse_is_an_error_not_a_silent_change() -> None:
         TierBudgets(-1, 0, 0)
 
 
-@pytest.mark.parametrize("order", ["lru", "gdsf"])
+@pytest.mark.parametrize("order", ["lru", "gdsf", "lfu_size"])
 def test_random_operations_never_exceed_a_budget_or_evict_a_protected_adapter(order: str) -> None:
     rng = random.Random(1234)
     budgets = TierBudgets(device_bytes=120, host_bytes=150, disk_bytes=300)

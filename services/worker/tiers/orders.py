@@ -2,9 +2,12 @@
 
 `LruOrder` evicts the least recently used. `GdsfOrder` is Greedy-Dual-Size-Frequency (Cherkasova
 1998): priority = L + frequency / size, the lowest goes first and L rises to the evicted priority,
-so small, often used adapters outlive large, rarely used ones while aging keeps it from
-starving newcomers. Both answer `victims(...)` without changing anything, so the policy can check
-that a whole plan fits before it commits to any eviction.
+so small, often used adapters outlive large, rarely used ones while L ages out stale ones.
+"lfu_size" is the same heap with no L: priority = frequency / size (the knapsack order that is
+optimal for a fixed popularity), aged instead by the policy halving every frequency every
+`aging_window` accesses (LFU with aging, as TinyLFU's reset), so a burst's adapters lose their
+counts within a few windows. All answer `victims(...)` without changing anything, so the policy
+can check that a whole plan fits before it commits to any eviction.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ class Item(Protocol):
 
 
 class Order(Protocol):
+    ages: bool  # priorities depend on frequencies the policy halves now and then
+
     def touch(self, item: Item) -> None: ...
+    def refresh(self, item: Item) -> None: ...
     def discard(self, digest: str, *, evicted: bool) -> None: ...
     def victims(
         self,
@@ -35,12 +41,17 @@ class Order(Protocol):
 
 
 class LruOrder:
+    ages = False
+
     def __init__(self) -> None:
         self._od: OrderedDict[str, None] = OrderedDict()
 
     def touch(self, item: Item) -> None:
         self._od[item.digest] = None
         self._od.move_to_end(item.digest)
+
+    def refresh(self, item: Item) -> None:
+        pass  # recency did not change
 
     def discard(self, digest: str, *, evicted: bool) -> None:
         self._od.pop(digest, None)
@@ -68,11 +79,13 @@ class LruOrder:
 
 
 class GdsfOrder:
-    def __init__(self) -> None:
+    def __init__(self, *, inflate: bool = True) -> None:
         self._heap: list[tuple[float, int, str]] = []
         self._live: dict[str, tuple[float, int]] = {}
-        self._seq = itertools.count()
+        self._seq = itertools.count()  # ties go to the one touched longest ago
         self.inflation = 0.0
+        self.inflate = inflate
+        self.ages = not inflate
 
     def priority(self, item: Item) -> float:
         return self.inflation + item.freq * 1e6 / max(item.size_bytes, 1)
@@ -85,9 +98,12 @@ class GdsfOrder:
             self._heap = [(p, s, d) for d, (p, s) in self._live.items()]
             heapq.heapify(self._heap)
 
+    def refresh(self, item: Item) -> None:
+        self.touch(item)
+
     def discard(self, digest: str, *, evicted: bool) -> None:
         key = self._live.pop(digest, None)
-        if evicted and key is not None:
+        if evicted and self.inflate and key is not None:
             self.inflation = max(self.inflation, key[0])
 
     def victims(
@@ -122,4 +138,6 @@ def make_order(kind: str) -> Order:
         return LruOrder()
     if kind == "gdsf":
         return GdsfOrder()
-    raise ValueError(f"unknown eviction order {kind!r} (lru or gdsf)")
+    if kind == "lfu_size":
+        return GdsfOrder(inflate=False)
+    raise ValueError(f"unknown eviction order {kind!r} (lfu_size, gdsf or lru)")
