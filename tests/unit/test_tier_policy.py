@@ -121,7 +121,7 @@ def test_pinned_adapters_are_never_evicted_and_a_full_device_refuses_the_newcome
     assert not refused.admitted and "pinned" in refused.reason
     assert refused.loads == () and refused.evictions == ()
     assert p.state("a") == p.state("b") == S.ON_DEVICE
-    assert p.state("c") == S.QUEUED and p.resident_bytes(DEV) == 20
+    assert p.state("c") == S.ABSENT and p.resident_bytes(DEV) == 20
     p.unpin("a")
     plan = serve(p, "c")
     assert [e.digest for e in plan.evictions] == ["a"]
@@ -212,7 +212,8 @@ def test_failed_load_releases_its_reservations_and_a_retry_starts_over() -> None
     p.on_failed("a")
     assert p.state("a") == S.FAILED
     assert p.resident_bytes(DEV) == p.resident_bytes(DISK) == 0
-    p.unpin("a")
+    p.unpin("a")  # the failed request lets go: nothing of it is left
+    assert p.state("a") == S.ABSENT and p.snapshot() == []
     plan = serve(p, "a")
     assert plan.loads[0] == Load("a", 10, OS, DISK)
     assert p.state("a") == S.ON_DEVICE

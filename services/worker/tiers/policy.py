@@ -11,7 +11,8 @@ Calls, for the worker that wires this in (times are `clock()` seconds unless pas
     policy = TierPolicy(TierBudgets(device_bytes=..., host_bytes=..., disk_bytes=...),
                         idle_ttl_s=300.0, clock=time.monotonic)
     plan = policy.access(digest, size_bytes)     # a request wants it on DEVICE; pins it
-    if not plan.admitted: queue or shed (plan.reason); nothing changed, nothing pinned
+    if not plan.admitted: queue or shed (plan.reason); nothing changed, nothing pinned;
+        access again when a pin is released or a load ends
     for ev in plan.evictions: copy ev.src -> ev.dst if ev.dst else just free ev.src   (in order)
     for load in plan.loads: run it, then policy.on_loaded(digest, load.dst)  (or on_failed)
     if plan.awaiting: another request's load is running; wait for that adapter's ON_DEVICE
@@ -246,9 +247,6 @@ class TierPolicy:
             victims = {dst: self._victims(dst, size_bytes, digest) for dst in {ld.dst for ld in chain}}
         except NoRoom as exc:
             self.rejected += 1
-            if e is None:
-                e = self._new_entry(digest, size_bytes, now)
-                e.state = self.lifecycle.move(digest, S.ABSENT, S.QUEUED)
             return Plan(digest, found, admitted=False, reason=str(exc))
         if e is None:
             e = self._new_entry(digest, size_bytes, now)
@@ -277,6 +275,7 @@ class TierPolicy:
         if e is None or e.refs == 0:
             raise ValueError(f"adapter {digest[:12]} is not pinned")
         e.refs -= 1
+        self._drop_if_failed_and_unused(e)
 
     def set_keep_warm(self, digest: str, keep_warm: bool) -> None:
         """keep_warm adapters on DEVICE are never evicted; loading them there is the caller's access."""
@@ -307,6 +306,7 @@ class TierPolicy:
             self._release(e, ld.dst)
         e.pending.clear()
         e.state = self.lifecycle.move(digest, e.state, S.FAILED)
+        self._drop_if_failed_and_unused(e)
 
     def expire_idle(self, now: float | None = None) -> list[Eviction]:
         """Scale to zero: adapters idle on DEVICE for idle_ttl_s move down a tier."""
@@ -326,6 +326,12 @@ class TierPolicy:
         return out
 
     # ---------------------------------------------------------------- internals
+
+    def _drop_if_failed_and_unused(self, e: _Entry) -> None:
+        """A failed adapter with no copy left and no request waiting needs no row."""
+        if e.state == S.FAILED and not e.refs and not e.held:
+            e.state = self.lifecycle.move(e.digest, e.state, S.ABSENT)
+            del self._entries[e.digest]
 
     def _new_entry(self, digest: str, size_bytes: int, now: float) -> _Entry:
         # Frequency lives as long as the row: an adapter in any tier keeps its count; one that
@@ -424,4 +430,5 @@ class TierPolicy:
                 del self._entries[e.digest]
             else:
                 e.state = self.lifecycle.move(e.digest, e.state, _AT_REST[rest])
+        self._drop_if_failed_and_unused(e)
         return out

@@ -1,14 +1,16 @@
 """An adapter's life on one worker: one enum state, a transition table, a counter per transition.
 
-    ABSENT ─▶ QUEUED ─▶ DOWNLOADING ─▶ ON_DISK ─▶ LOADING_HOST ─▶ IN_HOST ─▶ LOADING_DEVICE ─▶ ON_DEVICE
-                 │                        │  └──────────────────────────────────▶┘      ▲
-                 └── (retry from a kept copy: LOADING_HOST / LOADING_DEVICE) ───────────┘
-    Demotion walks back down: ON_DEVICE ─▶ IN_HOST | ON_DISK | ABSENT, IN_HOST ─▶ ON_DISK | ABSENT,
-    ON_DISK ─▶ ABSENT. Any step in progress may end in FAILED; FAILED ─▶ QUEUED retries.
+    up:    ABSENT -> QUEUED -> DOWNLOADING -> ON_DISK -> LOADING_HOST -> IN_HOST
+           ON_DISK | IN_HOST -> LOADING_DEVICE -> ON_DEVICE
+    down:  ON_DEVICE -> IN_HOST | ON_DISK | ABSENT;  IN_HOST -> ON_DISK | ABSENT;  ON_DISK -> ABSENT
+    fail:  DOWNLOADING | LOADING_HOST | LOADING_DEVICE -> FAILED -> QUEUED (retry) | ABSENT
 
-ABSENT means "only in object storage" (the policy keeps no row for it). QUEUED is an adapter a
-request wants whose first load has not been admitted yet (no room). The LOADING_* and
-DOWNLOADING states reserve their destination's bytes until `on_loaded` or `on_failed`.
+ABSENT means "only in object storage" (the policy keeps no row for it). QUEUED is a cold or failed
+adapter whose load plan was just admitted; `access` moves it on to its first load step at once,
+so it shows in the transition counts, not in snapshots. The LOADING_* and
+DOWNLOADING states reserve their destination's bytes until `on_loaded` or `on_failed`; a FAILED
+adapter keeps its finished copies (a failed device load leaves the disk file) and its row until
+no request holds it.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ S = AdapterState
 
 TRANSITIONS: dict[AdapterState, frozenset[AdapterState]] = {
     S.ABSENT: frozenset({S.QUEUED}),
-    S.QUEUED: frozenset({S.DOWNLOADING, S.LOADING_HOST, S.LOADING_DEVICE, S.FAILED}),
+    S.QUEUED: frozenset({S.DOWNLOADING, S.LOADING_HOST, S.LOADING_DEVICE}),
     S.DOWNLOADING: frozenset({S.ON_DISK, S.FAILED}),
     S.ON_DISK: frozenset({S.LOADING_HOST, S.LOADING_DEVICE, S.ABSENT}),
     S.LOADING_HOST: frozenset({S.IN_HOST, S.FAILED}),
