@@ -32,96 +32,21 @@ request hit ratio is 0.93-0.99 of a size-aware Belady's for lfu_size, 0.89-0.98 
 
 from __future__ import annotations
 
-import enum
 import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.worker.tiers.orders import Item, Order, make_order
+from services.worker.tiers.plans import Eviction, Load, Plan, ResidentRow, Tier, TierBudgets
 from services.worker.tiers.states import IN_PROGRESS, AdapterState, Lifecycle
 
 S = AdapterState
 
 
-class Tier(enum.IntEnum):
-    """Fastest first; the values are the proto's AdapterTier numbers."""
-
-    __hash__ = int.__hash__  # consistent with int equality, and C-speed (see AdapterState)
-
-    DEVICE = 1
-    HOST = 2
-    DISK = 3
-    OBJECT_STORE = 4
-
-
 BUDGETED = (Tier.DEVICE, Tier.HOST, Tier.DISK)
 _AT_REST = {Tier.DEVICE: S.ON_DEVICE, Tier.HOST: S.IN_HOST, Tier.DISK: S.ON_DISK}
 _LOADING = {Tier.DEVICE: S.LOADING_DEVICE, Tier.HOST: S.LOADING_HOST, Tier.DISK: S.DOWNLOADING}
-
-
-@dataclass(frozen=True)
-class TierBudgets:
-    device_bytes: int
-    host_bytes: int
-    disk_bytes: int
-
-    def __post_init__(self) -> None:
-        for name in ("device_bytes", "host_bytes", "disk_bytes"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0")
-
-    def of(self, tier: Tier) -> int:
-        return {
-            Tier.DEVICE: self.device_bytes,
-            Tier.HOST: self.host_bytes,
-            Tier.DISK: self.disk_bytes,
-        }[tier]
-
-
-@dataclass(frozen=True)
-class Load:
-    digest: str
-    size_bytes: int
-    src: Tier
-    dst: Tier
-
-
-@dataclass(frozen=True)
-class Eviction:
-    """Free the copy in `src`; when `dst` is set, first copy it there (a demotion that moves bytes)."""
-
-    digest: str
-    size_bytes: int
-    src: Tier
-    dst: Tier | None
-
-
-@dataclass(frozen=True)
-class Plan:
-    digest: str
-    found_in: Tier  # fastest complete copy when asked
-    admitted: bool
-    evictions: tuple[Eviction, ...] = ()
-    loads: tuple[Load, ...] = ()
-    awaiting: Tier | None = None  # a load toward this tier, started earlier, is still running
-    reason: str = ""
-
-    @property
-    def hit(self) -> bool:
-        return self.found_in == Tier.DEVICE
-
-
-@dataclass(frozen=True)
-class ResidentRow:
-    digest: str
-    state: AdapterState
-    tier: Tier  # fastest tier holding or being loaded into
-    size_bytes: int
-    last_used: float
-    in_flight: int
-    pinned: bool
-    keep_warm: bool
 
 
 @dataclass(eq=False)
@@ -335,7 +260,7 @@ class TierPolicy:
 
     def _new_entry(self, digest: str, size_bytes: int, now: float) -> _Entry:
         # Frequency lives as long as the row: an adapter in any tier keeps its count; one that
-        # fell back to object storage starts over (remembering it measured worse, bench/cache.py).
+        # fell back to object storage starts over (a remembered count measured worse with gdsf).
         e = _Entry(digest, size_bytes, S.ABSENT, now)
         self._entries[digest] = e
         return e
