@@ -334,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
     plot(result, args.plot)
     result["plot"] = str(args.plot)
+    args.plot.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
     return 0
 
