@@ -30,7 +30,8 @@ import grpc
 
 from bench.synthetic_backends import ADAPTER, API_KEY
 from loraplex.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
-from tests.fixtures.registry import free_port, wait_serving
+from services.common.health import wait_serving
+from tests.fixtures.registry import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ADMIN_TOKEN = "bench-admin-token-0123456789"
@@ -233,7 +234,7 @@ def main() -> None:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            wait_serving(f"127.0.0.1:{router_port}", router)
+            wait_serving(f"127.0.0.1:{router_port}", proc=router)
             pids = {"router": router.pid, "backends": backends.pid}
             result = asyncio.run(
                 measure(f"127.0.0.1:{ports['worker']}", f"127.0.0.1:{router_port}", args, pids)

@@ -1,76 +1,219 @@
-"""`loraplex dev`: the local stack on one machine with no setup.
+"""`loraplex dev`: the whole stack on one machine with no setup.
 
-Today it runs the registry on an embedded PostgreSQL, pulls the default base model and puts it in
-the catalog, then prints how to use the CLI against it. Ctrl-C stops everything cleanly.
+Starts the registry (embedded PostgreSQL unless LORAPLEX_DATABASE_URL), N workers and the router
+as real processes on loopback, puts the default base model in the catalog, creates a demo tenant,
+an API key and a few demo adapters (trained on first run, then cached), and prints how to call it.
+Ctrl-C drains and stops everything.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import secrets
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.config import DEFAULT_MODEL, RegistrySettings, loraplex_home
+import grpc
+
+from loraplex.v1 import registry_pb2
+from services.client.registry import RegistryClient
+from services.common.config import DEFAULT_MODEL, ClientSettings, loraplex_home
 
 # Demo prices, USD per million tokens; change them with `loraplex models register`.
 DEV_INPUT_PRICE = 0.05
 DEV_OUTPUT_PRICE = 0.20
+DEMO_TENANT = "demo"
+# Demo adapter name -> the test-adapter recipe it is trained from.
+DEMO_ADAPTERS = {"support-bot": "qv-r8", "sql-helper": "all-r16", "poet": "dora-r8"}
+# Workers listen just above the router's port: router 50050 -> workers 50060, 50061, ...
+WORKER_PORT_OFFSET = 10
+
+
+def _secret_file(path: Path, make: str | None = None) -> str:
+    """Reads a 0600 file, creating it with `make` (or a random token) the first time."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(make or secrets.token_urlsafe(32))
+    return path.read_text().strip()
 
 
 def dev_admin_token(home: Path) -> str:
     """LORAPLEX_ADMIN_TOKEN if set, else a token generated once and kept in $LORAPLEX_HOME (mode 0600)."""
-    if token := os.environ.get("LORAPLEX_ADMIN_TOKEN"):
-        return token
-    path = home / "dev-admin-token"
-    if not path.exists():
-        home.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32))
-    return path.read_text().strip()
+    return os.environ.get("LORAPLEX_ADMIN_TOKEN") or _secret_file(home / "dev-admin-token")
 
 
-async def _run(settings: RegistrySettings) -> None:
-    from services.client.registry import RegistryClient
+@dataclass
+class Stack:
+    home: Path
+    env: dict[str, str]
+    registry: str
+    router: str
+    workers: list[str]
+    logs: Path
+    procs: list[tuple[str, subprocess.Popen[bytes]]]
+
+    def start(self, name: str, args: list[str], extra_env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli.main", *args],
+            env={**self.env, **extra_env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches only us; we drain the children in order
+        )
+        self.procs.append((name, proc))
+        return proc
+
+    def stop(self) -> None:
+        # Router first (stops new traffic and ships its spool), then workers, then the registry.
+        for _, proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for name, proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                print(f"{name} did not stop in time; killing it", file=sys.stderr)
+                proc.kill()
+
+
+@contextmanager
+def running_stack(home: Path, workers: int) -> Iterator[Stack]:
+    from services.common.health import wait_serving
+
+    client = ClientSettings.from_env()
+    token = dev_admin_token(home)
+    logs = home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    router_port = int(client.router.rpartition(":")[2])
+    worker_addrs = [f"127.0.0.1:{router_port + WORKER_PORT_OFFSET + i}" for i in range(workers)]
+    env = {**os.environ, "LORAPLEX_HOME": str(home), "LORAPLEX_ADMIN_TOKEN": token}
+    stack = Stack(home, env, client.registry, client.router, worker_addrs, logs, [])
+    try:
+        registry = stack.start(
+            "registry", ["registry", "serve"], {"LORAPLEX_REGISTRY_LISTEN": client.registry}
+        )
+        wait_serving(client.registry, proc=registry, timeout_s=120)
+        _add_model_to_catalog(stack, token)
+        for i, addr in enumerate(worker_addrs):
+            stack.start(
+                f"worker-{i}",
+                ["worker", "serve", "--model", DEFAULT_MODEL],
+                {
+                    "LORAPLEX_WORKER_LISTEN": addr,
+                    "LORAPLEX_WORKER_ID": f"worker-{i}",
+                    "LORAPLEX_REGISTRY": client.registry,
+                },
+            )
+        router = stack.start(
+            "router",
+            ["router", "serve"],
+            {
+                "LORAPLEX_ROUTER_LISTEN": client.router,
+                "LORAPLEX_REGISTRY": client.registry,
+                "LORAPLEX_WORKERS": ",".join(worker_addrs),
+            },
+        )
+        for (_, proc), addr in zip(stack.procs[1:-1], worker_addrs, strict=True):
+            wait_serving(addr, proc=proc, timeout_s=300)
+        wait_serving(client.router, proc=router, timeout_s=120)
+        yield stack
+    finally:
+        stack.stop()
+
+
+def _add_model_to_catalog(stack: Stack, token: str) -> None:
     from services.common.base_models import describe_model, pull_model
-    from services.common.grpc_server import run_until_signalled
     from services.registry.convert import base_model_pb
-    from services.registry.server import start_registry
 
-    model_dir = await asyncio.to_thread(pull_model, DEFAULT_MODEL, settings.home)
-    running = await start_registry(settings)
+    model_dir = pull_model(DEFAULT_MODEL, stack.home)
     spec = describe_model(DEFAULT_MODEL, model_dir)
+    with RegistryClient(stack.registry, token) as c:
+        c.upsert_base_model(base_model_pb(spec, DEV_INPUT_PRICE, DEV_OUTPUT_PRICE))
 
-    def add_to_catalog() -> None:
-        with RegistryClient(settings.listen, settings.admin_token) as client:
-            client.upsert_base_model(base_model_pb(spec, DEV_INPUT_PRICE, DEV_OUTPUT_PRICE))
 
-    await asyncio.to_thread(add_to_catalog)
-    db = settings.database_url or f"embedded PostgreSQL under {settings.home / 'postgres'}"
-    print(
-        f"""
+def ensure_demo_tenant(stack: Stack) -> tuple[str, list[str]]:
+    """The demo tenant, an API key for it (kept in $LORAPLEX_HOME/dev-api-key) and its adapters."""
+    from services.common.adapter_files import adapter_digest
+    from services.common.base_models import pull_model
+    from services.devtools.adapters import SMOLLM2_TEST_ADAPTERS, build_adapter
+
+    token = stack.env["LORAPLEX_ADMIN_TOKEN"]
+    key_file = stack.home / "dev-api-key"
+    with RegistryClient(stack.registry, token) as c:
+        if DEMO_TENANT not in {t.name for t in c.list_tenants()}:
+            c.create_tenant(DEMO_TENANT)
+            key_file.unlink(missing_ok=True)
+        api_key = key_file.read_text().strip() if key_file.exists() else ""
+        if not api_key or not _key_works(c, api_key):
+            key_file.unlink(missing_ok=True)
+            api_key = _secret_file(key_file, c.create_api_key(DEMO_TENANT, "dev").secret)
+        registered = {a.ref.name: a.ref.digest for a in c.list_adapters(tenant=DEMO_TENANT)}
+        specs = {s.name: s for s in SMOLLM2_TEST_ADAPTERS}
+        model_dir = pull_model(DEFAULT_MODEL, stack.home)
+        for name, recipe in DEMO_ADAPTERS.items():
+            built = build_adapter(model_dir, specs[recipe], stack.home / "test-adapters")
+            if registered.get(name) != adapter_digest(built):
+                c.upload_adapter(built, tenant=DEMO_TENANT, name=name, base_model=DEFAULT_MODEL)
+    return api_key, list(DEMO_ADAPTERS)
+
+
+def _key_works(client: RegistryClient, api_key: str) -> bool:
+    try:
+        client.stub.AuthenticateApiKey(
+            registry_pb2.AuthenticateApiKeyRequest(secret=api_key), metadata=client.metadata, timeout=10
+        )
+    except grpc.RpcError:
+        return False
+    return True
+
+
+def run_dev(workers: int = 1) -> int:
+    home = loraplex_home()
+    print(f"starting loraplex in {home} (logs in {home / 'logs'}) ...", flush=True)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    with running_stack(home, workers) as stack:
+        api_key, adapters = ensure_demo_tenant(stack)
+        db = os.environ.get("LORAPLEX_DATABASE_URL") or f"embedded PostgreSQL in {home / 'postgres'}"
+        print(
+            f"""
 loraplex dev is up.
-  registry   {settings.listen}   (database: {db})
-  adapters   {settings.adapter_store}
-  base model {DEFAULT_MODEL}   ({model_dir})
+  router     {stack.router}   (public InferenceService)
+  registry   {stack.registry}   (database: {db})
+  workers    {", ".join(stack.workers)}   ({DEFAULT_MODEL})
+  tenant     {DEMO_TENANT}, adapters: {", ".join(adapters)}
 
 In another terminal:
-  export LORAPLEX_ADMIN_TOKEN={settings.admin_token}
-  loraplex tenants create acme
-  loraplex adapters register my-adapter --tenant acme --base-model {DEFAULT_MODEL} --path ./my-peft-output
-  loraplex adapters list --tenant acme
+  source .venv/bin/activate
+  export LORAPLEX_HOME={home}
+  export LORAPLEX_API_KEY={api_key}
+  loraplex generate --adapter {adapters[0]} --chat "How do I reset my password?"
 
+Admin commands need: export LORAPLEX_ADMIN_TOKEN={stack.env["LORAPLEX_ADMIN_TOKEN"]}
 Ctrl-C stops everything.""",
-        flush=True,
-    )
-    await run_until_signalled(running)
-
-
-def run_dev() -> int:
-    home = loraplex_home()
-    env = dict(os.environ)
-    env["LORAPLEX_ADMIN_TOKEN"] = dev_admin_token(home)
-    settings = RegistrySettings.from_env(env)
-    asyncio.run(_run(settings))
+            flush=True,
+        )
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        while not stop.wait(1.0):
+            for name, proc in stack.procs:
+                if proc.poll() is not None:
+                    print(
+                        f"{name} exited ({proc.returncode}); see {stack.logs / (name + '.log')}",
+                        file=sys.stderr,
+                    )
+                    stop.set()
+        print("stopping ...", flush=True)
     return 0

@@ -90,7 +90,9 @@ def dev(args: argparse.Namespace) -> int:
     from services.cli.dev import run_dev
 
     _logging()
-    return run_dev()
+    if args.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    return run_dev(args.workers)
 
 
 def bench(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from services.cli import admin, local, usage
+from services.cli import admin, generate, local, usage
 from services.common.config import ConfigError
 
 
@@ -102,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     usage.add_commands(group("usage", "the billing ledger (admin)"), cmd)
 
-    p = sub.add_parser("dev", help="run the local stack (registry on embedded PostgreSQL)")
+    generate.add_command(sub)
+
+    p = sub.add_parser("dev", help="run the whole stack locally: registry, workers, router, demo tenant")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.set_defaults(fn=local.dev)
     return parser
 

@@ -204,6 +204,10 @@ class WorkerSettings:
     default_max_tokens: int
     max_adapter_bytes: int
     drain_grace_s: float = 30.0
+    # With a registry, the worker registers itself (advertising `advertise`) and heartbeats.
+    registry: str | None = None
+    admin_token: str | None = None
+    advertise: str = ""
 
     @property
     def cache_dir(self) -> Path:
@@ -241,7 +245,21 @@ class WorkerSettings:
             default_max_tokens=env.integer("DEFAULT_MAX_TOKENS", 256, minimum=1),
             max_adapter_bytes=env.size("MAX_ADAPTER_BYTES", 512 << 20),
             drain_grace_s=env.number("DRAIN_GRACE_S", 30.0, minimum=0.0),
+            registry=_worker_registry(env),
+            admin_token=env.raw("ADMIN_TOKEN"),
+            advertise=_check_address("WORKER_ADVERTISE", env.text("WORKER_ADVERTISE", listen)),
         )
+
+
+def _worker_registry(env: Env) -> str | None:
+    registry = env.raw("REGISTRY")
+    if registry is None:
+        return None
+    if env.raw("ADMIN_TOKEN") is None:
+        raise ConfigError(
+            f"{PREFIX}REGISTRY is set, so {PREFIX}ADMIN_TOKEN is required to register the worker"
+        )
+    return _check_address("REGISTRY", registry)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import grpc
 import torch
 from transformers import AutoTokenizer
 
-from loraplex.v1 import worker_pb2, worker_pb2_grpc
+from loraplex.v1 import registry_pb2, worker_pb2, worker_pb2_grpc
 from services.common.base_models import is_complete, models_dir, pull_model
 from services.common.config import WorkerSettings
 from services.common.grpc_server import RunningServer, run_until_signalled, start_server
@@ -20,6 +20,7 @@ from services.worker.adapter_loader import AdapterLoader
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine.config import EngineConfig
 from services.worker.engine.llm_engine import LLMEngine
+from services.worker.registration import Registration
 from services.worker.servicer import WorkerIdentity, WorkerServicer
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,15 @@ async def start_worker(settings: WorkerSettings) -> RunningWorker:
         await engine.shutdown()
         raise
     running.before_drain.append(servicer.begin_drain)
+    if settings.registry and settings.admin_token:
+        member = registry_pb2.Worker(
+            worker_id=settings.worker_id, address=settings.advertise, base_model=settings.model
+        )
+        registration = Registration(settings.registry, settings.admin_token, member)
+        registration.start()
+        # Leave the membership first on drain, so routers stop picking this worker.
+        running.before_drain.insert(0, registration.leave)
+        running.on_stop.append(registration.stop)
     # Runs after the server stopped taking calls and in-flight streams finished (or the grace ran out).
     running.on_stop.append(engine.shutdown)
     return RunningWorker(running, engine, loader, servicer)

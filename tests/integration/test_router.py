@@ -32,13 +32,14 @@ from loraplex.v1 import (
     usage_pb2,
 )
 from services.common.config import RouterSettings
+from services.common.health import wait_serving
 from services.devtools.tiny_model import TINY_LLAMA
 from services.router.registry_view import RegistryUnavailable, RegistryView
 from services.router.server import Router, start_router
 from services.router.shipper import Shipper
 from services.router.spool import Spool, read_segment
 from services.worker.server import RunningWorker
-from tests.fixtures.registry import ADMIN_TOKEN, RegistryProcess, free_port, wait_serving
+from tests.fixtures.registry import ADMIN_TOKEN, RegistryProcess, free_port
 from tests.fixtures.synthetic_worker import (
     RunningSyntheticWorker,
     expected_token_ids,
@@ -713,7 +714,7 @@ def test_router_serve_reports_health_and_drains_on_sigterm(registry: RegistryPro
         stderr=subprocess.STDOUT,
     )
     try:
-        wait_serving(f"127.0.0.1:{port}", proc)
+        wait_serving(f"127.0.0.1:{port}", proc=proc)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
             status = health.Check(health_pb2.HealthCheckRequest(service="loraplex.v1.InferenceService"))

@@ -22,12 +22,13 @@ from transformers import AutoTokenizer
 from loraplex.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.common.adapter_files import ADAPTER_FILES, digest_hex
 from services.common.config import DEFAULT_MODEL
+from services.common.health import wait_serving
 from services.common.object_store import open_store
 from services.devtools.tiny_model import TINY_LLAMA
 from services.worker.adapter_loader import Tier
 from services.worker.convert import adapter_spec
 from services.worker.server import RunningWorker
-from tests.fixtures.registry import free_port, wait_serving
+from tests.fixtures.registry import free_port
 from tests.fixtures.worker import AdapterStore, serving, worker_home, worker_settings
 
 Stub = worker_pb2_grpc.WorkerServiceStub
@@ -372,7 +373,7 @@ def test_worker_serve_subprocess_streams_smollm2_text_with_an_adapter(
         stderr=subprocess.STDOUT,
     )
     try:
-        wait_serving(f"127.0.0.1:{port}", proc, timeout_s=180)  # slow when the CPUs are shared
+        wait_serving(f"127.0.0.1:{port}", proc=proc, timeout_s=180)  # slow when the CPUs are shared
         question = common_pb2.Prompt(
             chat=common_pb2.ChatPrompt(
                 messages=[common_pb2.ChatMessage(role="user", content="What is the capital of France?")]

@@ -1,0 +1,145 @@
+"""Python client for the public InferenceService (the router): sync and asyncio, streaming.
+
+with InferenceClient("127.0.0.1:50050", api_key) as client:
+    for event in client.generate("Tell me a joke", adapter="support-bot"):
+        print(event.delta.text, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from loraplex.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
+PromptInput = str | Sequence[int] | Sequence[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int = 0  # 0: the server's default
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+
+    def to_pb(self) -> common_pb2.SamplingParams:
+        msg = common_pb2.SamplingParams(
+            max_tokens=self.max_tokens, stop=list(self.stop), ignore_eos=self.ignore_eos
+        )
+        for name in ("temperature", "top_p", "top_k", "seed", "repetition_penalty"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(msg, name, value)
+        return msg
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    adapter: str = ""  # "name" or "name@version"; empty: the bare base model
+    model: str = ""  # base model; may be empty when the adapter implies it
+    request_id: str = ""  # idempotency key: a retry with the same id is billed once
+    sampling: Sampling = field(default_factory=Sampling)
+
+
+def prompt_pb(prompt: PromptInput) -> common_pb2.Prompt:
+    """Text, token ids, or chat messages as (role, content) pairs."""
+    if isinstance(prompt, str):
+        return common_pb2.Prompt(text=prompt)
+    ids: list[int] = []
+    messages: list[common_pb2.ChatMessage] = []
+    for item in prompt:
+        if isinstance(item, int):
+            ids.append(item)
+        else:
+            role, content = item
+            messages.append(common_pb2.ChatMessage(role=role, content=content))
+    if messages and ids:
+        raise ValueError("a prompt is either token ids or chat messages, not both")
+    if messages:
+        return common_pb2.Prompt(chat=common_pb2.ChatPrompt(messages=messages))
+    return common_pb2.Prompt(token_ids=common_pb2.TokenIdsPrompt(ids=ids))
+
+
+def generate_request(prompt: PromptInput, options: GenerateOptions) -> inference_pb2.GenerateRequest:
+    return inference_pb2.GenerateRequest(
+        request_id=options.request_id,
+        model=options.model,
+        adapter=options.adapter,
+        prompt=prompt_pb(prompt),
+        sampling=options.sampling.to_pb(),
+    )
+
+
+def _metadata(api_key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),)
+
+
+class InferenceClient:
+    def __init__(self, target: str, api_key: str, *, timeout_s: float | None = 300.0) -> None:
+        self._channel = grpc.insecure_channel(target)
+        self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
+        self._metadata = _metadata(api_key)
+        self._timeout = timeout_s
+
+    def __enter__(self) -> InferenceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def generate(
+        self, prompt: PromptInput, options: GenerateOptions | None = None
+    ) -> Iterator[inference_pb2.GenerateResponse]:
+        """Streams Started, Deltas, Finished. Breaking out of the loop cancels the request."""
+        request = generate_request(prompt, options or GenerateOptions())
+        call = self._stub.Generate(request, metadata=self._metadata, timeout=self._timeout)
+        try:
+            yield from call
+        finally:
+            call.cancel()
+
+    def list_models(self) -> list[inference_pb2.ModelInfo]:
+        resp = self._stub.ListModels(inference_pb2.ListModelsRequest(), metadata=self._metadata, timeout=30)
+        return list(resp.models)
+
+
+class AsyncInferenceClient:
+    def __init__(self, target: str, api_key: str, *, timeout_s: float | None = 300.0) -> None:
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
+        self._metadata = _metadata(api_key)
+        self._timeout = timeout_s
+
+    async def __aenter__(self) -> AsyncInferenceClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def generate(
+        self, prompt: PromptInput, options: GenerateOptions | None = None
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        request = generate_request(prompt, options or GenerateOptions())
+        call = self._stub.Generate(request, metadata=self._metadata, timeout=self._timeout)
+        try:
+            async for event in call:
+                yield event
+        finally:
+            call.cancel()
+
+    async def list_models(self) -> list[inference_pb2.ModelInfo]:
+        request = inference_pb2.ListModelsRequest()
+        resp = await self._stub.ListModels(request, metadata=self._metadata, timeout=30)
+        return list(resp.models)

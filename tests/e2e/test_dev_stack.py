@@ -1,0 +1,134 @@
+"""The front door, as a new user meets it: `loraplex dev` in one terminal, `loraplex generate` in another.
+
+Real processes on loopback: registry (on the session's PostgreSQL), one SmolLM2 worker, the router.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.fixtures.registry import free_port
+
+STARTUP_TIMEOUT_S = 420
+
+
+@dataclass
+class DevStack:
+    env: dict[str, str]
+    home: Path
+    proc: subprocess.Popen[str]
+    banner: str
+
+    def cli(self, *args: str, api_key: str | None = None) -> subprocess.CompletedProcess[str]:
+        env = dict(self.env)
+        if api_key:
+            env["LORAPLEX_API_KEY"] = api_key
+        return subprocess.run(
+            [sys.executable, "-m", "services.cli.main", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+
+@pytest.fixture(scope="module")
+def dev_stack(
+    tmp_path_factory: pytest.TempPathFactory, database_url: str, smollm2_dir: Path
+) -> Iterator[DevStack]:
+    home = tmp_path_factory.mktemp("dev-home")
+    # Reuse the session's converted model instead of converting the GGUF again.
+    (home / "models").mkdir()
+    (home / "models" / smollm2_dir.name).symlink_to(smollm2_dir)
+    router_port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "LORAPLEX_HOME": str(home),
+        "LORAPLEX_DATABASE_URL": database_url,
+        "LORAPLEX_REGISTRY": f"127.0.0.1:{free_port()}",
+        "LORAPLEX_ROUTER": f"127.0.0.1:{router_port}",
+    }
+    env.pop("LORAPLEX_ADMIN_TOKEN", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli.main", "dev"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    banner: list[str] = []
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        banner.append(line)
+        if line.startswith("Ctrl-C stops everything"):
+            break
+    text = "".join(banner)
+    if "loraplex dev is up" not in text:
+        proc.kill()
+        logs = "".join(p.read_text()[-2000:] for p in (home / "logs").glob("*.log"))
+        pytest.fail(f"loraplex dev did not come up:\n{text[-3000:]}\n{logs}")
+    try:
+        yield DevStack(env, home, proc, text)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_generate_streams_tokens_from_a_demo_adapter_and_they_are_billed(dev_stack: DevStack) -> None:
+    api_key = (dev_stack.home / "dev-api-key").read_text().strip()
+    assert api_key in dev_stack.banner  # the banner tells the user what to export
+
+    plain = dev_stack.cli(
+        "generate", "--adapter", "support-bot", "--max-tokens", "12", "Hello, I need help", api_key=api_key
+    )
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.strip(), "no text streamed"
+    assert "12 out" in plain.stderr
+
+    streamed = dev_stack.cli(
+        "generate",
+        "--adapter",
+        "poet",
+        "--chat",
+        "--max-tokens",
+        "8",
+        "--json",
+        "Write about the sea",
+        api_key=api_key,
+    )
+    assert streamed.returncode == 0, streamed.stderr
+    events = [json.loads(line) for line in streamed.stdout.splitlines()]
+    kinds = [next(iter(e)) for e in events]
+    assert kinds[0] == "started" and kinds[-1] == "finished" and "delta" in kinds
+    assert events[0]["started"]["adapter"]["name"] == "poet"
+    out_tokens = sum(len(e["delta"].get("token_ids", [])) for e in events if "delta" in e)
+    assert out_tokens == int(events[-1]["finished"]["usage"]["output_tokens"]) == 8
+
+    unknown = dev_stack.cli("generate", "--adapter", "nope", "hi", api_key=api_key)
+    assert unknown.returncode != 0 and "NOT_FOUND" in unknown.stderr
+
+    # Ctrl-C drains the stack; the router ships its spool before it exits.
+    dev_stack.proc.send_signal(signal.SIGINT)
+    assert dev_stack.proc.wait(timeout=90) == 0
+    with psycopg.connect(dev_stack.env["LORAPLEX_DATABASE_URL"]) as conn:
+        rows = conn.execute(
+            "SELECT output_tokens FROM usage_records u JOIN tenants t ON t.id = u.tenant_id"
+            " WHERE t.name = 'demo' ORDER BY finished_at"
+        ).fetchall()
+    assert [r[0] for r in rows] == [12, 8]
