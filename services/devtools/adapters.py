@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from services.common.adapter_files import ADAPTER_FILES
 from services.common.base_models import build_atomically
 
 if TYPE_CHECKING:
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # Bump when the training recipe changes, so cached adapters from the old recipe are not reused.
 RECIPE_VERSION = 2
 TRAIN_STEPS = 5
