@@ -177,7 +177,7 @@ class ClientSettings:
         )
 
 
-_WORKER_DTYPES = ("bfloat16", "float32")
+_WORKER_DTYPES = ("auto", "bfloat16", "float32")
 
 
 def _default_device() -> str:
@@ -223,7 +223,7 @@ class WorkerSettings:
             device = _default_device()
         elif not (device == "cpu" or re.fullmatch(r"cuda(:\d+)?", device)):
             raise ConfigError(f"{PREFIX}DEVICE={device!r} must be auto, cpu, cuda or cuda:N")
-        dtype = env.text("DTYPE", "bfloat16").lower()
+        dtype = env.text("DTYPE", "auto").lower()
         if dtype not in _WORKER_DTYPES:
             raise ConfigError(f"{PREFIX}DTYPE={dtype!r} must be one of {', '.join(_WORKER_DTYPES)}")
         kv_blocks = env.integer("KV_CACHE_BLOCKS", 0, minimum=0)

@@ -18,7 +18,7 @@ from services.common.config import WorkerSettings
 from services.common.grpc_server import RunningServer, run_until_signalled, start_server
 from services.worker.adapter_loader import AdapterLoader
 from services.worker.async_engine import AsyncEngine
-from services.worker.engine.config import EngineConfig
+from services.worker.engine.config import EngineConfig, preferred_dtype
 from services.worker.engine.llm_engine import LLMEngine
 from services.worker.registration import Registration
 from services.worker.servicer import WorkerIdentity, WorkerServicer
@@ -57,7 +57,7 @@ def model_path(settings: WorkerSettings) -> Path:
 def engine_config(settings: WorkerSettings, model_dir: Path) -> EngineConfig:
     return EngineConfig(
         model_dir=model_dir,
-        dtype=DTYPES[settings.dtype],
+        dtype=preferred_dtype(settings.device) if settings.dtype == "auto" else DTYPES[settings.dtype],
         device=settings.device,
         max_batch_size=settings.max_batch_size,
         max_step_tokens=max(2048, settings.max_batch_size),
@@ -87,7 +87,7 @@ async def start_worker(settings: WorkerSettings) -> RunningWorker:
         worker_id=settings.worker_id,
         base_model=settings.model,
         device=settings.device,
-        dtype=settings.dtype,
+        dtype=str(config.dtype).removeprefix("torch."),
         default_max_tokens=settings.default_max_tokens,
     )
     servicer = WorkerServicer(identity, engine, loader, tokenizer)

@@ -15,7 +15,7 @@ def test_defaults_serve_smollm2_on_50052_with_an_id_from_host_and_port() -> None
     assert s.listen == "127.0.0.1:50052"
     assert s.worker_id == f"{socket.gethostname()}-50052"
     assert s.model == DEFAULT_MODEL
-    assert s.dtype == "bfloat16"
+    assert s.dtype == "auto"  # bf16 where the hardware computes it natively, else fp32
     assert s.device in ("cpu", "cuda")
     assert s.kv_cache_blocks is None
     assert s.cache_dir == Path("/srv/lp/worker-cache")
@@ -51,7 +51,7 @@ def test_every_variable_is_read() -> None:
 @pytest.mark.parametrize(
     ("variable", "value", "phrase"),
     [
-        ("LORAPLEX_DTYPE", "float16", "bfloat16, float32"),
+        ("LORAPLEX_DTYPE", "float16", "auto, bfloat16, float32"),
         ("LORAPLEX_DEVICE", "tpu", "auto, cpu, cuda"),
         ("LORAPLEX_WORKER_LISTEN", "50052", "host:port"),
         ("LORAPLEX_MAX_BATCH_SIZE", "0", ">= 1"),
