@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +185,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -201,7 +201,7 @@ def main() -> None:
         help="let processes float over all CPUs (default: the router gets its own CPU, as it would "
         "in its own pod, and the client and worker share the others)",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cpus = sorted(os.sched_getaffinity(0))
     pin = not args.no_pin and len(cpus) >= 2
     router_cpus = {cpus[-1]} if pin else set(cpus)
@@ -256,7 +256,8 @@ def main() -> None:
             f"(ratio {summary['ratio']:.2f})"
         )
     print(json.dumps(summary))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
