@@ -31,7 +31,7 @@ import grpc
 from bench.synthetic_backends import ADAPTER, API_KEY
 from loraplex.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.health import wait_serving
-from tests.fixtures.registry import free_port
+from services.common.net import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ADMIN_TOKEN = "bench-admin-token-0123456789"

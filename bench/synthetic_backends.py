@@ -14,8 +14,8 @@ from typing import Any
 
 import grpc
 
+from bench.synthetic_worker import SyntheticWorker
 from loraplex.v1 import common_pb2, registry_pb2, usage_pb2, worker_pb2_grpc
-from tests.fixtures.synthetic_worker import SyntheticWorker
 
 BASE_MODEL = "bench-model"
 API_KEY = "lpx_bench-key"

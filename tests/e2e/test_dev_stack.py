@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.fixtures.registry import free_port
+from services.common.net import free_port
 
 STARTUP_TIMEOUT_S = 420
 

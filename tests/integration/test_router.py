@@ -23,6 +23,11 @@ import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.synthetic_worker import (
+    RunningSyntheticWorker,
+    expected_token_ids,
+    start_synthetic_worker,
+)
 from loraplex.v1 import (
     common_pb2,
     inference_pb2,
@@ -33,18 +38,14 @@ from loraplex.v1 import (
 )
 from services.common.config import RouterSettings
 from services.common.health import wait_serving
+from services.common.net import free_port
 from services.devtools.tiny_model import TINY_LLAMA
 from services.router.registry_view import RegistryUnavailable, RegistryView
 from services.router.server import Router, start_router
 from services.router.shipper import Shipper
 from services.router.spool import Spool, read_segment
 from services.worker.server import RunningWorker
-from tests.fixtures.registry import ADMIN_TOKEN, RegistryProcess, free_port
-from tests.fixtures.synthetic_worker import (
-    RunningSyntheticWorker,
-    expected_token_ids,
-    start_synthetic_worker,
-)
+from tests.fixtures.registry import ADMIN_TOKEN, RegistryProcess
 
 OTHER_MODEL = "smollm2-135m-instruct"
 AUTH_TTL_S = 1.0

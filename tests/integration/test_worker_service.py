@@ -23,12 +23,12 @@ from loraplex.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.common.adapter_files import ADAPTER_FILES, digest_hex
 from services.common.config import DEFAULT_MODEL
 from services.common.health import wait_serving
+from services.common.net import free_port
 from services.common.object_store import open_store
 from services.devtools.tiny_model import TINY_LLAMA
 from services.worker.adapter_loader import Tier
 from services.worker.convert import adapter_spec
 from services.worker.server import RunningWorker
-from tests.fixtures.registry import free_port
 from tests.fixtures.worker import AdapterStore, serving, worker_home, worker_settings
 
 Stub = worker_pb2_grpc.WorkerServiceStub
