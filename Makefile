@@ -35,8 +35,12 @@ proto-check: install
 	  echo "generated stubs are stale: run 'make proto' and commit loraplex/v1"; rm -rf $$tmp; exit 1; fi; \
 	rm -rf $$tmp; echo "stubs up to date"
 
+# Breaking proto changes are caught against this ref (a branch or commit); main compares with itself.
+BREAKING_AGAINST ?= main
+
 lint: install
 	$(BUF) lint
+	$(BUF) breaking --against '.git#branch=$(BREAKING_AGAINST)'
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
