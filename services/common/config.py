@@ -289,6 +289,8 @@ class RouterSettings:
     ship_batch: int
     retry_pushback_ms: int
     metrics_port: int
+    # In-flight streams are checkpointed this often: the most a router crash can leave unbilled.
+    checkpoint_s: float = 1.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RouterSettings:
@@ -325,5 +327,6 @@ class RouterSettings:
             ship_interval_s=env.number("ROUTER_SHIP_INTERVAL_S", 1.0, minimum=0.01),
             ship_batch=ship_batch,
             retry_pushback_ms=env.integer("ROUTER_RETRY_PUSHBACK_MS", 250, minimum=0),
+            checkpoint_s=env.number("ROUTER_CHECKPOINT_S", 1.0, minimum=0.01),
             metrics_port=env.integer("ROUTER_METRICS_PORT", 0),
         )

@@ -13,6 +13,7 @@ import grpc
 from services.common.config import RouterSettings
 from services.common.grpc_server import RunningServer, run_until_signalled, start_metrics, start_server
 from services.router import metrics
+from services.router.inflight import InflightJournal
 from services.router.metering import SpoolWriter
 from services.router.registry_view import RegistryView
 from services.router.servicer import SERVICE_NAME, InferenceServicer
@@ -59,6 +60,12 @@ async def start_router(settings: RouterSettings, *, fsync: Callable[[int], None]
     spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes, fsync=fsync)
     metrics.SPOOL_BYTES.set(spool.size_bytes)
     writer = SpoolWriter(spool)
+    journal = InflightJournal(settings.spool_dir / "inflight", interval_s=settings.checkpoint_s, fsync=fsync)
+    # Streams a killed predecessor left open are billed for what they had produced.
+    for record in journal.recover():
+        await writer.write(record)
+        journal.discard(record.request_id)
+        log.warning("billed request %s, left open by a previous router process", record.request_id)
     shipper = Shipper(
         spool,
         registry_channel,
@@ -71,6 +78,7 @@ async def start_router(settings: RouterSettings, *, fsync: Callable[[int], None]
         pool,
         spool,
         writer,
+        journal,
         max_inflight=settings.max_inflight,
         retry_pushback_ms=settings.retry_pushback_ms,
         load_eps=settings.route_load_eps,

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 import grpc
 
-from loraplex.v1 import common_pb2, inference_pb2, registry_pb2, worker_pb2
+from loraplex.v1 import common_pb2, inference_pb2, registry_pb2, usage_pb2, worker_pb2
 from services.common.auth import bearer_token
 from services.common.grpc_errors import RpcError
 from services.router import metrics, policy
+from services.router.inflight import InflightJournal
 from services.router.metering import SpoolWriter, usage_record
 from services.router.registry_view import (
     AdapterNotFound,
@@ -73,6 +74,8 @@ class _Stream:
     worker_id: str = ""
     end: _FR.ValueType = _FR.FINISH_REASON_UNSPECIFIED
     billed: bool = False
+    checkpointed_at: float = 0.0
+    checkpoint: asyncio.Task[None] | None = None  # the latest in-flight checkpoint write
 
 
 def _identity(data: bytes) -> bytes:
@@ -86,6 +89,7 @@ class InferenceServicer:
         pool: WorkerPool,
         spool: Spool,
         writer: SpoolWriter,
+        journal: InflightJournal,
         *,
         max_inflight: int,
         retry_pushback_ms: int,
@@ -95,6 +99,7 @@ class InferenceServicer:
         self._pool = pool
         self._spool = spool
         self._writer = writer
+        self._journal = journal
         self._max_inflight = max_inflight
         self._pushback = (("grpc-retry-pushback-ms", str(retry_pushback_ms)),)
         self._eps = load_eps
@@ -248,9 +253,13 @@ class InferenceServicer:
                             n = len(scratch.delta.token_ids)
                         else:
                             out, n = merge_deltas(deltas, scratch)
+                        now = time.perf_counter()
                         if n and not state.tokens_out:
-                            state.first_token_at = time.perf_counter()
+                            state.first_token_at = now
                         state.tokens_out += n
+                        if self._journal.due(state.checkpointed_at, now):
+                            state.worker_id = handle.worker_id
+                            self._checkpoint(admitted, state, now)
                         yield out
                     if batch[-1][:1] == _FINISHED:
                         finished_event = batch[-1]
@@ -422,8 +431,6 @@ class InferenceServicer:
         ):
             return
         state.billed = True
-        now = time.perf_counter()
-        arrived = admitted.arrived
         if finished is not None:
             usage = finished.usage
             reason = finished.finish_reason
@@ -433,28 +440,63 @@ class InferenceServicer:
             usage = common_pb2.Usage(input_tokens=state.input_tokens, output_tokens=state.tokens_out)
             reason = state.end
             cold = False
-        ttft_ms = (state.first_token_at - arrived) * 1000 if state.first_token_at else 0.0
         if state.first_token_at:
-            metrics.TTFT.observe(state.first_token_at - arrived)
-        record = usage_record(
-            request_id=admitted.request_id,
-            tenant_id=admitted.principal.tenant_id,
-            api_key_id=admitted.principal.key_id,
-            base_model=admitted.base_model,
-            adapter=admitted.adapter.ref if admitted.adapter is not None else None,
-            usage=usage,
-            finish_reason=reason,
-            ttft_ms=max(ttft_ms, 0.0),
-            duration_ms=(now - arrived) * 1000,
-            worker_id=state.worker_id,
-            cold_start=cold,
-            started_at_s=admitted.arrived_wall,
-            finished_at_s=time.time(),
-        )
+            metrics.TTFT.observe(state.first_token_at - admitted.arrived)
+        record = _record(admitted, state, usage, reason, cold, time.perf_counter())
         try:
             await self._writer.write(record)
         except Exception:
             log.exception("usage record for request %s was not written", admitted.request_id)
+            return
+        # The final record is durable: the stream's checkpoint has served its purpose.
+        if state.checkpoint is not None:
+            await asyncio.shield(state.checkpoint)
+        if state.checkpointed_at:
+            await asyncio.to_thread(self._journal.discard, admitted.request_id)
+
+    def _checkpoint(self, admitted: Admitted, state: _Stream, now: float) -> None:
+        """Durably notes what this stream has produced so far, off the event loop, in order."""
+        state.checkpointed_at = now
+        usage = common_pb2.Usage(input_tokens=state.input_tokens, output_tokens=state.tokens_out)
+        record = _record(admitted, state, usage, _FR.FINISH_REASON_ERROR, False, now)
+        previous = state.checkpoint
+
+        async def write() -> None:
+            if previous is not None:
+                await previous
+            try:
+                await asyncio.to_thread(self._journal.write, record)
+            except OSError:
+                log.exception("in-flight checkpoint for request %s was not written", admitted.request_id)
+
+        state.checkpoint = asyncio.get_running_loop().create_task(write())
+
+
+def _record(
+    admitted: Admitted,
+    state: _Stream,
+    usage: common_pb2.Usage,
+    reason: _FR.ValueType,
+    cold: bool,
+    now: float,
+) -> usage_pb2.UsageRecord:
+    arrived = admitted.arrived
+    ttft_ms = (state.first_token_at - arrived) * 1000 if state.first_token_at else 0.0
+    return usage_record(
+        request_id=admitted.request_id,
+        tenant_id=admitted.principal.tenant_id,
+        api_key_id=admitted.principal.key_id,
+        base_model=admitted.base_model,
+        adapter=admitted.adapter.ref if admitted.adapter is not None else None,
+        usage=usage,
+        finish_reason=reason,
+        ttft_ms=max(ttft_ms, 0.0),
+        duration_ms=(now - arrived) * 1000,
+        worker_id=state.worker_id,
+        cold_start=cold,
+        started_at_s=admitted.arrived_wall,
+        finished_at_s=admitted.arrived_wall + (now - arrived),
+    )
 
 
 def _public(adapter: registry_pb2.Adapter) -> common_pb2.AdapterVersion:

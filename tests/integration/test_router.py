@@ -540,10 +540,11 @@ async def test_full_spool_refuses_new_requests_rather_than_lose_billing(s: Stack
 
 
 async def _router_process(
-    s: Stack, spool_dir: Path, ship_interval_s: float
+    s: Stack, spool_dir: Path, ship_interval_s: float, checkpoint_s: float = 1.0
 ) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {
+        "LORAPLEX_ROUTER_CHECKPOINT_S": str(checkpoint_s),
         **s.registry.env,
         "LORAPLEX_ROUTER_LISTEN": f"127.0.0.1:{port}",
         "LORAPLEX_SPOOL_DIR": str(spool_dir),
@@ -606,6 +607,49 @@ async def test_records_spooled_by_a_killed_router_are_billed_once_after_restart(
     finally:
         proc.terminate()
         proc.wait()
+
+
+async def test_a_router_killed_mid_stream_bills_the_streamed_tokens_once_after_restart(
+    s: Stack, tmp_path: Path
+) -> None:
+    for w in s.workers:
+        w.worker.token_delay_s = 0.02
+    proc, target = await _router_process(s, tmp_path, ship_interval_s=3600, checkpoint_s=0.1)
+    rid = f"midstream-{uuid.uuid4().hex}"
+    received = 0
+    try:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            for _ in range(50):  # until the new router has probed the workers
+                call = stub.Generate(
+                    _request(request_id=rid, adapter="bot", max_tokens=400), metadata=_md(s.a.secret)
+                )
+                try:
+                    async for e in call:
+                        received += len(e.delta.token_ids)
+                        if received >= 40:
+                            proc.send_signal(signal.SIGKILL)  # mid-stream, no chance to bill
+                            break
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
+                    await asyncio.sleep(0.1)
+            call.cancel()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert received >= 40
+    assert not _ledger(s, rid)
+    proc, _ = await _router_process(s, tmp_path, ship_interval_s=0.1)
+    try:
+        row = await _billed(s, rid)
+    finally:
+        proc.terminate()
+        proc.wait()
+    # Billed once, for what was streamed up to the last checkpoint (0.1 s ~ 5 tokens here).
+    assert row["finish_reason"] == "error"
+    assert received - 15 <= row["output_tokens"] <= received
+    assert row["input_tokens"] > 0
 
 
 def _records(tenant: Tenant, n: int) -> list[usage_pb2.UsageRecord]:

@@ -1,0 +1,70 @@
+"""Checkpoints of streams in flight, so a router killed mid-stream still bills what it streamed.
+
+A usage record is spooled when a stream ends; a router that dies (SIGKILL, OOM, power) before
+that would bill nothing for its open streams. So each stream also keeps one small checkpoint file:
+written at its first token, then at most every `interval_s`, atomically (temp file, fsync,
+rename), and removed once the final record is in the spool. On start the router spools what the
+dead process left as records with finish reason ERROR. Tokens streamed after the last checkpoint
+(at most `interval_s` of them) are the bounded loss; the ledger's request-id idempotency makes a
+checkpoint that races its final record harmless.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from google.protobuf.message import DecodeError
+
+from loraplex.v1 import usage_pb2
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".inflight"
+
+
+class InflightJournal:
+    def __init__(
+        self, directory: Path, *, interval_s: float = 1.0, fsync: Callable[[int], None] = os.fsync
+    ) -> None:
+        self.directory = directory
+        self.interval_s = interval_s
+        self._fsync = fsync
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, request_id: str) -> Path:
+        # Request ids are client-chosen text: hash them into a safe file name.
+        return self.directory / (hashlib.sha256(request_id.encode()).hexdigest()[:32] + SUFFIX)
+
+    def due(self, last_checkpoint_s: float, now_s: float) -> bool:
+        return last_checkpoint_s == 0.0 or now_s - last_checkpoint_s >= self.interval_s
+
+    def write(self, record: usage_pb2.UsageRecord) -> None:
+        """Blocking (fsync): call it off the event loop."""
+        path = self._path(record.request_id)
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("wb") as f:
+            f.write(record.SerializeToString())
+            f.flush()
+            self._fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def discard(self, request_id: str) -> None:
+        self._path(request_id).unlink(missing_ok=True)
+
+    def recover(self) -> list[usage_pb2.UsageRecord]:
+        """Records of streams a previous process left open; unreadable leftovers are removed."""
+        records = []
+        for path in sorted(self.directory.iterdir()):
+            if path.suffix != SUFFIX:
+                path.unlink(missing_ok=True)  # a temp file from a write the crash interrupted
+                continue
+            try:
+                records.append(usage_pb2.UsageRecord.FromString(path.read_bytes()))
+            except DecodeError:
+                log.error("dropping unreadable in-flight checkpoint %s", path)
+                path.unlink(missing_ok=True)
+        return records
