@@ -208,6 +208,7 @@ class WorkerSettings:
     registry: str | None = None
     admin_token: str | None = None
     advertise: str = ""
+    metrics_port: int = 0  # Prometheus /metrics; 0: off
 
     @property
     def cache_dir(self) -> Path:
@@ -248,6 +249,7 @@ class WorkerSettings:
             registry=_worker_registry(env),
             admin_token=env.raw("ADMIN_TOKEN"),
             advertise=_check_address("WORKER_ADVERTISE", env.text("WORKER_ADVERTISE", listen)),
+            metrics_port=env.integer("WORKER_METRICS_PORT", 0, minimum=0),
         )
 
 

@@ -23,6 +23,7 @@ import torch
 from services.common.adapter_errors import NotFound
 from services.common.adapter_files import ADAPTER_FILES, adapter_digest, digest_hex
 from services.common.object_store import open_store
+from services.worker import metrics
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine.adapter_weights import AdapterWeights, load_adapter_weights
 
@@ -183,8 +184,10 @@ class AdapterLoader:
         entry.in_flight += 1
         try:
             if entry.state is AdapterState.ON_DEVICE:
+                metrics.ADAPTER_LOOKUPS.labels(result="hit").inc()
                 entry.last_used = time.monotonic()
                 return Lease(spec.digest, Tier.DEVICE, 0.0, entry)
+            metrics.ADAPTER_LOOKUPS.labels(result="miss").inc()
             if entry.load is None:
                 entry.load = asyncio.create_task(self._load(spec, entry))
                 entry.load.add_done_callback(_retrieve)
@@ -247,6 +250,8 @@ class AdapterLoader:
         entry.load = None
         load_ms = (time.monotonic() - started) * 1000
         self.estimates[tier].observe(load_ms)
+        metrics.ADAPTER_LOADS.labels(tier=tier.value).inc()
+        metrics.ADAPTER_LOAD_SECONDS.labels(tier=tier.value).observe(load_ms / 1000)
         log.info("adapter %s on device from %s in %.0f ms", spec.digest, tier.value, load_ms)
         return tier, load_ms
 

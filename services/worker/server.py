@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from loraplex.v1 import registry_pb2, worker_pb2, worker_pb2_grpc
 from services.common.base_models import is_complete, models_dir, pull_model
 from services.common.config import WorkerSettings
-from services.common.grpc_server import RunningServer, run_until_signalled, start_server
+from services.common.grpc_server import RunningServer, run_until_signalled, start_metrics, start_server
 from services.worker.adapter_loader import AdapterLoader
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine.config import EngineConfig, preferred_dtype
@@ -117,6 +117,7 @@ async def start_worker(settings: WorkerSettings) -> RunningWorker:
 
 async def serve(settings: WorkerSettings, on_ready: Callable[[RunningWorker], None] | None = None) -> None:
     worker = await start_worker(settings)
+    start_metrics(settings.metrics_port)
     if on_ready:
         on_ready(worker)
     await run_until_signalled(worker.server, settings.drain_grace_s)

@@ -20,7 +20,7 @@ from loraplex.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.common.adapter_errors import AdapterRejected, NotFound, TooLarge, UriNotAllowed
 from services.common.adapter_files import digest_hex
 from services.common.grpc_errors import RpcError, status_errors
-from services.worker import convert, prompts, state
+from services.worker import convert, metrics, prompts, state
 from services.worker.adapter_loader import (
     AdapterLoader,
     AdapterSpec,
@@ -156,6 +156,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 reason = common_pb2.FINISH_REASON_ERROR
             done = True
             end = stream.finished_at or time.monotonic()
+            _record(stream.scheduled_at, stream.first_token_at, arrival, admitted, end, last, reason)
             timings = common_pb2.Timings(
                 queue_ms=_ms((stream.scheduled_at or admitted) - admitted),
                 ttft_ms=_ms((stream.first_token_at or end) - arrival),
@@ -180,8 +181,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             # Cancellation and deadlines arrive here as CancelledError: free the KV blocks now.
             if submitted and not done:
                 self.engine.abort(request_id)
+                metrics.REQUESTS.labels(finish_reason="cancelled").inc()
             if lease is not None:
                 self.loader.release(lease)
+            metrics.observe_engine(self.engine.last_stats)
 
     async def PrefetchAdapter(
         self, request: worker_pb2.PrefetchAdapterRequest, context: grpc.aio.ServicerContext
@@ -233,6 +236,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self._draining.set()
 
     def _state(self) -> worker_pb2.WorkerState:
+        metrics.observe_engine(self.engine.last_stats)
+        metrics.observe_adapters(self.loader.held())
         return state.snapshot(
             self.identity.worker_id,
             self.identity.base_model,
@@ -292,6 +297,24 @@ def _delta(out: RequestOutput) -> worker_pb2.WorkerServiceGenerateResponse:
     return worker_pb2.WorkerServiceGenerateResponse(
         delta=common_pb2.GenerationDelta(text=out.text_delta, token_ids=out.new_token_ids)
     )
+
+
+def _record(
+    scheduled_at: float | None,
+    first_token_at: float | None,
+    arrival: float,
+    admitted: float,
+    end: float,
+    last: RequestOutput | None,
+    reason: common_pb2.FinishReason.ValueType,
+) -> None:
+    metrics.REQUESTS.labels(finish_reason=metrics.finish_label(reason)).inc()
+    if scheduled_at is not None:
+        metrics.QUEUE.observe(max(scheduled_at - admitted, 0.0))
+    if first_token_at is not None:
+        metrics.TTFT.observe(max(first_token_at - arrival, 0.0))
+        if last is not None and last.num_output_tokens > 1:
+            metrics.TPOT.observe(max(end - first_token_at, 0.0) / (last.num_output_tokens - 1))
 
 
 def _ms(seconds: float) -> float:

@@ -575,3 +575,47 @@ async def test_prefetch_loads_toward_the_requested_tier(
         assert again.current_tier == common_pb2.ADAPTER_TIER_DEVICE
         warm = await generate(stub, gen_request(adapter=to_device, max_tokens=1))
         assert warm.finished is not None and not warm.finished.timings.cold_start
+
+
+async def test_generate_records_latency_adapter_load_and_kv_metrics(
+    tiny_worker: RunningWorker, tiny_worker_stub: Stub, worker_tiny_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    from prometheus_client import REGISTRY
+
+    def sample(name: str, labels: dict[str, str] | None = None) -> float:
+        return REGISTRY.get_sample_value(f"loraplex_worker_{name}", labels or {}) or 0.0
+
+    ref = AdapterStore(tmp_path).publish(worker_tiny_adapters["attn_rs"], base_model=TINY_LLAMA, name="m")
+    assert (await tiny_worker_stub.EvictAdapter(worker_pb2.EvictAdapterRequest(digest=ref.digest))).evicted
+    shutil.rmtree(tiny_worker.loader.cache_dir / digest_hex(ref.digest), ignore_errors=True)
+    names = (
+        "ttft_seconds_count",
+        "tpot_seconds_count",
+        "queue_seconds_count",
+        "adapter_loads_total",
+        "adapter_load_seconds_count",
+        "adapter_lookups_total",
+        "requests_total",
+    )
+    labels: dict[str, dict[str, str]] = {
+        "adapter_loads_total": {"tier": "object_store"},
+        "adapter_load_seconds_count": {"tier": "object_store"},
+        "adapter_lookups_total": {"result": "hit"},
+        "requests_total": {"finish_reason": "length"},
+    }
+    before = {n: sample(n, labels.get(n)) for n in names}
+    misses = sample("adapter_lookups_total", {"result": "miss"})
+    for _ in range(2):  # cold from the object store, then warm on the device
+        await generate(tiny_worker_stub, gen_request(adapter=ref, max_tokens=3, ignore_eos=True))
+    grew = {n: sample(n, labels.get(n)) - before[n] for n in names}
+    assert grew == {
+        "ttft_seconds_count": 2,
+        "tpot_seconds_count": 2,
+        "queue_seconds_count": 2,
+        "adapter_loads_total": 1,
+        "adapter_load_seconds_count": 1,
+        "adapter_lookups_total": 1,
+        "requests_total": 2,
+    }
+    assert sample("adapter_lookups_total", {"result": "miss"}) == misses + 1
+    assert sample("kv_blocks_total") == tiny_worker.engine.last_stats.kv_blocks_total > 0
