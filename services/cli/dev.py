@@ -73,11 +73,11 @@ class Stack:
         return proc
 
     def stop(self) -> None:
-        # Router first (stops new traffic and ships its spool), then workers, then the registry.
-        for _, proc in reversed(self.procs):
+        # One at a time, router first: it stops new traffic and ships its spool to a registry that
+        # is still up; then the workers (drain in-flight streams); the registry last.
+        for name, proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for name, proc in reversed(self.procs):
             try:
                 proc.wait(timeout=40)
             except subprocess.TimeoutExpired:
