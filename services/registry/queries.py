@@ -85,6 +85,14 @@ async def find_tenant(s: AsyncSession, id_or_name: str) -> Tenant | None:
     return tenant
 
 
+async def tenant_id_of(s: AsyncSession, id_or_name: str) -> uuid.UUID:
+    """The id of the tenant named by id or name; NotFound with a sentence otherwise."""
+    tenant = await find_tenant(s, id_or_name)
+    if tenant is None:
+        raise NotFound(f"tenant {id_or_name!r} does not exist")
+    return tenant.id
+
+
 async def _require_tenant(s: AsyncSession, tenant_id: uuid.UUID) -> Tenant:
     tenant = await s.get(Tenant, tenant_id)
     if tenant is None:

@@ -86,10 +86,7 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServiceServicer):
             if required:
                 raise ValueError("tenant is required: pass the tenant's id or name")
             return None
-        tenant = await queries.find_tenant(s, requested)
-        if tenant is None:
-            raise errors.NotFound(f"tenant {requested!r} does not exist")
-        return tenant.id
+        return await queries.tenant_id_of(s, requested)
 
     # -- tenants and keys --------------------------------------------------------------------
 

@@ -153,10 +153,7 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
         if not tenant:
             return None
         async with self._sessions() as s:
-            found = await queries.find_tenant(s, tenant)
-        if found is None:
-            raise errors.NotFound(f"tenant {tenant!r} does not exist")
-        return found.id
+            return await queries.tenant_id_of(s, tenant)
 
     async def RecordUsage(self, request: Any, context: Any) -> usage_pb2.RecordUsageResponse:
         await self._admin(context)
