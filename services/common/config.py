@@ -293,6 +293,14 @@ class RouterSettings:
     metrics_port: int
     # In-flight streams are checkpointed this often: the most a router crash can leave unbilled.
     checkpoint_s: float = 1.0
+    # affinity (residency, queue, KV, rendezvous home) or a baseline: least_loaded, round_robin.
+    policy: str = "affinity"
+    # A worker whose state stream is silent this long is out of routing (workers heartbeat every 2s).
+    worker_stale_s: float = 3.0
+    # A worker with more than this fraction of its KV cache in use counts as over the load bound.
+    route_kv_full: float = 0.9
+    # How often keep-warm adapters are checked (and prefetched where no worker has them on device).
+    keep_warm_s: float = 2.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RouterSettings:
@@ -325,10 +333,32 @@ class RouterSettings:
             auth_stale_s=env.number("AUTH_STALE_S", 300.0),
             adapter_cache_ttl_s=env.number("ADAPTER_CACHE_TTL_S", 300.0),
             route_load_eps=env.number("ROUTE_LOAD_EPS", 0.25, minimum=0.01),
-            worker_refresh_s=env.number("WORKER_REFRESH_S", 2.0, minimum=0.05),
+            worker_refresh_s=env.number("WORKER_REFRESH_S", 1.0, minimum=0.05),
             ship_interval_s=env.number("ROUTER_SHIP_INTERVAL_S", 1.0, minimum=0.01),
             ship_batch=ship_batch,
             retry_pushback_ms=env.integer("ROUTER_RETRY_PUSHBACK_MS", 250, minimum=0),
             checkpoint_s=env.number("ROUTER_CHECKPOINT_S", 1.0, minimum=0.01),
             metrics_port=env.integer("ROUTER_METRICS_PORT", 0),
+            policy=_router_policy(env),
+            worker_stale_s=env.number("ROUTER_WORKER_STALE_S", 3.0, minimum=0.1),
+            route_kv_full=_fraction(env, "ROUTE_KV_FULL", 0.9),
+            keep_warm_s=env.number("ROUTER_KEEP_WARM_S", 2.0, minimum=0.05),
         )
+
+
+# The names services.router.policy.PolicyKind accepts (a unit test keeps them in step).
+ROUTER_POLICIES = ("affinity", "least_loaded", "round_robin")
+
+
+def _router_policy(env: Env) -> str:
+    policy = env.text("ROUTER_POLICY", "affinity").lower()
+    if policy not in ROUTER_POLICIES:
+        raise ConfigError(f"{PREFIX}ROUTER_POLICY={policy!r} must be one of {', '.join(ROUTER_POLICIES)}")
+    return policy
+
+
+def _fraction(env: Env, key: str, default: float) -> float:
+    value = env.number(key, default)
+    if not 0.0 < value <= 1.0:
+        raise ConfigError(f"{PREFIX}{key}={value} must be a fraction in (0, 1]")
+    return value

@@ -42,3 +42,22 @@ SHIP_FAILURES = Counter("loraplex_router_usage_ship_failures_total", "RecordUsag
 QUARANTINED = Counter(
     "loraplex_router_usage_quarantined_total", "Usage records the registry refused as invalid (kept aside)."
 )
+LIVE_WORKERS = Gauge(
+    "loraplex_router_live_workers",
+    "Workers in routing: state stream synced, heard from recently, accepting, not cooling down.",
+)
+STATE_RECONNECTS = Counter(
+    "loraplex_router_worker_state_reconnects_total",
+    "WatchState streams re-opened, by why the last one ended (broken, ended, stale, out_of_sync).",
+    ["reason"],
+)
+KEEP_WARM_PREFETCHES = Counter(
+    "loraplex_router_keep_warm_prefetches_total",
+    "PrefetchAdapter calls the keep-warm scheduler made, by outcome (ok or the status code).",
+    ["outcome"],
+)
+EVICTION_HINTS = Counter(
+    "loraplex_router_eviction_hints_total",
+    "EvictAdapter calls for archived adapters, by outcome (evicted, kept, or the status code).",
+    ["outcome"],
+)

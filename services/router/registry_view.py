@@ -7,7 +7,7 @@
 - Adapters: resolved per (tenant, reference) and kept until the registry's change feed
   (WatchAdapters, resumed from the last revision after a reconnect) reports a change to that
   adapter name, or `adapter_ttl_s` passes. While the registry is unreachable, resolved adapters keep
-  being served from the cache whatever their age.
+  being served from the cache whatever their age. Listeners (`add_listener`) see every change too.
 """
 
 from __future__ import annotations
@@ -122,6 +122,8 @@ class RegistryView:
         self._inflight: dict[object, asyncio.Future[object]] = {}
         self.revision = 0
         self.watch_connected = asyncio.Event()
+        # Called with every adapter the change feed reports (the keep-warm scheduler listens).
+        self._listeners: list[Callable[[registry_pb2.Adapter], None]] = []
 
     # -- API keys ----------------------------------------------------------------------------
 
@@ -257,6 +259,10 @@ class RegistryView:
 
     # -- change feed -------------------------------------------------------------------------
 
+    def add_listener(self, listener: Callable[[registry_pb2.Adapter], None]) -> None:
+        """`listener` sees every adapter change, replayed from revision 0 at start; it must not block."""
+        self._listeners.append(listener)
+
     async def watch_adapters(self, *, max_backoff_s: float = 10.0) -> None:
         """Runs until cancelled: applies adapter changes, reconnecting with backoff."""
         backoff = 0.1
@@ -269,6 +275,8 @@ class RegistryView:
                 self.watch_connected.set()
                 async for change in call:
                     self.invalidate(change.adapter)
+                    for listener in self._listeners:
+                        listener(change.adapter)
                     self.revision = max(self.revision, change.revision)
                     backoff = 0.1
             except grpc.aio.AioRpcError as exc:

@@ -15,10 +15,12 @@ from services.common.grpc_server import RunningServer, run_until_signalled, star
 from services.router import metrics
 from services.router.inflight import InflightJournal
 from services.router.metering import SpoolWriter
+from services.router.policy import PolicyKind
 from services.router.registry_view import RegistryView
 from services.router.servicer import SERVICE_NAME, InferenceServicer
 from services.router.shipper import Shipper
 from services.router.spool import Spool
+from services.router.warmer import KeepWarmScheduler
 from services.router.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ class Router:
     pool: WorkerPool
     spool: Spool
     shipper: Shipper
+    warmer: KeepWarmScheduler
 
     @property
     def port(self) -> int:
@@ -56,7 +59,10 @@ async def start_router(settings: RouterSettings, *, fsync: Callable[[int], None]
         registry_channel=registry_channel if settings.discover_workers else None,
         admin_token=settings.admin_token,
         refresh_s=settings.worker_refresh_s,
+        stale_s=settings.worker_stale_s,
     )
+    warmer = KeepWarmScheduler(pool, interval_s=settings.keep_warm_s, eps=settings.route_load_eps)
+    view.add_listener(warmer.on_adapter_change)
     spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes, fsync=fsync)
     metrics.SPOOL_BYTES.set(spool.size_bytes)
     writer = SpoolWriter(spool)
@@ -82,12 +88,18 @@ async def start_router(settings: RouterSettings, *, fsync: Callable[[int], None]
         max_inflight=settings.max_inflight,
         retry_pushback_ms=settings.retry_pushback_ms,
         load_eps=settings.route_load_eps,
+        kv_full=settings.route_kv_full,
+        policy_kind=PolicyKind(settings.policy),
     )
     await pool.refresh()
+    # Workers are routable once they have pushed their first snapshot: give the known ones a moment,
+    # so the first requests do not find an empty pool.
+    await pool.wait_synced(settings.worker_stale_s)
     tasks = [
         asyncio.create_task(view.watch_adapters(), name="watch-adapters"),
         asyncio.create_task(pool.run(), name="worker-pool"),
         asyncio.create_task(shipper.run(), name="usage-shipper"),
+        asyncio.create_task(warmer.run(), name="keep-warm"),
     ]
     running = await start_server(settings.listen, servicer.register, (SERVICE_NAME,))
 
@@ -112,7 +124,7 @@ async def start_router(settings: RouterSettings, *, fsync: Callable[[int], None]
         await registry_channel.close()
 
     running.on_stop.append(close)
-    return Router(running, servicer, view, pool, spool, shipper)
+    return Router(running, servicer, view, pool, spool, shipper, warmer)
 
 
 async def serve(settings: RouterSettings, on_ready: Callable[[Router], None] | None = None) -> None:

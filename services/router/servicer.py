@@ -94,6 +94,8 @@ class InferenceServicer:
         max_inflight: int,
         retry_pushback_ms: int,
         load_eps: float,
+        kv_full: float = policy.DEFAULT_KV_FULL,
+        policy_kind: policy.PolicyKind = policy.PolicyKind.AFFINITY,
     ) -> None:
         self._registry = registry
         self._pool = pool
@@ -103,6 +105,9 @@ class InferenceServicer:
         self._max_inflight = max_inflight
         self._pushback = (("grpc-retry-pushback-ms", str(retry_pushback_ms)),)
         self._eps = load_eps
+        self._kv_full = kv_full
+        self._policy = policy_kind
+        self._turn = 0  # round_robin's rotation
         self.inflight = 0
         self._spool_was_full = False
 
@@ -199,7 +204,16 @@ class InferenceServicer:
         self, admitted: Admitted, state: _Stream, context: grpc.aio.ServicerContext
     ) -> AsyncGenerator[bytes, None]:
         adapter_key = admitted.adapter.ref.digest if admitted.adapter is not None else ""
-        decision = policy.choose(self._pool.views(), admitted.base_model, adapter_key, eps=self._eps)
+        self._turn += 1
+        decision = policy.route(
+            self._policy,
+            self._pool.views(),
+            admitted.base_model,
+            adapter_key,
+            turn=self._turn,
+            eps=self._eps,
+            kv_full=self._kv_full,
+        )
         metrics.ROUTING.labels(decision.reason.value).inc()
         if not decision.candidates:
             raise RpcError(
@@ -220,7 +234,7 @@ class InferenceServicer:
                 )
             call = handle.generate(admitted.worker_request, timeout=remaining)
             pump: StreamPump | None = None
-            handle.in_flight += 1
+            token = handle.dispatched()
             try:
                 while not finished_event:
                     if pump is None:
@@ -291,7 +305,7 @@ class InferenceServicer:
                 # Not a capacity problem (bad prompt, internal error): the client should see it as is.
                 raise RpcError(err, exc.details() or f"worker error {err.name}") from None
             finally:
-                handle.in_flight -= 1
+                handle.finished(token)
                 if pump is not None:
                     pump.close()
                 if not call.done():
@@ -304,8 +318,6 @@ class InferenceServicer:
                         grpc.StatusCode.UNAVAILABLE, "the worker ended the stream without finishing it"
                     )
                 continue
-            if adapter_key:
-                handle.served(adapter_key)
             # Durable before the client sees the end of the stream.
             await self._bill(admitted, state)
             yield finished_event
@@ -404,6 +416,7 @@ class InferenceServicer:
             started=common_pb2.GenerationStarted(request_id=request_id, model=base_model)
         )
         if adapter is not None:
+            # The registry's ref as is: digest, uri and keep_warm (the worker pins keep-warm adapters).
             worker_request.adapter.CopyFrom(adapter.ref)
             started.started.adapter.CopyFrom(_public(adapter))
         return Admitted(

@@ -58,3 +58,38 @@ def test_explicit_values_are_parsed() -> None:
 def test_bad_values_fail_with_the_variable_named(env: dict[str, str], phrase: str) -> None:
     with pytest.raises(ConfigError, match=phrase):
         RouterSettings.from_env({**TOKEN, **env})
+
+
+def test_routing_defaults_and_overrides() -> None:
+    s = RouterSettings.from_env(TOKEN)
+    assert (s.policy, s.worker_stale_s, s.worker_refresh_s, s.route_kv_full, s.keep_warm_s) == (
+        "affinity",
+        3.0,
+        1.0,
+        0.9,
+        2.0,
+    )
+    s = RouterSettings.from_env(
+        {
+            **TOKEN,
+            "LORAPLEX_ROUTER_POLICY": "Round_Robin",
+            "LORAPLEX_ROUTER_WORKER_STALE_S": "1.5",
+            "LORAPLEX_ROUTE_KV_FULL": "0.8",
+            "LORAPLEX_ROUTER_KEEP_WARM_S": "0.5",
+        }
+    )
+    assert (s.policy, s.worker_stale_s, s.route_kv_full, s.keep_warm_s) == ("round_robin", 1.5, 0.8, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("env", "phrase"),
+    [
+        ({"LORAPLEX_ROUTER_POLICY": "random"}, "affinity, least_loaded, round_robin"),
+        ({"LORAPLEX_ROUTER_WORKER_STALE_S": "0"}, "LORAPLEX_ROUTER_WORKER_STALE_S"),
+        ({"LORAPLEX_ROUTE_KV_FULL": "1.5"}, "fraction"),
+        ({"LORAPLEX_ROUTER_KEEP_WARM_S": "-1"}, "LORAPLEX_ROUTER_KEEP_WARM_S"),
+    ],
+)
+def test_bad_routing_values_fail_with_the_variable_named(env: dict[str, str], phrase: str) -> None:
+    with pytest.raises(ConfigError, match=phrase):
+        RouterSettings.from_env({**TOKEN, **env})

@@ -1,10 +1,22 @@
-"""Routing policy: residency first, a stable rendezvous home for cold adapters, bounded load."""
+"""Routing policy: residency first, a stable rendezvous home for cold adapters, bounded load (queue
+and KV), and the least_loaded / round_robin baselines."""
 
 from __future__ import annotations
 
 from collections import Counter
 
-from services.router.policy import Reason, Residency, WorkerView, choose, load_bound
+from services.common.config import ROUTER_POLICIES
+from services.router.policy import (
+    PolicyKind,
+    Reason,
+    Residency,
+    WorkerView,
+    choose,
+    least_loaded,
+    load_bound,
+    round_robin,
+    route,
+)
 
 BASE = "base-a"
 
@@ -129,3 +141,76 @@ def test_base_model_requests_go_to_the_least_loaded_worker() -> None:
     decision = choose(ws, BASE, "")
     assert decision.candidates == ("b", "c", "a")
     assert decision.reason is Reason.LEAST_LOADED
+
+
+def test_host_beats_disk_beats_loading_beats_cold_home() -> None:
+    key = KEYS[13]
+    ws = [
+        WorkerView("cold", BASE),
+        WorkerView("loading", BASE, loading=frozenset({key})),
+        WorkerView("disk", BASE, residency={key: Residency.DISK}),
+        WorkerView("host", BASE, residency={key: Residency.HOST}),
+    ]
+    decision = choose(ws, BASE, key)
+    # A worker loading the adapter ranks with disk; equal tier and load keep the rendezvous order.
+    assert decision.candidates[0] == "host"
+    assert set(decision.candidates[1:3]) == {"disk", "loading"}
+    assert decision.candidates[3] == "cold"
+
+
+def test_nearly_full_kv_cache_counts_as_over_the_bound() -> None:
+    key = KEYS[17]
+    ws = [
+        WorkerView("full", BASE, residency={key: Residency.DEVICE}, kv_fraction=0.95),
+        WorkerView("roomy", BASE, residency={key: Residency.DISK}, kv_fraction=0.5),
+        WorkerView("cold", BASE),
+    ]
+    assert choose(ws, BASE, key).candidates == ("roomy", *choose(ws[2:], BASE, key).candidates, "full")
+    assert choose(ws, BASE, key, kv_full=0.99).candidates[0] == "full"
+    # The bare model: a full cache goes last even with the shortest queue.
+    bare = [WorkerView("full", BASE, kv_fraction=0.95), WorkerView("busy", BASE, load=1)]
+    assert choose(bare, BASE, "").candidates == ("busy", "full")
+
+
+def test_when_every_worker_is_over_the_bound_residency_still_orders_them() -> None:
+    key = KEYS[19]
+    ws = [
+        WorkerView("a", BASE, kv_fraction=0.99),
+        WorkerView("b", BASE, kv_fraction=0.99, residency={key: Residency.DEVICE}),
+    ]
+    decision = choose(ws, BASE, key)
+    assert decision.candidates == ("b", "a") and decision.reason is Reason.RESIDENT
+
+
+def test_least_loaded_ignores_residency_and_breaks_ties_by_hash() -> None:
+    key = KEYS[21]
+    ws = [
+        WorkerView("dev", BASE, load=2, residency={key: Residency.DEVICE}),
+        WorkerView("x", BASE, load=0),
+        WorkerView("y", BASE, load=0),
+        WorkerView("draining", BASE, accepting=False),
+    ]
+    d = least_loaded(ws, BASE, key)
+    assert d.candidates[2] == "dev" and set(d.candidates[:2]) == {"x", "y"}
+    assert d.reason is Reason.LEAST_LOADED
+    assert least_loaded(list(reversed(ws)), BASE, key).candidates == d.candidates
+    # Ties go to different workers for different adapters.
+    firsts = {least_loaded(ws[1:3], BASE, k).candidates[0] for k in KEYS[:20]}
+    assert firsts == {"x", "y"}
+
+
+def test_round_robin_rotates_over_the_live_workers() -> None:
+    ws = [WorkerView(i, BASE) for i in ("c", "a", "b")] + [WorkerView("z", BASE, accepting=False)]
+    firsts = [round_robin(ws, BASE, turn).candidates[0] for turn in range(6)]
+    assert firsts == ["a", "b", "c", "a", "b", "c"]
+    assert round_robin(ws, BASE, 1).candidates == ("b", "c", "a")
+    assert round_robin(ws, "base-b", 0).reason is Reason.NO_WORKER
+
+
+def test_route_dispatches_on_the_policy_kind_and_the_settings_know_every_kind() -> None:
+    key = KEYS[23]
+    ws = [WorkerView("a", BASE, load=1, residency={key: Residency.DEVICE}), WorkerView("b", BASE)]
+    assert route(PolicyKind.AFFINITY, ws, BASE, key).reason is Reason.RESIDENT
+    assert route(PolicyKind.LEAST_LOADED, ws, BASE, key).candidates[0] == "b"
+    assert route(PolicyKind.ROUND_ROBIN, ws, BASE, key, turn=1).candidates[0] == "b"
+    assert tuple(k.value for k in PolicyKind) == ROUTER_POLICIES
