@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,31 +103,50 @@ def running_stack(home: Path, workers: int) -> Iterator[Stack]:
         )
         wait_serving(client.registry, proc=registry, timeout_s=120)
         _add_model_to_catalog(stack, token)
-        for i, addr in enumerate(worker_addrs):
-            stack.start(
-                f"worker-{i}",
-                ["worker", "serve", "--model", DEFAULT_MODEL],
-                {
-                    "LORAPLEX_WORKER_LISTEN": addr,
-                    "LORAPLEX_WORKER_ID": f"worker-{i}",
-                    "LORAPLEX_REGISTRY": client.registry,
-                },
-            )
-        router = stack.start(
-            "router",
-            ["router", "serve"],
-            {
-                "LORAPLEX_ROUTER_LISTEN": client.router,
-                "LORAPLEX_REGISTRY": client.registry,
-                "LORAPLEX_WORKERS": ",".join(worker_addrs),
-            },
-        )
+        start_workers(stack, DEFAULT_MODEL)
+        router = start_router(stack)
         for (_, proc), addr in zip(stack.procs[1:-1], worker_addrs, strict=True):
             wait_serving(addr, proc=proc, timeout_s=300)
         wait_serving(client.router, proc=router, timeout_s=120)
         yield stack
     finally:
         stack.stop()
+
+
+def start_workers(
+    stack: Stack, model: str, extra_env: Sequence[Mapping[str, str]] = ()
+) -> list[subprocess.Popen[bytes]]:
+    """One `loraplex worker serve` per address in stack.workers, registering with the stack's registry.
+
+    extra_env[i], when given, is layered over worker i's environment (its own home, budgets, ...).
+    """
+    return [
+        stack.start(
+            f"worker-{i}",
+            ["worker", "serve", "--model", model],
+            {
+                "LORAPLEX_WORKER_LISTEN": addr,
+                "LORAPLEX_WORKER_ID": f"worker-{i}",
+                "LORAPLEX_REGISTRY": stack.registry,
+                **(extra_env[i] if extra_env else {}),
+            },
+        )
+        for i, addr in enumerate(stack.workers)
+    ]
+
+
+def start_router(stack: Stack, extra_env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """`loraplex router serve` on stack.router, in front of stack.workers."""
+    return stack.start(
+        "router",
+        ["router", "serve"],
+        {
+            "LORAPLEX_ROUTER_LISTEN": stack.router,
+            "LORAPLEX_REGISTRY": stack.registry,
+            "LORAPLEX_WORKERS": ",".join(stack.workers),
+            **(extra_env or {}),
+        },
+    )
 
 
 def _add_model_to_catalog(stack: Stack, token: str) -> None:

@@ -1,0 +1,463 @@
+"""Does adapter-affinity routing save cold loads? `loraplex bench routing --json`
+
+The real stack as processes, as `loraplex dev` starts it: a registry (embedded PostgreSQL unless
+LORAPLEX_DATABASE_URL), 3 workers serving the tiny random Llama, and a router. 200 real PEFT
+adapters for that model (seeded random LoRA weights, written by PEFT; built once under
+.cache/bench-routing/) are uploaded under the demo tenant. Each worker's device holds only
+--device-adapters of them (LORAPLEX_DEVICE_ADAPTER_BYTES, and LORAPLEX_MAX_ADAPTER_SLOTS for workers
+that still count slots), with no host tier, so where a request lands decides whether it loads.
+
+For each policy (LORAPLEX_ROUTER_POLICY = affinity, least_loaded, round_robin) a fresh router and
+fresh workers (empty homes: no adapter on any device or disk) replay the same seeded Zipf(alpha)
+sequence over the adapters: --warmup requests, then --requests measured ones, from --concurrency
+clients, --max-tokens each. A cold load is a request whose Finished event says `cold_start` (its
+adapter was not on the serving worker's device). TTFT is measured by the client (call to first
+token). Reported per policy: cold loads per 1,000 requests, TTFT p50/p99, requests served away
+from the adapter's rendezvous home, errors; plus `modelled_cold_loads_*`, an idealised per-worker
+LRU replay of the same sequence (bench/routing_traffic.py), which shows the best each policy could do
+with these budgets.
+Targets: cold_load_ratio (least_loaded / affinity) >= 3 and affinity's TTFT p99 <= least-loaded's.
+Prints one JSON object last; writes bench/results/routing.json and routing.png.
+
+    python -m bench.routing --json [--requests 1000] [--warmup 500] [--device-adapters 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.routing_traffic import POLICIES, modelled_cold_loads, per_thousand, percentile, zipf_sequence
+from services.cli.dev import DEMO_TENANT, Stack, dev_admin_token, start_router, start_workers
+from services.common.health import wait_serving
+from services.common.net import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+DEFAULT_HOME = REPO / ".cache" / "bench-routing"
+ADAPTER_PREFIX = "bench-routing"
+PROMPT = "Route me to a warm adapter."
+
+
+@dataclass(frozen=True)
+class BenchAdapter:
+    name: str
+    digest: str
+
+
+@dataclass
+class PolicyRun:
+    policy: str
+    ttft_ms: list[float] = dataclasses.field(default_factory=list)
+    cold: int = 0
+    off_home: int = 0
+    errors: int = 0
+    served_by: dict[str, int] = dataclasses.field(default_factory=dict)
+    first_error: str = ""
+    seconds: float = 0.0
+
+
+# -- adapters and registry ------------------------------------------------------------------------
+
+
+def tiny_model_dir(home: Path) -> Path:
+    from services.common.base_models import is_complete, models_dir, pull_model
+    from services.common.config import DEFAULT_MODEL
+    from services.devtools.tiny_model import TINY_LLAMA, build_tiny_llama
+
+    path = models_dir(home) / TINY_LLAMA
+    if is_complete(path):
+        return path
+    # The tiny model borrows SmolLM2's tokenizer; pulling it converts the GGUF once.
+    return build_tiny_llama(path, pull_model(DEFAULT_MODEL, home))
+
+
+def build_adapters(model_dir: Path, count: int, cache: Path) -> list[Path]:
+    """`count` distinct PEFT adapters (same shape, seeds 1000+i), each built once into `cache`."""
+    from services.common.base_models import build_atomically
+    from services.devtools.adapters import AdapterSpec, cache_key, is_adapter_dir
+
+    out = []
+    for i in range(count):
+        spec = AdapterSpec(
+            f"{ADAPTER_PREFIX}-{i:03d}", ("q_proj", "v_proj"), r=8, lora_alpha=16, seed=1000 + i
+        )
+        dest = cache / f"{spec.name}--{cache_key(model_dir, spec)[:16]}"
+        out.append(build_atomically(dest, _builder(model_dir, spec), done=is_adapter_dir))
+    return out
+
+
+def _builder(model_dir: Path, spec: Any) -> Callable[[Path], None]:
+    def build(tmp: Path) -> None:
+        from services.devtools.adapters import random_adapter
+
+        random_adapter(model_dir, spec, tmp)
+
+    return build
+
+
+def adapter_bytes(adapter_dir: Path) -> int:
+    """What one adapter counts against a worker's byte budgets: its files' size (as its AdapterRef says)."""
+    from services.common.adapter_files import ADAPTER_FILES
+
+    return sum((adapter_dir / name).stat().st_size for name in ADAPTER_FILES)
+
+
+def register(registry: str, token: str, model_dir: Path, dirs: list[Path]) -> tuple[str, list[BenchAdapter]]:
+    """Catalog entry for the tiny model, the demo tenant, an API key, and every adapter uploaded once."""
+    from services.client.registry import RegistryClient
+    from services.common.adapter_files import adapter_digest
+    from services.common.base_models import describe_model
+    from services.devtools.tiny_model import TINY_LLAMA
+    from services.registry.convert import base_model_pb
+
+    with RegistryClient(registry, token) as c:
+        c.upsert_base_model(base_model_pb(describe_model(TINY_LLAMA, model_dir), 0.05, 0.20))
+        if DEMO_TENANT not in {t.name for t in c.list_tenants()}:
+            c.create_tenant(DEMO_TENANT)
+        api_key = c.create_api_key(DEMO_TENANT, "bench-routing").secret
+        registered = {a.ref.name: a.ref.digest for a in c.list_adapters(tenant=DEMO_TENANT)}
+        adapters = []
+        for path in dirs:
+            name = path.name.split("--", 1)[0]
+            digest = adapter_digest(path)
+            if registered.get(name) != digest:
+                c.upload_adapter(path, tenant=DEMO_TENANT, name=name, base_model=TINY_LLAMA)
+            adapters.append(BenchAdapter(name, digest))
+    return api_key, adapters
+
+
+# -- one policy -----------------------------------------------------------------------------------
+
+
+def worker_env(home: Path, model_dir: Path, slots: int, size: int) -> dict[str, str]:
+    """A fresh worker home (the model linked in, nothing cached) and a device budget of `slots` adapters."""
+    (home / "models").mkdir(parents=True)
+    (home / "models" / model_dir.name).symlink_to(model_dir.resolve())
+    return {
+        "LORAPLEX_HOME": str(home),
+        "LORAPLEX_DTYPE": "float32",
+        # Half an adapter of slack so rounding never costs a slot.
+        "LORAPLEX_DEVICE_ADAPTER_BYTES": str(slots * size + size // 2),
+        "LORAPLEX_MAX_ADAPTER_SLOTS": str(slots),
+        "LORAPLEX_HOST_ADAPTER_BYTES": "0",
+        "LORAPLEX_KV_CACHE_BLOCKS": "256",  # plenty for short requests; no 512 MiB per worker
+        # Three workers share a few cores: one thread each keeps them from thrashing.
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+
+
+def homes_of(adapters: list[BenchAdapter], worker_ids: list[str]) -> list[int]:
+    """Each adapter's rendezvous home among `worker_ids`, as the router's policy computes it."""
+    from services.router.policy import WorkerView, rendezvous_order
+
+    views = [WorkerView(worker_id=w, base_model="") for w in worker_ids]
+    return [worker_ids.index(rendezvous_order(a.digest, views)[0].worker_id) for a in adapters]
+
+
+async def replay(
+    router: str,
+    api_key: str,
+    adapters: list[BenchAdapter],
+    sequence: list[int],
+    *,
+    concurrency: int,
+    max_tokens: int,
+    measure_from: int,
+    run: PolicyRun,
+    homes: dict[str, str],
+) -> None:
+    """Sends sequence[i] in order from `concurrency` clients; records requests i >= measure_from."""
+    import grpc
+
+    from services.client.inference import AsyncInferenceClient, GenerateOptions, Sampling
+
+    sampling = Sampling(max_tokens=max_tokens, ignore_eos=True)
+    next_index = 0
+
+    async def client(conn: AsyncInferenceClient) -> None:
+        nonlocal next_index
+        while next_index < len(sequence):
+            i = next_index
+            next_index += 1
+            adapter = adapters[sequence[i]]
+            started = time.perf_counter()
+            first: float | None = None
+            finished: Any = None
+            try:
+                async for event in conn.generate(
+                    PROMPT, GenerateOptions(adapter=adapter.name, sampling=sampling)
+                ):
+                    kind = event.WhichOneof("event")
+                    if kind == "delta" and first is None:
+                        first = time.perf_counter()
+                    elif kind == "finished":
+                        finished = event.finished
+            except grpc.aio.AioRpcError as exc:
+                if i >= measure_from:
+                    run.errors += 1
+                    run.first_error = run.first_error or f"{exc.code().name}: {exc.details()}"
+                continue
+            if i < measure_from or finished is None or first is None:
+                continue
+            run.ttft_ms.append((first - started) * 1000)
+            run.cold += finished.timings.cold_start
+            worker = finished.worker_id
+            run.served_by[worker] = run.served_by.get(worker, 0) + 1
+            run.off_home += worker != homes[adapter.digest]
+
+    # One channel per client: a shared HTTP/2 connection would serialise the streams' first bytes.
+    conns = [AsyncInferenceClient(router, api_key, timeout_s=120) for _ in range(concurrency)]
+    try:
+        await asyncio.gather(*(client(c) for c in conns))
+    finally:
+        await asyncio.gather(*(c.close() for c in conns))
+
+
+def run_policy(
+    policy: str,
+    base: Stack,
+    scratch: Path,
+    model_dir: Path,
+    api_key: str,
+    adapters: list[BenchAdapter],
+    sequence: list[int],
+    args: argparse.Namespace,
+    size: int,
+) -> PolicyRun:
+    run = PolicyRun(policy)
+    worker_ids = [f"{policy}-{i}" for i in range(args.workers)]
+    homes = homes_of(adapters, worker_ids)
+    home_of = {a.digest: worker_ids[h] for a, h in zip(adapters, homes, strict=True)}
+    logs = base.logs / policy
+    logs.mkdir(parents=True, exist_ok=True)
+    stack = Stack(
+        home=base.home,
+        env=base.env,
+        registry=base.registry,
+        router=f"127.0.0.1:{free_port()}",
+        workers=[f"127.0.0.1:{free_port()}" for _ in worker_ids],
+        logs=logs,
+        procs=[],
+    )
+    envs = []
+    for worker_id in worker_ids:
+        env = worker_env(scratch / policy / worker_id, model_dir, args.device_adapters, size)
+        envs.append({**env, "LORAPLEX_WORKER_ID": worker_id})
+    try:
+        workers = start_workers(stack, model_dir.name, envs)
+        router = start_router(
+            stack,
+            {
+                "LORAPLEX_HOME": str(scratch / policy / "router"),
+                "LORAPLEX_ROUTER_POLICY": policy,
+                # Exactly this run's workers: none left over from another policy's run.
+                "LORAPLEX_ROUTER_DISCOVER_WORKERS": "false",
+            },
+        )
+        for proc, addr in zip(workers, stack.workers, strict=True):
+            wait_serving(addr, proc=proc, timeout_s=300)
+        wait_serving(stack.router, proc=router, timeout_s=120)
+        started = time.monotonic()
+        asyncio.run(
+            replay(
+                stack.router,
+                api_key,
+                adapters,
+                sequence,
+                concurrency=args.concurrency,
+                max_tokens=args.max_tokens,
+                measure_from=args.warmup,
+                run=run,
+                homes=home_of,
+            )
+        )
+        run.seconds = time.monotonic() - started
+    finally:
+        stack.stop()
+    return run
+
+
+# -- results --------------------------------------------------------------------------------------
+
+
+def summarize(
+    runs: dict[str, PolicyRun], modelled: dict[str, int], args: argparse.Namespace
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, run in runs.items():
+        served = len(run.ttft_ms)
+        out[f"cold_loads_{name}"] = round(per_thousand(run.cold, served), 1)
+        out[f"ttft_p50_ms_{name}"] = round(percentile(run.ttft_ms, 0.50), 2)
+        out[f"ttft_p99_ms_{name}"] = round(percentile(run.ttft_ms, 0.99), 2)
+        out[f"off_home_per_1000_{name}"] = round(per_thousand(run.off_home, served), 1)
+        out[f"served_{name}"] = served
+        out[f"errors_{name}"] = run.errors
+        out[f"served_by_{name}"] = dict(sorted(run.served_by.items()))
+        out[f"seconds_{name}"] = round(run.seconds, 1)
+        if run.first_error:
+            out[f"first_error_{name}"] = run.first_error
+    for name, count in modelled.items():
+        out[f"modelled_cold_loads_{name}"] = round(per_thousand(count, args.requests), 1)
+    aff, ll = out.get("cold_loads_affinity"), out.get("cold_loads_least_loaded")
+    if aff is not None and ll is not None:
+        out["cold_load_ratio"] = round(ll / aff, 2) if aff else None
+        out["modelled_cold_load_ratio"] = round(modelled["least_loaded"] / max(1, modelled["affinity"]), 2)
+        out["targets_met"] = bool(
+            (aff == 0 or ll / aff >= 3.0)
+            and out["ttft_p99_ms_affinity"] <= out["ttft_p99_ms_least_loaded"]
+            and all(r.errors == 0 for r in runs.values())
+        )
+    out.update(
+        workers=args.workers,
+        adapters=args.adapters,
+        device_adapters_per_worker=args.device_adapters,
+        requests=args.requests,
+        warmup=args.warmup,
+        concurrency=args.concurrency,
+        max_tokens=args.max_tokens,
+        zipf_alpha=args.alpha,
+        seed=args.seed,
+        router_policy_setting=_router_reads_policy(),
+    )
+    return out
+
+
+def _router_reads_policy() -> bool:
+    """Whether this checkout's router honours LORAPLEX_ROUTER_POLICY (else every run is its default)."""
+    from services.common.config import RouterSettings
+
+    return any("policy" in f.name for f in dataclasses.fields(RouterSettings))
+
+
+def plot(runs: dict[str, PolicyRun], summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(runs)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    xs = range(len(names))
+    ax1.bar([x - 0.2 for x in xs], [summary[f"cold_loads_{n}"] for n in names], width=0.4, label="measured")
+    ax1.bar(
+        [x + 0.2 for x in xs],
+        [summary.get(f"modelled_cold_loads_{n}", 0) for n in names],
+        width=0.4,
+        label="ideal LRU model",
+        color="lightgray",
+    )
+    ax1.set_xticks(list(xs), names)
+    ax1.set_ylabel("cold loads per 1,000 requests")
+    ax1.set_title(
+        f"{summary['adapters']} adapters, Zipf {summary['zipf_alpha']}, "
+        f"{summary['device_adapters_per_worker']}/worker on device"
+    )
+    ax1.legend()
+    for name in names:
+        ordered = sorted(runs[name].ttft_ms)
+        if ordered:
+            ax2.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=name)
+    ax2.set_xscale("log")
+    ax2.set_xlabel("client TTFT (ms)")
+    ax2.set_ylabel("fraction of requests")
+    ax2.set_title(f"{summary['workers']} workers, {summary['concurrency']} concurrent clients")
+    ax2.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--json", action="store_true", help="only the JSON result line on stdout")
+    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--adapters", type=int, default=200)
+    parser.add_argument("--device-adapters", type=int, default=30, help="adapters each worker's device holds")
+    parser.add_argument("--requests", type=int, default=1000, help="measured requests per policy")
+    parser.add_argument("--warmup", type=int, default=500, help="unmeasured requests before them")
+    parser.add_argument("--concurrency", type=int, default=6)
+    parser.add_argument("--max-tokens", type=int, default=4)
+    parser.add_argument("--alpha", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument(
+        "--home", type=Path, default=DEFAULT_HOME, help="registry home, model and adapter cache (kept)"
+    )
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where routing.json/.png go")
+    args = parser.parse_args(argv)
+    policies = [p for p in args.policies.split(",") if p]
+    unknown = set(policies) - set(POLICIES)
+    if unknown or args.workers < 1 or args.device_adapters < 1 or args.requests < 1:
+        parser.error(f"bad arguments (unknown policies: {sorted(unknown)})")
+    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else print
+    began = time.monotonic()
+
+    home: Path = args.home.resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    model_dir = tiny_model_dir(home)
+    dirs = build_adapters(model_dir, args.adapters, home / "adapter-sources")
+    say(f"{len(dirs)} adapters ready in {home / 'adapter-sources'} ({time.monotonic() - began:.0f} s)")
+
+    # The bench's own settings only: a LORAPLEX_* left in the shell must not change the runs.
+    keep = ("LORAPLEX_DATABASE_URL", "LORAPLEX_ADMIN_TOKEN")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_") or k in keep}
+    env["LORAPLEX_HOME"] = str(home)
+    env["LORAPLEX_ADMIN_TOKEN"] = token = dev_admin_token(home)
+    env["PYTHONPATH"] = str(REPO)
+    logs = home / "logs" / time.strftime("%Y%m%d-%H%M%S")
+    logs.mkdir(parents=True)
+    base = Stack(home, env, f"127.0.0.1:{free_port()}", "", [], logs, [])
+    scratch = Path(tempfile.mkdtemp(prefix="bench-routing-"))
+    sequence = zipf_sequence(args.adapters, args.alpha, args.warmup + args.requests, args.seed)
+    runs: dict[str, PolicyRun] = {}
+    try:
+        registry = base.start("registry", ["registry", "serve"], {"LORAPLEX_REGISTRY_LISTEN": base.registry})
+        wait_serving(base.registry, proc=registry, timeout_s=120)
+        api_key, adapters = register(base.registry, token, model_dir, dirs)
+        size = adapter_bytes(dirs[0])
+        say(f"registry up, adapters registered ({time.monotonic() - began:.0f} s); logs in {logs}")
+        for policy in policies:
+            runs[policy] = run_policy(
+                policy, base, scratch, model_dir, api_key, adapters, sequence, args, size
+            )
+            r = runs[policy]
+            say(
+                f"{policy}: {per_thousand(r.cold, len(r.ttft_ms)):.0f} cold loads / 1000, TTFT p50 "
+                f"{percentile(r.ttft_ms, 0.5):.1f} ms, p99 {percentile(r.ttft_ms, 0.99):.1f} ms, "
+                f"{r.errors} errors ({r.seconds:.0f} s)"
+            )
+    finally:
+        base.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+    homes = homes_of(adapters, [f"affinity-{i}" for i in range(args.workers)])
+    modelled = modelled_cold_loads(
+        sequence, homes, workers=args.workers, slots=args.device_adapters, skip=args.warmup, seed=args.seed
+    )
+    summary = summarize(runs, modelled, args)
+    summary["adapter_bytes"] = size
+    summary["elapsed_s"] = round(time.monotonic() - began, 1)
+    args.results.mkdir(parents=True, exist_ok=True)
+    plot(runs, summary, args.results / "routing.png")
+    (args.results / "routing.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

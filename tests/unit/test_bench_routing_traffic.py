@@ -1,0 +1,37 @@
+"""The pure parts of bench.routing: seeded Zipf traffic and the idealised LRU model of each policy."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from bench.routing_traffic import lru_cold_loads, modelled_cold_loads, percentile, zipf_sequence
+
+
+def test_zipf_sequence_is_seeded_and_skewed() -> None:
+    a = zipf_sequence(50, 1.0, 5000, seed=1)
+    assert a == zipf_sequence(50, 1.0, 5000, seed=1) and a != zipf_sequence(50, 1.0, 5000, seed=2)
+    counts = Counter(a)
+    # P(0) / P(1) = 2 under alpha = 1; P(0) = 1 / H_50, about 0.22.
+    assert 1.6 < counts[0] / counts[1] < 2.5 and 0.19 < counts[0] / 5000 < 0.26
+
+
+def test_lru_counts_misses_per_worker_after_the_warmup() -> None:
+    seq = [0, 1, 2, 0, 1, 2, 0]
+    # One worker, two slots: 0 1 2(evicts 0) 0(evicts 1) 1(evicts 2) 2(evicts 0) 0 -> all miss.
+    assert lru_cold_loads(seq, lambda t, a: 0, workers=1, slots=2) == 7
+    assert lru_cold_loads(seq, lambda t, a: 0, workers=1, slots=3) == 3
+    # Two workers split by adapter: each holds its own; only first uses miss; skip hides the first 3.
+    assert lru_cold_loads(seq, lambda t, a: a % 2, workers=2, slots=2) == 3
+    assert lru_cold_loads(seq, lambda t, a: a % 2, workers=2, slots=2, skip=3) == 0
+
+
+def test_affinity_models_fewer_cold_loads_than_spreading() -> None:
+    seq = zipf_sequence(100, 1.0, 4000, seed=3)
+    homes = [i % 3 for i in range(100)]
+    cold = modelled_cold_loads(seq, homes, workers=3, slots=20, skip=2000, seed=3)
+    assert cold["affinity"] < cold["least_loaded"] and cold["affinity"] < cold["round_robin"]
+
+
+def test_percentile_is_nearest_rank() -> None:
+    assert percentile([], 0.5) == 0.0
+    assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0 and percentile(list(map(float, range(101))), 0.99) == 99.0
