@@ -188,7 +188,20 @@ def _default_device() -> str:
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    """One worker: one base model on one device, many adapters."""
+    """One worker: one base model on one device, many adapters.
+
+    Adapter tiers, each with a byte budget that is never exceeded (loads in progress count):
+    LORAPLEX_DEVICE_ADAPTER_BYTES (default 512MiB) adapters in engine slots;
+    LORAPLEX_HOST_ADAPTER_BYTES (default 2GiB, 0 turns the tier off) adapters kept in host memory
+    already in the device layout (pinned on CUDA), so coming back is one copy;
+    LORAPLEX_DISK_ADAPTER_BYTES (default 20GiB) verified files under <home>/worker-cache.
+    Every adapter counts with one size in every tier: the file bytes its AdapterRef names
+    (`size_bytes`, or the fetched files' size when the reference has none), so the router and
+    the worker agree on what fits. Sizes take units: 512MiB, 4GiB, 1048576.
+    LORAPLEX_ADAPTER_IDLE_TTL_S (default 300): an adapter unused this long leaves the device
+    (to host when it fits), unless keep_warm. LORAPLEX_OBJECT_STORE_TIMEOUT_S (default 20): connect
+    and read timeout of each object-store call (two attempts), so a hung store fails a load.
+    """
 
     home: Path
     listen: str
@@ -200,9 +213,13 @@ class WorkerSettings:
     max_waiting: int
     # None: the engine sizes the KV cache from memory.
     kv_cache_blocks: int | None
-    max_adapter_slots: int
     default_max_tokens: int
     max_adapter_bytes: int
+    device_adapter_bytes: int = 512 << 20
+    host_adapter_bytes: int = 2 << 30
+    disk_adapter_bytes: int = 20 << 30
+    adapter_idle_ttl_s: float = 300.0
+    object_store_timeout_s: float = 20.0
     drain_grace_s: float = 30.0
     # With a registry, the worker registers itself (advertising `advertise`) and heartbeats.
     registry: str | None = None
@@ -242,15 +259,26 @@ class WorkerSettings:
             max_batch_size=env.integer("MAX_BATCH_SIZE", 32, minimum=1),
             max_waiting=env.integer("MAX_WAITING", 256, minimum=1),
             kv_cache_blocks=kv_blocks or None,
-            max_adapter_slots=env.integer("MAX_ADAPTER_SLOTS", 16, minimum=1),
             default_max_tokens=env.integer("DEFAULT_MAX_TOKENS", 256, minimum=1),
             max_adapter_bytes=env.size("MAX_ADAPTER_BYTES", 512 << 20),
+            device_adapter_bytes=_positive_size(env, "DEVICE_ADAPTER_BYTES", 512 << 20),
+            host_adapter_bytes=env.size("HOST_ADAPTER_BYTES", 2 << 30),
+            disk_adapter_bytes=_positive_size(env, "DISK_ADAPTER_BYTES", 20 << 30),
+            adapter_idle_ttl_s=env.number("ADAPTER_IDLE_TTL_S", 300.0, minimum=1.0),
+            object_store_timeout_s=env.number("OBJECT_STORE_TIMEOUT_S", 20.0, minimum=0.1),
             drain_grace_s=env.number("DRAIN_GRACE_S", 30.0, minimum=0.0),
             registry=_worker_registry(env),
             admin_token=env.raw("ADMIN_TOKEN"),
             advertise=_check_address("WORKER_ADVERTISE", env.text("WORKER_ADVERTISE", listen)),
             metrics_port=env.integer("WORKER_METRICS_PORT", 0, minimum=0),
         )
+
+
+def _positive_size(env: Env, key: str, default: int) -> int:
+    value = env.size(key, default)
+    if value <= 0:
+        raise ConfigError(f"{PREFIX}{key} must be more than 0 bytes; no adapter could load")
+    return value
 
 
 def _worker_registry(env: Env) -> str | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from loraplex.v1 import common_pb2
-from services.worker.adapter_loader import AdapterSpec, Tier
+from services.worker.adapters import AdapterSpec, Tier
 from services.worker.engine.sampling import SamplingParams
 
 # The proto's documented limits; the engine accepts wider ranges, the public contract does not.
@@ -19,8 +19,15 @@ FINISH_REASONS = {
 
 TIERS = {
     Tier.DEVICE: common_pb2.ADAPTER_TIER_DEVICE,
+    Tier.HOST: common_pb2.ADAPTER_TIER_HOST,
     Tier.DISK: common_pb2.ADAPTER_TIER_DISK,
     Tier.OBJECT_STORE: common_pb2.ADAPTER_TIER_OBJECT_STORE,
+}
+PREFETCH_TARGETS = {
+    common_pb2.ADAPTER_TIER_UNSPECIFIED: Tier.DEVICE,
+    common_pb2.ADAPTER_TIER_DEVICE: Tier.DEVICE,
+    common_pb2.ADAPTER_TIER_HOST: Tier.HOST,
+    common_pb2.ADAPTER_TIER_DISK: Tier.DISK,
 }
 
 
@@ -54,8 +61,20 @@ def adapter_spec(ref: common_pb2.AdapterRef) -> AdapterSpec:
         )
     label = f"{ref.name}@{ref.version}" if ref.name else ref.digest
     return AdapterSpec(
-        digest=ref.digest, uri=ref.uri, base_model=ref.base_model, label=label, adapter_id=ref.adapter_id
+        digest=ref.digest,
+        uri=ref.uri,
+        base_model=ref.base_model,
+        label=label,
+        adapter_id=ref.adapter_id,
+        size_bytes=ref.size_bytes,
+        keep_warm=ref.keep_warm,
     )
+
+
+def prefetch_target(tier: common_pb2.AdapterTier.ValueType) -> Tier:
+    if tier not in PREFETCH_TARGETS:
+        raise ValueError("a prefetch tier must be DEVICE, HOST or DISK (UNSPECIFIED means DEVICE)")
+    return PREFETCH_TARGETS[tier]
 
 
 def adapter_version(ref: common_pb2.AdapterRef) -> common_pb2.AdapterVersion:

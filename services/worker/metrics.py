@@ -1,20 +1,20 @@
 """The worker's Prometheus metrics (process-wide, in the default registry).
 
 Gauges are refreshed from stats the worker already has (the engine's last step stats and the
-loader's held adapters) when a request ends and when WatchState polls, never from the step loop.
+tier policy's byte counts) when a request ends and when WatchState polls, never from the step loop.
+Tier labels are device, host, disk and object_store.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram
 
 from loraplex.v1 import common_pb2
 
-if TYPE_CHECKING:  # the loader records loads here, so importing it at runtime would be circular
-    from services.worker.adapter_loader import HeldAdapter
+if TYPE_CHECKING:
     from services.worker.engine.llm_engine import EngineStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -45,9 +45,15 @@ ADAPTER_LOOKUPS = Counter(
     "Requests for an adapter: 'hit' when it was already on the device, else 'miss'.",
     ["result"],
 )
+ADAPTER_LOOKUPS_BY_TIER = Counter(
+    "loraplex_worker_adapter_lookups_by_tier_total",
+    "Requests for an adapter by the fastest tier it was found in; the hit ratio of a tier is its "
+    "count over the sum.",
+    ["tier"],
+)
 ADAPTER_LOADS = Counter(
     "loraplex_worker_adapter_loads_total",
-    "Adapters loaded onto the device, by the tier they came from (disk cache or object store).",
+    "Adapters loaded onto the device, by the tier they came from (host, disk or object_store).",
     ["tier"],
 )
 ADAPTER_LOAD_SECONDS = Histogram(
@@ -56,10 +62,19 @@ ADAPTER_LOAD_SECONDS = Histogram(
     ["tier"],
     buckets=_LATENCY_BUCKETS,
 )
+ADAPTER_EVICTIONS = Counter(
+    "loraplex_worker_adapter_evictions_total",
+    "Adapter copies freed, by tier and where they went ('host' for a demotion, else 'none').",
+    ["tier", "to"],
+)
 RESIDENT_ADAPTER_BYTES = Gauge(
     "loraplex_worker_resident_adapter_bytes",
-    "Bytes of adapters held at each tier (device: parsed weights; disk: cached files not on device).",
+    "Bytes of adapters held or being loaded in each tier's budget (file bytes; disk includes "
+    "adapters also in host or device).",
     ["tier"],
+)
+ADAPTER_BUDGET_BYTES = Gauge(
+    "loraplex_worker_adapter_budget_bytes", "Each adapter tier's byte budget.", ["tier"]
 )
 KV_BLOCKS_USED = Gauge("loraplex_worker_kv_blocks_used", "KV cache blocks in use.")
 KV_BLOCKS_TOTAL = Gauge("loraplex_worker_kv_blocks_total", "KV cache blocks the engine holds.")
@@ -78,10 +93,7 @@ def observe_engine(stats: EngineStats) -> None:
     RUNNING.set(stats.running)
 
 
-def observe_adapters(held: Iterable[HeldAdapter]) -> None:
-    totals = {"device": 0, "disk": 0}
-    for adapter in held:
-        if adapter.tier.value in totals:
-            totals[adapter.tier.value] += adapter.size_bytes
-    for tier, size in totals.items():
+def observe_adapters(resident_bytes: Mapping[str, int]) -> None:
+    """Bytes per tier label, e.g. {"device": 1024, "host": 0, "disk": 4096}."""
+    for tier, size in resident_bytes.items():
         RESIDENT_ADAPTER_BYTES.labels(tier=tier).set(size)

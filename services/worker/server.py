@@ -16,12 +16,14 @@ from loraplex.v1 import registry_pb2, worker_pb2, worker_pb2_grpc
 from services.common.base_models import is_complete, models_dir, pull_model
 from services.common.config import WorkerSettings
 from services.common.grpc_server import RunningServer, run_until_signalled, start_metrics, start_server
-from services.worker.adapter_loader import AdapterLoader
+from services.worker import metrics
+from services.worker.adapters import AdapterLoader
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine.config import EngineConfig, preferred_dtype
 from services.worker.engine.llm_engine import LLMEngine
 from services.worker.registration import Registration
 from services.worker.servicer import WorkerIdentity, WorkerServicer
+from services.worker.tiers import TierBudgets
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,6 @@ def engine_config(settings: WorkerSettings, model_dir: Path) -> EngineConfig:
         max_step_tokens=max(2048, settings.max_batch_size),
         kv_cache_blocks=settings.kv_cache_blocks,
         max_waiting=settings.max_waiting,
-        max_adapter_slots=settings.max_adapter_slots,
     )
 
 
@@ -75,14 +76,28 @@ async def start_worker(settings: WorkerSettings) -> RunningWorker:
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(model_dir))
     engine = AsyncEngine(llm)
     engine.start()
+    budgets = TierBudgets(
+        device_bytes=settings.device_adapter_bytes,
+        host_bytes=settings.host_adapter_bytes,
+        disk_bytes=settings.disk_adapter_bytes,
+    )
     loader = AdapterLoader(
         engine,
         settings.cache_dir,
         base_model=settings.model,
         dtype=config.dtype,
-        max_slots=settings.max_adapter_slots,
+        budgets=budgets,
+        idle_ttl_s=settings.adapter_idle_ttl_s,
         max_adapter_bytes=settings.max_adapter_bytes,
+        object_store_timeout_s=settings.object_store_timeout_s,
     )
+    try:
+        await loader.start()
+    except BaseException:
+        await engine.shutdown()
+        raise
+    for tier in ("device", "host", "disk"):
+        metrics.ADAPTER_BUDGET_BYTES.labels(tier=tier).set(getattr(budgets, f"{tier}_bytes"))
     identity = WorkerIdentity(
         worker_id=settings.worker_id,
         base_model=settings.model,
@@ -98,6 +113,7 @@ async def start_worker(settings: WorkerSettings) -> RunningWorker:
     try:
         running = await start_server(settings.listen, register, SERVICE_NAMES)
     except BaseException:
+        await loader.close()
         await engine.shutdown()
         raise
     running.before_drain.append(servicer.begin_drain)
@@ -111,6 +127,7 @@ async def start_worker(settings: WorkerSettings) -> RunningWorker:
         running.before_drain.insert(0, registration.leave)
         running.on_stop.append(registration.stop)
     # Runs after the server stopped taking calls and in-flight streams finished (or the grace ran out).
+    running.on_stop.append(loader.close)
     running.on_stop.append(engine.shutdown)
     return RunningWorker(running, engine, loader, servicer)
 

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -21,20 +21,26 @@ from services.common.adapter_errors import AdapterRejected, NotFound, TooLarge, 
 from services.common.adapter_files import digest_hex
 from services.common.grpc_errors import RpcError, status_errors
 from services.worker import convert, metrics, prompts, state
-from services.worker.adapter_loader import (
+from services.worker.adapters import (
     AdapterLoader,
-    AdapterSpec,
+    AdaptersBusy,
+    AdapterTooLarge,
     AdapterUnreadable,
     BaseModelMismatch,
     DigestMismatch,
     Lease,
-    SlotsBusy,
-    Tier,
+    StoreUnavailable,
 )
 from services.worker.async_engine import AsyncEngine, EngineFailed, EngineStopped
 from services.worker.engine.adapter_slots import AdapterMismatch
 from services.worker.engine.adapter_weights import AdapterFormatError
-from services.worker.engine.llm_engine import EngineRequest, QueueFull, RequestOutput, UnknownAdapter
+from services.worker.engine.llm_engine import (
+    AdapterSlotsFull,
+    EngineRequest,
+    QueueFull,
+    RequestOutput,
+    UnknownAdapter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +54,14 @@ ERRORS = {
     BaseModelMismatch: grpc.StatusCode.FAILED_PRECONDITION,
     AdapterFormatError: grpc.StatusCode.FAILED_PRECONDITION,
     AdapterUnreadable: grpc.StatusCode.FAILED_PRECONDITION,
+    AdapterTooLarge: grpc.StatusCode.FAILED_PRECONDITION,
     AdapterMismatch: grpc.StatusCode.FAILED_PRECONDITION,
     AdapterRejected: grpc.StatusCode.FAILED_PRECONDITION,
     TooLarge: grpc.StatusCode.FAILED_PRECONDITION,
     UriNotAllowed: grpc.StatusCode.FAILED_PRECONDITION,
     UnknownAdapter: grpc.StatusCode.UNAVAILABLE,
+    AdapterSlotsFull: grpc.StatusCode.UNAVAILABLE,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     EngineStopped: grpc.StatusCode.UNAVAILABLE,
     EngineFailed: grpc.StatusCode.INTERNAL,
     BotoCoreError: grpc.StatusCode.UNAVAILABLE,
@@ -89,7 +98,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.tokenizer = tokenizer
         self.context_length: int = engine.engine.context_length
         self.vocab_size: int = engine.engine.model.config.vocab_size
-        self._tasks: set[asyncio.Task[None]] = set()  # prefetches: held so they are not collected
         self._draining = asyncio.Event()
         self._admitting = 0  # requests between arrival and engine admission (loading adapters)
 
@@ -117,8 +125,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             try:
                 if spec is not None:
                     try:
-                        lease = await self.loader.acquire(spec)
-                    except SlotsBusy as exc:
+                        lease = await self.loader.acquire(spec, _wait_s(context))
+                    except AdaptersBusy as exc:
                         await self._shed(context, str(exc))
                 admitted = time.monotonic()
                 engine_request = EngineRequest(request_id, ids, sampling, spec.digest if spec else None)
@@ -189,19 +197,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def PrefetchAdapter(
         self, request: worker_pb2.PrefetchAdapterRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.PrefetchAdapterResponse:
+        """Start a background load toward the tier; answer with the tier it was in before."""
         spec = convert.adapter_spec(request.adapter)
-        current = self.loader.current_tier(spec.digest)
-        if request.tier in (common_pb2.ADAPTER_TIER_HOST, common_pb2.ADAPTER_TIER_DISK):
-            # No host tier yet: the disk cache is the warmest place that holds no device slot.
-            self._background(self.loader.fetch_to_disk(spec), spec.digest)
-        elif current is not Tier.DEVICE:
-            self._background(self._load_and_release(spec), spec.digest)
-        tier = convert.TIERS[current] if current else common_pb2.ADAPTER_TIER_OBJECT_STORE
-        return worker_pb2.PrefetchAdapterResponse(current_tier=tier)
+        before = self.loader.prefetch(spec, convert.prefetch_target(request.tier))
+        return worker_pb2.PrefetchAdapterResponse(current_tier=convert.TIERS[before])
 
     async def EvictAdapter(
         self, request: worker_pb2.EvictAdapterRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.EvictAdapterResponse:
+        """Drop it from DEVICE and HOST (the disk copy stays) unless pinned (in use or keep_warm)."""
         digest_hex(request.digest)
         return worker_pb2.EvictAdapterResponse(evicted=await self.loader.evict(request.digest))
 
@@ -237,7 +241,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     def _state(self) -> worker_pb2.WorkerState:
         metrics.observe_engine(self.engine.last_stats)
-        metrics.observe_adapters(self.loader.held())
+        metrics.observe_adapters(self.loader.resident_bytes())
         return state.snapshot(
             self.identity.worker_id,
             self.identity.base_model,
@@ -262,19 +266,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             version=_version(),
         )
 
-    async def _load_and_release(self, spec: AdapterSpec) -> None:
-        self.loader.release(await self.loader.acquire(spec))
-
-    def _background(self, work: Coroutine[Any, Any, None], digest: str) -> None:
-        task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(lambda t: self._prefetch_done(t, digest))
-
-    def _prefetch_done(self, task: asyncio.Task[None], digest: str) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("prefetch of adapter %s failed: %s", digest, task.exception())
-
     def _prompt_ids(self, prompt: common_pb2.Prompt) -> list[int]:
         kind = prompt.WhichOneof("kind")
         if kind == "text":
@@ -291,6 +282,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             message,
             trailing_metadata=(("grpc-retry-pushback-ms", str(RETRY_PUSHBACK_MS)),),
         )
+
+
+def _wait_s(context: grpc.aio.ServicerContext) -> float | None:
+    """How long a request may wait for room on the device: its remaining deadline, if any (the
+    loader caps it at its admit_wait_s)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else max(0.0, remaining - 0.05)
 
 
 def _delta(out: RequestOutput) -> worker_pb2.WorkerServiceGenerateResponse:

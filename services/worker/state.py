@@ -5,7 +5,7 @@ from __future__ import annotations
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from loraplex.v1 import common_pb2, worker_pb2
-from services.worker.adapter_loader import AdapterLoader, HeldAdapter, Tier
+from services.worker.adapters import AdapterLoader, HeldAdapter, Tier
 from services.worker.engine.llm_engine import EngineStats
 
 # How often a watcher looks for changes, and the longest silence before a heartbeat.
@@ -14,6 +14,7 @@ HEARTBEAT_S = 2.0
 
 _TIERS = {
     Tier.DEVICE: common_pb2.ADAPTER_TIER_DEVICE,
+    Tier.HOST: common_pb2.ADAPTER_TIER_HOST,
     Tier.DISK: common_pb2.ADAPTER_TIER_DISK,
     Tier.OBJECT_STORE: common_pb2.ADAPTER_TIER_OBJECT_STORE,
 }
@@ -35,18 +36,20 @@ def resident_adapter(held: HeldAdapter) -> worker_pb2.ResidentAdapter:
         size_bytes=held.size_bytes,
         last_used_at=_timestamp(held.last_used_at),
         in_flight=held.in_flight,
-        pinned=held.in_flight > 0,
+        pinned=held.pinned,
     )
 
 
 def snapshot(
     worker_id: str, base_model: str, loader: AdapterLoader, stats: EngineStats, *, accepting: bool
 ) -> worker_pb2.WorkerState:
+    """Built from one policy snapshot (cheap: no I/O, no engine call)."""
+    held, loading = loader.view()
     return worker_pb2.WorkerState(
         worker_id=worker_id,
         base_model=base_model,
-        adapters=[resident_adapter(h) for h in loader.held()],
-        loading=loader.loading(),
+        adapters=[resident_adapter(h) for h in held],
+        loading=loading,
         queue_depth=stats.waiting,
         running=stats.running,
         kv_blocks_used=stats.kv_blocks_used,

@@ -8,7 +8,7 @@ import pytest
 
 from services.common.adapter_errors import NotFound, TooLarge
 from services.common.adapter_files import ADAPTER_WEIGHTS, adapter_digest, digest_hex
-from services.worker.adapter_loader import AdapterSpec, DigestMismatch, Tier, fetch_to_cache
+from services.worker.adapters import AdapterSpec, DigestMismatch, Tier, fetch_to_cache
 from tests.fixtures.tiny_peft import write_adapter
 
 

@@ -4,7 +4,6 @@ from prometheus_client import REGISTRY
 
 from loraplex.v1 import common_pb2
 from services.worker import metrics
-from services.worker.adapter_loader import HeldAdapter, Tier
 from services.worker.engine.llm_engine import EngineStats
 
 
@@ -13,17 +12,13 @@ def test_finish_reason_labels_are_short_lowercase_names() -> None:
     assert metrics.finish_label(common_pb2.FINISH_REASON_CANCELLED) == "cancelled"
 
 
-def test_resident_bytes_are_summed_per_tier_and_an_emptied_tier_reads_zero() -> None:
-    held = [
-        HeldAdapter("sha256:" + "a" * 64, "a", Tier.DEVICE, 100, 0.0, 0),
-        HeldAdapter("sha256:" + "b" * 64, "b", Tier.DEVICE, 50, 0.0, 1),
-        HeldAdapter("sha256:" + "c" * 64, "c", Tier.DISK, 7, 0.0, 0),
-    ]
-    metrics.observe_adapters(held)
+def test_resident_bytes_are_set_per_tier_and_an_emptied_tier_reads_zero() -> None:
+    metrics.observe_adapters({"device": 150, "host": 40, "disk": 7})
     sample = REGISTRY.get_sample_value
     assert sample("loraplex_worker_resident_adapter_bytes", {"tier": "device"}) == 150
+    assert sample("loraplex_worker_resident_adapter_bytes", {"tier": "host"}) == 40
     assert sample("loraplex_worker_resident_adapter_bytes", {"tier": "disk"}) == 7
-    metrics.observe_adapters(held[2:])
+    metrics.observe_adapters({"device": 0, "host": 40, "disk": 7})
     assert sample("loraplex_worker_resident_adapter_bytes", {"tier": "device"}) == 0
 
 

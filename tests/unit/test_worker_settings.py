@@ -19,6 +19,13 @@ def test_defaults_serve_smollm2_on_50052_with_an_id_from_host_and_port() -> None
     assert s.device in ("cpu", "cuda")
     assert s.kv_cache_blocks is None
     assert s.cache_dir == Path("/srv/lp/worker-cache")
+    assert (s.device_adapter_bytes, s.host_adapter_bytes, s.disk_adapter_bytes) == (
+        512 << 20,
+        2 << 30,
+        20 << 30,
+    )
+    assert s.adapter_idle_ttl_s == 300.0
+    assert not hasattr(s, "max_adapter_slots")  # the device byte budget governs
 
 
 def test_every_variable_is_read() -> None:
@@ -32,9 +39,13 @@ def test_every_variable_is_read() -> None:
             "LORAPLEX_MAX_BATCH_SIZE": "4",
             "LORAPLEX_MAX_WAITING": "9",
             "LORAPLEX_KV_CACHE_BLOCKS": "128",
-            "LORAPLEX_MAX_ADAPTER_SLOTS": "3",
             "LORAPLEX_DEFAULT_MAX_TOKENS": "50",
             "LORAPLEX_MAX_ADAPTER_BYTES": "1MiB",
+            "LORAPLEX_DEVICE_ADAPTER_BYTES": "64MiB",
+            "LORAPLEX_HOST_ADAPTER_BYTES": "0",
+            "LORAPLEX_DISK_ADAPTER_BYTES": "1GiB",
+            "LORAPLEX_ADAPTER_IDLE_TTL_S": "30",
+            "LORAPLEX_OBJECT_STORE_TIMEOUT_S": "2.5",
         }
     )
     assert (s.listen, s.worker_id, s.model, s.device, s.dtype) == (
@@ -45,7 +56,9 @@ def test_every_variable_is_read() -> None:
         "float32",
     )
     assert (s.max_batch_size, s.max_waiting, s.kv_cache_blocks) == (4, 9, 128)
-    assert (s.max_adapter_slots, s.default_max_tokens, s.max_adapter_bytes) == (3, 50, 1 << 20)
+    assert (s.default_max_tokens, s.max_adapter_bytes) == (50, 1 << 20)
+    assert (s.device_adapter_bytes, s.host_adapter_bytes, s.disk_adapter_bytes) == (64 << 20, 0, 1 << 30)
+    assert (s.adapter_idle_ttl_s, s.object_store_timeout_s) == (30.0, 2.5)
 
 
 @pytest.mark.parametrize(
@@ -57,7 +70,11 @@ def test_every_variable_is_read() -> None:
         ("LORAPLEX_MAX_BATCH_SIZE", "0", ">= 1"),
         ("LORAPLEX_MAX_WAITING", "many", "not an integer"),
         ("LORAPLEX_KV_CACHE_BLOCKS", "1", "at least 2"),
-        ("LORAPLEX_MAX_ADAPTER_SLOTS", "0", ">= 1"),
+        ("LORAPLEX_DEVICE_ADAPTER_BYTES", "0", "more than 0 bytes"),
+        ("LORAPLEX_DISK_ADAPTER_BYTES", "0", "more than 0 bytes"),
+        ("LORAPLEX_HOST_ADAPTER_BYTES", "lots", "not a size"),
+        ("LORAPLEX_DEVICE_ADAPTER_BYTES", "2 TB", "not a size"),
+        ("LORAPLEX_ADAPTER_IDLE_TTL_S", "0", ">= 1.0"),
         ("LORAPLEX_DEFAULT_MAX_TOKENS", "0", ">= 1"),
     ],
 )

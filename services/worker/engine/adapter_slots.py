@@ -3,12 +3,16 @@
 Loading pads each module to its adapter's rank bucket, folds the scale into B, stores A^T and
 (sB)^T contiguously so a step can stack them without transposes, and computes the DoRA factor
 m / ||W + s B A||_row once, against the untouched base weight.
+
+The same layout lives in host memory for the worker's HOST tier: `to_device(..., device="cpu")`
+prepares it there (pinned when the engine runs on CUDA), `move(adapter, device)` copies it to the
+device and back. On a CPU engine host and device are one memory, so moving is free.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -43,7 +47,10 @@ class DeviceAdapter:
     size_bytes: int
 
 
-def to_device(weights: AdapterWeights, model: LlamaForCausalLM, max_rank: int, device: str) -> DeviceAdapter:
+def to_device(
+    weights: AdapterWeights, model: LlamaForCausalLM, max_rank: int, device: str, *, pin: bool = False
+) -> DeviceAdapter:
+    """The adapter in the step layout on `device`; `pin` page-locks host tensors for fast copies."""
     if weights.max_rank > max_rank:
         raise AdapterMismatch(f"adapter rank {weights.max_rank} exceeds this worker's limit of {max_rank}")
     dtype = model.lm_head.weight.dtype
@@ -66,10 +73,14 @@ def to_device(weights: AdapterWeights, model: LlamaForCausalLM, max_rank: int, d
         b[: w.rank] = (w.b.to(device=device, dtype=torch.float32) * w.scale).T.to(dtype)
         a_t[key], b_t[key] = a, b
         if w.magnitude is not None:
+            # Against the base weight where it lives (only read, so any thread may do this).
+            at = linear.weight.device
             base = linear.weight.float()
-            delta = (w.b.to(device=device, dtype=torch.float32) * w.scale) @ w.a.to(device, torch.float32)
+            delta = (w.b.to(device=at, dtype=torch.float32) * w.scale) @ w.a.to(at, torch.float32)
             norm = torch.linalg.norm(base + delta, dim=1)
-            dora[key] = (w.magnitude.to(device, torch.float32) / norm).to(dtype)
+            dora[key] = (w.magnitude.to(at, torch.float32) / norm).to(device=device, dtype=dtype)
+    if pin:
+        a_t, b_t, dora = _pinned(a_t), _pinned(b_t), _pinned(dora)
     return DeviceAdapter(
         digest=weights.digest,
         uid=next(_uids),
@@ -80,3 +91,32 @@ def to_device(weights: AdapterWeights, model: LlamaForCausalLM, max_rank: int, d
         dora_scale=dora,
         size_bytes=weights.size_bytes,
     )
+
+
+def move(adapter: DeviceAdapter, device: str, *, pin: bool = False) -> DeviceAdapter:
+    """The adapter's tensors on `device` under a new uid (no copy when they are already there).
+
+    `pin` page-locks host copies of device tensors, so a later move back is a plain DMA.
+    """
+
+    def to(tensors: dict[ModuleKey, torch.Tensor]) -> dict[ModuleKey, torch.Tensor]:
+        out: dict[ModuleKey, torch.Tensor] = {}
+        for key, t in tensors.items():
+            if pin and device == "cpu" and t.device.type != "cpu":
+                out[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+            else:
+                out[key] = t.to(device, non_blocking=True)
+        return out
+
+    moved = replace(
+        adapter, uid=next(_uids), a_t=to(adapter.a_t), b_t=to(adapter.b_t), dora_scale=to(adapter.dora_scale)
+    )
+    # Non-blocking copies: wait for them here, on the loader's thread, not in the next step.
+    cuda = [t.device for t in (*adapter.a_t.values(), *moved.a_t.values()) if t.is_cuda]
+    if cuda:
+        torch.cuda.synchronize(cuda[0])
+    return moved
+
+
+def _pinned(tensors: dict[ModuleKey, torch.Tensor]) -> dict[ModuleKey, torch.Tensor]:
+    return {k: t if t.is_pinned() else t.pin_memory() for k, t in tensors.items()}

@@ -20,7 +20,8 @@ class EngineConfig:
     kv_block_size: int = 16
     kv_cache_blocks: int | None = None  # None: sized from kv_cache_bytes
     max_waiting: int = 256
-    max_adapter_slots: int = 64
+    # A sanity cap on resident adapters; the worker's device byte budget is what governs.
+    max_adapter_slots: int = 4096
     max_lora_rank: int = 256
     kv_cache_bytes: int | None = None  # None: 512 MiB on CPU, half the free memory on CUDA
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import AutoTokenizer
 
-from services.worker.engine.adapter_slots import AdapterMismatch, DeviceAdapter, to_device
+from services.worker.engine.adapter_slots import AdapterMismatch, DeviceAdapter, move, to_device
 from services.worker.engine.adapter_weights import AdapterWeights
 from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.config import EngineConfig
@@ -94,6 +94,43 @@ class LLMEngine:
         self._aborted: list[RequestOutput] = []
 
     # Adapters -------------------------------------------------------------------------------
+    # The worker's loader prepares an adapter in host memory and moves it to the device off the
+    # step thread (prepare_adapter, to_engine_device, to_host only read the base weights); only
+    # install_adapter and remove_adapter touch the resident set, between two steps.
+    @property
+    def pins_host_memory(self) -> bool:
+        return self.config.device.startswith("cuda")
+
+    def prepare_adapter(self, weights: AdapterWeights) -> DeviceAdapter:
+        """The adapter in the step layout, in host memory (pinned on CUDA). Any thread."""
+        return to_device(weights, self.model, self.config.max_lora_rank, "cpu", pin=self.pins_host_memory)
+
+    def to_engine_device(self, adapter: DeviceAdapter) -> DeviceAdapter:
+        """A prepared adapter copied to the engine's device (a new uid; no copy on CPU). Any thread."""
+        return move(adapter, self.config.device)
+
+    def to_host(self, adapter: DeviceAdapter) -> DeviceAdapter:
+        """A removed device adapter back in host memory (no copy on CPU). Any thread."""
+        return move(adapter, "cpu", pin=self.pins_host_memory)
+
+    def install_adapter(self, adapter: DeviceAdapter) -> None:
+        """Make an adapter already on the engine's device usable by the next step. Step thread."""
+        if adapter.digest in self.adapters:
+            return
+        if len(self.adapters) >= self.config.max_adapter_slots:
+            raise AdapterSlotsFull(f"all {self.config.max_adapter_slots} adapter slots are taken; unload one")
+        self.adapters[adapter.digest] = adapter
+
+    def remove_adapter(self, digest: str) -> DeviceAdapter:
+        """Take an adapter out of the resident set and return it (for a host copy). Step thread."""
+        if digest not in self.adapters:
+            raise UnknownAdapter(f"adapter {digest} is not resident")
+        if any(s.adapter == digest for s in self.seqs.values()):
+            raise AdapterInUse(f"adapter {digest} is serving requests; unload it when they finish")
+        adapter = self.adapters.pop(digest)
+        self.runner.lora.forget_stacks()
+        return adapter
+
     def load_adapter(self, weights: AdapterWeights) -> None:
         if weights.digest in self.adapters:
             return
@@ -104,12 +141,7 @@ class LLMEngine:
         )
 
     def unload_adapter(self, digest: str) -> None:
-        if digest not in self.adapters:
-            raise UnknownAdapter(f"adapter {digest} is not resident")
-        if any(s.adapter == digest for s in self.seqs.values()):
-            raise AdapterInUse(f"adapter {digest} is serving requests; unload it when they finish")
-        del self.adapters[digest]
-        self.runner.lora.forget_stacks()
+        self.remove_adapter(digest)
 
     def resident_adapters(self) -> list[str]:
         return list(self.adapters)

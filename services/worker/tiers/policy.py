@@ -64,9 +64,12 @@ class _Entry:
         return min(self.held, default=Tier.OBJECT_STORE)
 
     def complete(self) -> Tier:
-        """Fastest tier holding a finished copy (a running load's destination does not count)."""
-        running = self.pending[0].dst if self.pending else None
-        return min((t for t in self.held if t != running), default=Tier.OBJECT_STORE)
+        """Fastest tier holding a finished copy (no planned load's destination counts: in a chain
+        OBJECT_STORE -> DISK -> DEVICE the DEVICE bytes are reserved while the download runs)."""
+        if not self.pending:
+            return min(self.held, default=Tier.OBJECT_STORE)
+        planned = {ld.dst for ld in self.pending}
+        return min((t for t in self.held if t not in planned), default=Tier.OBJECT_STORE)
 
 
 class NoRoom(Exception):
@@ -115,6 +118,11 @@ class TierPolicy:
         """Fastest tier holding a finished copy (OBJECT_STORE when none)."""
         e = self._entries.get(digest)
         return e.complete() if e is not None else Tier.OBJECT_STORE
+
+    def known_size(self, digest: str) -> int | None:
+        """The size this adapter is accounted with, while the policy holds a row for it."""
+        e = self._entries.get(digest)
+        return e.size_bytes if e is not None else None
 
     def hit_ratio(self, tier: Tier = Tier.DEVICE) -> float:
         total = sum(self.lookups.values())
@@ -208,6 +216,34 @@ class TierPolicy:
             self._keep_warm.add(digest)
         else:
             self._keep_warm.discard(digest)
+
+    def evict(self, digest: str, tiers: tuple[Tier, ...] = (Tier.DEVICE, Tier.HOST)) -> list[Eviction] | None:
+        """An operator's eviction: drop the copies in `tiers` (no demotion). None, with nothing
+        changed, while a request holds it, a load of it runs, or it is keep_warm on DEVICE."""
+        e = self._entries.get(digest)
+        if e is None:
+            return []
+        if (
+            e.refs
+            or e.pending
+            or (Tier.DEVICE in tiers and Tier.DEVICE in e.held and digest in self._keep_warm)
+        ):
+            return None
+        out: list[Eviction] = []
+        for tier in sorted(tiers):
+            if tier not in e.held:
+                continue
+            self._release(e, tier, evicted=True)
+            out.append(Eviction(digest, e.size_bytes, tier, None))
+            if e.state == _AT_REST[tier]:
+                rest = e.fastest()
+                if rest == Tier.OBJECT_STORE:
+                    e.state = self.lifecycle.move(digest, e.state, S.ABSENT)
+                    del self._entries[digest]
+                    return out
+                e.state = self.lifecycle.move(digest, e.state, _AT_REST[rest])
+        self._drop_if_failed_and_unused(e)
+        return out
 
     # ---------------------------------------------------------------- load outcomes
 

@@ -1,0 +1,115 @@
+"""Object store -> disk tier: download into a staging directory, verify the digest, rename into place.
+
+Blocking; the loader runs it on its download threads. S3 calls use a client with connect and read
+timeouts and two attempts, so a store that accepts connections and never answers fails the fetch
+of the adapters it holds within a bounded time instead of hanging a download thread forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from services.common.adapter_errors import NotFound
+from services.common.adapter_files import ADAPTER_FILES, adapter_digest, digest_hex
+from services.common.object_store import ObjectStore, S3Store, open_store
+from services.worker.adapters.spec import AdapterSpec, DigestMismatch, StoreUnavailable
+from services.worker.tiers import Tier
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+log = logging.getLogger(__name__)
+
+STAGING_PREFIX = ".fetch-"
+
+
+def s3_client(timeout_s: float) -> S3Client:
+    """A client for adapter fetches: bounded connect/read waits, one retry (boto reads the endpoint
+    and credentials from the environment, like services.common.object_store.s3_client)."""
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    config = Config(
+        connect_timeout=timeout_s, read_timeout=timeout_s, retries={"max_attempts": 2, "mode": "standard"}
+    )
+    return boto3.client("s3", region_name=region, config=config)
+
+
+def open_adapter_store(uri: str, s3: S3Client | None) -> ObjectStore:
+    store = open_store(uri.rstrip("/"))
+    if s3 is not None and isinstance(store, S3Store):
+        return S3Store(store.bucket, store.prefix, client=s3)
+    return store
+
+
+def fetch_to_cache(
+    spec: AdapterSpec, cache_dir: Path, *, max_bytes: int, s3: S3Client | None = None
+) -> tuple[Tier, Path]:
+    """The verified local copy of an adapter, `<cache_dir>/<digest hex>/`, fetched if absent.
+
+    Returns DISK when a verified copy was there, else OBJECT_STORE. Bytes land in a staging
+    directory and are renamed into place only once their digest matches, so the cache never holds
+    an entry that was not verified; on any failure nothing of this adapter is left behind.
+    """
+    final = cache_dir / digest_hex(spec.digest)
+    if final.is_dir():
+        if adapter_digest(final) == spec.digest:
+            return Tier.DISK, final
+        log.warning("disk cache entry %s does not match its digest; fetching it again", final)
+        shutil.rmtree(final, ignore_errors=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=STAGING_PREFIX))
+    try:
+        _download(spec, staging, max_bytes, s3)
+        actual = adapter_digest(staging)
+        if actual != spec.digest:
+            raise DigestMismatch(
+                f"the adapter's bytes do not match its digest: {spec.uri} hashes to {actual}, not "
+                f"{spec.digest}; the stored files were changed or the reference is wrong, so "
+                f"re-register the adapter"
+            )
+        try:
+            staging.rename(final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            # Another fetch of the same digest won the race; its copy is identical.
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return Tier.OBJECT_STORE, final
+
+
+def _download(spec: AdapterSpec, staging: Path, max_bytes: int, s3: S3Client | None) -> None:
+    store = open_adapter_store(spec.uri, s3)
+    budget = max_bytes
+    for name in ADAPTER_FILES:
+        try:
+            budget -= store.download(name, staging / name, max_bytes=budget)
+        except NotFound as exc:
+            raise NotFound(
+                f"adapter {spec.name} cannot be fetched: {exc} Check that the worker reads the same "
+                f"adapter store as the registry, or re-register the adapter."
+            ) from None
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code == "NoSuchBucket":
+                raise NotFound(
+                    f"adapter {spec.name} cannot be fetched: the bucket of {spec.uri} does not exist; "
+                    f"check the worker's AWS_ENDPOINT_URL and the registry's adapter store"
+                ) from None
+            raise StoreUnavailable(
+                f"adapter {spec.name} cannot be fetched from {spec.uri}: the object store answered "
+                f"{code or exc}; retry later or check the worker's credentials"
+            ) from exc
+        except BotoCoreError as exc:
+            raise StoreUnavailable(
+                f"adapter {spec.name} cannot be fetched from {spec.uri}: {exc}; the object store is "
+                f"unreachable or too slow, retry later"
+            ) from exc

@@ -1,0 +1,37 @@
+"""The host tier: adapters in host memory, already in the engine's device layout.
+
+What `LLMEngine.prepare_adapter` returns (rank bucket padded, scale folded, DoRA factor computed;
+pinned when the engine runs on CUDA), so going to the device is one tensor copy and, on a CPU
+engine, a move of references. A device adapter demoted here keeps that same layout.
+"""
+
+from __future__ import annotations
+
+from services.worker.engine.adapter_slots import DeviceAdapter
+
+
+class HostTier:
+    def __init__(self) -> None:
+        self._held: dict[str, DeviceAdapter] = {}
+
+    def __contains__(self, digest: str) -> bool:
+        return digest in self._held
+
+    def put(self, adapter: DeviceAdapter) -> None:
+        self._held[adapter.digest] = adapter
+
+    def take(self, digest: str) -> DeviceAdapter | None:
+        """Remove and return it (DEVICE and HOST are exclusive: it moves to the device)."""
+        return self._held.pop(digest, None)
+
+    def drop(self, digest: str) -> None:
+        self._held.pop(digest, None)
+
+    def nbytes(self) -> int:
+        """Actual host bytes (padded layout), for logs; the budget counts file bytes."""
+        return sum(
+            t.numel() * t.element_size()
+            for a in self._held.values()
+            for part in (a.a_t, a.b_t, a.dora_scale)
+            for t in part.values()
+        )
