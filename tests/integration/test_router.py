@@ -362,6 +362,41 @@ async def test_an_adapter_keeps_going_to_the_same_worker(s: Stack) -> None:
     assert counts == [0, 4]
 
 
+async def test_the_worker_gets_the_adapters_keep_warm_flag(s: Stack) -> None:
+    t = _tenant(s.registry)
+    with s.registry.admin() as c:
+        c.upload_adapter(s.adapter_dir, tenant=t.name, name="warm", base_model=TINY_LLAMA, keep_warm=True)
+    assert (await _generate(s, t.secret, _request(adapter="warm"))).code == grpc.StatusCode.OK
+    seen = [req for w in s.workers for req in w.worker.requests]
+    assert [(q.adapter.name, q.adapter.keep_warm) for q in seen] == [("warm", True)]
+
+
+@pytest.mark.parametrize(("policy", "split"), [("round_robin", [2, 2]), ("affinity", [0, 4])])
+async def test_the_policy_setting_picks_the_routing_policy(
+    s: Stack, tmp_path: Path, policy: str, split: list[int]
+) -> None:
+    settings = RouterSettings.from_env(
+        {
+            "LORAPLEX_HOME": str(tmp_path),
+            "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN,
+            "LORAPLEX_REGISTRY": s.registry.target,
+            "LORAPLEX_ROUTER_LISTEN": "127.0.0.1:0",
+            "LORAPLEX_WORKERS": ",".join(w.address for w in s.workers),
+            "LORAPLEX_ROUTER_DISCOVER_WORKERS": "false",
+            "LORAPLEX_ROUTER_POLICY": policy,
+        }
+    )
+    router = await start_router(settings)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            for _ in range(4):
+                [e async for e in stub.Generate(_request(adapter="bot"), metadata=_md(s.a.secret))]
+    finally:
+        await router.running.drain(1.0)
+    assert sorted(len(w.worker.requests) for w in s.workers) == split
+
+
 @pytest.mark.parametrize("refusal", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED])
 async def test_worker_refusing_before_the_first_token_fails_over_to_the_next(
     s: Stack, refusal: grpc.StatusCode
