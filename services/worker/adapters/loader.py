@@ -146,7 +146,8 @@ class AdapterLoader:
         self._sizing: dict[str, asyncio.Task[int]] = {}  # fetches run to learn an adapter's size
         self._adapter_ids: dict[str, str] = {}
         self._changed = asyncio.Event()
-        self._tasks: set[asyncio.Task[Any]] = set()  # prefetches and the idle loop
+        self._tasks: set[asyncio.Future[Any]] = set()  # prefetches and the idle loop
+        self._expire_task: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -162,7 +163,19 @@ class AdapterLoader:
             self.policy.access(entry.digest, entry.size_bytes, target=Tier.DISK, pin=False)
             self.policy.on_loaded(entry.digest, Tier.DISK)
             used += entry.size_bytes
-        self._spawn(self._expire_loop())
+        self._expire_task = self._spawn(self._expire_loop())
+
+    async def settle(self) -> None:
+        """Wait until no prefetch and no planned step is running (for tests and benchmarks)."""
+        while True:
+            busy = [
+                t
+                for t in (*self._tasks, *self._tails.values())
+                if t is not self._expire_task and not t.done()
+            ]
+            if not busy:
+                return
+            await asyncio.wait(busy)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -490,7 +503,7 @@ class AdapterLoader:
 
     # ------------------------------------------------------------------ background
 
-    def _spawn(self, work: Awaitable[None], failure: str = "") -> None:
+    def _spawn(self, work: Awaitable[None], failure: str = "") -> asyncio.Future[None]:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
 
@@ -500,6 +513,7 @@ class AdapterLoader:
                 log.warning("%s failed: %s", failure or "adapter background task", t.exception())
 
         task.add_done_callback(done)
+        return task
 
     async def _expire_loop(self) -> None:
         while True:

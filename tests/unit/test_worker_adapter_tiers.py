@@ -1,0 +1,201 @@
+"""The adapter loader carrying out the tier policy on the tiny Llama with real PEFT adapters and tiny
+byte budgets: pins hold under pressure, demotion keeps the device layout, disk budgets delete
+files, a restart takes over the cache within budget, keep_warm survives idle expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.common.adapter_files import ADAPTER_FILES, adapter_digest
+from services.worker.adapters import AdapterLoader, AdaptersBusy, AdapterSpec, Tier, fetch_to_cache
+from services.worker.async_engine import AsyncEngine
+from services.worker.engine.config import EngineConfig
+from services.worker.engine.llm_engine import EngineRequest, LLMEngine
+from services.worker.engine.sampling import SamplingParams
+from services.worker.tiers import TierBudgets
+
+PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173]
+BIG = 1 << 30
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def engine(tiny_llama_dir: Path) -> AsyncIterator[AsyncEngine]:
+    config = EngineConfig(model_dir=tiny_llama_dir, dtype=torch.float32, device="cpu", kv_cache_blocks=64)
+    engine = AsyncEngine(await asyncio.to_thread(LLMEngine, config))
+    engine.start()
+    yield engine
+    await engine.shutdown()
+
+
+@pytest.fixture
+def specs(worker_tiny_adapters: dict[str, Path]) -> dict[str, AdapterSpec]:
+    """The tiny adapters in a file:// store, with their file bytes as the registry reports them."""
+    return {
+        kind: AdapterSpec(
+            digest=adapter_digest(path),
+            uri=path.as_uri(),
+            label=f"{kind}@1",
+            size_bytes=sum((path / name).stat().st_size for name in ADAPTER_FILES),
+        )
+        for kind, path in worker_tiny_adapters.items()
+    }
+
+
+MakeLoader = Callable[..., Awaitable[AdapterLoader]]
+
+
+@pytest.fixture
+async def make_loader(engine: AsyncEngine, tmp_path: Path) -> AsyncIterator[MakeLoader]:
+    made: list[AdapterLoader] = []
+
+    async def make(
+        device: int = BIG, host: int = BIG, disk: int = BIG, ttl: float = 300.0, clock: Clock | None = None
+    ) -> AdapterLoader:
+        loader = AdapterLoader(
+            engine,
+            tmp_path / "worker-cache",
+            base_model="",
+            dtype=torch.float32,
+            budgets=TierBudgets(device_bytes=device, host_bytes=host, disk_bytes=disk),
+            idle_ttl_s=ttl,
+            max_adapter_bytes=1 << 20,
+            clock=clock or Clock(),
+            expire_every_s=3600,  # the tests call expire_idle themselves
+        )
+        await loader.start()
+        made.append(loader)
+        return loader
+
+    yield make
+    for loader in made:
+        await loader.close()
+
+
+async def greedy(engine: AsyncEngine, digest: str, request_id: str) -> list[int]:
+    sampling = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    stream = await engine.add_request(EngineRequest(request_id, PROMPT, sampling, digest))
+    return [t async for out in stream for t in out.new_token_ids]
+
+
+async def test_budget_pressure_never_evicts_an_adapter_a_request_holds(
+    engine: AsyncEngine, make_loader: MakeLoader, specs: dict[str, AdapterSpec]
+) -> None:
+    qv, mlp = specs["qv"], specs["mlp"]
+    loader = await make_loader(device=max(qv.size_bytes, mlp.size_bytes))
+    held = await loader.acquire(qv)
+    with pytest.raises(AdaptersBusy, match=r"adapter mlp@1 cannot be loaded now: .*retry shortly"):
+        await loader.acquire(mlp, wait_s=0.05)
+    assert engine.engine.resident_adapters() == [qv.digest]
+    # A request that may wait does, and gets the device once the holder lets go.
+    waiting = asyncio.create_task(loader.acquire(mlp, wait_s=10))
+    await asyncio.sleep(0.1)
+    assert not waiting.done() and engine.engine.resident_adapters() == [qv.digest]
+    loader.release(held)
+    lease = await asyncio.wait_for(waiting, 10)
+    assert lease.source_tier == Tier.OBJECT_STORE and lease.load_ms >= 100
+    assert engine.engine.resident_adapters() == [mlp.digest]
+    assert loader.current_tier(qv.digest) == Tier.HOST  # demoted, not dropped
+    loader.release(lease)
+
+
+async def test_host_demotion_and_reload_give_the_same_greedy_output_as_a_fresh_load(
+    engine: AsyncEngine, make_loader: MakeLoader, specs: dict[str, AdapterSpec]
+) -> None:
+    dora, mlp = specs["dora"], specs["mlp"]  # DoRA: its folded factor must survive the round trip
+    loader = await make_loader(device=max(dora.size_bytes, mlp.size_bytes))
+    fresh = await loader.acquire(dora)
+    expected = await greedy(engine, dora.digest, "fresh")
+    loader.release(fresh)
+    loader.release(await loader.acquire(mlp))  # no room for both: dora moves to host
+    await loader.settle()
+    assert loader.current_tier(dora.digest) == Tier.HOST and dora.digest in loader.host
+    assert engine.engine.resident_adapters() == [mlp.digest]
+    back = await loader.acquire(dora)
+    assert back.source_tier == Tier.HOST and back.cold_start
+    assert dora.digest not in loader.host  # moved to the device, not copied
+    assert await greedy(engine, dora.digest, "from-host") == expected
+    loader.release(back)
+    # And the same again from the disk copy alone (an eviction drops device and host copies).
+    assert await loader.evict(dora.digest)
+    assert loader.current_tier(dora.digest) == Tier.DISK
+    from_disk = await loader.acquire(dora)
+    assert from_disk.source_tier == Tier.DISK
+    assert await greedy(engine, dora.digest, "from-disk") == expected
+    loader.release(from_disk)
+
+
+async def test_disk_budget_deletes_the_evicted_adapters_directory(
+    make_loader: MakeLoader, specs: dict[str, AdapterSpec], tmp_path: Path
+) -> None:
+    kinds = ["qv", "dora", "attn_rs"]
+    budget = sum(specs[k].size_bytes for k in kinds) - 1  # one of the three must go
+    loader = await make_loader(disk=budget)
+    for kind in kinds:
+        assert loader.prefetch(specs[kind], Tier.DISK) == Tier.OBJECT_STORE
+        await loader.settle()
+    on_disk = {k for k in kinds if (tmp_path / "worker-cache" / specs[k].digest[7:]).is_dir()}
+    assert on_disk == {k for k in kinds if loader.current_tier(specs[k].digest) == Tier.DISK}
+    assert len(on_disk) == 2 and "attn_rs" in on_disk
+    assert loader.policy.resident_bytes(Tier.DISK) <= budget
+    assert not [p for p in (tmp_path / "worker-cache").iterdir() if p.name.startswith(".")]
+
+
+async def test_restart_takes_over_the_disk_cache_within_budget_oldest_deleted(
+    make_loader: MakeLoader, specs: dict[str, AdapterSpec], tmp_path: Path
+) -> None:
+    cache = tmp_path / "worker-cache"
+    kinds = ["qv", "dora", "attn_rs"]  # oldest first
+    for age, kind in enumerate(reversed(kinds)):
+        _, path = fetch_to_cache(specs[kind], cache, max_bytes=1 << 20)
+        os.utime(path, (1_000_000 - age * 100, 1_000_000 - age * 100))
+    (cache / ".fetch-crashed").mkdir()
+    budget = specs["dora"].size_bytes + specs["attn_rs"].size_bytes
+    loader = await make_loader(disk=budget)
+    assert sorted(p.name for p in cache.iterdir()) == sorted(specs[k].digest[7:] for k in ["dora", "attn_rs"])
+    assert loader.current_tier(specs["dora"].digest) == Tier.DISK
+    assert loader.current_tier(specs["attn_rs"].digest) == Tier.DISK
+    assert loader.current_tier(specs["qv"].digest) == Tier.OBJECT_STORE
+    assert loader.policy.resident_bytes(Tier.DISK) == budget
+    lease = await loader.acquire(specs["attn_rs"])
+    assert lease.source_tier == Tier.DISK
+    loader.release(lease)
+
+
+async def test_keep_warm_adapter_survives_idle_expiry_while_another_is_demoted(
+    engine: AsyncEngine, make_loader: MakeLoader, specs: dict[str, AdapterSpec]
+) -> None:
+    clock = Clock()
+    loader = await make_loader(ttl=60.0, clock=clock)
+    warm = AdapterSpec(**{**specs["qv"].__dict__, "keep_warm": True})
+    cold = specs["mlp"]
+    for spec in (warm, cold):
+        loader.release(await loader.acquire(spec))
+    clock.now += 59
+    await loader.expire_idle()
+    assert set(engine.engine.resident_adapters()) == {warm.digest, cold.digest}
+    clock.now += 2
+    await loader.expire_idle()
+    assert engine.engine.resident_adapters() == [warm.digest]
+    assert loader.current_tier(cold.digest) == Tier.HOST and cold.digest in loader.host
+    held, _ = loader.view()
+    pinned = {h.digest: h.pinned for h in held}
+    assert pinned == {warm.digest: True, cold.digest: False}
+    # keep_warm is what the latest reference says: once cleared, the adapter scales to zero too.
+    loader.release(await loader.acquire(specs["qv"]))
+    clock.now += 61
+    await loader.expire_idle()
+    assert engine.engine.resident_adapters() == []
