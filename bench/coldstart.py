@@ -13,6 +13,9 @@ Added TTFT p50/p99 = that percentile of the tier's TTFT minus the same percentil
 request's reported source tier (Timings.adapter_source_tier) is checked against the intended one.
 Baseline: PEFT's `PeftModel.load_adapter(path, adapter_name=<fresh>)` on the same base model and
 files from local disk, timed per call (`delete_adapter` between).
+Beside it, `cold_load_stages_ms_p50` profiles the worker's load path in this process on the same
+files (fetch from S3, sha256, parse, prepare), and `worker_load_ms_p50` is the worker's own
+Timings.adapter_load_ms. The worker, the stage profile and PEFT all run with --worker-threads.
 Targets: host <= 10 ms p50 (all-linear r16), S3 <= 150 ms p50 (all-linear r16), every tier's
 added p50 below PEFT's load p50 for the same adapter.
 Adapters are generated once into .cache/bench-coldstart/ (keyed by model, kind and seed).
@@ -162,8 +165,10 @@ class Processes:
         path = self.tmp / f"{name}.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
-    def stop(self) -> None:
+    def stop(self, only: subprocess.Popen[bytes] | None = None) -> None:
         for proc in reversed(self.procs):
+            if only is not None and proc is not only:
+                continue
             if proc.poll() is None:
                 proc.terminate()
             try:
@@ -205,7 +210,9 @@ def upload(client: Any, adapters: Sequence[BenchAdapter]) -> None:
             )
 
 
-def start_worker(procs: Processes, model_dir: Path, model: str, env: dict[str, str], threads: int) -> str:
+def start_worker(
+    procs: Processes, model_dir: Path, model: str, env: dict[str, str], threads: int
+) -> tuple[str, subprocess.Popen[bytes]]:
     home = procs.tmp / "home"
     (home / "models").mkdir(parents=True)
     # The worker finds models under $LORAPLEX_HOME/models; link the pulled one rather than copy it.
@@ -228,7 +235,7 @@ def start_worker(procs: Processes, model_dir: Path, model: str, env: dict[str, s
         wait_serving(address, proc=proc, timeout_s=300)
     except (RuntimeError, TimeoutError) as exc:
         raise RuntimeError(f"{exc}; worker log:\n{procs.log_tail('worker')}") from None
-    return address
+    return address, proc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,6 +403,70 @@ async def measure_worker(
 
 
 # ---------------------------------------------------------------------------------------------
+# Where a cold load's time goes
+
+
+def profile_stages(
+    model_dir: Path,
+    adapters: dict[str, tuple[BenchAdapter, list[BenchAdapter]]],
+    endpoint: str,
+    dtype_name: str,
+    loads: int,
+) -> dict[str, dict[str, float]]:
+    """Median ms per stage of the worker's load path, run in this process on the same files.
+
+    fetch: both files from S3 (one reused client); sha256: the content digest; parse: safetensors
+    to per-module tensors in the serving dtype; prepare: the engine's step layout (padded to the
+    rank bucket, A^T and scaled B^T). Installing a prepared adapter is a dict insert on CPU.
+    """
+    import torch
+
+    from services.common.object_store import S3Store
+    from services.worker.engine.adapter_slots import to_device
+    from services.worker.engine.adapter_weights import load_adapter_weights
+    from services.worker.engine.config import EngineConfig
+    from services.worker.engine.llm_engine import LLMEngine
+
+    dtype = getattr(torch, dtype_name)
+    engine = LLMEngine(EngineConfig(model_dir=model_dir, dtype=dtype, kv_cache_blocks=16))
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=AWS_ENV["AWS_DEFAULT_REGION"],
+        aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+    )
+    out: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-coldstart-profile-") as tmp:
+        for kind, (resident, _) in adapters.items():
+            store = S3Store(BUCKET, resident.prefix, client)
+            times: dict[str, list[float]] = {"fetch": [], "sha256": [], "parse": [], "prepare": []}
+            for i in range(loads):
+                directory = Path(tmp) / f"{kind}-{i}"
+                directory.mkdir()
+                t0 = time.perf_counter()
+                for name in ADAPTER_FILES:
+                    store.download(name, directory / name, max_bytes=1 << 30)
+                t1 = time.perf_counter()
+                digest = adapter_digest(directory)
+                t2 = time.perf_counter()
+                weights = load_adapter_weights(directory, digest, dtype)
+                t3 = time.perf_counter()
+                to_device(weights, engine.model, engine.config.max_lora_rank, "cpu")
+                t4 = time.perf_counter()
+                for stage, a, b in (
+                    ("fetch", t0, t1),
+                    ("sha256", t1, t2),
+                    ("parse", t2, t3),
+                    ("prepare", t3, t4),
+                ):
+                    times[stage].append((b - a) * 1000)
+                shutil.rmtree(directory)
+            out[kind] = {stage: _r(statistics.median(v)) for stage, v in times.items()}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # PEFT baseline
 
 
@@ -543,6 +614,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"adapter kinds ({', '.join(KINDS)})")
     parser.add_argument("--tiers", default=",".join(TIERS), help="tiers to measure besides device")
     parser.add_argument("--peft-loads", type=int, default=5, help="timed PEFT load_adapter calls per kind")
+    parser.add_argument(
+        "--profile-loads", type=int, default=5, help="in-process stage profile loads per kind (0: skip)"
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument(
         "--model-home", type=Path, default=None, help="where the model is pulled (LORAPLEX_HOME)"
@@ -582,7 +656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             endpoint, s3 = start_s3(procs, env)
             upload(s3, [a for resident, cold in adapters.values() for a in (resident, *cold)])
             _log(f"uploaded to S3 ({time.monotonic() - started:.0f}s)")
-            address = start_worker(
+            address, worker = start_worker(
                 procs, model_dir, args.model, {**env, "AWS_ENDPOINT_URL": endpoint}, args.worker_threads
             )
             _log(f"worker serving ({time.monotonic() - started:.0f}s)")
@@ -590,11 +664,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 info, runs = asyncio.run(measure_worker(address, adapters, tiers, args.seed))
             except Exception as exc:
                 raise RuntimeError(f"{exc}\nworker log:\n{procs.log_tail('worker')}") from exc
+            procs.stop(worker)  # frees its CPU for the in-process stage profile
+            if args.worker_threads:
+                import torch
+
+                torch.set_num_threads(args.worker_threads)  # profile and PEFT get the worker's CPU
+            stages = (
+                profile_stages(model_dir, adapters, endpoint, info["dtype"], args.profile_loads)
+                if args.profile_loads
+                else {}
+            )
         finally:
             procs.stop()
             shutil.rmtree(Path(tmp) / "home", ignore_errors=True)
     peft = peft_load_ms(
-        model_dir, {k: resident.path for k, (resident, _) in adapters.items()}, args.peft_loads
+        model_dir,
+        {k: resident.path for k, (resident, _) in adapters.items()},
+        args.peft_loads,
     )
     _log(f"PEFT baseline done ({time.monotonic() - started:.0f}s)")
 
@@ -603,6 +689,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         **{k: v for k, v in info.items() if k != "base_model"},
         "tiers": tiers,
         **summarize(runs, peft, {k: r.size_bytes for k, (r, _) in adapters.items()}, tiers),
+        "cold_load_stages_ms_p50": stages,
         "mismatch_examples": [m for run in runs.values() for m in run.mismatches][:5],
         "cpus": len(os.sched_getaffinity(0)),
         "worker_threads": args.worker_threads,
