@@ -38,7 +38,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.routing_traffic import POLICIES, modelled_cold_loads, per_thousand, percentile, zipf_sequence
+from bench.routing_traffic import (
+    POLICIES,
+    LruCache,
+    TierPolicyCache,
+    modelled_cold_loads,
+    per_thousand,
+    percentile,
+    zipf_sequence,
+)
 from services.cli.dev import DEMO_TENANT, Stack, dev_admin_token, start_router, start_workers
 from services.common.health import wait_serving
 from services.common.net import free_port
@@ -62,6 +70,9 @@ class PolicyRun:
     ttft_ms: list[float] = dataclasses.field(default_factory=list)
     cold: int = 0
     off_home: int = 0
+    cold_off_home: int = 0
+    # Router counters over the measured requests: routing reasons, failovers.
+    router: dict[str, float] = dataclasses.field(default_factory=dict)
     errors: int = 0
     served_by: dict[str, int] = dataclasses.field(default_factory=dict)
     first_error: str = ""
@@ -141,6 +152,11 @@ def register(registry: str, token: str, model_dir: Path, dirs: list[Path]) -> tu
 # -- one policy -----------------------------------------------------------------------------------
 
 
+def device_budget(slots: int, size: int) -> int:
+    # Half an adapter of slack, so rounding never costs a slot.
+    return slots * size + size // 2
+
+
 def worker_env(home: Path, model_dir: Path, slots: int, size: int) -> dict[str, str]:
     """A fresh worker home (the model linked in, nothing cached) and a device budget of `slots` adapters."""
     (home / "models").mkdir(parents=True)
@@ -148,8 +164,7 @@ def worker_env(home: Path, model_dir: Path, slots: int, size: int) -> dict[str, 
     return {
         "LORAPLEX_HOME": str(home),
         "LORAPLEX_DTYPE": "float32",
-        # Half an adapter of slack so rounding never costs a slot.
-        "LORAPLEX_DEVICE_ADAPTER_BYTES": str(slots * size + size // 2),
+        "LORAPLEX_DEVICE_ADAPTER_BYTES": str(device_budget(slots, size)),
         "LORAPLEX_MAX_ADAPTER_SLOTS": str(slots),
         "LORAPLEX_HOST_ADAPTER_BYTES": "0",
         "LORAPLEX_KV_CACHE_BLOCKS": "256",  # plenty for short requests; no 512 MiB per worker
@@ -175,11 +190,10 @@ async def replay(
     *,
     concurrency: int,
     max_tokens: int,
-    measure_from: int,
-    run: PolicyRun,
+    run: PolicyRun | None,
     homes: dict[str, str],
 ) -> None:
-    """Sends sequence[i] in order from `concurrency` clients; records requests i >= measure_from."""
+    """Sends `sequence` in order from `concurrency` clients; records into `run` (None: warmup)."""
     import grpc
 
     from services.client.inference import AsyncInferenceClient, GenerateOptions, Sampling
@@ -190,33 +204,35 @@ async def replay(
     async def client(conn: AsyncInferenceClient) -> None:
         nonlocal next_index
         while next_index < len(sequence):
-            i = next_index
+            adapter = adapters[sequence[next_index]]
             next_index += 1
-            adapter = adapters[sequence[i]]
             started = time.perf_counter()
             first: float | None = None
             finished: Any = None
+            error = ""
             try:
-                async for event in conn.generate(
-                    PROMPT, GenerateOptions(adapter=adapter.name, sampling=sampling)
-                ):
+                options = GenerateOptions(adapter=adapter.name, sampling=sampling)
+                async for event in conn.generate(PROMPT, options):
                     kind = event.WhichOneof("event")
                     if kind == "delta" and first is None:
                         first = time.perf_counter()
                     elif kind == "finished":
                         finished = event.finished
             except grpc.aio.AioRpcError as exc:
-                if i >= measure_from:
-                    run.errors += 1
-                    run.first_error = run.first_error or f"{exc.code().name}: {exc.details()}"
+                error = f"{exc.code().name}: {exc.details()}"
+            if run is None:
                 continue
-            if i < measure_from or finished is None or first is None:
+            if error or finished is None or first is None:
+                run.errors += 1
+                run.first_error = run.first_error or error or "stream ended without a token or Finished"
                 continue
             run.ttft_ms.append((first - started) * 1000)
-            run.cold += finished.timings.cold_start
             worker = finished.worker_id
+            off_home = worker != homes[adapter.digest]
+            run.cold += finished.timings.cold_start
+            run.cold_off_home += finished.timings.cold_start and off_home
             run.served_by[worker] = run.served_by.get(worker, 0) + 1
-            run.off_home += worker != homes[adapter.digest]
+            run.off_home += off_home
 
     # One channel per client: a shared HTTP/2 connection would serialise the streams' first bytes.
     conns = [AsyncInferenceClient(router, api_key, timeout_s=120) for _ in range(concurrency)]
@@ -224,6 +240,25 @@ async def replay(
         await asyncio.gather(*(client(c) for c in conns))
     finally:
         await asyncio.gather(*(c.close() for c in conns))
+
+
+ROUTER_COUNTERS = ("loraplex_router_routing_decisions_total", "loraplex_router_failovers_total")
+
+
+def router_counters(metrics_port: int) -> dict[str, float]:
+    """The router's routing-decision and failover counters, by label ("reason=home": 412.0)."""
+    from urllib.request import urlopen
+
+    with urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        if name in ROUTER_COUNTERS and "} " in rest:
+            labels, _, value = rest.rpartition("} ")
+            key = ("failover " if "failover" in name else "") + labels.replace('"', "")
+            out[key] = float(value)
+    return out
 
 
 def run_policy(
@@ -252,6 +287,8 @@ def run_policy(
         logs=logs,
         procs=[],
     )
+    metrics_port = free_port()
+    router_env = dict(kv.split("=", 1) for kv in args.router_env)
     envs = []
     for worker_id in worker_ids:
         env = worker_env(scratch / policy / worker_id, model_dir, args.device_adapters, size)
@@ -265,26 +302,25 @@ def run_policy(
                 "LORAPLEX_ROUTER_POLICY": policy,
                 # Exactly this run's workers: none left over from another policy's run.
                 "LORAPLEX_ROUTER_DISCOVER_WORKERS": "false",
+                "LORAPLEX_ROUTER_METRICS_PORT": str(metrics_port),
+                **router_env,
             },
         )
         for proc, addr in zip(workers, stack.workers, strict=True):
             wait_serving(addr, proc=proc, timeout_s=300)
         wait_serving(stack.router, proc=router, timeout_s=120)
-        started = time.monotonic()
-        asyncio.run(
-            replay(
-                stack.router,
-                api_key,
-                adapters,
-                sequence,
-                concurrency=args.concurrency,
-                max_tokens=args.max_tokens,
-                measure_from=args.warmup,
-                run=run,
-                homes=home_of,
-            )
+        replay_args: dict[str, Any] = dict(
+            concurrency=args.concurrency, max_tokens=args.max_tokens, homes=home_of
         )
+        # The warmup runs to completion first: identical for every policy, and not measured.
+        warm, measured = sequence[: args.warmup], sequence[args.warmup :]
+        asyncio.run(replay(stack.router, api_key, adapters, warm, run=None, **replay_args))
+        before = router_counters(metrics_port)
+        started = time.monotonic()
+        asyncio.run(replay(stack.router, api_key, adapters, measured, run=run, **replay_args))
         run.seconds = time.monotonic() - started
+        after = router_counters(metrics_port)
+        run.router = {k: v - before.get(k, 0.0) for k, v in sorted(after.items()) if v > before.get(k, 0.0)}
     finally:
         stack.stop()
     return run
@@ -294,7 +330,7 @@ def run_policy(
 
 
 def summarize(
-    runs: dict[str, PolicyRun], modelled: dict[str, int], args: argparse.Namespace
+    runs: dict[str, PolicyRun], modelled: dict[str, dict[str, int]], args: argparse.Namespace
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, run in runs.items():
@@ -303,18 +339,23 @@ def summarize(
         out[f"ttft_p50_ms_{name}"] = round(percentile(run.ttft_ms, 0.50), 2)
         out[f"ttft_p99_ms_{name}"] = round(percentile(run.ttft_ms, 0.99), 2)
         out[f"off_home_per_1000_{name}"] = round(per_thousand(run.off_home, served), 1)
+        out[f"cold_loads_off_home_{name}"] = round(per_thousand(run.cold_off_home, served), 1)
+        out[f"router_counters_{name}"] = run.router
         out[f"served_{name}"] = served
         out[f"errors_{name}"] = run.errors
         out[f"served_by_{name}"] = dict(sorted(run.served_by.items()))
         out[f"seconds_{name}"] = round(run.seconds, 1)
         if run.first_error:
             out[f"first_error_{name}"] = run.first_error
-    for name, count in modelled.items():
+    for name, count in modelled["tier_policy"].items():
         out[f"modelled_cold_loads_{name}"] = round(per_thousand(count, args.requests), 1)
+    for name, count in modelled["lru"].items():
+        out[f"lru_modelled_cold_loads_{name}"] = round(per_thousand(count, args.requests), 1)
     aff, ll = out.get("cold_loads_affinity"), out.get("cold_loads_least_loaded")
     if aff is not None and ll is not None:
         out["cold_load_ratio"] = round(ll / aff, 2) if aff else None
-        out["modelled_cold_load_ratio"] = round(modelled["least_loaded"] / max(1, modelled["affinity"]), 2)
+        model = modelled["tier_policy"]
+        out["modelled_cold_load_ratio"] = round(model["least_loaded"] / max(1, model["affinity"]), 2)
         out["targets_met"] = bool(
             (aff == 0 or ll / aff >= 3.0)
             and out["ttft_p99_ms_affinity"] <= out["ttft_p99_ms_least_loaded"]
@@ -331,6 +372,7 @@ def summarize(
         zipf_alpha=args.alpha,
         seed=args.seed,
         router_policy_setting=_router_reads_policy(),
+        router_env=dict(kv.split("=", 1) for kv in args.router_env),
     )
     return out
 
@@ -356,7 +398,7 @@ def plot(runs: dict[str, PolicyRun], summary: dict[str, Any], path: Path) -> Non
         [x + 0.2 for x in xs],
         [summary.get(f"modelled_cold_loads_{n}", 0) for n in names],
         width=0.4,
-        label="ideal LRU model",
+        label="model: same tier policy, no spill",
         color="lightgray",
     )
     ax1.set_xticks(list(xs), names)
@@ -390,7 +432,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--adapters", type=int, default=200)
     parser.add_argument("--device-adapters", type=int, default=30, help="adapters each worker's device holds")
     parser.add_argument("--requests", type=int, default=1000, help="measured requests per policy")
-    parser.add_argument("--warmup", type=int, default=500, help="unmeasured requests before them")
+    parser.add_argument("--warmup", type=int, default=1000, help="unmeasured requests before them")
+    parser.add_argument(
+        "--router-env",
+        action="append",
+        default=[],
+        metavar="LORAPLEX_X=V",
+        help="extra router setting for every policy, for diagnosis (e.g. LORAPLEX_ROUTE_LOAD_EPS=4)",
+    )
     parser.add_argument("--concurrency", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--alpha", type=float, default=1.0)
@@ -405,6 +454,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = set(policies) - set(POLICIES)
     if unknown or args.workers < 1 or args.device_adapters < 1 or args.requests < 1:
         parser.error(f"bad arguments (unknown policies: {sorted(unknown)})")
+    for kv in args.router_env:
+        if not kv.startswith("LORAPLEX_") or "=" not in kv:
+            parser.error(f"--router-env {kv!r}: use LORAPLEX_NAME=value")
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else print
     began = time.monotonic()
 
@@ -446,9 +498,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         base.stop()
         shutil.rmtree(scratch, ignore_errors=True)
     homes = homes_of(adapters, [f"affinity-{i}" for i in range(args.workers)])
-    modelled = modelled_cold_loads(
-        sequence, homes, workers=args.workers, slots=args.device_adapters, skip=args.warmup, seed=args.seed
-    )
+    budget = device_budget(args.device_adapters, size)
+    modelled = {
+        kind: modelled_cold_loads(
+            sequence, homes, new_cache, workers=args.workers, skip=args.warmup, seed=args.seed
+        )
+        for kind, new_cache in (
+            ("tier_policy", lambda: TierPolicyCache(budget, size)),
+            ("lru", lambda: LruCache(args.device_adapters)),
+        )
+    }
     summary = summarize(runs, modelled, args)
     summary["adapter_bytes"] = size
     summary["elapsed_s"] = round(time.monotonic() - began, 1)

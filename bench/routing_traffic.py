@@ -1,18 +1,21 @@
-"""Pure parts of `bench.routing`: the seeded Zipf traffic and an idealised LRU model of each policy.
+"""Pure parts of `bench.routing`: the seeded Zipf traffic and an idealised model of each policy.
 
 The model answers "how many cold loads could each policy have at best with these budgets?", so a
 measured number can be told apart from a ceiling set by the benchmark's own shape (how much of the
-adapter set fits on the fleet). It assumes per-worker LRU over a fixed number of device slots and
-no load spill: affinity sends every adapter to its rendezvous home, round-robin cycles the
-workers, and least-loaded, whose load signal is noise-level under balanced traffic, is modelled as
-a seeded uniform pick.
+adapter set fits on the fleet). Each worker's device is replayed through the worker's own
+`TierPolicy` (its default eviction order, the same byte budget, no host tier), one request at a
+time, with no load spill: affinity sends every adapter to its rendezvous home, round-robin cycles
+the workers, and least-loaded, whose load signal is noise-level under balanced traffic, is
+modelled as a seeded uniform pick. Plain per-worker LRU over the same slots is kept as a reference.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 POLICIES = ("affinity", "least_loaded", "round_robin")
 
@@ -31,35 +34,76 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def lru_cold_loads(
+class DeviceCache(Protocol):
+    def use(self, adapter: int) -> bool:
+        """Serves one request for `adapter`; True when it was already on the device."""
+        ...
+
+
+class LruCache:
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._held: OrderedDict[int, None] = OrderedDict()
+
+    def use(self, adapter: int) -> bool:
+        if adapter in self._held:
+            self._held.move_to_end(adapter)
+            return True
+        self._held[adapter] = None
+        if len(self._held) > self.slots:
+            self._held.popitem(last=False)
+        return False
+
+
+class TierPolicyCache:
+    """The worker's own tier policy at one device byte budget, every adapter `size_bytes`."""
+
+    def __init__(self, device_bytes: int, size_bytes: int) -> None:
+        from services.worker.tiers import TierBudgets, TierPolicy
+
+        self.size = size_bytes
+        self._t = 0.0
+        budgets = TierBudgets(device_bytes=device_bytes, host_bytes=0, disk_bytes=1 << 40)
+        self.policy = TierPolicy(budgets, idle_ttl_s=math.inf, clock=lambda: self._t)
+
+    def use(self, adapter: int) -> bool:
+        self._t += 1.0
+        digest = f"{adapter:064x}"
+        plan = self.policy.access(digest, self.size, now=self._t)
+        if not plan.admitted:  # cannot happen one request at a time; counted as a miss
+            return False
+        for load in plan.loads:
+            self.policy.on_loaded(digest, load.dst)
+        self.policy.unpin(digest)
+        return bool(plan.hit)
+
+
+def cold_loads(
     sequence: Sequence[int],
     assign: Callable[[int, int], int],
+    caches: Sequence[DeviceCache],
     *,
-    workers: int,
-    slots: int,
     skip: int = 0,
 ) -> int:
-    """Misses of per-worker LRU caches of `slots` entries; `assign(t, adapter)` picks the worker.
+    """Requests that found their adapter off the device of the worker `assign(t, adapter)` picked.
 
     The first `skip` requests only warm the caches.
     """
-    caches: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(workers)]
     cold = 0
     for t, adapter in enumerate(sequence):
-        cache = caches[assign(t, adapter)]
-        if adapter in cache:
-            cache.move_to_end(adapter)
-            continue
-        if t >= skip:
-            cold += 1
-        cache[adapter] = None
-        if len(cache) > slots:
-            cache.popitem(last=False)
+        hit = caches[assign(t, adapter)].use(adapter)
+        cold += t >= skip and not hit
     return cold
 
 
 def modelled_cold_loads(
-    sequence: Sequence[int], homes: Sequence[int], *, workers: int, slots: int, skip: int, seed: int
+    sequence: Sequence[int],
+    homes: Sequence[int],
+    new_cache: Callable[[], DeviceCache],
+    *,
+    workers: int,
+    skip: int,
+    seed: int,
 ) -> dict[str, int]:
     """Cold loads per policy over sequence[skip:] under the idealised model (see module docstring)."""
     pick = random.Random(seed)
@@ -69,7 +113,7 @@ def modelled_cold_loads(
         "round_robin": lambda t, a: t % workers,
     }
     return {
-        name: lru_cold_loads(sequence, assigners[name], workers=workers, slots=slots, skip=skip)
+        name: cold_loads(sequence, assigners[name], [new_cache() for _ in range(workers)], skip=skip)
         for name in POLICIES
     }
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from collections import Counter
 
-from bench.routing_traffic import lru_cold_loads, modelled_cold_loads, percentile, zipf_sequence
+from bench.routing_traffic import (
+    LruCache,
+    TierPolicyCache,
+    cold_loads,
+    modelled_cold_loads,
+    percentile,
+    zipf_sequence,
+)
 
 
 def test_zipf_sequence_is_seeded_and_skewed() -> None:
@@ -18,18 +25,29 @@ def test_zipf_sequence_is_seeded_and_skewed() -> None:
 def test_lru_counts_misses_per_worker_after_the_warmup() -> None:
     seq = [0, 1, 2, 0, 1, 2, 0]
     # One worker, two slots: 0 1 2(evicts 0) 0(evicts 1) 1(evicts 2) 2(evicts 0) 0 -> all miss.
-    assert lru_cold_loads(seq, lambda t, a: 0, workers=1, slots=2) == 7
-    assert lru_cold_loads(seq, lambda t, a: 0, workers=1, slots=3) == 3
+    assert cold_loads(seq, lambda t, a: 0, [LruCache(2)]) == 7
+    assert cold_loads(seq, lambda t, a: 0, [LruCache(3)]) == 3
     # Two workers split by adapter: each holds its own; only first uses miss; skip hides the first 3.
-    assert lru_cold_loads(seq, lambda t, a: a % 2, workers=2, slots=2) == 3
-    assert lru_cold_loads(seq, lambda t, a: a % 2, workers=2, slots=2, skip=3) == 0
+    assert cold_loads(seq, lambda t, a: a % 2, [LruCache(2), LruCache(2)]) == 3
+    assert cold_loads(seq, lambda t, a: a % 2, [LruCache(2), LruCache(2)], skip=3) == 0
+
+
+def test_tier_policy_cache_holds_what_its_byte_budget_fits() -> None:
+    from services.worker.tiers import Tier
+
+    cache = TierPolicyCache(device_bytes=2 * 100 + 50, size_bytes=100)
+    assert [cache.use(a) for a in (0, 1, 0, 1)] == [False, False, True, True]
+    assert not cache.use(2)  # a third does not fit beside two: one of them left the device
+    assert cache.policy.resident_bytes(Tier.DEVICE) == 200
+    assert [cache.use(0), cache.use(1)].count(True) <= 1
 
 
 def test_affinity_models_fewer_cold_loads_than_spreading() -> None:
     seq = zipf_sequence(100, 1.0, 4000, seed=3)
     homes = [i % 3 for i in range(100)]
-    cold = modelled_cold_loads(seq, homes, workers=3, slots=20, skip=2000, seed=3)
-    assert cold["affinity"] < cold["least_loaded"] and cold["affinity"] < cold["round_robin"]
+    for new_cache in (lambda: LruCache(20), lambda: TierPolicyCache(20 * 100 + 50, 100)):
+        cold = modelled_cold_loads(seq, homes, new_cache, workers=3, skip=2000, seed=3)
+        assert cold["affinity"] < cold["least_loaded"] and cold["affinity"] < cold["round_robin"]
 
 
 def test_percentile_is_nearest_rank() -> None:
