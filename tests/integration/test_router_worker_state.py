@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from loraplex.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2, worker_pb2
 from services.common.adapter_files import adapter_digest
@@ -32,7 +33,14 @@ from services.devtools.tiny_model import TINY_LLAMA
 from services.router.policy import Residency, WorkerView, rendezvous_order
 from services.router.server import Router, start_router
 from tests.fixtures.registry import ADMIN_TOKEN, RegistryProcess
-from tests.fixtures.worker import serving, worker_home, worker_settings
+from tests.fixtures.worker import (
+    TINY_B_SCALE,
+    TINY_KINDS,
+    build_adapter,
+    serving,
+    worker_home,
+    worker_settings,
+)
 
 WORKER_IDS = ("rw-a", "rw-b")
 LATE_ID = "rw-late"
@@ -193,11 +201,42 @@ async def test_keep_warm_adapter_reaches_a_device_without_any_request_and_leaves
     code, worker = await _generate(stack, _request("always-on"))
     assert code == grpc.StatusCode.OK and {worker} == _on_device(stack, digest)
 
+    # Archived: the router hints the eviction (this worker keeps a keep_warm adapter pinned, so
+    # it may refuse) and stops keeping it warm.
+    hints = _eviction_hints()
     with stack.registry.admin() as c:
         c.archive_adapter("always-on@1", tenant=stack.tenant)
-    # The eviction hint: the worker drops it from its device (it stays in the disk cache).
-    await _until(lambda: not _on_device(stack, digest), 20, "archived adapter evicted")
+    await _until(lambda: _eviction_hints() > hints, 10, "eviction hint sent")
+    assert digest not in stack.router.warmer.book.warm_refs()
+
+
+async def test_an_archived_adapter_is_evicted_from_the_workers_holding_it(
+    stack: Stack, loraplex_home: Path, tiny_llama_dir: Path
+) -> None:
+    fresh = build_adapter(
+        tiny_llama_dir,
+        TINY_KINDS["qv"],
+        loraplex_home / "worker-test-adapters" / TINY_LLAMA / "qv-router-evict",
+        b_scale=TINY_B_SCALE,
+        seed=99,
+    )
+    stack.adapters["evict"] = fresh
+    digest = _upload(stack, "evict", "short-lived").ref.digest
+    code, worker = await _generate(stack, _request("short-lived"))
+    assert code == grpc.StatusCode.OK
+    await _until(lambda: worker in _on_device(stack, digest), 5, "served adapter reported on device")
+    with stack.registry.admin() as c:
+        c.archive_adapter("short-lived@1", tenant=stack.tenant)
+    # The worker drops it from memory on the router's hint; the disk copy stays.
+    await _until(lambda: not _on_device(stack, digest), 10, "archived adapter evicted")
     assert _views(stack)[worker].residency.get(digest) is Residency.DISK
+
+
+def _eviction_hints() -> float:
+    return sum(
+        REGISTRY.get_sample_value("loraplex_router_eviction_hints_total", {"outcome": o}) or 0.0
+        for o in ("evicted", "kept")
+    )
 
 
 async def test_a_worker_that_joins_late_is_routed_to_as_soon_as_it_reports(
