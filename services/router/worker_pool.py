@@ -270,6 +270,7 @@ class WorkerPool:
                     if not was_synced:
                         log.info("worker %s (%s) sent its state: routable", handle.worker_id, handle.address)
                         backoff = WATCH_BACKOFF_MIN_S
+                        handle.down_until = 0.0  # a fresh snapshot proves it answers again
                         self._synced.set()
                         self.changed.set()
             except StateOutOfSync as exc:
