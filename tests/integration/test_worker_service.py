@@ -647,6 +647,7 @@ async def test_generate_records_latency_adapter_load_and_kv_metrics(
     }
     before = {n: sample(n, labels.get(n)) for n in names}
     misses = sample("adapter_lookups_total", {"result": "miss"})
+    by_tier = {t: sample("adapter_lookups_by_tier_total", {"tier": t}) for t in ("object_store", "device")}
     for _ in range(2):  # cold from the object store, then warm on the device
         await generate(tiny_worker_stub, gen_request(adapter=ref, max_tokens=3, ignore_eos=True))
     grew = {n: sample(n, labels.get(n)) - before[n] for n in names}
@@ -660,4 +661,6 @@ async def test_generate_records_latency_adapter_load_and_kv_metrics(
         "requests_total": 2,
     }
     assert sample("adapter_lookups_total", {"result": "miss"}) == misses + 1
+    for tier in ("object_store", "device"):  # where each of the two requests found the adapter
+        assert sample("adapter_lookups_by_tier_total", {"tier": tier}) == by_tier[tier] + 1
     assert sample("kv_blocks_total") == tiny_worker.engine.last_stats.kv_blocks_total > 0
