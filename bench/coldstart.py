@@ -5,7 +5,7 @@ adapters from S3 (moto's server on loopback). The client talks to its WorkerServ
 times each Generate (short prompt, max_tokens=1) from send to the first delta. For each adapter
 kind (q/v rank 8, all-linear rank 16, all-linear rank 64; PEFT-written, random weights) and trial,
 in a shuffled order per trial so drift hits every tier alike:
-- device: the kind's adapter already on the device (the baseline);
+- device: the kind's adapter already on the device, one untimed request first (the baseline);
 - host:   EvictAdapter, PrefetchAdapter(tier=HOST), WatchState shows HOST, then the request;
 - disk:   EvictAdapter (the disk copy stays), WatchState shows DISK, then the request;
 - s3:     an adapter this worker has never seen (a fresh seed per trial), then the request.
@@ -13,9 +13,10 @@ Added TTFT p50/p99 = that percentile of the tier's TTFT minus the same percentil
 request's reported source tier (Timings.adapter_source_tier) is checked against the intended one.
 Baseline: PEFT's `PeftModel.load_adapter(path, adapter_name=<fresh>)` on the same base model and
 files from local disk, timed per call (`delete_adapter` between).
-Beside it, `cold_load_stages_ms_p50` profiles the worker's load path in this process on the same
-files (fetch from S3, sha256, parse, prepare), and `worker_load_ms_p50` is the worker's own
-Timings.adapter_load_ms. The worker, the stage profile and PEFT all run with --worker-threads.
+Beside it: `worker_load_ms_p50` and `worker_ttft_ms_p50` are the worker's own Timings
+(adapter_load_ms; ttft_ms from arrival, no network); `cold_load_stages_ms_p50` profiles the load
+path in this process on the same files (fetch from S3, sha256, parse, prepare). The worker, the
+stage profile and PEFT all run with --worker-threads torch threads.
 Targets: host <= 10 ms p50 (all-linear r16), S3 <= 150 ms p50 (all-linear r16), every tier's
 added p50 below PEFT's load p50 for the same adapter.
 Adapters are generated once into .cache/bench-coldstart/ (keyed by model, kind and seed).
@@ -246,6 +247,7 @@ def start_worker(
 class Sample:
     ttft_ms: float
     load_ms: float  # the worker's Timings.adapter_load_ms
+    worker_ttft_ms: float  # the worker's Timings.ttft_ms: arrival to first token, no network
     source_tier: Tier
 
 
@@ -274,7 +276,9 @@ class WorkerClient:
                 timings = msg.finished.timings
         if not first:
             raise RuntimeError("the worker finished the request without a token")
-        return Sample((first - start) * 1000, timings.adapter_load_ms, timings.adapter_source_tier)
+        return Sample(
+            (first - start) * 1000, timings.adapter_load_ms, timings.ttft_ms, timings.adapter_source_tier
+        )
 
     async def held(self) -> tuple[dict[str, Tier], set[str]]:
         """digest -> tier, and the digests loading now, from the first (snapshot) message of WatchState."""
@@ -335,6 +339,7 @@ def adapter_ref(adapter: BenchAdapter, base_model: str) -> common_pb2.AdapterRef
 class KindRun:
     ttft: dict[str, list[float]] = field(default_factory=dict)  # tier -> ms, "device" included
     load: dict[str, list[float]] = field(default_factory=dict)
+    worker_ttft: dict[str, list[float]] = field(default_factory=dict)
     mismatches: list[str] = field(default_factory=list)
 
 
@@ -353,6 +358,9 @@ async def measure_kind(
 
     async def one(tier: str, trial: int) -> Sample:
         if tier == "device":
+            # Untimed first: an eviction in the previous step drops the engine's cached weight
+            # stacks, and re-stacking belongs to the cold tiers' cost, not to the warm baseline.
+            await client.generate(ref)
             return await client.generate(ref)
         if tier == "host":
             await client.evict(resident.digest)
@@ -375,6 +383,7 @@ async def measure_kind(
             sample = await one(tier, trial)
             run.ttft.setdefault(tier, []).append(sample.ttft_ms)
             run.load.setdefault(tier, []).append(sample.load_ms)
+            run.worker_ttft.setdefault(tier, []).append(sample.worker_ttft_ms)
             if sample.source_tier != WANTED[tier]:
                 run.mismatches.append(f"{tier} trial {trial}: worker says {_tier_name(sample.source_tier)}")
     return run
@@ -508,6 +517,7 @@ def summarize(
     added: dict[str, dict[str, dict[str, float]]] = {}
     device: dict[str, dict[str, float]] = {}
     load: dict[str, dict[str, float]] = {}
+    worker_ttft: dict[str, dict[str, float]] = {}
     for kind, run in runs.items():
         dev = run.ttft["device"]
         device[kind] = {"p50": _r(_pct(dev, 0.5)), "p99": _r(_pct(dev, 0.99))}
@@ -519,6 +529,7 @@ def summarize(
             for tier in tiers
         }
         load[kind] = {tier: _r(statistics.median(run.load[tier])) for tier in tiers}
+        worker_ttft[kind] = {tier: _r(statistics.median(v)) for tier, v in run.worker_ttft.items()}
     peft_ms = {k: {"p50": _r(_pct(v, 0.5)), "p99": _r(_pct(v, 0.99))} for k, v in peft.items()}
 
     def p50(kind: str, tier: str) -> float | None:
@@ -551,6 +562,7 @@ def summarize(
         "device_ttft_ms": device,
         "peft_load_ms": peft_ms,
         "worker_load_ms_p50": load,
+        "worker_ttft_ms_p50": worker_ttft,
         "adapter_bytes": sizes,
         "trials": {kind: len(run.ttft["device"]) for kind, run in runs.items()},
         "tier_mismatches": sum(len(run.mismatches) for run in runs.values()),
