@@ -71,6 +71,7 @@ class PolicyRun:
     cold: int = 0
     off_home: int = 0
     cold_off_home: int = 0
+    ttft_cold_ms: list[float] = dataclasses.field(default_factory=list)  # the cold requests' TTFTs
     # Router counters over the measured requests: routing reasons, failovers.
     router: dict[str, float] = dataclasses.field(default_factory=dict)
     errors: int = 0
@@ -227,6 +228,8 @@ async def replay(
                 run.first_error = run.first_error or error or "stream ended without a token or Finished"
                 continue
             run.ttft_ms.append((first - started) * 1000)
+            if finished.timings.cold_start:
+                run.ttft_cold_ms.append(run.ttft_ms[-1])
             worker = finished.worker_id
             off_home = worker != homes[adapter.digest]
             run.cold += finished.timings.cold_start
@@ -338,6 +341,8 @@ def summarize(
         out[f"cold_loads_{name}"] = round(per_thousand(run.cold, served), 1)
         out[f"ttft_p50_ms_{name}"] = round(percentile(run.ttft_ms, 0.50), 2)
         out[f"ttft_p99_ms_{name}"] = round(percentile(run.ttft_ms, 0.99), 2)
+        # What a cold load costs here: the cold requests' median TTFT beside everyone's.
+        out[f"ttft_p50_ms_cold_{name}"] = round(percentile(run.ttft_cold_ms, 0.50), 2)
         out[f"off_home_per_1000_{name}"] = round(per_thousand(run.off_home, served), 1)
         out[f"cold_loads_off_home_{name}"] = round(per_thousand(run.cold_off_home, served), 1)
         out[f"router_counters_{name}"] = run.router
@@ -375,6 +380,17 @@ def summarize(
         router_env=dict(kv.split("=", 1) for kv in args.router_env),
     )
     return out
+
+
+def _commit() -> str:
+    """The checkout's commit (with "+dirty" when tracked files differ), so a result names its code."""
+    import subprocess
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD")
+    return f"{head}+dirty" if head and git("status", "--porcelain", "--untracked-files=no") else head
 
 
 def _router_reads_policy() -> bool:
@@ -510,6 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     summary = summarize(runs, modelled, args)
     summary["adapter_bytes"] = size
+    summary["commit"] = _commit()
     summary["elapsed_s"] = round(time.monotonic() - began, 1)
     args.results.mkdir(parents=True, exist_ok=True)
     plot(runs, summary, args.results / "routing.png")
