@@ -12,7 +12,8 @@ in a shuffled order per trial so drift hits every tier alike:
 Added TTFT p50/p99 = that percentile of the tier's TTFT minus the same percentile on device. Each
 request's reported source tier (Timings.adapter_source_tier) is checked against the intended one.
 Baseline: PEFT's `PeftModel.load_adapter(path, adapter_name=<fresh>)` on the same base model and
-files from local disk, timed per call (`delete_adapter` between).
+files from local disk, timed per call (`delete_adapter` between), one per trial in the same
+shuffled order (in this process, while the worker idles).
 Beside it: `worker_load_ms_p50` and `worker_ttft_ms_p50` are the worker's own Timings
 (adapter_load_ms; ttft_ms from arrival, no network); `cold_load_stages_ms_p50` profiles the load
 path in this process on the same files (fetch from S3, sha256, parse, prepare). The worker, the
@@ -340,6 +341,7 @@ class KindRun:
     ttft: dict[str, list[float]] = field(default_factory=dict)  # tier -> ms, "device" included
     load: dict[str, list[float]] = field(default_factory=dict)
     worker_ttft: dict[str, list[float]] = field(default_factory=dict)
+    peft: list[float] = field(default_factory=list)  # PeftModel.load_adapter ms
     mismatches: list[str] = field(default_factory=list)
 
 
@@ -350,6 +352,7 @@ async def measure_kind(
     cold: Sequence[BenchAdapter],
     tiers: Sequence[str],
     rng: random.Random,
+    peft: PeftBaseline,
 ) -> KindRun:
     run = KindRun()
     ref = adapter_ref(resident, base_model)
@@ -376,10 +379,15 @@ async def measure_kind(
         await client.evict(cold_ref.digest)  # keep device and host memory flat across trials
         return sample
 
+    peft.load_ms(resident.path)  # untimed: PEFT's first load of a kind adds its layers' dicts
     for trial in range(len(cold)):
-        order = ["device", *tiers]
+        order = ["device", "peft", *tiers]
         rng.shuffle(order)
         for tier in order:
+            if tier == "peft":
+                # Blocks the event loop for one load; nothing else is in flight meanwhile.
+                run.peft.append(peft.load_ms(resident.path))
+                continue
             sample = await one(tier, trial)
             run.ttft.setdefault(tier, []).append(sample.ttft_ms)
             run.load.setdefault(tier, []).append(sample.load_ms)
@@ -394,6 +402,7 @@ async def measure_worker(
     adapters: dict[str, tuple[BenchAdapter, list[BenchAdapter]]],
     tiers: Sequence[str],
     seed: int,
+    peft: PeftBaseline,
 ) -> tuple[dict[str, Any], dict[str, KindRun]]:
     client = WorkerClient(address)
     try:
@@ -404,7 +413,7 @@ async def measure_worker(
         runs = {}
         for kind, (resident, cold) in adapters.items():
             started = time.monotonic()
-            runs[kind] = await measure_kind(client, info.base_model, resident, cold, tiers, rng)
+            runs[kind] = await measure_kind(client, info.base_model, resident, cold, tiers, rng, peft)
             _log(f"{kind}: {len(cold)} trials in {time.monotonic() - started:.1f}s")
         return {"base_model": info.base_model, "device": info.device, "dtype": info.dtype}, runs
     finally:
@@ -479,25 +488,28 @@ def profile_stages(
 # PEFT baseline
 
 
-def peft_load_ms(model_dir: Path, paths: dict[str, Path], loads: int) -> dict[str, list[float]]:
-    """PeftModel.load_adapter per call, fresh adapter name each time, deleted again after."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+class PeftBaseline:
+    """A PeftModel on the same base model (fp32, as PEFT users load it); times load_adapter."""
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    first = next(iter(paths.values()))
-    model = PeftModel.from_pretrained(base, str(first), adapter_name="warm")
-    model.eval()
-    times: dict[str, list[float]] = {}
-    for kind, path in paths.items():
-        for i in range(loads):
-            name = f"{kind}-{i}"
-            start = time.perf_counter()
-            model.load_adapter(str(path), adapter_name=name)
-            times.setdefault(kind, []).append((time.perf_counter() - start) * 1000)
-            model.delete_adapter(name)
-    return times
+    def __init__(self, model_dir: Path, first: Path) -> None:
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        self.model = PeftModel.from_pretrained(base, str(first), adapter_name="warm")
+        self.model.eval()
+        self._n = 0
+
+    def load_ms(self, path: Path) -> float:
+        """One load_adapter under a fresh name, from local disk; deleted again after."""
+        self._n += 1
+        name = f"a{self._n}"
+        start = time.perf_counter()
+        self.model.load_adapter(str(path), adapter_name=name)
+        elapsed = (time.perf_counter() - start) * 1000
+        self.model.delete_adapter(name)
+        return elapsed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,7 +522,6 @@ def _r(x: float) -> float:
 
 def summarize(
     runs: dict[str, KindRun],
-    peft: dict[str, list[float]],
     sizes: dict[str, int],
     tiers: Sequence[str],
 ) -> dict[str, Any]:
@@ -530,7 +541,7 @@ def summarize(
         }
         load[kind] = {tier: _r(statistics.median(run.load[tier])) for tier in tiers}
         worker_ttft[kind] = {tier: _r(statistics.median(v)) for tier, v in run.worker_ttft.items()}
-    peft_ms = {k: {"p50": _r(_pct(v, 0.5)), "p99": _r(_pct(v, 0.99))} for k, v in peft.items()}
+    peft_ms = {k: {"p50": _r(_pct(r.peft, 0.5)), "p99": _r(_pct(r.peft, 0.99))} for k, r in runs.items()}
 
     def p50(kind: str, tier: str) -> float | None:
         return added.get(kind, {}).get(tier, {}).get("p50")
@@ -625,7 +636,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--trials-r64", type=int, default=8, help="trials per tier for r64_all")
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"adapter kinds ({', '.join(KINDS)})")
     parser.add_argument("--tiers", default=",".join(TIERS), help="tiers to measure besides device")
-    parser.add_argument("--peft-loads", type=int, default=5, help="timed PEFT load_adapter calls per kind")
     parser.add_argument(
         "--profile-loads", type=int, default=5, help="in-process stage profile loads per kind (0: skip)"
     )
@@ -647,8 +657,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ValueError(
             f"unknown kinds or tiers {unknown}; kinds: {', '.join(KINDS)}; tiers: {', '.join(TIERS)}"
         )
-    if min(args.trials, args.trials_r64, args.peft_loads) < 1:
-        raise ValueError("--trials, --trials-r64 and --peft-loads must be at least 1")
+    if min(args.trials, args.trials_r64) < 1:
+        raise ValueError("--trials and --trials-r64 must be at least 1")
     started = time.monotonic()
 
     model_dir = pull_model(args.model, args.model_home or loraplex_home())
@@ -661,6 +671,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{sum(len(c) + 1 for _, c in adapters.values())} adapters ready ({time.monotonic() - started:.0f}s)"
     )
 
+    if args.worker_threads:
+        import torch
+
+        torch.set_num_threads(args.worker_threads)  # PEFT and the profile get the worker's CPU
+    peft = PeftBaseline(model_dir, next(iter(adapters.values()))[0].path)
     env = {**os.environ, **AWS_ENV}
     with tempfile.TemporaryDirectory(prefix="bench-coldstart-") as tmp:
         procs = Processes(Path(tmp), args.worker_src)
@@ -673,14 +688,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             _log(f"worker serving ({time.monotonic() - started:.0f}s)")
             try:
-                info, runs = asyncio.run(measure_worker(address, adapters, tiers, args.seed))
+                info, runs = asyncio.run(measure_worker(address, adapters, tiers, args.seed, peft))
             except Exception as exc:
                 raise RuntimeError(f"{exc}\nworker log:\n{procs.log_tail('worker')}") from exc
             procs.stop(worker)  # frees its CPU for the in-process stage profile
-            if args.worker_threads:
-                import torch
-
-                torch.set_num_threads(args.worker_threads)  # profile and PEFT get the worker's CPU
+            del peft
             stages = (
                 profile_stages(model_dir, adapters, endpoint, info["dtype"], args.profile_loads)
                 if args.profile_loads
@@ -689,18 +701,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             procs.stop()
             shutil.rmtree(Path(tmp) / "home", ignore_errors=True)
-    peft = peft_load_ms(
-        model_dir,
-        {k: resident.path for k, (resident, _) in adapters.items()},
-        args.peft_loads,
-    )
-    _log(f"PEFT baseline done ({time.monotonic() - started:.0f}s)")
+    _log(f"stage profile done ({time.monotonic() - started:.0f}s)")
 
     summary = {
         "model": args.model,
         **{k: v for k, v in info.items() if k != "base_model"},
         "tiers": tiers,
-        **summarize(runs, peft, {k: r.size_bytes for k, (r, _) in adapters.items()}, tiers),
+        **summarize(runs, {k: r.size_bytes for k, (r, _) in adapters.items()}, tiers),
         "cold_load_stages_ms_p50": stages,
         "mismatch_examples": [m for run in runs.values() for m in run.mismatches][:5],
         "cpus": len(os.sched_getaffinity(0)),

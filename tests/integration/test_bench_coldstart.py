@@ -16,7 +16,7 @@ def test_coldstart_bench_reports_every_kind_and_tier(
     argv = [
         "bench", "coldstart", "--json",
         "--model", tiny_llama_dir.name, "--model-home", str(loraplex_home),
-        "--trials", "2", "--trials-r64", "1", "--peft-loads", "1", "--profile-loads", "1",
+        "--trials", "2", "--trials-r64", "1", "--profile-loads", "1",
         "--adapter-cache", str(tmp_path / "adapters"), "--results-dir", str(tmp_path / "results"),
     ]  # fmt: skip
     assert cli_main(argv) == 0
