@@ -84,7 +84,8 @@ class WorkerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EvictAdapter(self, request, context):
-        """Drops an adapter from the device and host tiers unless it is in use.
+        """Drops an adapter from the device and host tiers unless it is in use, and stops
+        keeping it warm (a later request or prefetch with keep_warm sets that again).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -42,7 +42,9 @@ class WorkerServiceStub:
     PrefetchAdapter: _grpc.UnaryUnaryMultiCallable[_worker_pb2.PrefetchAdapterRequest, _worker_pb2.PrefetchAdapterResponse]
     """Starts loading an adapter toward a tier without running a request."""
     EvictAdapter: _grpc.UnaryUnaryMultiCallable[_worker_pb2.EvictAdapterRequest, _worker_pb2.EvictAdapterResponse]
-    """Drops an adapter from the device and host tiers unless it is in use."""
+    """Drops an adapter from the device and host tiers unless it is in use, and stops
+    keeping it warm (a later request or prefetch with keep_warm sets that again).
+    """
     WatchState: _grpc.UnaryStreamMultiCallable[_worker_pb2.WatchStateRequest, _worker_pb2.WatchStateResponse]
     """Streams the worker's state: a full snapshot, then changes and heartbeats."""
     GetInfo: _grpc.UnaryUnaryMultiCallable[_worker_pb2.GetInfoRequest, _worker_pb2.GetInfoResponse]
@@ -62,7 +64,9 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     PrefetchAdapter: _aio.UnaryUnaryMultiCallable[_worker_pb2.PrefetchAdapterRequest, _worker_pb2.PrefetchAdapterResponse]  # type: ignore[assignment]
     """Starts loading an adapter toward a tier without running a request."""
     EvictAdapter: _aio.UnaryUnaryMultiCallable[_worker_pb2.EvictAdapterRequest, _worker_pb2.EvictAdapterResponse]  # type: ignore[assignment]
-    """Drops an adapter from the device and host tiers unless it is in use."""
+    """Drops an adapter from the device and host tiers unless it is in use, and stops
+    keeping it warm (a later request or prefetch with keep_warm sets that again).
+    """
     WatchState: _aio.UnaryStreamMultiCallable[_worker_pb2.WatchStateRequest, _worker_pb2.WatchStateResponse]  # type: ignore[assignment]
     """Streams the worker's state: a full snapshot, then changes and heartbeats."""
     GetInfo: _aio.UnaryUnaryMultiCallable[_worker_pb2.GetInfoRequest, _worker_pb2.GetInfoResponse]  # type: ignore[assignment]
@@ -97,7 +101,9 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _worker_pb2.EvictAdapterRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_worker_pb2.EvictAdapterResponse, _abc.Awaitable[_worker_pb2.EvictAdapterResponse]]:
-        """Drops an adapter from the device and host tiers unless it is in use."""
+        """Drops an adapter from the device and host tiers unless it is in use, and stops
+        keeping it warm (a later request or prefetch with keep_warm sets that again).
+        """
 
     @_abc_1.abstractmethod
     def WatchState(

@@ -223,9 +223,13 @@ class AdapterLoader:
         return before
 
     async def evict(self, digest: str) -> bool:
-        """Drop the adapter from DEVICE and HOST (its disk copy stays); False while it is pinned
-        (in use, being loaded, or keep_warm)."""
+        """Drop the adapter from DEVICE and HOST (its disk copy stays) and stop keeping it warm;
+        False while a request holds it or it is being loaded.
+
+        An explicit eviction overrides keep_warm: the router sends one when the adapter is archived,
+        and a later request or prefetch carrying keep_warm=true sets it again."""
         digest_hex(digest)
+        self.policy.set_keep_warm(digest, False)
         evictions = self.policy.evict(digest)
         if evictions is None:
             return False
