@@ -20,6 +20,16 @@ path in this process on the same files (fetch from S3, sha256, parse, prepare). 
 stage profile and PEFT all run with --worker-threads torch threads.
 Targets: host <= 10 ms p50 (all-linear r16), S3 <= 150 ms p50 (all-linear r16), every tier's
 added p50 below PEFT's load p50 for the same adapter.
+
+Measured (2-core shared CPU, bf16 auto, 1 thread, load average ~3; added TTFT p50, ms, with the
+worker's own adapter_load_ms in brackets): r8_qv host -3.5 [1.0], disk 5 [11], S3 35 [32], PEFT
+73; r16_all host 8.0 [1.6], disk 46 [41], S3 140 [133], PEFT 233; r64_all host 10 [1.4], disk 112
+[97], S3 494 [454], PEFT 350. Only r64 from S3 is slower than PEFT's local load. A run at load
+average ~6 gave host r16 12.1 ms (over the 10 ms target) and S3 r16 143 ms: on this machine the
+host target sits inside the noise. The host tier's cost is mostly the first engine step after the
+install (the step re-stacks the adapter's weights: +6.5 ms r16, +8 ms r64 in-process), not the
+load (~1.5 ms). Every disk-to-device load re-hashes the files (12 ms r16, 50 ms r64), so the S3
+path hashes them twice: after the download, and again when it prepares from the new disk copy.
 Adapters are generated once into .cache/bench-coldstart/ (keyed by model, kind and seed).
 Prints one JSON object as its last line; writes bench/results/coldstart.json and coldstart.png.
 
@@ -660,6 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if min(args.trials, args.trials_r64) < 1:
         raise ValueError("--trials and --trials-r64 must be at least 1")
     started = time.monotonic()
+    load_before = os.getloadavg()[0]
 
     model_dir = pull_model(args.model, args.model_home or loraplex_home())
     adapters: dict[str, tuple[BenchAdapter, list[BenchAdapter]]] = {}
@@ -712,6 +723,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mismatch_examples": [m for run in runs.values() for m in run.mismatches][:5],
         "cpus": len(os.sched_getaffinity(0)),
         "worker_threads": args.worker_threads,
+        # Other work on the machine inflates every tier alike (trials interleave), but noisily.
+        "loadavg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "wall_s": round(time.monotonic() - started, 1),
     }
     args.results_dir.mkdir(parents=True, exist_ok=True)
