@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -30,8 +30,12 @@ class _Readable(Protocol):
 
 
 class ObjectStore(Protocol):
-    def download(self, name: str, dest: Path, *, max_bytes: int) -> int:
-        """Stream `name` into `dest`; returns its size. TooLarge past max_bytes (dest removed)."""
+    def download(
+        self, name: str, dest: Path, *, max_bytes: int, on_chunk: Callable[[bytes], None] | None = None
+    ) -> int:
+        """Stream `name` into `dest`; returns its size. TooLarge past max_bytes (dest removed).
+
+        `on_chunk` sees every chunk as it is written (e.g. to hash while downloading)."""
         ...
 
     def upload(self, name: str, src: Path) -> None: ...
@@ -71,7 +75,14 @@ def _check_name(name: str) -> str:
     return name
 
 
-def _copy_limited(src: _Readable, dest: Path, *, max_bytes: int, label: str) -> int:
+def _copy_limited(
+    src: _Readable,
+    dest: Path,
+    *,
+    max_bytes: int,
+    label: str,
+    on_chunk: Callable[[bytes], None] | None = None,
+) -> int:
     """Copy in chunks, stopping (and removing dest) as soon as more than max_bytes arrived."""
     total = 0
     try:
@@ -81,6 +92,8 @@ def _copy_limited(src: _Readable, dest: Path, *, max_bytes: int, label: str) -> 
                 if total > max_bytes:
                     raise TooLarge(f"{label} is larger than the limit of {max_bytes} bytes.", limit=max_bytes)
                 out.write(chunk)
+                if on_chunk is not None:
+                    on_chunk(chunk)
     except BaseException:
         dest.unlink(missing_ok=True)
         raise
@@ -96,7 +109,9 @@ class FileStore:
     def _path(self, name: str) -> Path:
         return self.root / _check_name(name)
 
-    def download(self, name: str, dest: Path, *, max_bytes: int) -> int:
+    def download(
+        self, name: str, dest: Path, *, max_bytes: int, on_chunk: Callable[[bytes], None] | None = None
+    ) -> int:
         path = self._path(name)
         try:
             src = path.open("rb")
@@ -105,7 +120,7 @@ class FileStore:
         except IsADirectoryError:
             raise NotFound(f"{self.uri_for(name)} is a directory, not a file.") from None
         with src:
-            return _copy_limited(src, dest, max_bytes=max_bytes, label=self.uri_for(name))
+            return _copy_limited(src, dest, max_bytes=max_bytes, label=self.uri_for(name), on_chunk=on_chunk)
 
     def upload(self, name: str, src: Path) -> None:
         path = self._path(name)
@@ -156,7 +171,9 @@ class S3Store:
         _check_name(name)
         return f"{self.prefix}/{name}" if self.prefix else name
 
-    def download(self, name: str, dest: Path, *, max_bytes: int) -> int:
+    def download(
+        self, name: str, dest: Path, *, max_bytes: int, on_chunk: Callable[[bytes], None] | None = None
+    ) -> int:
         try:
             response = self._client.get_object(Bucket=self.bucket, Key=self._key(name))
         except ClientError as exc:
@@ -171,7 +188,7 @@ class S3Store:
                     f"{max_bytes} bytes.",
                     limit=max_bytes,
                 )
-            return _copy_limited(body, dest, max_bytes=max_bytes, label=self.uri_for(name))
+            return _copy_limited(body, dest, max_bytes=max_bytes, label=self.uri_for(name), on_chunk=on_chunk)
         finally:
             body.close()
 

@@ -58,3 +58,18 @@ def test_oversized_adapters_stop_downloading_at_the_limit(stored: AdapterSpec, t
     with pytest.raises(TooLarge):
         fetch_to_cache(stored, tmp_path / "cache", max_bytes=100)
     assert leftovers(tmp_path / "cache") == []
+
+
+def test_a_fetch_remembers_what_it_verified_and_only_unverified_entries_are_hashed(
+    stored: AdapterSpec, tmp_path: Path
+) -> None:
+    cache, verified = tmp_path / "cache", set[str]()
+    tier, path = fetch_to_cache(stored, cache, max_bytes=1 << 20, verified=verified)
+    assert tier is Tier.OBJECT_STORE and verified == {stored.digest}
+    assert fetch_to_cache(stored, cache, max_bytes=1 << 20, verified=verified) == (Tier.DISK, path)
+    # An entry this process did not fetch (left by an earlier run) is hashed before it is trusted.
+    (path / ADAPTER_WEIGHTS).write_bytes(b"not the adapter")
+    restarted: set[str] = set()
+    tier, again = fetch_to_cache(stored, cache, max_bytes=1 << 20, verified=restarted)
+    assert tier is Tier.OBJECT_STORE and adapter_digest(again) == stored.digest
+    assert restarted == {stored.digest}

@@ -7,6 +7,7 @@ of the adapters it holds within a bounded time instead of hanging a download thr
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -19,7 +20,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from services.common.adapter_errors import NotFound
-from services.common.adapter_files import ADAPTER_FILES, adapter_digest, digest_hex
+from services.common.adapter_files import ADAPTER_FILES, AdapterDigest, adapter_digest, digest_hex
 from services.common.object_store import ObjectStore, S3Store, open_store
 from services.worker.adapters.spec import AdapterSpec, DigestMismatch, StoreUnavailable
 from services.worker.tiers import Tier
@@ -50,25 +51,38 @@ def open_adapter_store(uri: str, s3: S3Client | None) -> ObjectStore:
 
 
 def fetch_to_cache(
-    spec: AdapterSpec, cache_dir: Path, *, max_bytes: int, s3: S3Client | None = None
+    spec: AdapterSpec,
+    cache_dir: Path,
+    *,
+    max_bytes: int,
+    s3: S3Client | None = None,
+    verified: set[str] | None = None,
 ) -> tuple[Tier, Path]:
     """The verified local copy of an adapter, `<cache_dir>/<digest hex>/`, fetched if absent.
 
-    Returns DISK when a verified copy was there, else OBJECT_STORE. Bytes land in a staging
-    directory and are renamed into place only once their digest matches, so the cache never holds
-    an entry that was not verified; on any failure nothing of this adapter is left behind.
+    Returns DISK when a verified copy was there, else OBJECT_STORE. Bytes are hashed as they
+    arrive, land in a staging directory and are renamed into place only once their digest matches,
+    so the cache never holds an entry that was not verified; on any failure nothing of this adapter
+    is left behind. `verified` holds the digests this process already checked on disk (a fetch
+    adds its own): their directories are trusted without hashing them again, which is most of a
+    disk load for a large adapter. Entries found on disk at start are hashed once, on first use.
     """
     final = cache_dir / digest_hex(spec.digest)
     if final.is_dir():
+        if verified is not None and spec.digest in verified:
+            return Tier.DISK, final
         if adapter_digest(final) == spec.digest:
+            if verified is not None:
+                verified.add(spec.digest)
             return Tier.DISK, final
         log.warning("disk cache entry %s does not match its digest; fetching it again", final)
         shutil.rmtree(final, ignore_errors=True)
+    if verified is not None:
+        verified.discard(spec.digest)
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=STAGING_PREFIX))
     try:
-        _download(spec, staging, max_bytes, s3)
-        actual = adapter_digest(staging)
+        actual = _download(spec, staging, max_bytes, s3)
         if actual != spec.digest:
             raise DigestMismatch(
                 f"the adapter's bytes do not match its digest: {spec.uri} hashes to {actual}, not "
@@ -81,17 +95,23 @@ def fetch_to_cache(
             if not final.is_dir():
                 raise
             # Another fetch of the same digest won the race; its copy is identical.
+        if verified is not None:
+            verified.add(spec.digest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return Tier.OBJECT_STORE, final
 
 
-def _download(spec: AdapterSpec, staging: Path, max_bytes: int, s3: S3Client | None) -> None:
+def _download(spec: AdapterSpec, staging: Path, max_bytes: int, s3: S3Client | None) -> str:
+    """Download the adapter's files into `staging`; returns the digest of what arrived."""
     store = open_adapter_store(spec.uri, s3)
     budget = max_bytes
+    digest = AdapterDigest()
     for name in ADAPTER_FILES:
         try:
-            budget -= store.download(name, staging / name, max_bytes=budget)
+            budget -= store.download(
+                name, staging / name, max_bytes=budget, on_chunk=functools.partial(digest.update, name)
+            )
         except NotFound as exc:
             raise NotFound(
                 f"adapter {spec.name} cannot be fetched: {exc} Check that the worker reads the same "
@@ -113,3 +133,4 @@ def _download(spec: AdapterSpec, staging: Path, max_bytes: int, s3: S3Client | N
                 f"adapter {spec.name} cannot be fetched from {spec.uri}: {exc}; the object store is "
                 f"unreachable or too slow, retry later"
             ) from exc
+    return digest.hexdigest()

@@ -133,6 +133,8 @@ class AdapterLoader:
         self.admit_wait_s = ADMIT_WAIT_S  # the longest a request waits for room before it is shed
         self.policy = TierPolicy(budgets, idle_ttl_s, clock)
         self.disk = DiskTier(cache_dir)
+        # Digests whose disk copy this process hashed (or fetched and hashed) already.
+        self._verified: set[str] = set()
         self.host = HostTier()
         self.estimates: dict[Tier, LoadEstimate] = {
             t: LoadEstimate() for t in (Tier.HOST, Tier.DISK, Tier.OBJECT_STORE)
@@ -424,6 +426,7 @@ class AdapterLoader:
             elif ev.src == Tier.HOST:
                 self.host.drop(digest)
             elif ev.src == Tier.DISK:
+                self._verified.discard(digest)
                 await self._in(self._parsing, self.disk.delete, digest)
             metrics.ADAPTER_EVICTIONS.labels(
                 tier=tier_label(ev.src), to=tier_label(ev.dst) if ev.dst else "none"
@@ -483,7 +486,13 @@ class AdapterLoader:
     async def _fetch(self, spec: AdapterSpec) -> tuple[Tier, Path]:
         s3 = self._s3_client() if spec.uri.startswith("s3://") else None
         return await self._in(
-            self._downloads, fetch_to_cache, spec, self.cache_dir, max_bytes=self.max_adapter_bytes, s3=s3
+            self._downloads,
+            fetch_to_cache,
+            spec,
+            self.cache_dir,
+            max_bytes=self.max_adapter_bytes,
+            s3=s3,
+            verified=self._verified,
         )
 
     async def _prepare_from_disk(self, spec: AdapterSpec) -> tuple[Tier, DeviceAdapter]:

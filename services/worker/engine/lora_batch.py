@@ -78,8 +78,15 @@ class LoraBatchBuilder:
         cached = self._stacks.get(bucket)
         if cached is not None and cached[0] == uids:
             return cached[1]
-        keys = sorted({k for a in members for k in a.a_t})
         weights: StackedWeights = {}
+        if len(members) == 1:
+            # A view, not a copy: an adapter alone in its bucket (the common case right after a
+            # cold load) costs its first step nothing extra.
+            (only,) = members
+            weights = {k: (only.a_t[k].unsqueeze(0), only.b_t[k].unsqueeze(0)) for k in sorted(only.a_t)}
+            self._stacks[bucket] = (uids, weights)
+            return weights
+        keys = sorted({k for a in members for k in a.a_t})
         for key in keys:
             linear = self.model.linear(key)
             assert linear is not None
