@@ -440,11 +440,14 @@ class AdapterLoader:
         digest = spec.digest
         started = time.monotonic()
         source = plan.found_in
+        steps: list[str] = []
         try:
             for load in plan.loads:
+                step_started = time.monotonic()
                 got = await self._load_step(spec, load.src, load.dst)
                 source = max(source, got)  # a copy gone missing means a slower source
                 self.policy.on_loaded(digest, load.dst)
+                steps.append(f"{load.dst.name.lower()} {(time.monotonic() - step_started) * 1000:.1f}")
         except BaseException as exc:
             self.policy.on_failed(digest)
             log.warning("adapter %s failed to load toward %s: %s", digest, plan.loads[-1].dst.name, exc)
@@ -458,7 +461,14 @@ class AdapterLoader:
             self.estimates[source].observe(load_ms)
             metrics.ADAPTER_LOADS.labels(tier=tier_label(source)).inc()
             metrics.ADAPTER_LOAD_SECONDS.labels(tier=tier_label(source)).observe(load_ms / 1000)
-        log.info("adapter %s in %s from %s in %.1f ms", digest, plan.loads[-1].dst.name, source.name, load_ms)
+        log.info(
+            "adapter %s in %s from %s in %.1f ms (%s ms)",
+            digest,
+            plan.loads[-1].dst.name,
+            source.name,
+            load_ms,
+            ", ".join(steps),
+        )
         return source
 
     async def _load_step(self, spec: AdapterSpec, src: Tier, dst: Tier) -> Tier:
