@@ -100,7 +100,6 @@ WORKER_BUDGETS = {
     "LORAPLEX_HOST_ADAPTER_BYTES": str(8 << 30),
     "LORAPLEX_DISK_ADAPTER_BYTES": str(16 << 30),
     "LORAPLEX_ADAPTER_IDLE_TTL_S": "86400",
-    "LORAPLEX_MAX_ADAPTER_SLOTS": "64",  # read by workers that still count slots
     "LORAPLEX_KV_CACHE_BLOCKS": "256",
 }
 

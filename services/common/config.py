@@ -360,7 +360,7 @@ class RouterSettings:
             auth_negative_ttl_s=env.number("AUTH_NEGATIVE_TTL_S", 2.0),
             auth_stale_s=env.number("AUTH_STALE_S", 300.0),
             adapter_cache_ttl_s=env.number("ADAPTER_CACHE_TTL_S", 300.0),
-            route_load_eps=env.number("ROUTE_LOAD_EPS", 0.25, minimum=0.01),
+            route_load_eps=env.number("ROUTE_LOAD_EPS", DEFAULT_ROUTE_LOAD_EPS, minimum=0.01),
             worker_refresh_s=env.number("WORKER_REFRESH_S", 1.0, minimum=0.05),
             ship_interval_s=env.number("ROUTER_SHIP_INTERVAL_S", 1.0, minimum=0.01),
             ship_batch=ship_batch,
@@ -373,6 +373,9 @@ class RouterSettings:
             keep_warm_s=env.number("ROUTER_KEEP_WARM_S", 2.0, minimum=0.05),
         )
 
+
+# services.router.policy.DEFAULT_LOAD_EPS (config does not import the router; a unit test keeps them equal).
+DEFAULT_ROUTE_LOAD_EPS = 1.0
 
 # The names services.router.policy.PolicyKind accepts (a unit test keeps them in step).
 ROUTER_POLICIES = ("affinity", "least_loaded", "round_robin")

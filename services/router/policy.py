@@ -4,8 +4,9 @@ Only *live* workers of the request's base model are candidates (`WorkerView.acce
 pushed its state recently, is not draining and is not cooling down after a failure).
 
 `affinity` (the default), for a request with an adapter:
-1. Workers holding the adapter (device > host > disk; a worker loading it counts as disk), then
-   fewer queued + running requests, unless that worker is *over the bound*.
+1. Workers holding the adapter (device > host > disk; a worker loading it counts as disk), unless
+   that worker is *over the bound*; among equal tiers the rendezvous order below (home first), so
+   a copy that spilled elsewhere does not pull its adapter's traffic away from home.
 2. Otherwise the adapter's *home*: rendezvous (highest-random-weight) hashing of the adapter key
    over the workers, skipping homes over the bound. A cold adapter therefore lands on the same
    worker every time (one cold load, not one per worker), and removing a worker moves only the
@@ -15,6 +16,10 @@ pushed its state recently, is not draining and is not cooling down after a failu
 
 Over the bound: load >= ceil((1 + eps) x average load) (consistent hashing with bounded loads), or
 KV cache more than `kv_full` used (a nearly full cache means preemption, whatever the queue says).
+eps defaults to 1 (up to twice the average), not the 0.25 usual for caches: a worker runs its
+requests in one continuous batch, so one more request there costs a share of a step, while a
+spill costs a cold load and evicts another adapter; at a few requests per worker a tight bound
+spills the busiest adapters on almost every request (bench/routing.py measures both).
 If every worker is over the bound, the bound is ignored and the order above applies to all.
 
 Requests for the bare base model have no home: fewest queued + running first.
@@ -86,7 +91,7 @@ class Decision:
     reason: Reason
 
 
-DEFAULT_LOAD_EPS = 0.25
+DEFAULT_LOAD_EPS = 1.0
 DEFAULT_KV_FULL = 0.9
 
 
@@ -143,10 +148,9 @@ def choose(
         under = hashed
     in_under = {w.worker_id for w in under}
     rest_over = [w for w in hashed if w.worker_id not in in_under]
-    # sorted() is stable: equal tier and load keep the rendezvous order.
+    # sorted() is stable: equal tiers keep the rendezvous order.
     resident = sorted(
-        (w for w in under if w.tier_of(adapter_key) < Residency.COLD),
-        key=lambda w: (w.tier_of(adapter_key), w.load),
+        (w for w in under if w.tier_of(adapter_key) < Residency.COLD), key=lambda w: w.tier_of(adapter_key)
     )
     first = resident or under[:1]
     taken = {w.worker_id for w in first}

@@ -32,7 +32,7 @@ def test_bench_routing_smoke(tmp_path: Path, database_url: str, tiny_llama_dir: 
     args = [
         *("--adapters", str(adapters), "--device-adapters", "3", "--workers", "2"),
         *("--requests", str(requests), "--warmup", "0", "--concurrency", "3", "--seed", str(seed)),
-        *("--policies", "affinity", "--home", str(home), "--results", str(results)),
+        *("--policies", "affinity", "--sweep", "4", "--home", str(home), "--results", str(results)),
     ]
     proc = subprocess.run(
         [sys.executable, "-m", "services.cli.main", "bench", "routing", "--json", *args],
@@ -52,5 +52,6 @@ def test_bench_routing_smoke(tmp_path: Path, database_url: str, tiny_llama_dir: 
     assert distinct <= round(cold) <= requests
     assert 0 < summary["ttft_p50_ms_affinity"] <= summary["ttft_p99_ms_affinity"]
     assert "modelled_cold_loads_least_loaded" in summary and summary["workers"] == 2
+    assert set(summary["sweep"]) == {"4"} and summary["sweep"]["4"]["errors_affinity"] == 0
     assert json.loads((results / "routing.json").read_text()) == summary
     assert (results / "routing.png").stat().st_size > 0

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from services.common.config import ROUTER_POLICIES
+from services.common.config import DEFAULT_ROUTE_LOAD_EPS, ROUTER_POLICIES
 from services.router.policy import (
+    DEFAULT_LOAD_EPS,
     PolicyKind,
     Reason,
     Residency,
@@ -14,6 +15,7 @@ from services.router.policy import (
     choose,
     least_loaded,
     load_bound,
+    rendezvous_order,
     round_robin,
     route,
 )
@@ -98,15 +100,32 @@ def test_resident_worker_is_preferred_over_the_home() -> None:
     assert decision.candidates[1] == home
 
 
-def test_faster_tier_then_lower_queue_wins_among_resident_workers() -> None:
+def test_faster_tier_then_the_home_order_wins_among_resident_workers() -> None:
     key = KEYS[5]
+    ids = ["disk", "dev-a", "dev-b", "cold"]
+    first, second = (w.worker_id for w in rendezvous_order(key, [WorkerView(i, BASE) for i in ids[1:3]]))
     ws = [
         WorkerView("disk", BASE, load=0, residency={key: Residency.DISK}),
-        WorkerView("dev-busy", BASE, load=2, residency={key: Residency.DEVICE}),
-        WorkerView("dev-idle", BASE, load=1, residency={key: Residency.DEVICE}),
+        # The later worker in rendezvous order is the less loaded one: within the bound, load does
+        # not pull an adapter away from the worker nearer its home.
+        WorkerView(first, BASE, load=2, residency={key: Residency.DEVICE}),
+        WorkerView(second, BASE, load=1, residency={key: Residency.DEVICE}),
         WorkerView("cold", BASE, load=0),
     ]
-    assert choose(ws, BASE, key, eps=2.0).candidates[:3] == ("dev-idle", "dev-busy", "disk")
+    assert choose(ws, BASE, key, eps=2.0).candidates[:3] == (first, second, "disk")
+
+
+def test_a_spilled_disk_copy_does_not_pull_an_adapter_from_its_home() -> None:
+    key = KEYS[6]
+    names = [f"w{i}" for i in range(3)]
+    home, other, _ = (w.worker_id for w in rendezvous_order(key, [WorkerView(n, BASE) for n in names]))
+    ws = [
+        WorkerView(n, BASE, load=1 if n == home else 0, residency={key: Residency.DISK})
+        if n in (home, other)
+        else WorkerView(n, BASE)
+        for n in names
+    ]
+    assert choose(ws, BASE, key).candidates[0] == home
 
 
 def test_resident_worker_over_the_load_bound_yields_to_the_home() -> None:
@@ -120,7 +139,7 @@ def test_resident_worker_over_the_load_bound_yields_to_the_home() -> None:
         for w in cold
     ]
     # The resident workers are above the bound ceil(1.25 * 61/3) = 26; only the idle home is under.
-    decision = choose(ws, BASE, key)
+    decision = choose(ws, BASE, key, eps=0.25)
     assert decision.candidates[0] == home
     assert decision.reason is Reason.HOME
 
@@ -214,3 +233,4 @@ def test_route_dispatches_on_the_policy_kind_and_the_settings_know_every_kind() 
     assert route(PolicyKind.LEAST_LOADED, ws, BASE, key).candidates[0] == "b"
     assert route(PolicyKind.ROUND_ROBIN, ws, BASE, key, turn=1).candidates[0] == "b"
     assert tuple(k.value for k in PolicyKind) == ROUTER_POLICIES
+    assert DEFAULT_ROUTE_LOAD_EPS == DEFAULT_LOAD_EPS
