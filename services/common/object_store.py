@@ -12,7 +12,7 @@ import tempfile
 import urllib.parse
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 import boto3
 from botocore.exceptions import ClientError
@@ -20,6 +20,7 @@ from botocore.exceptions import ClientError
 from services.common.adapter_errors import NotFound, TooLarge, UriNotAllowed
 
 if TYPE_CHECKING:
+    from botocore.response import StreamingBody
     from mypy_boto3_s3 import S3Client
 
 _CHUNK = 1 << 20
@@ -36,6 +37,10 @@ class ObjectStore(Protocol):
         """Stream `name` into `dest`; returns its size. TooLarge past max_bytes (dest removed).
 
         `on_chunk` sees every chunk as it is written (e.g. to hash while downloading)."""
+        ...
+
+    def read(self, name: str, *, max_bytes: int, on_chunk: Callable[[bytes], None] | None = None) -> bytes:
+        """`name`'s bytes in memory; the same limits and errors as `download`."""
         ...
 
     def upload(self, name: str, src: Path) -> None: ...
@@ -100,6 +105,19 @@ def _copy_limited(
     return total
 
 
+def _read_limited(
+    src: _Readable, *, max_bytes: int, label: str, on_chunk: Callable[[bytes], None] | None = None
+) -> bytes:
+    out = bytearray()
+    while chunk := src.read(_CHUNK):
+        if len(out) + len(chunk) > max_bytes:
+            raise TooLarge(f"{label} is larger than the limit of {max_bytes} bytes.", limit=max_bytes)
+        out += chunk
+        if on_chunk is not None:
+            on_chunk(chunk)
+    return bytes(out)
+
+
 class FileStore:
     """A directory; writes land under a temporary name and are renamed into place."""
 
@@ -109,18 +127,23 @@ class FileStore:
     def _path(self, name: str) -> Path:
         return self.root / _check_name(name)
 
-    def download(
-        self, name: str, dest: Path, *, max_bytes: int, on_chunk: Callable[[bytes], None] | None = None
-    ) -> int:
-        path = self._path(name)
+    def _open(self, name: str) -> BinaryIO:
         try:
-            src = path.open("rb")
+            return self._path(name).open("rb")
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"{self.uri_for(name)} does not exist.") from None
         except IsADirectoryError:
             raise NotFound(f"{self.uri_for(name)} is a directory, not a file.") from None
-        with src:
+
+    def download(
+        self, name: str, dest: Path, *, max_bytes: int, on_chunk: Callable[[bytes], None] | None = None
+    ) -> int:
+        with self._open(name) as src:
             return _copy_limited(src, dest, max_bytes=max_bytes, label=self.uri_for(name), on_chunk=on_chunk)
+
+    def read(self, name: str, *, max_bytes: int, on_chunk: Callable[[bytes], None] | None = None) -> bytes:
+        with self._open(name) as src:
+            return _read_limited(src, max_bytes=max_bytes, label=self.uri_for(name), on_chunk=on_chunk)
 
     def upload(self, name: str, src: Path) -> None:
         path = self._path(name)
@@ -174,6 +197,20 @@ class S3Store:
     def download(
         self, name: str, dest: Path, *, max_bytes: int, on_chunk: Callable[[bytes], None] | None = None
     ) -> int:
+        body = self._get(name, max_bytes)
+        try:
+            return _copy_limited(body, dest, max_bytes=max_bytes, label=self.uri_for(name), on_chunk=on_chunk)
+        finally:
+            body.close()
+
+    def read(self, name: str, *, max_bytes: int, on_chunk: Callable[[bytes], None] | None = None) -> bytes:
+        body = self._get(name, max_bytes)
+        try:
+            return _read_limited(body, max_bytes=max_bytes, label=self.uri_for(name), on_chunk=on_chunk)
+        finally:
+            body.close()
+
+    def _get(self, name: str, max_bytes: int) -> StreamingBody:
         try:
             response = self._client.get_object(Bucket=self.bucket, Key=self._key(name))
         except ClientError as exc:
@@ -181,16 +218,14 @@ class S3Store:
                 raise NotFound(f"{self.uri_for(name)} does not exist.") from None
             raise
         body = response["Body"]
-        try:
-            if response.get("ContentLength", 0) > max_bytes:
-                raise TooLarge(
-                    f"{self.uri_for(name)} is {response['ContentLength']} bytes, over the limit of "
-                    f"{max_bytes} bytes.",
-                    limit=max_bytes,
-                )
-            return _copy_limited(body, dest, max_bytes=max_bytes, label=self.uri_for(name), on_chunk=on_chunk)
-        finally:
+        if response.get("ContentLength", 0) > max_bytes:
             body.close()
+            raise TooLarge(
+                f"{self.uri_for(name)} is {response['ContentLength']} bytes, over the limit of "
+                f"{max_bytes} bytes.",
+                limit=max_bytes,
+            )
+        return body
 
     def upload(self, name: str, src: Path) -> None:
         # S3 makes an object visible only once its upload completes, so this is atomic too.

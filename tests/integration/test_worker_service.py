@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -627,9 +628,13 @@ async def test_generate_records_latency_adapter_load_and_kv_metrics(
     def sample(name: str, labels: dict[str, str] | None = None) -> float:
         return REGISTRY.get_sample_value(f"loraplex_worker_{name}", labels or {}) or 0.0
 
-    ref = AdapterStore(tmp_path).publish(worker_tiny_adapters["attn_rs"], base_model=TINY_LLAMA, name="m")
-    assert (await tiny_worker_stub.EvictAdapter(worker_pb2.EvictAdapterRequest(digest=ref.digest))).evicted
-    shutil.rmtree(tiny_worker.loader.cache_dir / digest_hex(ref.digest), ignore_errors=True)
+    # A copy no other test loaded (one more config key, so a new digest): truly cold on this worker.
+    unique = tmp_path / "unique"
+    shutil.copytree(worker_tiny_adapters["attn_rs"], unique)
+    config = json.loads((unique / "adapter_config.json").read_text())
+    (unique / "adapter_config.json").write_text(json.dumps({**config, "loraplex_test": "metrics"}))
+    ref = AdapterStore(tmp_path / "store").publish(unique, base_model=TINY_LLAMA, name="m")
+    assert tiny_worker.loader.current_tier(ref.digest) == Tier.OBJECT_STORE
     names = (
         "ttft_seconds_count",
         "tpot_seconds_count",

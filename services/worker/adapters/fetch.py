@@ -7,11 +7,14 @@ of the adapters it holds within a bounded time instead of hanging a download thr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -82,13 +85,7 @@ def fetch_to_cache(
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=STAGING_PREFIX))
     try:
-        actual = _download(spec, staging, max_bytes, s3)
-        if actual != spec.digest:
-            raise DigestMismatch(
-                f"the adapter's bytes do not match its digest: {spec.uri} hashes to {actual}, not "
-                f"{spec.digest}; the stored files were changed or the reference is wrong, so "
-                f"re-register the adapter"
-            )
+        _check_digest(spec, _download(spec, staging, max_bytes, s3))
         try:
             staging.rename(final)
         except OSError:
@@ -108,29 +105,94 @@ def _download(spec: AdapterSpec, staging: Path, max_bytes: int, s3: S3Client | N
     budget = max_bytes
     digest = AdapterDigest()
     for name in ADAPTER_FILES:
-        try:
+        with _fetch_errors(spec):
             budget -= store.download(
                 name, staging / name, max_bytes=budget, on_chunk=functools.partial(digest.update, name)
             )
-        except NotFound as exc:
-            raise NotFound(
-                f"adapter {spec.name} cannot be fetched: {exc} Check that the worker reads the same "
-                f"adapter store as the registry, or re-register the adapter."
-            ) from None
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code == "NoSuchBucket":
-                raise NotFound(
-                    f"adapter {spec.name} cannot be fetched: the bucket of {spec.uri} does not exist; "
-                    f"check the worker's AWS_ENDPOINT_URL and the registry's adapter store"
-                ) from None
-            raise StoreUnavailable(
-                f"adapter {spec.name} cannot be fetched from {spec.uri}: the object store answered "
-                f"{code or exc}; retry later or check the worker's credentials"
-            ) from exc
-        except BotoCoreError as exc:
-            raise StoreUnavailable(
-                f"adapter {spec.name} cannot be fetched from {spec.uri}: {exc}; the object store is "
-                f"unreachable or too slow, retry later"
-            ) from exc
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class FetchedAdapter:
+    """An adapter's files in memory, digest verified: a cold load parses these while the disk
+    copy is written behind it, so a slow disk never delays the first token."""
+
+    digest: str
+    files: dict[str, bytes]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(len(b) for b in self.files.values())
+
+
+def fetch_to_memory(spec: AdapterSpec, *, max_bytes: int, s3: S3Client | None = None) -> FetchedAdapter:
+    """The adapter's files from its object store, hashed as they arrive; DigestMismatch if wrong."""
+    store = open_adapter_store(spec.uri, s3)
+    budget = max_bytes
+    digest = AdapterDigest()
+    files: dict[str, bytes] = {}
+    for name in ADAPTER_FILES:
+        with _fetch_errors(spec):
+            files[name] = store.read(name, max_bytes=budget, on_chunk=functools.partial(digest.update, name))
+        budget -= len(files[name])
+    _check_digest(spec, digest.hexdigest())
+    return FetchedAdapter(spec.digest, files)
+
+
+def write_to_cache(fetched: FetchedAdapter, cache_dir: Path, verified: set[str] | None = None) -> Path:
+    """Put verified in-memory files into the disk cache (staged, then renamed into place)."""
+    final = cache_dir / digest_hex(fetched.digest)
+    if final.is_dir():
+        return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=STAGING_PREFIX))
+    try:
+        for name, data in fetched.files.items():
+            (staging / name).write_bytes(data)
+        try:
+            staging.rename(final)
+        except OSError:
+            if not final.is_dir():
+                raise
+        if verified is not None:
+            verified.add(fetched.digest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def _check_digest(spec: AdapterSpec, actual: str) -> None:
+    if actual != spec.digest:
+        raise DigestMismatch(
+            f"the adapter's bytes do not match its digest: {spec.uri} hashes to {actual}, not "
+            f"{spec.digest}; the stored files were changed or the reference is wrong, so "
+            f"re-register the adapter"
+        )
+
+
+@contextlib.contextmanager
+def _fetch_errors(spec: AdapterSpec) -> Iterator[None]:
+    """Store errors as the worker reports them: which adapter, what happened, what to do."""
+    try:
+        yield
+    except NotFound as exc:
+        raise NotFound(
+            f"adapter {spec.name} cannot be fetched: {exc} Check that the worker reads the same "
+            f"adapter store as the registry, or re-register the adapter."
+        ) from None
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code == "NoSuchBucket":
+            raise NotFound(
+                f"adapter {spec.name} cannot be fetched: the bucket of {spec.uri} does not exist; "
+                f"check the worker's AWS_ENDPOINT_URL and the registry's adapter store"
+            ) from None
+        raise StoreUnavailable(
+            f"adapter {spec.name} cannot be fetched from {spec.uri}: the object store answered "
+            f"{code or exc}; retry later or check the worker's credentials"
+        ) from exc
+    except BotoCoreError as exc:
+        raise StoreUnavailable(
+            f"adapter {spec.name} cannot be fetched from {spec.uri}: {exc}; the object store is "
+            f"unreachable or too slow, retry later"
+        ) from exc

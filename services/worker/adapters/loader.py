@@ -8,7 +8,10 @@ before its loads. A load ends with `on_loaded` (or `on_failed`) only once the by
 so the policy never calls a copy complete before it is.
 
 Steps, each on its own threads so they overlap with decoding and with each other:
-    OBJECT_STORE -> DISK   fetch.fetch_to_cache on the download threads (bounded store timeouts)
+    OBJECT_STORE -> DISK   fetch on the download threads (bounded store timeouts), hashed as it
+                           arrives; when the plan goes on, into memory: the next step parses those
+                           bytes while one writer thread puts the disk copy behind it
+                           (fetch.write_to_cache), so a cold load never waits for the disk
     DISK -> HOST/DEVICE    verify + parse + engine.prepare_adapter on the parse threads
     HOST -> DEVICE         engine.to_engine_device (one copy), then install between two steps
     DEVICE -> HOST         remove between two steps, engine.to_host (keeps the device layout)
@@ -34,10 +37,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from services.common.adapter_files import digest_hex
+from services.common.adapter_files import ADAPTER_FILES, digest_hex
 from services.worker import metrics
 from services.worker.adapters.disk_tier import DiskTier
-from services.worker.adapters.fetch import fetch_to_cache, s3_client
+from services.worker.adapters.fetch import (
+    FetchedAdapter,
+    fetch_to_cache,
+    fetch_to_memory,
+    s3_client,
+    write_to_cache,
+)
 from services.worker.adapters.host_tier import HostTier
 from services.worker.adapters.spec import (
     AdaptersBusy,
@@ -48,7 +57,11 @@ from services.worker.adapters.spec import (
 )
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine.adapter_slots import DeviceAdapter
-from services.worker.engine.adapter_weights import AdapterWeights, load_adapter_weights
+from services.worker.engine.adapter_weights import (
+    AdapterWeights,
+    adapter_weights_from_bytes,
+    load_adapter_weights,
+)
 from services.worker.tiers import Eviction, Plan, Tier, TierBudgets, TierPolicy
 from services.worker.tiers.states import IN_PROGRESS
 
@@ -142,6 +155,10 @@ class AdapterLoader:
         self.expire_every_s = expire_every_s if expire_every_s is not None else min(5.0, idle_ttl_s / 4)
         self._downloads = ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="adapter-fetch")
         self._parsing = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="adapter-parse")
+        # Disk-cache writes behind cold loads: one thread, so they queue on the disk, not on us.
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="adapter-write")
+        self._fetched: dict[str, FetchedAdapter] = {}  # cold bytes between a plan's two steps
+        self._writes: dict[str, asyncio.Future[Path]] = {}  # disk copies being written behind
         self._s3: S3Client | None = None
         self._tails: dict[str, asyncio.Task[Any]] = {}  # last physical step queued per digest
         self._loads: dict[str, asyncio.Task[Tier]] = {}  # the running plan's loads per digest
@@ -172,7 +189,7 @@ class AdapterLoader:
         while True:
             busy = [
                 t
-                for t in (*self._tasks, *self._tails.values())
+                for t in (*self._tasks, *self._tails.values(), *self._writes.values())
                 if t is not self._expire_task and not t.done()
             ]
             if not busy:
@@ -185,6 +202,7 @@ class AdapterLoader:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._downloads.shutdown(wait=False, cancel_futures=True)
         self._parsing.shutdown(wait=False, cancel_futures=True)
+        self._writer.shutdown(wait=False, cancel_futures=True)  # a staging dir left is swept at start
 
     # ------------------------------------------------------------------ requests
 
@@ -426,6 +444,7 @@ class AdapterLoader:
             elif ev.src == Tier.HOST:
                 self.host.drop(digest)
             elif ev.src == Tier.DISK:
+                await self._written(digest)
                 self._verified.discard(digest)
                 await self._in(self._parsing, self.disk.delete, digest)
             metrics.ADAPTER_EVICTIONS.labels(
@@ -442,9 +461,9 @@ class AdapterLoader:
         source = plan.found_in
         steps: list[str] = []
         try:
-            for load in plan.loads:
+            for i, load in enumerate(plan.loads):
                 step_started = time.monotonic()
-                got = await self._load_step(spec, load.src, load.dst)
+                got = await self._load_step(spec, load.src, load.dst, then=i + 1 < len(plan.loads))
                 source = max(source, got)  # a copy gone missing means a slower source
                 self.policy.on_loaded(digest, load.dst)
                 steps.append(f"{load.dst.name.lower()} {(time.monotonic() - step_started) * 1000:.1f}")
@@ -453,6 +472,7 @@ class AdapterLoader:
             log.warning("adapter %s failed to load toward %s: %s", digest, plan.loads[-1].dst.name, exc)
             raise
         finally:
+            self._fetched.pop(digest, None)
             if self._loads.get(digest) is asyncio.current_task():
                 del self._loads[digest]
             self._notify()
@@ -471,9 +491,13 @@ class AdapterLoader:
         )
         return source
 
-    async def _load_step(self, spec: AdapterSpec, src: Tier, dst: Tier) -> Tier:
-        """One step of a plan; returns where the bytes really came from."""
+    async def _load_step(self, spec: AdapterSpec, src: Tier, dst: Tier, *, then: bool = False) -> Tier:
+        """One step of a plan; returns where the bytes really came from. `then`: another step of
+        the same plan follows (so a cold fetch keeps its bytes for it and writes the disk copy
+        behind)."""
         if dst == Tier.DISK:
+            if src == Tier.OBJECT_STORE and then:
+                return await self._fetch_write_behind(spec)
             got, _ = await self._fetch(spec)
             return max(src, got)
         prepared: DeviceAdapter | None = self.host.take(spec.digest) if src == Tier.HOST else None
@@ -493,7 +517,40 @@ class AdapterLoader:
             raise
         return got
 
+    async def _fetch_write_behind(self, spec: AdapterSpec) -> Tier:
+        """A cold fetch into memory (verified) for the plan's next step; the disk copy follows."""
+        await self._written(spec.digest)
+        if self.disk.path(spec.digest).is_dir():
+            got, _ = await self._fetch(spec)
+            return got
+        s3 = self._s3_client() if spec.uri.startswith("s3://") else None
+        fetched = await self._in(
+            self._downloads, fetch_to_memory, spec, max_bytes=self.max_adapter_bytes, s3=s3
+        )
+        self._fetched[spec.digest] = fetched
+        write = asyncio.get_running_loop().run_in_executor(
+            self._writer, write_to_cache, fetched, self.cache_dir, self._verified
+        )
+        self._writes[spec.digest] = write
+
+        def written(f: asyncio.Future[Path]) -> None:
+            if self._writes.get(spec.digest) is f:
+                del self._writes[spec.digest]
+            if not f.cancelled() and f.exception() is not None:
+                # The policy counts a disk copy that is not there; the next load fetches again.
+                log.warning("writing adapter %s to the disk cache failed: %s", spec.digest, f.exception())
+
+        write.add_done_callback(written)
+        return Tier.OBJECT_STORE
+
+    async def _written(self, digest: str) -> None:
+        """Wait for a disk copy being written behind (its failure is logged, not raised here)."""
+        write = self._writes.get(digest)
+        if write is not None:
+            await asyncio.wait([write])
+
     async def _fetch(self, spec: AdapterSpec) -> tuple[Tier, Path]:
+        await self._written(spec.digest)
         s3 = self._s3_client() if spec.uri.startswith("s3://") else None
         return await self._in(
             self._downloads,
@@ -506,14 +563,24 @@ class AdapterLoader:
         )
 
     async def _prepare_from_disk(self, spec: AdapterSpec) -> tuple[Tier, DeviceAdapter]:
-        """Verified files (fetched again if the copy vanished) -> the device layout in host memory."""
+        """Verified files (fetched again if the copy vanished) -> the device layout in host memory.
+
+        Right after a cold fetch the files are still in memory: parsed from there."""
+        fetched = self._fetched.pop(spec.digest, None)
+        if fetched is not None:
+            return Tier.DISK, await self._in(self._parsing, self._parse_bytes_and_prepare, spec, fetched)
         got, path = await self._fetch(spec)
         prepared = await self._in(self._parsing, self._parse_and_prepare, spec, path)
         return got, prepared
 
     def _parse_and_prepare(self, spec: AdapterSpec, path: Path) -> DeviceAdapter:
-        weights = _parse(spec, path, self.dtype)
+        weights = _parse(spec, lambda: load_adapter_weights(path, spec.digest, self.dtype))
         return self.engine.engine.prepare_adapter(weights)
+
+    def _parse_bytes_and_prepare(self, spec: AdapterSpec, fetched: FetchedAdapter) -> DeviceAdapter:
+        config, weights = (fetched.files[name] for name in ADAPTER_FILES)
+        parsed = _parse(spec, lambda: adapter_weights_from_bytes(config, weights, spec.digest, self.dtype))
+        return self.engine.engine.prepare_adapter(parsed)
 
     def _s3_client(self) -> S3Client:
         if self._s3 is None:  # built on the event loop: boto3 sessions are not thread-safe
@@ -553,9 +620,9 @@ class AdapterLoader:
             del self._adapter_ids[digest]
 
 
-def _parse(spec: AdapterSpec, directory: Path, dtype: torch.dtype) -> AdapterWeights:
+def _parse(spec: AdapterSpec, read: Callable[[], AdapterWeights]) -> AdapterWeights:
     try:
-        return load_adapter_weights(directory, spec.digest, dtype)
+        return read()
     except Exception as exc:  # safetensors, JSON and format errors alike: the files are unusable
         raise AdapterUnreadable(
             f"adapter {spec.name} cannot be read: {exc}; re-register it from a PEFT save_pretrained output"

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file
 
 Variant = Literal["LORA", "RSLORA", "DORA"]
@@ -64,13 +65,25 @@ def load_adapter_weights(adapter_dir: Path, digest: str, dtype: torch.dtype) -> 
         raise AdapterFormatError(
             f"{adapter_dir} needs adapter_config.json and adapter_model.safetensors (pickles are refused)"
         )
-    config = json.loads(config_path.read_text())
+    return adapter_weights_from(config_path.read_bytes(), load_file(str(weights_path)), digest, dtype)
+
+
+def adapter_weights_from_bytes(
+    config: bytes, weights: bytes, digest: str, dtype: torch.dtype
+) -> AdapterWeights:
+    """The same, from the two files' bytes (an adapter fetched into memory, not yet on disk)."""
+    return adapter_weights_from(config, safetensors_load(weights), digest, dtype)
+
+
+def adapter_weights_from(
+    config_bytes: bytes, raw: dict[str, torch.Tensor], digest: str, dtype: torch.dtype
+) -> AdapterWeights:
+    config = json.loads(config_bytes)
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterFormatError(f"peft_type {config.get('peft_type')!r} is not supported; only LORA")
     if config.get("modules_to_save"):
         raise AdapterFormatError("adapters with modules_to_save are not supported")
     variant: Variant = "DORA" if config.get("use_dora") else "RSLORA" if config.get("use_rslora") else "LORA"
-    raw = load_file(str(weights_path))
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in raw.items():
         m = _KEY.match(key)
@@ -101,7 +114,7 @@ def load_adapter_weights(adapter_dir: Path, digest: str, dtype: torch.dtype) -> 
         )
         ranks[name] = max(ranks.get(name, 0), r)
     if not tensors:
-        raise AdapterFormatError(f"{weights_path} holds no LoRA tensors")
+        raise AdapterFormatError("adapter_model.safetensors holds no LoRA tensors")
     # Bytes as resident in the engine's dtype, which is what a step reads.
     size = sum(t.numel() for t in raw.values()) * torch.empty(0, dtype=dtype).element_size()
     return AdapterWeights(digest=digest, variant=variant, tensors=tensors, ranks=ranks, size_bytes=size)
