@@ -1,6 +1,7 @@
 """The adapter loader carrying out the tier policy on the tiny Llama with real PEFT adapters and tiny
 byte budgets: pins hold under pressure, demotion keeps the device layout, disk budgets delete
-files, a restart takes over the cache within budget, keep_warm survives idle expiry."""
+files, a restart takes over the cache within budget, keep_warm survives idle expiry, a cold load
+writes its disk copy behind it."""
 
 from __future__ import annotations
 
@@ -136,6 +137,34 @@ async def test_host_demotion_and_reload_give_the_same_greedy_output_as_a_fresh_l
     assert from_disk.source_tier == Tier.DISK
     assert await greedy(engine, dora.digest, "from-disk") == expected
     loader.release(from_disk)
+
+
+async def test_a_cold_load_writes_its_disk_copy_behind_and_a_failed_write_only_costs_a_refetch(
+    engine: AsyncEngine, make_loader: MakeLoader, specs: dict[str, AdapterSpec], tmp_path: Path
+) -> None:
+    qv, mlp = specs["qv"], specs["mlp"]
+    loader = await make_loader()
+    cache = tmp_path / "worker-cache"
+    lease = await loader.acquire(qv)
+    assert lease.source_tier == Tier.OBJECT_STORE and engine.engine.resident_adapters() == [qv.digest]
+    await loader.settle()  # the disk copy follows the load; verified bytes, renamed into place
+    assert adapter_digest(cache / qv.digest[7:]) == qv.digest
+    loader.release(lease)
+
+    # A disk that refuses the write: the load still succeeds from memory; the missing copy is
+    # fetched again (from the object store) when the adapter next needs it.
+    blocker = cache / mlp.digest[7:]
+    blocker.write_text("a file where the adapter's directory should go")  # root ignores chmod
+    lease = await loader.acquire(mlp)
+    await loader.settle()
+    assert lease.source_tier == Tier.OBJECT_STORE and not blocker.is_dir()
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no staging left behind
+    loader.release(lease)
+    blocker.unlink()
+    assert await loader.evict(mlp.digest)
+    again = await loader.acquire(mlp)
+    assert again.source_tier == Tier.OBJECT_STORE and adapter_digest(cache / mlp.digest[7:]) == mlp.digest
+    loader.release(again)
 
 
 async def test_disk_budget_deletes_the_evicted_adapters_directory(
