@@ -78,7 +78,7 @@ class AdapterDigest:
     def __init__(self) -> None:
         self._files = {name: hashlib.sha256() for name in ADAPTER_FILES}
 
-    def update(self, file_name: str, chunk: bytes) -> None:
+    def update(self, file_name: str, chunk: bytes | memoryview) -> None:
         if file_name not in self._files:
             raise ValueError(f"{file_name!r} is not an adapter file; expected one of {ADAPTER_FILES}")
         self._files[file_name].update(chunk)

@@ -6,13 +6,14 @@ Blocking calls (boto3, file copies); async callers run them in a thread. Names a
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
 import urllib.parse
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import boto3
 from botocore.exceptions import ClientError
@@ -39,7 +40,9 @@ class ObjectStore(Protocol):
         `on_chunk` sees every chunk as it is written (e.g. to hash while downloading)."""
         ...
 
-    def read(self, name: str, *, max_bytes: int, on_chunk: Callable[[bytes], None] | None = None) -> bytes:
+    def read(
+        self, name: str, *, max_bytes: int, on_chunk: Callable[[memoryview], None] | None = None
+    ) -> bytearray:
         """`name`'s bytes in memory; the same limits and errors as `download`."""
         ...
 
@@ -105,17 +108,28 @@ def _copy_limited(
     return total
 
 
-def _read_limited(
-    src: _Readable, *, max_bytes: int, label: str, on_chunk: Callable[[bytes], None] | None = None
-) -> bytes:
-    out = bytearray()
-    while chunk := src.read(_CHUNK):
-        if len(out) + len(chunk) > max_bytes:
-            raise TooLarge(f"{label} is larger than the limit of {max_bytes} bytes.", limit=max_bytes)
-        out += chunk
+def _read_sized(
+    readinto: Callable[[Any], int],  # typeshed and botocore's stubs disagree on the buffer type
+    size: int,
+    *,
+    max_bytes: int,
+    label: str,
+    on_chunk: Callable[[memoryview], None] | None,
+) -> bytearray:
+    """Exactly `size` bytes into one buffer allocated up front (no chunk list, no join copy)."""
+    if size > max_bytes:
+        raise TooLarge(f"{label} is {size} bytes, over the limit of {max_bytes} bytes.", limit=max_bytes)
+    buf = bytearray(size)
+    view = memoryview(buf)
+    pos = 0
+    while pos < size:
+        n = readinto(view[pos : pos + _CHUNK])
+        if not n:
+            raise OSError(f"{label} ended after {pos} of its {size} bytes; it changed while being read")
         if on_chunk is not None:
-            on_chunk(chunk)
-    return bytes(out)
+            on_chunk(view[pos : pos + n])
+        pos += n
+    return buf
 
 
 class FileStore:
@@ -127,7 +141,7 @@ class FileStore:
     def _path(self, name: str) -> Path:
         return self.root / _check_name(name)
 
-    def _open(self, name: str) -> BinaryIO:
+    def _open(self, name: str) -> io.BufferedReader:
         try:
             return self._path(name).open("rb")
         except (FileNotFoundError, NotADirectoryError):
@@ -141,9 +155,14 @@ class FileStore:
         with self._open(name) as src:
             return _copy_limited(src, dest, max_bytes=max_bytes, label=self.uri_for(name), on_chunk=on_chunk)
 
-    def read(self, name: str, *, max_bytes: int, on_chunk: Callable[[bytes], None] | None = None) -> bytes:
+    def read(
+        self, name: str, *, max_bytes: int, on_chunk: Callable[[memoryview], None] | None = None
+    ) -> bytearray:
         with self._open(name) as src:
-            return _read_limited(src, max_bytes=max_bytes, label=self.uri_for(name), on_chunk=on_chunk)
+            size = os.fstat(src.fileno()).st_size
+            return _read_sized(
+                src.readinto, size, max_bytes=max_bytes, label=self.uri_for(name), on_chunk=on_chunk
+            )
 
     def upload(self, name: str, src: Path) -> None:
         path = self._path(name)
@@ -197,20 +216,24 @@ class S3Store:
     def download(
         self, name: str, dest: Path, *, max_bytes: int, on_chunk: Callable[[bytes], None] | None = None
     ) -> int:
-        body = self._get(name, max_bytes)
+        body, _ = self._get(name, max_bytes)
         try:
             return _copy_limited(body, dest, max_bytes=max_bytes, label=self.uri_for(name), on_chunk=on_chunk)
         finally:
             body.close()
 
-    def read(self, name: str, *, max_bytes: int, on_chunk: Callable[[bytes], None] | None = None) -> bytes:
-        body = self._get(name, max_bytes)
+    def read(
+        self, name: str, *, max_bytes: int, on_chunk: Callable[[memoryview], None] | None = None
+    ) -> bytearray:
+        body, size = self._get(name, max_bytes)
         try:
-            return _read_limited(body, max_bytes=max_bytes, label=self.uri_for(name), on_chunk=on_chunk)
+            return _read_sized(
+                body.readinto, size, max_bytes=max_bytes, label=self.uri_for(name), on_chunk=on_chunk
+            )
         finally:
             body.close()
 
-    def _get(self, name: str, max_bytes: int) -> StreamingBody:
+    def _get(self, name: str, max_bytes: int) -> tuple[StreamingBody, int]:
         try:
             response = self._client.get_object(Bucket=self.bucket, Key=self._key(name))
         except ClientError as exc:
@@ -225,7 +248,7 @@ class S3Store:
                 f"{max_bytes} bytes.",
                 limit=max_bytes,
             )
-        return body
+        return body, int(response.get("ContentLength", 0))
 
     def upload(self, name: str, src: Path) -> None:
         # S3 makes an object visible only once its upload completes, so this is atomic too.

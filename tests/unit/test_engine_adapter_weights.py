@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from services.worker.engine.adapter_slots import rank_bucket
-from services.worker.engine.adapter_weights import AdapterFormatError, load_adapter_weights
+from services.worker.engine.adapter_weights import (
+    AdapterFormatError,
+    adapter_weights_from_bytes,
+    load_adapter_weights,
+    tensors_in,
+)
 
 PREFIX = "base_model.model.model.layers"
 
@@ -76,3 +82,34 @@ def test_tensors_outside_the_supported_linear_layers_are_refused(tmp_path: Path)
 
 def test_rank_buckets_pad_only_to_the_next_power_of_two() -> None:
     assert [rank_bucket(r) for r in (1, 8, 9, 16, 33, 64, 200)] == [8, 8, 16, 16, 64, 64, 256]
+
+
+def test_weights_read_from_bytes_in_memory_equal_the_file_read_and_views_stay_in_bounds(
+    tmp_path: Path,
+) -> None:
+    path = _write(tmp_path / "m", {"r": 8, "lora_alpha": 16}, {**_qv(8), "empty": torch.zeros(0)})
+    config = (path / "adapter_config.json").read_bytes()
+    raw = bytearray((path / "adapter_model.safetensors").read_bytes())
+    viewed = tensors_in(raw)
+    assert set(viewed) == set(load_file(str(path / "adapter_model.safetensors")))
+    for name, tensor in load_file(str(path / "adapter_model.safetensors")).items():
+        assert torch.equal(viewed[name], tensor)
+    save_file(_qv(8), str(path / "adapter_model.safetensors"))  # only LoRA tensors, for the parse
+    from_disk = load_adapter_weights(path, "d", torch.float32)
+    in_memory = adapter_weights_from_bytes(
+        config, bytearray((path / "adapter_model.safetensors").read_bytes()), "d", torch.float32
+    )
+    assert from_disk.ranks == in_memory.ranks and from_disk.size_bytes == in_memory.size_bytes
+    for key, w in from_disk.tensors.items():
+        assert torch.equal(w.a, in_memory.tensors[key].a) and torch.equal(w.b, in_memory.tensors[key].b)
+
+    # A header whose offsets point past the end is refused, never read out of bounds.
+    (header_len,) = struct.unpack_from("<Q", raw, 0)
+    header = json.loads(bytes(raw[8 : 8 + header_len]))
+    name = next(k for k in header if k != "__metadata__" and header[k]["shape"] != [0])
+    begin, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [begin + len(raw), end + len(raw)]
+    text = json.dumps(header).encode()
+    bad = bytearray(struct.pack("<Q", len(text)) + text + raw[8 + header_len :])
+    with pytest.raises(AdapterFormatError, match="data_offsets"):
+        tensors_in(bad)

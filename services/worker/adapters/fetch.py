@@ -11,8 +11,10 @@ import contextlib
 import functools
 import logging
 import os
+import queue
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +120,7 @@ class FetchedAdapter:
     copy is written behind it, so a slow disk never delays the first token."""
 
     digest: str
-    files: dict[str, bytes]
+    files: dict[str, bytearray]
 
     @property
     def size_bytes(self) -> int:
@@ -129,14 +131,42 @@ def fetch_to_memory(spec: AdapterSpec, *, max_bytes: int, s3: S3Client | None = 
     """The adapter's files from its object store, hashed as they arrive; DigestMismatch if wrong."""
     store = open_adapter_store(spec.uri, s3)
     budget = max_bytes
-    digest = AdapterDigest()
-    files: dict[str, bytes] = {}
-    for name in ADAPTER_FILES:
-        with _fetch_errors(spec):
-            files[name] = store.read(name, max_bytes=budget, on_chunk=functools.partial(digest.update, name))
-        budget -= len(files[name])
-    _check_digest(spec, digest.hexdigest())
+    digest = _HashBehind()
+    files: dict[str, bytearray] = {}
+    try:
+        for name in ADAPTER_FILES:
+            with _fetch_errors(spec):
+                files[name] = store.read(
+                    name, max_bytes=budget, on_chunk=functools.partial(digest.update, name)
+                )
+            budget -= len(files[name])
+    finally:
+        actual = digest.hexdigest()
+    _check_digest(spec, actual)
     return FetchedAdapter(spec.digest, files)
+
+
+class _HashBehind:
+    """AdapterDigest on its own thread, fed chunks as they arrive: hashing (which releases the GIL)
+    overlaps the download instead of adding to it."""
+
+    def __init__(self) -> None:
+        self._digest = AdapterDigest()
+        self._chunks: queue.SimpleQueue[tuple[str, memoryview] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="adapter-hash", daemon=True)
+        self._thread.start()
+
+    def update(self, name: str, chunk: memoryview) -> None:
+        self._chunks.put((name, chunk))
+
+    def hexdigest(self) -> str:
+        self._chunks.put(None)
+        self._thread.join()
+        return self._digest.hexdigest()
+
+    def _run(self) -> None:
+        while (item := self._chunks.get()) is not None:
+            self._digest.update(*item)
 
 
 def write_to_cache(fetched: FetchedAdapter, cache_dir: Path, verified: set[str] | None = None) -> Path:

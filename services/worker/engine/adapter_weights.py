@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file
 
 Variant = Literal["LORA", "RSLORA", "DORA"]
@@ -69,10 +69,49 @@ def load_adapter_weights(adapter_dir: Path, digest: str, dtype: torch.dtype) -> 
 
 
 def adapter_weights_from_bytes(
-    config: bytes, weights: bytes, digest: str, dtype: torch.dtype
+    config: bytes | bytearray, weights: bytearray, digest: str, dtype: torch.dtype
 ) -> AdapterWeights:
-    """The same, from the two files' bytes (an adapter fetched into memory, not yet on disk)."""
-    return adapter_weights_from(config, safetensors_load(weights), digest, dtype)
+    """The same, from the two files' bytes (an adapter fetched into memory, not yet on disk);
+    the tensors view `weights` until the dtype conversion copies them."""
+    return adapter_weights_from(bytes(config), tensors_in(weights), digest, dtype)
+
+
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def tensors_in(buf: bytearray) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors as views of its bytes in memory (no copy).
+
+    The bytes are digest-verified and the registry validated this header at registration; the
+    checks here only keep a wrong file from reading outside its own buffer."""
+    if len(buf) < 8:
+        raise AdapterFormatError("adapter_model.safetensors is shorter than its header")
+    (header_len,) = struct.unpack_from("<Q", buf, 0)
+    base = 8 + header_len
+    if base > len(buf):
+        raise AdapterFormatError("adapter_model.safetensors has a header longer than the file")
+    header = json.loads(bytes(buf[8:base]))
+    out: dict[str, torch.Tensor] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _TORCH_DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise AdapterFormatError(
+                f"tensor {name!r} has dtype {entry.get('dtype')!r}; use F32, F16 or BF16"
+            )
+        shape = [int(d) for d in entry["shape"]]
+        begin, end = (int(x) for x in entry["data_offsets"])
+        count = math.prod(shape)
+        if end - begin != count * dtype.itemsize or base + end > len(buf) or begin < 0:
+            raise AdapterFormatError(f"tensor {name!r} has data_offsets that do not fit its shape")
+        flat = (
+            torch.frombuffer(buf, dtype=dtype, count=count, offset=base + begin)
+            if count
+            else torch.empty(0, dtype=dtype)
+        )
+        out[name] = flat.reshape(shape)
+    return out
 
 
 def adapter_weights_from(
