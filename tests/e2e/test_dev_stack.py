@@ -1,6 +1,7 @@
 """The front door, as a new user meets it: `loraplex dev` in one terminal, `loraplex generate` in another.
 
-Real processes on loopback: registry (on the session's PostgreSQL), one SmolLM2 worker, the router.
+Real processes on loopback: registry (on the session's PostgreSQL), two SmolLM2 workers
+(`loraplex dev --workers 2`), the router.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -62,7 +64,7 @@ def dev_stack(
     }
     env.pop("LORAPLEX_ADMIN_TOKEN", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli.main", "dev"],
+        [sys.executable, "-m", "services.cli.main", "dev", "--workers", "2"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -88,6 +90,25 @@ def dev_stack(
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _generate_json(dev_stack: DevStack, api_key: str, adapter: str, max_tokens: int) -> list[dict[str, Any]]:
+    done = dev_stack.cli(
+        "generate", "--adapter", adapter, "--max-tokens", str(max_tokens), "--json", "Hi", api_key=api_key
+    )
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_two_workers_an_adapter_stays_on_the_worker_where_it_is_warm(dev_stack: DevStack) -> None:
+    api_key = (dev_stack.home / "dev-api-key").read_text().strip()
+    assert dev_stack.banner.count("127.0.0.1:") >= 4  # registry, router and two workers
+
+    finished = [_generate_json(dev_stack, api_key, "poet", 2)[-1]["finished"] for _ in range(3)]
+    # The first request loads the adapter on its home worker; the router sends the next ones to
+    # the worker that reports it on the device, where they start warm.
+    assert len({f["worker_id"] for f in finished}) == 1, finished
+    assert [f["timings"].get("cold_start", False) for f in finished[1:]] == [False, False], finished
 
 
 def test_generate_streams_tokens_from_a_demo_adapter_and_they_are_billed(dev_stack: DevStack) -> None:
@@ -131,4 +152,4 @@ def test_generate_streams_tokens_from_a_demo_adapter_and_they_are_billed(dev_sta
             "SELECT output_tokens FROM usage_records u JOIN tenants t ON t.id = u.tenant_id"
             " WHERE t.name = 'demo' ORDER BY finished_at"
         ).fetchall()
-    assert [r[0] for r in rows] == [12, 8]
+    assert [r[0] for r in rows] == [2, 2, 2, 12, 8]
