@@ -189,18 +189,22 @@ class Processes:
                 proc.wait()
 
 
-def start_s3(procs: Processes, env: dict[str, str]) -> Any:
-    """moto's S3 server in its own process (so its request handling does not share our GIL)."""
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    proc = procs.start("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env)
-    client = boto3.client(
+def s3_client(endpoint: str) -> Any:
+    return boto3.client(
         "s3",
         endpoint_url=endpoint,
         region_name=AWS_ENV["AWS_DEFAULT_REGION"],
         aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
     )
+
+
+def start_s3(procs: Processes, env: dict[str, str]) -> Any:
+    """moto's S3 server in its own process (so its request handling does not share our GIL)."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = procs.start("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env)
+    client = s3_client(endpoint)
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -456,13 +460,7 @@ def profile_stages(
 
     dtype = getattr(torch, dtype_name)
     engine = LLMEngine(EngineConfig(model_dir=model_dir, dtype=dtype, kv_cache_blocks=16))
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name=AWS_ENV["AWS_DEFAULT_REGION"],
-        aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
-    )
+    client = s3_client(endpoint)
     out: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-coldstart-profile-") as tmp:
         for kind, (resident, _) in adapters.items():

@@ -84,21 +84,28 @@ def fetch_to_cache(
         shutil.rmtree(final, ignore_errors=True)
     if verified is not None:
         verified.discard(spec.digest)
+    with _staged(cache_dir, final) as staging:
+        _check_digest(spec, _download(spec, staging, max_bytes, s3))
+    if verified is not None:
+        verified.add(spec.digest)
+    return Tier.OBJECT_STORE, final
+
+
+@contextlib.contextmanager
+def _staged(cache_dir: Path, final: Path) -> Iterator[Path]:
+    """A staging directory, renamed to `final` when the block succeeds and removed in any case."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=STAGING_PREFIX))
     try:
-        _check_digest(spec, _download(spec, staging, max_bytes, s3))
+        yield staging
         try:
             staging.rename(final)
         except OSError:
             if not final.is_dir():
                 raise
             # Another fetch of the same digest won the race; its copy is identical.
-        if verified is not None:
-            verified.add(spec.digest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return Tier.OBJECT_STORE, final
 
 
 def _download(spec: AdapterSpec, staging: Path, max_bytes: int, s3: S3Client | None) -> str:
@@ -174,20 +181,11 @@ def write_to_cache(fetched: FetchedAdapter, cache_dir: Path, verified: set[str] 
     final = cache_dir / digest_hex(fetched.digest)
     if final.is_dir():
         return final
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=STAGING_PREFIX))
-    try:
+    with _staged(cache_dir, final) as staging:
         for name, data in fetched.files.items():
             (staging / name).write_bytes(data)
-        try:
-            staging.rename(final)
-        except OSError:
-            if not final.is_dir():
-                raise
-        if verified is not None:
-            verified.add(fetched.digest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    if verified is not None:
+        verified.add(fetched.digest)
     return final
 
 
