@@ -17,7 +17,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from loraplex.v1 import common_pb2, registry_pb2
-from services.router.policy import DEFAULT_LOAD_EPS, Residency, WorkerView, choose, live_workers
+from services.router.policy import (
+    DEFAULT_KV_FULL,
+    DEFAULT_LOAD_EPS,
+    Residency,
+    WorkerView,
+    choose,
+    live_workers,
+)
 
 MAX_PENDING_EVICTIONS = 10_000
 
@@ -70,11 +77,14 @@ class KeepWarmBook:
         """digest -> ref (keep_warm=true) of every READY keep-warm version."""
         return {ref.digest: ref for ref in self._warm.values()}
 
-    def take_evictions(self) -> list[str]:
-        """Digests archived since the last call whose content no READY version uses."""
-        digests = list(self._evict)
-        self._evict.clear()
-        return digests
+    def pending_evictions(self) -> list[str]:
+        """Archived digests whose content no READY version uses, oldest first: hinted every tick
+        until no worker reports them in memory (a hint can fail, be refused while in use, or wait
+        for a worker that is not live now)."""
+        return list(self._evict)
+
+    def evicted(self, digest: str) -> None:
+        self._evict.pop(digest, None)
 
 
 def plan_prefetches(
@@ -86,6 +96,7 @@ def plan_prefetches(
     retry_s: float,
     limit: int,
     eps: float = DEFAULT_LOAD_EPS,
+    kv_full: float = DEFAULT_KV_FULL,
 ) -> list[Prefetch]:
     """Prefetches for (digest, base model) targets not on any live worker's device.
 
@@ -101,15 +112,24 @@ def plan_prefetches(
             continue
         if any(w.residency.get(digest) is Residency.DEVICE or digest in w.loading for w in live):
             continue
-        plan.append(Prefetch(digest, base_model, choose(live, base_model, digest, eps=eps).candidates[0]))
+        # The same choice a request would make, so the adapter is warm where its traffic goes.
+        first = choose(live, base_model, digest, eps=eps, kv_full=kv_full).candidates[0]
+        plan.append(Prefetch(digest, base_model, first))
     return plan
 
 
-def plan_evictions(digests: Iterable[str], workers: Sequence[WorkerView]) -> list[Eviction]:
-    """EvictAdapter calls for the live workers holding these digests in memory (device or host)."""
-    return [
-        Eviction(d, w.worker_id)
-        for d in digests
-        for w in workers
-        if w.accepting and (w.residency.get(d, Residency.COLD) <= Residency.HOST or d in w.loading)
-    ]
+def plan_evictions(digests: Iterable[str], workers: Sequence[WorkerView]) -> tuple[list[Eviction], list[str]]:
+    """EvictAdapter calls for the live workers holding these digests in memory (device or host),
+    and the digests no worker at all holds any more (their hints are done)."""
+    calls: list[Eviction] = []
+    done: list[str] = []
+    for d in digests:
+        holders = [w for w in workers if _in_memory(w, d)]
+        if not holders:
+            done.append(d)
+        calls += [Eviction(d, w.worker_id) for w in holders if w.accepting]
+    return calls, done
+
+
+def _in_memory(w: WorkerView, digest: str) -> bool:
+    return w.residency.get(digest, Residency.COLD) <= Residency.HOST or digest in w.loading

@@ -61,7 +61,9 @@ async def start_router(settings: RouterSettings, *, fsync: Callable[[int], None]
         refresh_s=settings.worker_refresh_s,
         stale_s=settings.worker_stale_s,
     )
-    warmer = KeepWarmScheduler(pool, interval_s=settings.keep_warm_s, eps=settings.route_load_eps)
+    warmer = KeepWarmScheduler(
+        pool, interval_s=settings.keep_warm_s, eps=settings.route_load_eps, kv_full=settings.route_kv_full
+    )
     view.add_listener(warmer.on_adapter_change)
     spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes, fsync=fsync)
     metrics.SPOOL_BYTES.set(spool.size_bytes)

@@ -2,7 +2,8 @@
 
 The plan is `keep_warm.plan_prefetches` / `plan_evictions` over the pool's live view; this module
 only makes the calls: at most `concurrency` at a time, each with a timeout, failures logged and
-counted (the next tick after the retry interval tries again).
+counted. A prefetch is retried after RETRY_S; an eviction hint every tick until no worker reports
+the adapter in memory.
 """
 
 from __future__ import annotations
@@ -35,12 +36,14 @@ class KeepWarmScheduler:
         *,
         interval_s: float,
         eps: float,
+        kv_full: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.book = KeepWarmBook()
         self._pool = pool
         self._interval = interval_s
         self._eps = eps
+        self._kv_full = kv_full
         self._clock = clock
         self._last_sent: dict[str, float] = {}
         self._gate = asyncio.Semaphore(CONCURRENCY)
@@ -72,8 +75,12 @@ class KeepWarmScheduler:
             retry_s=RETRY_S,
             limit=MAX_CALLS_PER_TICK,
             eps=self._eps,
+            kv_full=self._kv_full,
         )
-        evictions = plan_evictions(self.book.take_evictions(), views)[:MAX_CALLS_PER_TICK]
+        evictions, done = plan_evictions(self.book.pending_evictions(), views)
+        for digest in done:
+            self.book.evicted(digest)
+        evictions = evictions[:MAX_CALLS_PER_TICK]  # the rest stay pending for the next ticks
         for p in prefetches:
             self._last_sent[p.digest] = now
         await asyncio.gather(

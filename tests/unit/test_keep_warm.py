@@ -37,11 +37,13 @@ def test_book_keeps_ready_keep_warm_versions_and_forgets_them_when_archived() ->
     book.apply(adapter("a3", D3, common_pb2.ADAPTER_STATUS_VALIDATING, keep_warm=True))
     refs = book.warm_refs()
     assert list(refs) == [D1] and refs[D1].keep_warm and refs[D1].adapter_id == "a1"
-    assert book.take_evictions() == []
+    assert book.pending_evictions() == []
     book.apply(adapter("a1", D1, ARCHIVED, keep_warm=True))
     assert book.warm_refs() == {}
-    assert book.take_evictions() == [D1]
-    assert book.take_evictions() == []  # each archive is hinted once
+    assert book.pending_evictions() == [D1]
+    assert book.pending_evictions() == [D1]  # pending until no worker holds it
+    book.evicted(D1)
+    assert book.pending_evictions() == []
 
 
 def test_archived_content_still_used_by_a_ready_version_is_not_evicted() -> None:
@@ -49,13 +51,14 @@ def test_archived_content_still_used_by_a_ready_version_is_not_evicted() -> None
     book.apply(adapter("a1", D1, READY))
     book.apply(adapter("b1", D1, READY))  # another tenant uploaded the same files
     book.apply(adapter("a1", D1, ARCHIVED))
-    assert book.take_evictions() == []
+    assert book.pending_evictions() == []
     book.apply(adapter("b1", D1, ARCHIVED))
-    assert book.take_evictions() == [D1]
+    assert book.pending_evictions() == [D1]
+    book.evicted(D1)
     # Archived then READY again under another id before a tick: nothing to evict.
     book.apply(adapter("c1", D2, ARCHIVED))
     book.apply(adapter("c2", D2, READY))
-    assert book.take_evictions() == []
+    assert book.pending_evictions() == []
 
 
 def test_prefetch_goes_to_the_home_when_no_live_worker_has_it_on_device() -> None:
@@ -105,4 +108,7 @@ def test_eviction_hints_go_to_live_workers_holding_the_digest_in_memory() -> Non
         WorkerView("gone", BASE, accepting=False, residency={D1: Residency.DEVICE}),
         WorkerView("none", BASE),
     ]
-    assert plan_evictions([D1], ws) == [Eviction(D1, "dev"), Eviction(D1, "host")]
+    assert plan_evictions([D1], ws) == ([Eviction(D1, "dev"), Eviction(D1, "host")], [])
+    # The worker that is not live still holds it: the hint waits for it. Once none holds it, done.
+    assert plan_evictions([D1], [ws[3]]) == ([], [])
+    assert plan_evictions([D1, D2], ws[2:3]) == ([], [D1, D2])
