@@ -368,7 +368,9 @@ class RouterSettings:
             checkpoint_s=env.number("ROUTER_CHECKPOINT_S", 1.0, minimum=0.01),
             metrics_port=env.integer("ROUTER_METRICS_PORT", 0),
             policy=_router_policy(env),
-            worker_stale_s=env.number("ROUTER_WORKER_STALE_S", 3.0, minimum=0.1),
+            # Workers heartbeat every 2 s (services.worker.state.HEARTBEAT_S): any less and idle
+            # workers would drop out of routing between two heartbeats.
+            worker_stale_s=env.number("ROUTER_WORKER_STALE_S", 3.0, minimum=2.5),
             route_kv_full=_fraction(env, "ROUTE_KV_FULL", 0.9),
             keep_warm_s=env.number("ROUTER_KEEP_WARM_S", 2.0, minimum=0.05),
         )

@@ -277,6 +277,11 @@ class WorkerPool:
                 reason, detail = "out_of_sync", str(exc)
             except grpc.aio.AioRpcError as exc:
                 reason, detail = "broken", f"{exc.code().name}: {exc.details()}"
+            except Exception as exc:
+                # A bug or an unexpected message must not end the watch: the worker would stay
+                # out of routing for good, since the pool keeps its handle.
+                log.exception("worker %s state stream failed unexpectedly", handle.worker_id)
+                reason, detail = "error", repr(exc)
             finally:
                 call.cancel()
             if handle.state.synced:

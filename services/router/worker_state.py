@@ -44,7 +44,7 @@ class PushedState:
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
     accepting: bool = False
-    # tier -> median load time (ms) from the snapshot; deltas do not carry estimates.
+    # tier -> typical (exponentially weighted) load time, ms, from the snapshot; deltas carry none.
     load_estimates_ms: dict[Residency, float] = field(default_factory=dict)
     # Requests this router sent after the worker's last update and still running: not in
     # queue_depth/running yet. `updates` counts messages, to tell which update a request followed.

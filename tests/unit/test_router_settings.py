@@ -73,19 +73,19 @@ def test_routing_defaults_and_overrides() -> None:
         {
             **TOKEN,
             "LORAPLEX_ROUTER_POLICY": "Round_Robin",
-            "LORAPLEX_ROUTER_WORKER_STALE_S": "1.5",
+            "LORAPLEX_ROUTER_WORKER_STALE_S": "4.5",
             "LORAPLEX_ROUTE_KV_FULL": "0.8",
             "LORAPLEX_ROUTER_KEEP_WARM_S": "0.5",
         }
     )
-    assert (s.policy, s.worker_stale_s, s.route_kv_full, s.keep_warm_s) == ("round_robin", 1.5, 0.8, 0.5)
+    assert (s.policy, s.worker_stale_s, s.route_kv_full, s.keep_warm_s) == ("round_robin", 4.5, 0.8, 0.5)
 
 
 @pytest.mark.parametrize(
     ("env", "phrase"),
     [
         ({"LORAPLEX_ROUTER_POLICY": "random"}, "affinity, least_loaded, round_robin"),
-        ({"LORAPLEX_ROUTER_WORKER_STALE_S": "0"}, "LORAPLEX_ROUTER_WORKER_STALE_S"),
+        ({"LORAPLEX_ROUTER_WORKER_STALE_S": "2"}, "LORAPLEX_ROUTER_WORKER_STALE_S"),  # under a heartbeat
         ({"LORAPLEX_ROUTE_KV_FULL": "1.5"}, "fraction"),
         ({"LORAPLEX_ROUTER_KEEP_WARM_S": "-1"}, "LORAPLEX_ROUTER_KEEP_WARM_S"),
     ],
