@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import boto3
+from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
 
 from services.common.adapter_errors import NotFound, TooLarge, UriNotAllowed
@@ -57,15 +58,16 @@ class ObjectStore(Protocol):
     def uri_for(self, name: str) -> str: ...
 
 
-def open_store(uri: str) -> ObjectStore:
-    """'file:///abs/dir' or 's3://bucket/prefix' -> a store rooted there."""
+def open_store(uri: str, s3: S3Client | None = None) -> ObjectStore:
+    """'file:///abs/dir' or 's3://bucket/prefix' -> a store rooted there (S3 through `s3` if given;
+    boto3 clients are thread-safe, creating them from the default session is not)."""
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme == "file":
         return FileStore(_file_uri_path(uri))
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise UriNotAllowed(f"{uri!r} names no bucket; use s3://bucket/prefix.")
-        return S3Store(parsed.netloc, parsed.path.strip("/"))
+        return S3Store(parsed.netloc, parsed.path.strip("/"), client=s3)
     raise UriNotAllowed(f"{uri!r} is not a supported location; use s3://bucket/prefix or file:///abs/dir.")
 
 
@@ -197,10 +199,10 @@ class FileStore:
         return (self.root / name).as_uri() if name else self.root.as_uri()
 
 
-def s3_client() -> S3Client:
+def s3_client(config: BotoConfig | None = None) -> S3Client:
     """boto3 reads AWS_ENDPOINT_URL and credentials itself; only the region gets a default."""
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return boto3.client("s3", region_name=region)
+    return boto3.client("s3", region_name=region, config=config)
 
 
 class S3Store:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import queue
 import shutil
 import tempfile
@@ -20,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from services.common import object_store
 from services.common.adapter_errors import NotFound
 from services.common.adapter_files import ADAPTER_FILES, AdapterDigest, adapter_digest, digest_hex
-from services.common.object_store import ObjectStore, S3Store, open_store
+from services.common.object_store import ObjectStore, open_store
 from services.worker.adapters.spec import AdapterSpec, DigestMismatch, StoreUnavailable
 from services.worker.tiers import Tier
 
@@ -39,20 +38,16 @@ STAGING_PREFIX = ".fetch-"
 
 
 def s3_client(timeout_s: float) -> S3Client:
-    """A client for adapter fetches: bounded connect/read waits, one retry (boto reads the endpoint
-    and credentials from the environment, like services.common.object_store.s3_client)."""
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    config = Config(
-        connect_timeout=timeout_s, read_timeout=timeout_s, retries={"max_attempts": 2, "mode": "standard"}
+    """A client for adapter fetches: bounded connect/read waits, one retry."""
+    return object_store.s3_client(
+        Config(
+            connect_timeout=timeout_s, read_timeout=timeout_s, retries={"max_attempts": 2, "mode": "standard"}
+        )
     )
-    return boto3.client("s3", region_name=region, config=config)
 
 
 def open_adapter_store(uri: str, s3: S3Client | None) -> ObjectStore:
-    store = open_store(uri.rstrip("/"))
-    if s3 is not None and isinstance(store, S3Store):
-        return S3Store(store.bucket, store.prefix, client=s3)
-    return store
+    return open_store(uri.rstrip("/"), s3)
 
 
 def fetch_to_cache(
