@@ -205,7 +205,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def EvictAdapter(
         self, request: worker_pb2.EvictAdapterRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.EvictAdapterResponse:
-        """Drop it from DEVICE and HOST (the disk copy stays) unless pinned (in use or keep_warm)."""
+        """Drop it from DEVICE and HOST (the disk copy stays) and stop keeping it warm, unless a
+        request holds it or it is loading."""
         digest_hex(request.digest)
         return worker_pb2.EvictAdapterResponse(evicted=await self.loader.evict(request.digest))
 

@@ -14,7 +14,14 @@ import pytest
 import torch
 
 from services.common.adapter_files import ADAPTER_FILES, adapter_digest
-from services.worker.adapters import AdapterLoader, AdaptersBusy, AdapterSpec, Tier, fetch_to_cache
+from services.worker.adapters import (
+    AdapterLoader,
+    AdaptersBusy,
+    AdapterSpec,
+    AdapterTooLarge,
+    Tier,
+    fetch_to_cache,
+)
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine.config import EngineConfig
 from services.worker.engine.llm_engine import EngineRequest, LLMEngine
@@ -165,6 +172,18 @@ async def test_a_cold_load_writes_its_disk_copy_behind_and_a_failed_write_only_c
     again = await loader.acquire(mlp)
     assert again.source_tier == Tier.OBJECT_STORE and adapter_digest(cache / mlp.digest[7:]) == mlp.digest
     loader.release(again)
+
+
+async def test_a_copy_fetched_only_to_learn_the_size_of_a_refused_adapter_is_not_kept(
+    make_loader: MakeLoader, specs: dict[str, AdapterSpec], tmp_path: Path
+) -> None:
+    qv = specs["qv"]
+    loader = await make_loader(device=qv.size_bytes - 1)
+    unsized = AdapterSpec(**{**qv.__dict__, "size_bytes": 0})  # the size is learnt by fetching
+    with pytest.raises(AdapterTooLarge, match="DEVICE budget"):
+        await loader.acquire(unsized)
+    assert not (tmp_path / "worker-cache" / qv.digest[7:]).exists()
+    assert loader.policy.resident_bytes(Tier.DISK) == 0
 
 
 async def test_disk_budget_deletes_the_evicted_adapters_directory(

@@ -31,8 +31,10 @@ class DiskTier:
 
     def size(self, digest: str) -> int:
         """Bytes of the cached files; 0 when the adapter is not cached."""
-        path = self.path(digest)
-        return _dir_size(path) if path.is_dir() else 0
+        try:
+            return _dir_size(self.path(digest))
+        except (FileNotFoundError, NotADirectoryError):  # absent, or deleted while we looked
+            return 0
 
     def delete(self, digest: str) -> None:
         shutil.rmtree(self.path(digest), ignore_errors=True)

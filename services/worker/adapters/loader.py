@@ -12,7 +12,8 @@ Steps, each on its own threads so they overlap with decoding and with each other
                            arrives; when the plan goes on, into memory: the next step parses those
                            bytes while one writer thread puts the disk copy behind it
                            (fetch.write_to_cache), so a cold load never waits for the disk
-    DISK -> HOST/DEVICE    verify + parse + engine.prepare_adapter on the parse threads
+    DISK -> HOST/DEVICE    verify (once per process, on a download thread), then parse +
+                           engine.prepare_adapter on the parse threads
     HOST -> DEVICE         engine.to_engine_device (one copy), then install between two steps
     DEVICE -> HOST         remove between two steps, engine.to_host (keeps the device layout)
 Concurrent requests for one adapter share one load (the plan's `awaiting`); a load starts when the
@@ -71,6 +72,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# Fetched bytes waiting for the disk writer, at most: past this, cold fetches stream to disk.
+WRITE_BEHIND_MAX_BYTES = 1 << 30
 
 # The longest a request waits for room on the device before it is shed (its deadline may be sooner).
 ADMIT_WAIT_S = 10.0
@@ -159,6 +162,7 @@ class AdapterLoader:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="adapter-write")
         self._fetched: dict[str, FetchedAdapter] = {}  # cold bytes between a plan's two steps
         self._writes: dict[str, asyncio.Future[Path]] = {}  # disk copies being written behind
+        self._write_behind_bytes = 0  # held in memory for them (bounded by WRITE_BEHIND_MAX_BYTES)
         self._s3: S3Client | None = None
         self._tails: dict[str, asyncio.Task[Any]] = {}  # last physical step queued per digest
         self._loads: dict[str, asyncio.Task[Tier]] = {}  # the running plan's loads per digest
@@ -215,7 +219,11 @@ class AdapterLoader:
         started = time.monotonic()
         wait_s = self.admit_wait_s if wait_s is None else min(wait_s, self.admit_wait_s)
         size = await self._prepare_request(spec)
-        plan = await self._admit(spec, size, Tier.DEVICE, pin=True, until=started + wait_s)
+        try:
+            plan = await self._admit(spec, size, Tier.DEVICE, pin=True, until=started + wait_s)
+        except Exception:
+            await self._drop_unaccounted(spec.digest)
+            raise
         metrics.ADAPTER_LOOKUPS.labels(result="hit" if plan.hit else "miss").inc()
         metrics.ADAPTER_LOOKUPS_BY_TIER.labels(tier=tier_label(plan.found_in)).inc()
         if plan.hit and plan.awaiting is None:
@@ -338,6 +346,13 @@ class AdapterLoader:
         await self._fetch(spec)
         return await asyncio.to_thread(self.disk.size, spec.digest)
 
+    async def _drop_unaccounted(self, digest: str) -> None:
+        """A copy fetched only to learn its size, for a request that was then refused, is outside
+        the disk budget: delete it (no row in the policy means no plan is using it)."""
+        if self.policy.known_size(digest) is None and digest not in self._sizing:
+            self._verified.discard(digest)
+            await asyncio.to_thread(self.disk.delete, digest)
+
     async def _admit(self, spec: AdapterSpec, size: int, target: Tier, *, pin: bool, until: float) -> Plan:
         """policy.access, retried while the tiers are full of pinned or loading adapters."""
         self._check_fits(spec, size, target)
@@ -397,7 +412,12 @@ class AdapterLoader:
 
     async def _prefetch(self, spec: AdapterSpec, target: Tier) -> None:
         size = await self._prepare_request(spec)
-        plan = await self._admit(spec, size, target, pin=False, until=time.monotonic() + self.admit_wait_s)
+        try:
+            until = time.monotonic() + self.admit_wait_s
+            plan = await self._admit(spec, size, target, pin=False, until=until)
+        except Exception:
+            await self._drop_unaccounted(spec.digest)
+            raise
         await self._carry_out(spec, plan)
 
     def _queue(
@@ -523,17 +543,24 @@ class AdapterLoader:
         if self.disk.path(spec.digest).is_dir():
             got, _ = await self._fetch(spec)
             return got
+        size = self.policy.known_size(spec.digest) or spec.size_bytes
+        if self._write_behind_bytes + size > WRITE_BEHIND_MAX_BYTES:
+            # The disk is behind: stream this one straight to disk rather than hold more in memory.
+            got, _ = await self._fetch(spec)
+            return got
         s3 = self._s3_client() if spec.uri.startswith("s3://") else None
         fetched = await self._in(
             self._downloads, fetch_to_memory, spec, max_bytes=self.max_adapter_bytes, s3=s3
         )
         self._fetched[spec.digest] = fetched
+        self._write_behind_bytes += fetched.size_bytes
         write = asyncio.get_running_loop().run_in_executor(
             self._writer, write_to_cache, fetched, self.cache_dir, self._verified
         )
         self._writes[spec.digest] = write
 
         def written(f: asyncio.Future[Path]) -> None:
+            self._write_behind_bytes -= fetched.size_bytes
             if self._writes.get(spec.digest) is f:
                 del self._writes[spec.digest]
             if not f.cancelled() and f.exception() is not None:
