@@ -113,3 +113,8 @@ def test_weights_read_from_bytes_in_memory_equal_the_file_read_and_views_stay_in
     bad = bytearray(struct.pack("<Q", len(text)) + text + raw[8 + header_len :])
     with pytest.raises(AdapterFormatError, match="data_offsets"):
         tensors_in(bad)
+    for shape, offsets in (([-1, 1], [4, 0]), ([2.5, 2], [0, 20]), ([2, 2], [8])):
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": offsets}
+        text = json.dumps(header).encode()
+        with pytest.raises(AdapterFormatError, match="malformed"):
+            tensors_in(bytearray(struct.pack("<Q", len(text)) + text + raw[8 + header_len :]))

@@ -100,10 +100,12 @@ def tensors_in(buf: bytearray) -> dict[str, torch.Tensor]:
             raise AdapterFormatError(
                 f"tensor {name!r} has dtype {entry.get('dtype')!r}; use F32, F16 or BF16"
             )
-        shape = [int(d) for d in entry["shape"]]
-        begin, end = (int(x) for x in entry["data_offsets"])
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not _ints(shape, minimum=0) or not _ints(offsets, minimum=0) or len(offsets) != 2:
+            raise AdapterFormatError(f"tensor {name!r} has a malformed shape or data_offsets")
+        begin, end = offsets
         count = math.prod(shape)
-        if end - begin != count * dtype.itemsize or base + end > len(buf) or begin < 0:
+        if end - begin != count * dtype.itemsize or base + end > len(buf):
             raise AdapterFormatError(f"tensor {name!r} has data_offsets that do not fit its shape")
         flat = (
             torch.frombuffer(buf, dtype=dtype, count=count, offset=base + begin)
@@ -157,3 +159,7 @@ def adapter_weights_from(
     # Bytes as resident in the engine's dtype, which is what a step reads.
     size = sum(t.numel() for t in raw.values()) * torch.empty(0, dtype=dtype).element_size()
     return AdapterWeights(digest=digest, variant=variant, tensors=tensors, ranks=ranks, size_bytes=size)
+
+
+def _ints(values: object, *, minimum: int) -> bool:
+    return isinstance(values, list) and all(type(v) is int and v >= minimum for v in values)
