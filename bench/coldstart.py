@@ -21,10 +21,11 @@ stage profile and PEFT all run with --worker-threads torch threads.
 Targets: host <= 10 ms p50 (all-linear r16), S3 <= 150 ms p50 (all-linear r16), every tier's
 added p50 below PEFT's load p50 for the same adapter.
 
-Measured (2-core shared CPU, bf16 auto, 1 thread, load average ~0.6, 48 s; added TTFT p50, ms,
-with the worker's own adapter_load_ms in brackets): r8_qv host 1.0 [0.7], disk 6 [6], S3 23 [22],
-PEFT 66; r16_all host 2.8 [1.2], disk 24 [23], S3 62 [60], PEFT 207; r64_all host 3.0 [1.3],
-disk 52 [51], S3 209 [204], PEFT 301. Every target met. What got it there (an earlier run had S3
+Measured (2-core shared CPU, bf16 auto, 1 thread, load average ~0.5, 52 s; added TTFT p50, ms,
+with the worker's own adapter_load_ms in brackets): r8_qv host 2.6 [0.8], disk 6 [6], S3 19 [18],
+PEFT 69; r16_all host 1.9 [1.3], disk 26 [25], S3 76 [71], PEFT 225; r64_all host 2.8 [1.8],
+disk 46 [48], S3 250 [232], PEFT 327. Every target met (an earlier run of the same code: S3 r16
+62, r64 209). What got it there (an earlier run had S3
 r16 140 and r64 494, slower than PEFT): a cold fetch is hashed on its own thread as it arrives,
 parsed as tensor views of the downloaded buffer, and its disk copy is written behind it (after a
 few hundred MB of writes this VM's disk throttles writers to ~400 MB/s, which had put ~200 ms on
