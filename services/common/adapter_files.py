@@ -114,6 +114,7 @@ def _is_lower_hex(text: str) -> bool:
 class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
+    offset: int = field(default=0, compare=False)  # where its bytes start in the data section
 
     @property
     def numel(self) -> int:
@@ -224,8 +225,8 @@ def _tensor_entry(tensor_name: str, entry: object, file_name: str) -> tuple[Tens
         raise InvalidSafetensors(
             f"{where} has data_offsets {offsets!r}; expected [begin, end] with 0 <= begin <= end."
         )
-    info = TensorInfo(dtype=dtype, shape=tuple(shape))
     begin, end = offsets
+    info = TensorInfo(dtype=dtype, shape=tuple(shape), offset=begin)
     bits = info.numel * DTYPE_BITS[dtype]
     if bits % 8 or end - begin != bits // 8:
         raise InvalidSafetensors(

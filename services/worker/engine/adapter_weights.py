@@ -13,6 +13,9 @@ from typing import Literal
 import torch
 from safetensors.torch import load_file
 
+from services.common.adapter_errors import InvalidSafetensors
+from services.common.adapter_files import ADAPTER_WEIGHTS, parse_safetensors_header
+
 Variant = Literal["LORA", "RSLORA", "DORA"]
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight
@@ -80,39 +83,30 @@ _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloa
 
 
 def tensors_in(buf: bytearray) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors as views of its bytes in memory (no copy).
-
-    The bytes are digest-verified and the registry validated this header at registration; the
-    checks here only keep a wrong file from reading outside its own buffer."""
-    if len(buf) < 8:
-        raise AdapterFormatError("adapter_model.safetensors is shorter than its header")
-    (header_len,) = struct.unpack_from("<Q", buf, 0)
-    base = 8 + header_len
-    if base > len(buf):
-        raise AdapterFormatError("adapter_model.safetensors has a header longer than the file")
-    header = json.loads(bytes(buf[8:base]))
-    out: dict[str, torch.Tensor] = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _TORCH_DTYPES.get(entry.get("dtype"))
-        if dtype is None:
-            raise AdapterFormatError(
-                f"tensor {name!r} has dtype {entry.get('dtype')!r}; use F32, F16 or BF16"
-            )
-        shape, offsets = entry.get("shape"), entry.get("data_offsets")
-        if not _ints(shape, minimum=0) or not _ints(offsets, minimum=0) or len(offsets) != 2:
-            raise AdapterFormatError(f"tensor {name!r} has a malformed shape or data_offsets")
-        begin, end = offsets
-        count = math.prod(shape)
-        if end - begin != count * dtype.itemsize or base + end > len(buf):
-            raise AdapterFormatError(f"tensor {name!r} has data_offsets that do not fit its shape")
-        flat = (
-            torch.frombuffer(buf, dtype=dtype, count=count, offset=base + begin)
-            if count
-            else torch.empty(0, dtype=dtype)
+    """A safetensors file's tensors as views of its bytes in memory (no copy), after the same
+    header checks registration runs, so a wrong file can never be read outside its own buffer."""
+    try:
+        if len(buf) < 8:
+            raise InvalidSafetensors("the file is shorter than its 8-byte header length")
+        (header_len,) = struct.unpack_from("<Q", buf, 0)
+        base = 8 + header_len
+        if base > len(buf):
+            raise InvalidSafetensors(f"it declares a {header_len}-byte header, longer than the file")
+        header = parse_safetensors_header(
+            bytes(buf[8:base]), data_size=len(buf) - base, file_name=ADAPTER_WEIGHTS
         )
-        out[name] = flat.reshape(shape)
+    except InvalidSafetensors as exc:
+        raise AdapterFormatError(f"{ADAPTER_WEIGHTS} has malformed shapes or data_offsets: {exc}") from None
+    out: dict[str, torch.Tensor] = {}
+    for name, info in header.tensors.items():
+        dtype = _TORCH_DTYPES.get(info.dtype)
+        if dtype is None:
+            raise AdapterFormatError(f"tensor {name!r} has dtype {info.dtype!r}; use F32, F16 or BF16")
+        if info.numel == 0:
+            out[name] = torch.empty(info.shape, dtype=dtype)
+            continue
+        flat = torch.frombuffer(buf, dtype=dtype, count=info.numel, offset=base + info.offset)
+        out[name] = flat.reshape(info.shape)
     return out
 
 
@@ -159,7 +153,3 @@ def adapter_weights_from(
     # Bytes as resident in the engine's dtype, which is what a step reads.
     size = sum(t.numel() for t in raw.values()) * torch.empty(0, dtype=dtype).element_size()
     return AdapterWeights(digest=digest, variant=variant, tensors=tensors, ranks=ranks, size_bytes=size)
-
-
-def _ints(values: object, *, minimum: int) -> bool:
-    return isinstance(values, list) and all(type(v) is int and v >= minimum for v in values)
