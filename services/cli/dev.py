@@ -9,7 +9,6 @@ Ctrl-C drains and stops everything.
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import grpc
 from loraplex.v1 import registry_pb2
 from services.client.registry import RegistryClient
 from services.common.config import DEFAULT_MODEL, ClientSettings, loraplex_home
+from services.common.private_files import secret_file
 
 # Demo prices, USD per million tokens; change them with `loraplex models register`.
 DEV_INPUT_PRICE = 0.05
@@ -35,19 +35,9 @@ DEMO_ADAPTERS = {"support-bot": "qv-r8", "sql-helper": "all-r16", "poet": "dora-
 WORKER_PORT_OFFSET = 10
 
 
-def _secret_file(path: Path, make: str | None = None) -> str:
-    """Reads a 0600 file, creating it with `make` (or a random token) the first time."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(make or secrets.token_urlsafe(32))
-    return path.read_text().strip()
-
-
 def dev_admin_token(home: Path) -> str:
     """LORAPLEX_ADMIN_TOKEN if set, else a token generated once and kept in $LORAPLEX_HOME (mode 0600)."""
-    return os.environ.get("LORAPLEX_ADMIN_TOKEN") or _secret_file(home / "dev-admin-token")
+    return os.environ.get("LORAPLEX_ADMIN_TOKEN") or secret_file(home / "dev-admin-token")
 
 
 @dataclass
@@ -174,7 +164,7 @@ def ensure_demo_tenant(stack: Stack) -> tuple[str, list[str]]:
         api_key = key_file.read_text().strip() if key_file.exists() else ""
         if not api_key or not _key_works(c, api_key):
             key_file.unlink(missing_ok=True)
-            api_key = _secret_file(key_file, c.create_api_key(DEMO_TENANT, "dev").secret)
+            api_key = secret_file(key_file, c.create_api_key(DEMO_TENANT, "dev").secret)
         registered = {a.ref.name: a.ref.digest for a in c.list_adapters(tenant=DEMO_TENANT)}
         specs = {s.name: s for s in SMOLLM2_TEST_ADAPTERS}
         model_dir = pull_model(DEFAULT_MODEL, stack.home)
@@ -220,7 +210,8 @@ In another terminal:
   export LORAPLEX_API_KEY={api_key}
   loraplex generate --adapter {adapters[0]} --chat "How do I reset my password?"
 
-Admin commands need: export LORAPLEX_ADMIN_TOKEN={stack.env["LORAPLEX_ADMIN_TOKEN"]}
+Admin commands need the admin token, kept in {home / "dev-admin-token"} (mode 0600):
+  export LORAPLEX_ADMIN_TOKEN=$(cat {home / "dev-admin-token"})
 Ctrl-C stops everything.""",
             flush=True,
         )

@@ -20,6 +20,7 @@ from pathlib import Path
 from google.protobuf.message import DecodeError
 
 from loraplex.v1 import usage_pb2
+from services.common.private_files import open_private, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class InflightJournal:
         self.directory = directory
         self.interval_s = interval_s
         self._fsync = fsync
-        directory.mkdir(parents=True, exist_ok=True)
+        private_dir(directory)
 
     def _path(self, request_id: str) -> Path:
         # Request ids are client-chosen text: hash them into a safe file name.
@@ -46,7 +47,7 @@ class InflightJournal:
         """Blocking (fsync): call it off the event loop."""
         path = self._path(record.request_id)
         tmp = path.with_suffix(".tmp")
-        with tmp.open("wb") as f:
+        with os.fdopen(open_private(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as f:
             f.write(record.SerializeToString())
             f.flush()
             self._fsync(f.fileno())

@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.private_files import open_private, private_dir
+
 log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<II")
@@ -109,7 +111,7 @@ class Spool:
         self._segment_bytes = segment_bytes
         self._fsync = fsync
         self._lock = threading.Lock()
-        directory.mkdir(parents=True, exist_ok=True)
+        private_dir(directory)
         existing = self._segments_on_disk()
         self._sealed: list[Path] = existing
         self._size = sum(p.stat().st_size for p in existing)
@@ -157,7 +159,7 @@ class Spool:
     def _open_active(self) -> int:
         path = self.directory / _segment_name(self._next_seq)
         self._next_seq += 1
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        fd = open_private(path, os.O_WRONLY | os.O_EXCL | os.O_APPEND)
         _fsync_dir(self.directory, self._fsync)
         self._active, self._active_fd, self._active_size = path, fd, 0
         return fd
@@ -189,7 +191,7 @@ class Spool:
     def quarantine(self, payloads: list[bytes]) -> Path:
         """Keeps records the ledger refused (a bug, not an outage) out of the shipping path."""
         path = self.directory / QUARANTINE
-        with self._lock, path.open("ab") as f:
+        with self._lock, os.fdopen(open_private(path, os.O_WRONLY | os.O_APPEND), "ab") as f:
             f.write(b"".join(encode_frame(p) for p in payloads))
             f.flush()
             self._fsync(f.fileno())
