@@ -29,13 +29,21 @@ class Tenant(_message.Message):
     TENANT_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """Tenant id (UUID)."""
     name: _builtins.str
     """Unique slug, e.g. "acme"."""
+    revision: _builtins.int
+    """Change-feed revision of the last change to the limits; 0 if never set."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When the tenant was created."""
+
+    @_builtins.property
+    def limits(self) -> Global___TenantLimits:
+        """Limits routers enforce for this tenant; a 0 field is unlimited."""
 
     def __init__(
         self,
@@ -43,14 +51,127 @@ class Tenant(_message.Message):
         tenant_id: _builtins.str = ...,
         name: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        limits: Global___TenantLimits | None = ...,
+        revision: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "name", b"name", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "limits", b"limits", "name", b"name", "revision", b"revision", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Tenant: _TypeAlias = Tenant  # noqa: Y015
+
+@_typing.final
+class TenantLimits(_message.Message):
+    """Per-tenant limits, enforced at the routers. 0 means unlimited for every field."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_PER_S_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_MIN_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENT_FIELD_NUMBER: _builtins.int
+    MONTHLY_TOKENS_FIELD_NUMBER: _builtins.int
+    requests_per_s: _builtins.int
+    """Requests admitted per second (token bucket, burst max(1, rate))."""
+    tokens_per_min: _builtins.int
+    """Input + output tokens per minute, charged as each stream ends."""
+    max_concurrent: _builtins.int
+    """Streams open at once."""
+    monthly_tokens: _builtins.int
+    """Input + output tokens per calendar month (UTC), from the usage ledger."""
+    def __init__(
+        self,
+        *,
+        requests_per_s: _builtins.int = ...,
+        tokens_per_min: _builtins.int = ...,
+        max_concurrent: _builtins.int = ...,
+        monthly_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_concurrent", b"max_concurrent", "monthly_tokens", b"monthly_tokens", "requests_per_s", b"requests_per_s", "tokens_per_min", b"tokens_per_min"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TenantLimits: _TypeAlias = TenantLimits  # noqa: Y015
+
+@_typing.final
+class SetTenantLimitsRequest(_message.Message):
+    """Changes some of a tenant's limits; fields left unset keep their value, 0 clears one."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    REQUESTS_PER_S_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_MIN_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENT_FIELD_NUMBER: _builtins.int
+    MONTHLY_TOKENS_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """Tenant id or tenant name."""
+    requests_per_s: _builtins.int
+    """New requests per second; 0 clears."""
+    tokens_per_min: _builtins.int
+    """New tokens per minute; 0 clears."""
+    max_concurrent: _builtins.int
+    """New concurrency limit; 0 clears."""
+    monthly_tokens: _builtins.int
+    """New monthly token quota; 0 clears."""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        requests_per_s: _builtins.int | None = ...,
+        tokens_per_min: _builtins.int | None = ...,
+        max_concurrent: _builtins.int | None = ...,
+        monthly_tokens: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_concurrent", b"_max_concurrent", "_monthly_tokens", b"_monthly_tokens", "_requests_per_s", b"_requests_per_s", "_tokens_per_min", b"_tokens_per_min", "max_concurrent", b"max_concurrent", "monthly_tokens", b"monthly_tokens", "requests_per_s", b"requests_per_s", "tokens_per_min", b"tokens_per_min"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_concurrent", b"_max_concurrent", "_monthly_tokens", b"_monthly_tokens", "_requests_per_s", b"_requests_per_s", "_tokens_per_min", b"_tokens_per_min", "max_concurrent", b"max_concurrent", "monthly_tokens", b"monthly_tokens", "requests_per_s", b"requests_per_s", "tenant", b"tenant", "tokens_per_min", b"tokens_per_min"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_concurrent: _TypeAlias = _typing.Literal["max_concurrent"]  # noqa: Y015
+    _WhichOneofArgType__max_concurrent: _TypeAlias = _typing.Literal["_max_concurrent", b"_max_concurrent"]  # noqa: Y015
+    _WhichOneofReturnType__monthly_tokens: _TypeAlias = _typing.Literal["monthly_tokens"]  # noqa: Y015
+    _WhichOneofArgType__monthly_tokens: _TypeAlias = _typing.Literal["_monthly_tokens", b"_monthly_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__requests_per_s: _TypeAlias = _typing.Literal["requests_per_s"]  # noqa: Y015
+    _WhichOneofArgType__requests_per_s: _TypeAlias = _typing.Literal["_requests_per_s", b"_requests_per_s"]  # noqa: Y015
+    _WhichOneofReturnType__tokens_per_min: _TypeAlias = _typing.Literal["tokens_per_min"]  # noqa: Y015
+    _WhichOneofArgType__tokens_per_min: _TypeAlias = _typing.Literal["_tokens_per_min", b"_tokens_per_min"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_concurrent) -> _WhichOneofReturnType__max_concurrent | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__monthly_tokens) -> _WhichOneofReturnType__monthly_tokens | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__requests_per_s) -> _WhichOneofReturnType__requests_per_s | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tokens_per_min) -> _WhichOneofReturnType__tokens_per_min | None: ...
+
+Global___SetTenantLimitsRequest: _TypeAlias = SetTenantLimitsRequest  # noqa: Y015
+
+@_typing.final
+class SetTenantLimitsResponse(_message.Message):
+    """The tenant with its limits as stored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tenant(self) -> Global___Tenant:
+        """The tenant."""
+
+    def __init__(
+        self,
+        *,
+        tenant: Global___Tenant | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetTenantLimitsResponse: _TypeAlias = SetTenantLimitsResponse  # noqa: Y015
 
 @_typing.final
 class CreateTenantRequest(_message.Message):
@@ -315,19 +436,25 @@ class AuthenticateApiKeyResponse(_message.Message):
 
     TENANT_ID_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """The tenant id."""
     key_id: _builtins.str
     """The key id."""
+    @_builtins.property
+    def tenant(self) -> Global___Tenant:
+        """The key's tenant with its name and limits, so the router can enforce them."""
+
     def __init__(
         self,
         *,
         tenant_id: _builtins.str = ...,
         key_id: _builtins.str = ...,
+        tenant: Global___Tenant | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "tenant", b"tenant", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -959,27 +1086,39 @@ Global___WatchAdaptersRequest: _TypeAlias = WatchAdaptersRequest  # noqa: Y015
 
 @_typing.final
 class WatchAdaptersResponse(_message.Message):
-    """One adapter change."""
+    """One change: exactly one of adapter, revoked_api_key or tenant is set."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     REVISION_FIELD_NUMBER: _builtins.int
     ADAPTER_FIELD_NUMBER: _builtins.int
+    REVOKED_API_KEY_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """Monotonically increasing revision of this change."""
     @_builtins.property
     def adapter(self) -> Global___Adapter:
         """The adapter version as of this revision."""
 
+    @_builtins.property
+    def revoked_api_key(self) -> Global___ApiKey:
+        """An API key revoked at this revision: routers stop accepting it at once."""
+
+    @_builtins.property
+    def tenant(self) -> Global___Tenant:
+        """A tenant whose limits changed at this revision, with the new limits."""
+
     def __init__(
         self,
         *,
         revision: _builtins.int = ...,
         adapter: Global___Adapter | None = ...,
+        revoked_api_key: Global___ApiKey | None = ...,
+        tenant: Global___Tenant | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "revoked_api_key", b"revoked_api_key", "tenant", b"tenant"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "revision", b"revision", "revoked_api_key", b"revoked_api_key", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -62,6 +62,11 @@ class AdapterRegistryServiceStub:
                 request_serializer=loraplex_dot_v1_dot_registry__pb2.AuthenticateApiKeyRequest.SerializeToString,
                 response_deserializer=loraplex_dot_v1_dot_registry__pb2.AuthenticateApiKeyResponse.FromString,
                 _registered_method=True)
+        self.SetTenantLimits = channel.unary_unary(
+                '/loraplex.v1.AdapterRegistryService/SetTenantLimits',
+                request_serializer=loraplex_dot_v1_dot_registry__pb2.SetTenantLimitsRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_registry__pb2.SetTenantLimitsResponse.FromString,
+                _registered_method=True)
         self.UpsertBaseModel = channel.unary_unary(
                 '/loraplex.v1.AdapterRegistryService/UpsertBaseModel',
                 request_serializer=loraplex_dot_v1_dot_registry__pb2.UpsertBaseModelRequest.SerializeToString,
@@ -160,6 +165,14 @@ class AdapterRegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetTenantLimits(self, request, context):
+        """Sets (or clears) a tenant's limits, enforced by routers; routers learn of the
+        change through WatchAdapters. Admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UpsertBaseModel(self, request, context):
         """Adds or updates a base model and its prices. Admin.
         """
@@ -211,7 +224,8 @@ class AdapterRegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchAdapters(self, request, context):
-        """Streams adapter changes after `since_revision`, then live changes. Admin.
+        """Streams adapter changes after `since_revision`, then live changes; the same feed
+        carries API-key revocations and tenant-limit changes. Admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -265,6 +279,11 @@ def add_AdapterRegistryServiceServicer_to_server(servicer, server):
                     servicer.AuthenticateApiKey,
                     request_deserializer=loraplex_dot_v1_dot_registry__pb2.AuthenticateApiKeyRequest.FromString,
                     response_serializer=loraplex_dot_v1_dot_registry__pb2.AuthenticateApiKeyResponse.SerializeToString,
+            ),
+            'SetTenantLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTenantLimits,
+                    request_deserializer=loraplex_dot_v1_dot_registry__pb2.SetTenantLimitsRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_registry__pb2.SetTenantLimitsResponse.SerializeToString,
             ),
             'UpsertBaseModel': grpc.unary_unary_rpc_method_handler(
                     servicer.UpsertBaseModel,
@@ -460,6 +479,33 @@ class AdapterRegistryService:
             '/loraplex.v1.AdapterRegistryService/AuthenticateApiKey',
             loraplex_dot_v1_dot_registry__pb2.AuthenticateApiKeyRequest.SerializeToString,
             loraplex_dot_v1_dot_registry__pb2.AuthenticateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTenantLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.AdapterRegistryService/SetTenantLimits',
+            loraplex_dot_v1_dot_registry__pb2.SetTenantLimitsRequest.SerializeToString,
+            loraplex_dot_v1_dot_registry__pb2.SetTenantLimitsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,10 @@ class AdapterRegistryServiceStub:
     """Revokes an API key; it stops working at once. Admin."""
     AuthenticateApiKey: _grpc.UnaryUnaryMultiCallable[_registry_pb2.AuthenticateApiKeyRequest, _registry_pb2.AuthenticateApiKeyResponse]
     """Resolves an API key secret to its tenant (used by routers). Admin."""
+    SetTenantLimits: _grpc.UnaryUnaryMultiCallable[_registry_pb2.SetTenantLimitsRequest, _registry_pb2.SetTenantLimitsResponse]
+    """Sets (or clears) a tenant's limits, enforced by routers; routers learn of the
+    change through WatchAdapters. Admin.
+    """
     UpsertBaseModel: _grpc.UnaryUnaryMultiCallable[_registry_pb2.UpsertBaseModelRequest, _registry_pb2.UpsertBaseModelResponse]
     """Adds or updates a base model and its prices. Admin."""
     ListBaseModels: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListBaseModelsRequest, _registry_pb2.ListBaseModelsResponse]
@@ -63,7 +67,9 @@ class AdapterRegistryServiceStub:
     ArchiveAdapter: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ArchiveAdapterRequest, _registry_pb2.ArchiveAdapterResponse]
     """Archives an adapter version: it can no longer be served. Admin."""
     WatchAdapters: _grpc.UnaryStreamMultiCallable[_registry_pb2.WatchAdaptersRequest, _registry_pb2.WatchAdaptersResponse]
-    """Streams adapter changes after `since_revision`, then live changes. Admin."""
+    """Streams adapter changes after `since_revision`, then live changes; the same feed
+    carries API-key revocations and tenant-limit changes. Admin.
+    """
     RegisterWorker: _grpc.UnaryUnaryMultiCallable[_registry_pb2.RegisterWorkerRequest, _registry_pb2.RegisterWorkerResponse]
     """Registers (or re-registers) a worker. Admin."""
     HeartbeatWorker: _grpc.UnaryUnaryMultiCallable[_registry_pb2.HeartbeatWorkerRequest, _registry_pb2.HeartbeatWorkerResponse]
@@ -89,6 +95,10 @@ class AdapterRegistryServiceAsyncStub(AdapterRegistryServiceStub):
     """Revokes an API key; it stops working at once. Admin."""
     AuthenticateApiKey: _aio.UnaryUnaryMultiCallable[_registry_pb2.AuthenticateApiKeyRequest, _registry_pb2.AuthenticateApiKeyResponse]  # type: ignore[assignment]
     """Resolves an API key secret to its tenant (used by routers). Admin."""
+    SetTenantLimits: _aio.UnaryUnaryMultiCallable[_registry_pb2.SetTenantLimitsRequest, _registry_pb2.SetTenantLimitsResponse]  # type: ignore[assignment]
+    """Sets (or clears) a tenant's limits, enforced by routers; routers learn of the
+    change through WatchAdapters. Admin.
+    """
     UpsertBaseModel: _aio.UnaryUnaryMultiCallable[_registry_pb2.UpsertBaseModelRequest, _registry_pb2.UpsertBaseModelResponse]  # type: ignore[assignment]
     """Adds or updates a base model and its prices. Admin."""
     ListBaseModels: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListBaseModelsRequest, _registry_pb2.ListBaseModelsResponse]  # type: ignore[assignment]
@@ -106,7 +116,9 @@ class AdapterRegistryServiceAsyncStub(AdapterRegistryServiceStub):
     ArchiveAdapter: _aio.UnaryUnaryMultiCallable[_registry_pb2.ArchiveAdapterRequest, _registry_pb2.ArchiveAdapterResponse]  # type: ignore[assignment]
     """Archives an adapter version: it can no longer be served. Admin."""
     WatchAdapters: _aio.UnaryStreamMultiCallable[_registry_pb2.WatchAdaptersRequest, _registry_pb2.WatchAdaptersResponse]  # type: ignore[assignment]
-    """Streams adapter changes after `since_revision`, then live changes. Admin."""
+    """Streams adapter changes after `since_revision`, then live changes; the same feed
+    carries API-key revocations and tenant-limit changes. Admin.
+    """
     RegisterWorker: _aio.UnaryUnaryMultiCallable[_registry_pb2.RegisterWorkerRequest, _registry_pb2.RegisterWorkerResponse]  # type: ignore[assignment]
     """Registers (or re-registers) a worker. Admin."""
     HeartbeatWorker: _aio.UnaryUnaryMultiCallable[_registry_pb2.HeartbeatWorkerRequest, _registry_pb2.HeartbeatWorkerResponse]  # type: ignore[assignment]
@@ -159,6 +171,16 @@ class AdapterRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.AuthenticateApiKeyResponse, _abc.Awaitable[_registry_pb2.AuthenticateApiKeyResponse]]:
         """Resolves an API key secret to its tenant (used by routers). Admin."""
+
+    @_abc_1.abstractmethod
+    def SetTenantLimits(
+        self,
+        request: _registry_pb2.SetTenantLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.SetTenantLimitsResponse, _abc.Awaitable[_registry_pb2.SetTenantLimitsResponse]]:
+        """Sets (or clears) a tenant's limits, enforced by routers; routers learn of the
+        change through WatchAdapters. Admin.
+        """
 
     @_abc_1.abstractmethod
     def UpsertBaseModel(
@@ -224,7 +246,9 @@ class AdapterRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_pb2.WatchAdaptersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_registry_pb2.WatchAdaptersResponse], _abc.AsyncIterator[_registry_pb2.WatchAdaptersResponse]]:
-        """Streams adapter changes after `since_revision`, then live changes. Admin."""
+        """Streams adapter changes after `since_revision`, then live changes; the same feed
+        carries API-key revocations and tenant-limit changes. Admin.
+        """
 
     @_abc_1.abstractmethod
     def RegisterWorker(

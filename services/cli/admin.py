@@ -76,10 +76,47 @@ def tenants_create(args: argparse.Namespace) -> int:
     return _emit(args, [t], [[t.tenant_id, t.name]], ["TENANT_ID", "NAME"])
 
 
+TENANT_HEADER = ["TENANT_ID", "NAME", "REQUESTS/S", "TOKENS/MIN", "CONCURRENT", "MONTHLY_TOKENS"]
+
+
+def _limit(value: int) -> str:
+    return str(value) if value else "-"
+
+
+def _tenant_rows(ts: list[registry_pb2.Tenant]) -> list[list[object]]:
+    return [
+        [
+            t.tenant_id,
+            t.name,
+            _limit(t.limits.requests_per_s),
+            _limit(t.limits.tokens_per_min),
+            _limit(t.limits.max_concurrent),
+            _limit(t.limits.monthly_tokens),
+        ]
+        for t in ts
+    ]
+
+
 def tenants_list(args: argparse.Namespace) -> int:
     with _client() as c:
         ts = c.list_tenants()
-    return _emit(args, ts, [[t.tenant_id, t.name] for t in ts], ["TENANT_ID", "NAME"])
+    return _emit(args, ts, _tenant_rows(ts), TENANT_HEADER)
+
+
+def tenants_set_limits(args: argparse.Namespace) -> int:
+    limits = {
+        "requests_per_s": args.requests_per_s,
+        "tokens_per_min": args.tokens_per_min,
+        "max_concurrent": args.max_concurrent,
+        "monthly_tokens": args.monthly_tokens,
+    }
+    if all(v is None for v in limits.values()):
+        raise UsageError(
+            "give at least one of --requests-per-s, --tokens-per-min, --max-concurrent, --monthly-tokens"
+        )
+    with _client() as c:
+        t = c.set_tenant_limits(args.name, **limits)
+    return _emit(args, [t], _tenant_rows([t]), TENANT_HEADER)
 
 
 def keys_create(args: argparse.Namespace) -> int:

@@ -16,6 +16,16 @@ def _add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable JSON output")
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; use 0 to clear a limit")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
     sub = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
@@ -65,7 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     tenants = group("tenants", "tenants (admin)")
     p = cmd(tenants, "create", admin.tenants_create, "create a tenant")
     p.add_argument("name")
-    cmd(tenants, "list", admin.tenants_list, "list tenants")
+    cmd(tenants, "list", admin.tenants_list, "list tenants and their limits ('-': unlimited)")
+    p = cmd(
+        tenants,
+        "set-limits",
+        admin.tenants_set_limits,
+        "set a tenant's limits, enforced by the routers (only the ones given change; 0 clears one)",
+    )
+    p.add_argument("name", help="tenant id or name")
+    p.add_argument("--requests-per-s", type=_count, help="requests admitted per second")
+    p.add_argument("--tokens-per-min", type=_count, help="input + output tokens per minute")
+    p.add_argument("--max-concurrent", type=_count, help="streams open at once")
+    p.add_argument("--monthly-tokens", type=_count, help="input + output tokens per calendar month (UTC)")
 
     keys = group("keys", "API keys (admin)")
     p = cmd(keys, "create", admin.keys_create, "create an API key; the secret is printed once")

@@ -47,6 +47,25 @@ class RegistryClient:
         )
         return list(resp.tenants)
 
+    def set_tenant_limits(
+        self,
+        tenant: str,
+        *,
+        requests_per_s: int | None = None,
+        tokens_per_min: int | None = None,
+        max_concurrent: int | None = None,
+        monthly_tokens: int | None = None,
+    ) -> registry_pb2.Tenant:
+        """Changes the limits given (None keeps one, 0 clears one: unlimited)."""
+        req = registry_pb2.SetTenantLimitsRequest(
+            tenant=tenant,
+            requests_per_s=requests_per_s,
+            tokens_per_min=tokens_per_min,
+            max_concurrent=max_concurrent,
+            monthly_tokens=monthly_tokens,
+        )
+        return self._stub.SetTenantLimits(req, metadata=self._metadata, timeout=self._timeout).tenant
+
     def create_api_key(self, tenant: str, name: str = "default") -> registry_pb2.CreateApiKeyResponse:
         req = registry_pb2.CreateApiKeyRequest(tenant=tenant, name=name)
         return self._stub.CreateApiKey(req, metadata=self._metadata, timeout=self._timeout)

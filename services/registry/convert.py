@@ -33,7 +33,18 @@ def timestamp(value: datetime | None) -> Timestamp | None:
 
 
 def tenant_pb(row: Any) -> registry_pb2.Tenant:
-    return registry_pb2.Tenant(tenant_id=str(row.id), name=row.name, created_at=timestamp(row.created_at))
+    return registry_pb2.Tenant(
+        tenant_id=str(row.id),
+        name=row.name,
+        created_at=timestamp(row.created_at),
+        limits=registry_pb2.TenantLimits(
+            requests_per_s=row.requests_per_s or 0,
+            tokens_per_min=row.tokens_per_min or 0,
+            max_concurrent=row.max_concurrent or 0,
+            monthly_tokens=row.monthly_tokens or 0,
+        ),
+        revision=row.revision or 0,
+    )
 
 
 def api_key_pb(row: Any) -> registry_pb2.ApiKey:

@@ -3,7 +3,8 @@
 Callers own the transaction (`async with sessions.begin() as s: ...`): functions flush, never
 commit, so several calls can share one transaction.
 
-Adapter writes (new versions, status changes) are serialised by a transaction-scoped advisory
+Adapter writes (new versions, status changes), API-key revocations and tenant-limit changes (the
+change feed's three kinds of event) are serialised by a transaction-scoped advisory
 lock taken before the revision is drawn from its sequence. Revisions therefore commit in
 increasing order, and a watcher reading `revision > X` can never later see a lower revision
 appear. The same lock makes version numbering race-free. Registration is rare, so one lock for
@@ -93,6 +94,31 @@ async def tenant_id_of(s: AsyncSession, id_or_name: str) -> uuid.UUID:
     return tenant.id
 
 
+# The limit columns of a tenant; NULL is unlimited.
+LIMIT_FIELDS = ("requests_per_s", "tokens_per_min", "max_concurrent", "monthly_tokens")
+
+
+async def set_tenant_limits(s: AsyncSession, tenant_id: uuid.UUID, changes: dict[str, int]) -> Tenant:
+    """Sets the named limits (0 clears one: unlimited) with a new change-feed revision."""
+    unknown = set(changes) - set(LIMIT_FIELDS)
+    if unknown:
+        raise InvalidArgument(f"unknown tenant limits: {', '.join(sorted(unknown))}")
+    for field, value in changes.items():
+        if value < 0:
+            raise InvalidArgument(f"{field} must be >= 0 (0 means unlimited), got {value}")
+    revision = await _lock_adapter_writes(s)
+    await _require_tenant(s, tenant_id)
+    values: dict[str, Any] = {field: value or None for field, value in changes.items()}
+    stmt = update(Tenant).where(Tenant.id == tenant_id).values(revision=revision, **values).returning(Tenant)
+    return (await s.scalars(stmt, execution_options={"populate_existing": True})).one()
+
+
+async def tenant_changes_since(s: AsyncSession, revision: int, limit: int = 500) -> list[Tenant]:
+    """Tenants whose limits changed at a revision > `revision`, oldest change first."""
+    stmt = select(Tenant).where(Tenant.revision > revision).order_by(Tenant.revision).limit(limit)
+    return list(await s.scalars(stmt))
+
+
 async def _require_tenant(s: AsyncSession, tenant_id: uuid.UUID) -> Tenant:
     tenant = await s.get(Tenant, tenant_id)
     if tenant is None:
@@ -116,15 +142,28 @@ async def create_api_key(s: AsyncSession, tenant_id: uuid.UUID, name: str) -> tu
 
 
 async def revoke_api_key(s: AsyncSession, key_id: uuid.UUID) -> ApiKey | None:
-    """Revoke a key (idempotent: a second revoke keeps the first time). None if no such key."""
+    """Revoke a key (idempotent: a second revoke keeps the first time and revision). None if no such key.
+
+    The revocation takes a change-feed revision, so routers watching the feed drop the key at once.
+    """
+    revision = await _lock_adapter_writes(s)
     stmt = (
         update(ApiKey)
         .where(ApiKey.id == key_id)
-        .values(revoked_at=func.coalesce(ApiKey.revoked_at, func.now()))
+        .values(
+            revoked_at=func.coalesce(ApiKey.revoked_at, func.now()),
+            revision=func.coalesce(ApiKey.revision, revision),
+        )
         .returning(ApiKey)
     )
     result = await s.scalars(stmt, execution_options={"populate_existing": True})
     return result.one_or_none()
+
+
+async def revocations_since(s: AsyncSession, revision: int, limit: int = 500) -> list[ApiKey]:
+    """Keys revoked at a revision > `revision`, oldest revocation first."""
+    stmt = select(ApiKey).where(ApiKey.revision > revision).order_by(ApiKey.revision).limit(limit)
+    return list(await s.scalars(stmt))
 
 
 async def list_api_keys(s: AsyncSession, tenant_id: uuid.UUID) -> list[ApiKey]:
@@ -245,7 +284,7 @@ def _variant(value: object) -> AdapterVariant:
 
 
 async def _lock_adapter_writes(s: AsyncSession) -> int:
-    """Serialise adapter writes until commit and draw the next change-feed revision."""
+    """Serialise change-feed writes (adapters, revocations, limits) until commit; draw the next revision."""
     await s.execute(select(func.pg_advisory_xact_lock(ADAPTER_WRITE_LOCK)))
     revision: int = (await s.execute(select(adapter_revision_seq.next_value()))).scalar_one()
     # Delivered by PostgreSQL only if and when this transaction commits.

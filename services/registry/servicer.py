@@ -29,6 +29,7 @@ from services.registry.intake import (
     stage_from_uri,
 )
 from services.registry.names import check_slug
+from services.registry.tables import Tenant
 
 ERRORS = {
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
@@ -118,15 +119,35 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServiceServicer):
             key = await queries.revoke_api_key(s, key_id)
             if key is None:
                 raise errors.NotFound(f"API key {request.key_id} does not exist")
-            return registry_pb2.RevokeApiKeyResponse(api_key=convert.api_key_pb(key))
+            response = registry_pb2.RevokeApiKeyResponse(api_key=convert.api_key_pb(key))
+            revision = key.revision or 0
+        # Committed: wake this replica's watchers (NOTIFY wakes the others').
+        self._feed.notify_local(revision)
+        return response
+
+    async def SetTenantLimits(self, request: Any, context: Any) -> registry_pb2.SetTenantLimitsResponse:
+        await self._admin(context)
+        changes = {f: getattr(request, f) for f in queries.LIMIT_FIELDS if request.HasField(f)}
+        if not changes:
+            raise ValueError(f"set at least one limit: {', '.join(queries.LIMIT_FIELDS)} (0 clears one)")
+        async with self._sessions.begin() as s:
+            tenant_id = await self._tenant_id(s, ADMIN, request.tenant, required=True)
+            assert tenant_id is not None
+            row = await queries.set_tenant_limits(s, tenant_id, changes)
+            response = registry_pb2.SetTenantLimitsResponse(tenant=convert.tenant_pb(row))
+        self._feed.notify_local(response.tenant.revision)
+        return response
 
     async def AuthenticateApiKey(self, request: Any, context: Any) -> registry_pb2.AuthenticateApiKeyResponse:
         await self._admin(context)
         async with self._sessions() as s:
             key = await queries.authenticate_api_key(s, request.secret)
-        if key is None:
-            raise RpcError(grpc.StatusCode.UNAUTHENTICATED, "the API key is unknown or revoked")
-        return registry_pb2.AuthenticateApiKeyResponse(tenant_id=str(key.tenant_id), key_id=str(key.id))
+            if key is None:
+                raise RpcError(grpc.StatusCode.UNAUTHENTICATED, "the API key is unknown or revoked")
+            tenant = await s.get(Tenant, key.tenant_id)
+            return registry_pb2.AuthenticateApiKeyResponse(
+                tenant_id=str(key.tenant_id), key_id=str(key.id), tenant=convert.tenant_pb(tenant)
+            )
 
     # -- base models -------------------------------------------------------------------------
 
@@ -230,11 +251,10 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServiceServicer):
         revision = request.since_revision
         while not self._draining.is_set():
             async with self._sessions() as s:
-                rows = await queries.adapter_changes_since(s, revision, WATCH_BATCH)
-                batch = [(r.revision, convert.adapter_pb(r)) for r in rows]
-            for rev, adapter in batch:
-                revision = rev
-                yield registry_pb2.WatchAdaptersResponse(revision=rev, adapter=adapter)
+                batch = await _changes_since(s, revision)
+            for change in batch:
+                revision = change.revision
+                yield change
             if len(batch) < WATCH_BATCH:
                 await self._feed.wait_for_change(after=revision, timeout_s=5.0)
 
@@ -358,6 +378,27 @@ class _TempDir:
 
     def __exit__(self, *exc: object) -> None:
         shutil.rmtree(self._path, ignore_errors=True)
+
+
+async def _changes_since(s: AsyncSession, revision: int) -> list[registry_pb2.WatchAdaptersResponse]:
+    """The next WATCH_BATCH changes of all three kinds after `revision`, in revision order.
+
+    Each query returns its own first WATCH_BATCH, so the merged first WATCH_BATCH are exact.
+    """
+    changes = [
+        registry_pb2.WatchAdaptersResponse(revision=r.revision, adapter=convert.adapter_pb(r))
+        for r in await queries.adapter_changes_since(s, revision, WATCH_BATCH)
+    ]
+    changes += [
+        registry_pb2.WatchAdaptersResponse(revision=k.revision or 0, revoked_api_key=convert.api_key_pb(k))
+        for k in await queries.revocations_since(s, revision, WATCH_BATCH)
+    ]
+    changes += [
+        registry_pb2.WatchAdaptersResponse(revision=t.revision, tenant=convert.tenant_pb(t))
+        for t in await queries.tenant_changes_since(s, revision, WATCH_BATCH)
+    ]
+    changes.sort(key=lambda c: c.revision)
+    return changes[:WATCH_BATCH]
 
 
 def _base_model_pb(row: Any) -> registry_pb2.BaseModel:

@@ -77,11 +77,25 @@ adapter_revision_seq = Sequence("adapter_revision_seq", metadata=Base.metadata)
 
 class Tenant(Base):
     __tablename__ = "tenants"
-    __table_args__ = (CheckConstraint(_slug_check("name"), name="name_slug"),)
+    __table_args__ = (
+        CheckConstraint(_slug_check("name"), name="name_slug"),
+        CheckConstraint(
+            "requests_per_s >= 0 AND tokens_per_min >= 0 AND max_concurrent >= 0 AND monthly_tokens >= 0",
+            name="limits_not_negative",
+        ),
+        Index(None, "revision"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     name: Mapped[str] = mapped_column(unique=True)
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    # Limits the routers enforce; NULL is unlimited (services.router.limits).
+    requests_per_s: Mapped[int | None]
+    tokens_per_min: Mapped[int | None] = mapped_column(BigInteger)
+    max_concurrent: Mapped[int | None]
+    monthly_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    # Change-feed revision of the last limits change (0: never changed), from adapter_revision_seq.
+    revision: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
 
 
 class ApiKey(Base):
@@ -89,6 +103,8 @@ class ApiKey(Base):
     __table_args__ = (
         CheckConstraint("key_hash ~ '^[0-9a-f]{64}$'", name="key_hash_sha256_hex"),
         CheckConstraint("revoked_at IS NULL OR revoked_at >= created_at", name="revoked_after_created"),
+        CheckConstraint("revision IS NULL OR revoked_at IS NOT NULL", name="revision_when_revoked"),
+        Index(None, "revision"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
@@ -99,6 +115,8 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(unique=True)
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     revoked_at: Mapped[datetime | None]
+    # Change-feed revision of the revocation (routers drop the key when the feed reports it).
+    revision: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class BaseModel(Base):
