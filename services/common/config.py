@@ -329,6 +329,12 @@ class RouterSettings:
     route_kv_full: float = 0.9
     # How often keep-warm adapters are checked (and prefetched where no worker has them on device).
     keep_warm_s: float = 2.0
+    # A text prompt (or the chat messages together) over this many UTF-8 bytes is refused at once.
+    max_prompt_bytes: int = 1 << 20
+    # This router's share of each tenant's rate and concurrency limits: 1/N with N routers.
+    limit_share: float = 1.0
+    # How often a tenant's month-to-date usage is re-read from the ledger (monthly quotas).
+    quota_refresh_s: float = 2.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RouterSettings:
@@ -373,7 +379,17 @@ class RouterSettings:
             worker_stale_s=env.number("ROUTER_WORKER_STALE_S", 3.0, minimum=2.5),
             route_kv_full=_fraction(env, "ROUTE_KV_FULL", 0.9),
             keep_warm_s=env.number("ROUTER_KEEP_WARM_S", 2.0, minimum=0.05),
+            max_prompt_bytes=_prompt_bytes(env),
+            limit_share=_fraction(env, "ROUTER_LIMIT_SHARE", 1.0),
+            quota_refresh_s=env.number("ROUTER_QUOTA_REFRESH_S", 2.0, minimum=0.1),
         )
+
+
+def _prompt_bytes(env: Env) -> int:
+    value = env.size("MAX_PROMPT_BYTES", 1 << 20)
+    if value < 1024:
+        raise ConfigError(f"{PREFIX}MAX_PROMPT_BYTES={value} is too small; use at least 1KiB")
+    return value
 
 
 # services.router.policy.DEFAULT_LOAD_EPS (config does not import the router; a unit test keeps them equal).

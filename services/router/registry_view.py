@@ -1,9 +1,13 @@
-"""The router's cached view of the registry: API keys, adapters and base models.
+"""The router's cached view of the registry: API keys, tenants' limits, adapters and base models.
 
-- API keys: a confirmed key is trusted for `auth_ttl_s` (so a revoked key stops working here
-  within that time), an unknown key is refused from cache for `negative_ttl_s`. While the registry
-  is unreachable, a key it confirmed within `stale_s` keeps working, so an outage of the control
-  plane does not take the data plane down with it.
+- API keys: a confirmed key is trusted for `auth_ttl_s`, an unknown key is refused from cache for
+  `negative_ttl_s`. A revocation reaches the router through the change feed (WatchAdapters) and
+  drops the key at once (well under a second while the registry is reachable); `auth_ttl_s` only
+  bounds how long a revocation the feed missed can go unseen. While the registry is unreachable, a
+  key it confirmed within `stale_s` keeps working, so an outage of the control plane does not take
+  the data plane down with it; a key the feed reported revoked is never served from that cache.
+- Tenants: the name and limits come with each authentication, and limit changes through the
+  change feed; the newest revision wins.
 - Adapters: resolved per (tenant, reference) and kept until the registry's change feed
   (WatchAdapters, resumed from the last revision after a reconnect) reports a change to that
   adapter name, or `adapter_ttl_s` passes. While the registry is unreachable, resolved adapters keep
@@ -21,9 +25,11 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar, cast
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
-from loraplex.v1 import common_pb2, registry_pb2, registry_pb2_grpc
+from loraplex.v1 import common_pb2, registry_pb2, registry_pb2_grpc, usage_pb2, usage_pb2_grpc
 from services.common.auth import hash_api_key
+from services.router.limits import NO_LIMITS, TenantLimits
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +42,15 @@ MAX_ENTRIES = 100_000
 class Principal:
     tenant_id: str
     key_id: str
+    tenant_name: str = ""
+    limits: TenantLimits = NO_LIMITS
+
+
+@dataclass(frozen=True)
+class _TenantInfo:
+    revision: int
+    name: str
+    limits: TenantLimits
 
 
 class Unauthenticated(Exception):
@@ -105,6 +120,7 @@ class RegistryView:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._stub = registry_pb2_grpc.AdapterRegistryServiceStub(channel)
+        self._usage = usage_pb2_grpc.UsageServiceStub(channel)
         self._md = (("authorization", f"Bearer {admin_token}"),)
         self._auth_ttl = auth_ttl_s
         self._negative_ttl = negative_ttl_s
@@ -113,6 +129,12 @@ class RegistryView:
         self._base_ttl = base_models_ttl_s
         self._clock = clock
         self._keys: _Cache[str, Principal | None] = _Cache()
+        # Key ids the change feed reported revoked (refused even from the stale cache), and the
+        # cache key (secret hash) of each confirmed key id, so a revocation can drop its entry.
+        self._revoked: _Cache[str, None] = _Cache()
+        self._hash_of: _Cache[str, str] = _Cache()
+        self._tenants: dict[str, _TenantInfo] = {}
+        self._key_epoch = 0  # bumped by every revocation, like _epoch for adapters
         self._adapters: _Cache[tuple[str, str], registry_pb2.Adapter] = _Cache()
         # (tenant_id, adapter name) -> cache keys resolved to a version of that name.
         self._by_name: dict[tuple[str, str], set[tuple[str, str]]] = {}
@@ -134,15 +156,50 @@ class RegistryView:
         if entry is not None:
             ttl = self._auth_ttl if entry.value is not None else self._negative_ttl
             if now - entry.fetched_at < ttl:
-                return _principal_or_raise(entry.value)
+                return self._current(entry.value)
+        epoch = self._key_epoch
         try:
             principal = await self._single_flight(("key", key), lambda: self._fetch_key(secret))
         except RegistryUnavailable:
             if entry is not None and entry.value is not None and now - entry.fetched_at < self._stale:
-                return entry.value
+                return self._current(entry.value)
             raise
-        self._keys.put(key, principal, self._clock())
-        return _principal_or_raise(principal)
+        # A revocation that arrived while the lookup ran is not undone by caching its answer.
+        if epoch == self._key_epoch or principal is None:
+            self._keys.put(key, principal, self._clock())
+            if principal is not None:
+                self._hash_of.put(principal.key_id, key, 0.0)
+        return self._current(principal)
+
+    def _current(self, principal: Principal | None) -> Principal:
+        """The principal with its tenant's newest limits, unless the key is unknown or revoked."""
+        if principal is None or self._revoked.get(principal.key_id) is not None:
+            raise Unauthenticated("the API key is unknown or revoked")
+        info = self._tenants.get(principal.tenant_id)
+        if info is None or (info.name == principal.tenant_name and info.limits == principal.limits):
+            return principal
+        return Principal(principal.tenant_id, principal.key_id, info.name, info.limits)
+
+    def revoke(self, key_id: str) -> None:
+        """The change feed reported this key revoked: refuse it from now on, cached or not."""
+        self._key_epoch += 1
+        self._revoked.put(key_id, None, 0.0)
+        hashed = self._hash_of.get(key_id)
+        if hashed is not None:
+            self._keys.pop(hashed.value)
+            self._hash_of.pop(key_id)
+
+    def update_tenant(self, tenant: registry_pb2.Tenant) -> None:
+        """Keeps the newest name and limits of a tenant (by change-feed revision)."""
+        known = self._tenants.get(tenant.tenant_id)
+        if known is not None and known.revision > tenant.revision:
+            return
+        lim = tenant.limits
+        self._tenants[tenant.tenant_id] = _TenantInfo(
+            tenant.revision,
+            tenant.name,
+            TenantLimits(lim.requests_per_s, lim.tokens_per_min, lim.max_concurrent, lim.monthly_tokens),
+        )
 
     async def _fetch_key(self, secret: str) -> Principal | None:
         try:
@@ -155,6 +212,8 @@ class RegistryView:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                 return None
             raise _unavailable("authenticate the API key", exc) from exc
+        if resp.HasField("tenant"):
+            self.update_tenant(resp.tenant)
         return Principal(resp.tenant_id, resp.key_id)
 
     # -- adapters ----------------------------------------------------------------------------
@@ -232,6 +291,22 @@ class RegistryView:
             raise _unavailable("list adapters", exc) from exc
         return sorted(latest.values(), key=lambda a: (a.ref.base_model, a.ref.name))
 
+    # -- usage -------------------------------------------------------------------------------
+
+    async def month_usage(self, tenant_id: str, since: float) -> int:
+        """Input + output tokens the ledger holds for this tenant with finished_at >= `since` (epoch s)."""
+        start = Timestamp()
+        start.FromNanoseconds(int(since * 1e9))
+        try:
+            resp = await self._usage.SummarizeUsage(
+                usage_pb2.SummarizeUsageRequest(start=start, tenant=tenant_id),
+                metadata=self._md,
+                timeout=CALL_TIMEOUT_S,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _unavailable("read the month-to-date usage", exc) from exc
+        return sum(r.input_tokens + r.output_tokens for r in resp.rows)
+
     # -- base models -------------------------------------------------------------------------
 
     async def base_models(self) -> dict[str, registry_pb2.BaseModel]:
@@ -259,12 +334,24 @@ class RegistryView:
 
     # -- change feed -------------------------------------------------------------------------
 
+    def apply_change(self, change: registry_pb2.WatchAdaptersResponse) -> None:
+        """One change-feed event: an adapter change, an API-key revocation or a tenant's new limits."""
+        if change.HasField("revoked_api_key"):
+            self.revoke(change.revoked_api_key.key_id)
+        elif change.HasField("tenant"):
+            self.update_tenant(change.tenant)
+        elif change.HasField("adapter"):
+            self.invalidate(change.adapter)
+            for listener in self._listeners:
+                listener(change.adapter)
+        self.revision = max(self.revision, change.revision)
+
     def add_listener(self, listener: Callable[[registry_pb2.Adapter], None]) -> None:
         """`listener` sees every adapter change, replayed from revision 0 at start; it must not block."""
         self._listeners.append(listener)
 
     async def watch_adapters(self, *, max_backoff_s: float = 10.0) -> None:
-        """Runs until cancelled: applies adapter changes, reconnecting with backoff."""
+        """Runs until cancelled: applies every change (adapters, revocations, limits); reconnects."""
         backoff = 0.1
         while True:
             try:
@@ -274,10 +361,7 @@ class RegistryView:
                 await call.wait_for_connection()
                 self.watch_connected.set()
                 async for change in call:
-                    self.invalidate(change.adapter)
-                    for listener in self._listeners:
-                        listener(change.adapter)
-                    self.revision = max(self.revision, change.revision)
+                    self.apply_change(change)
                     backoff = 0.1
             except grpc.aio.AioRpcError as exc:
                 log.warning(
@@ -319,12 +403,6 @@ class RegistryView:
             return value
         finally:
             del self._inflight[key]
-
-
-def _principal_or_raise(value: Principal | None) -> Principal:
-    if value is None:
-        raise Unauthenticated("the API key is unknown or revoked")
-    return value
 
 
 def _servable(adapter: registry_pb2.Adapter, reference: str) -> registry_pb2.Adapter:

@@ -14,6 +14,8 @@ from services.common.config import RouterSettings
 from services.common.grpc_server import RunningServer, run_until_signalled, start_metrics, start_server
 from services.router import metrics
 from services.router.inflight import InflightJournal
+from services.router.limit_gate import LimitGate
+from services.router.limits import Limiter
 from services.router.metering import SpoolWriter
 from services.router.policy import PolicyKind
 from services.router.registry_view import RegistryView
@@ -81,6 +83,12 @@ async def start_router(settings: RouterSettings, *, fsync: Callable[[int], None]
         batch=settings.ship_batch,
         interval_s=settings.ship_interval_s,
     )
+    limits = LimitGate(
+        Limiter(settings.limit_share, concurrency_pushback_ms=settings.retry_pushback_ms),
+        view.month_usage,
+        lambda: shipper.confirmed_through,
+        refresh_s=settings.quota_refresh_s,
+    )
     servicer = InferenceServicer(
         view,
         pool,
@@ -92,6 +100,8 @@ async def start_router(settings: RouterSettings, *, fsync: Callable[[int], None]
         load_eps=settings.route_load_eps,
         kv_full=settings.route_kv_full,
         policy_kind=PolicyKind(settings.policy),
+        limit_gate=limits,
+        max_prompt_bytes=settings.max_prompt_bytes,
     )
     await pool.refresh()
     # Workers are routable once they have pushed their first snapshot: give the known ones a moment,

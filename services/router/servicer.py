@@ -21,6 +21,7 @@ from services.common.auth import bearer_token
 from services.common.grpc_errors import RpcError
 from services.router import metrics, policy
 from services.router.inflight import InflightJournal
+from services.router.limit_gate import LimitGate, OverLimit, Ticket
 from services.router.metering import SpoolWriter, usage_record
 from services.router.registry_view import (
     AdapterNotFound,
@@ -33,7 +34,13 @@ from services.router.registry_view import (
 )
 from services.router.spool import Spool
 from services.router.stream_pump import StreamPump, merge_deltas
-from services.router.validation import InvalidRequest, check_request, request_id_for
+from services.router.validation import (
+    DEFAULT_MAX_PROMPT_BYTES,
+    InvalidRequest,
+    check_bounds,
+    check_request,
+    request_id_for,
+)
 from services.router.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -46,8 +53,11 @@ _FR = common_pb2.FinishReason
 
 
 class Overloaded(RpcError):
-    def __init__(self, message: str) -> None:
+    """RESOURCE_EXHAUSTED with grpc-retry-pushback-ms: `pushback_ms`, or the router's default."""
+
+    def __init__(self, message: str, pushback_ms: int | None = None) -> None:
         super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        self.pushback_ms = pushback_ms
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,7 @@ class Admitted:
     started: bytes  # the serialized GenerationStarted event
     arrived: float  # perf_counter() when the request arrived
     arrived_wall: float  # time.time() when the request arrived
+    ticket: Ticket | None = None  # the tenant-limits slot, released when the stream ends
 
 
 @dataclass
@@ -96,6 +107,8 @@ class InferenceServicer:
         load_eps: float,
         kv_full: float = policy.DEFAULT_KV_FULL,
         policy_kind: policy.PolicyKind = policy.PolicyKind.AFFINITY,
+        limit_gate: LimitGate | None = None,
+        max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
     ) -> None:
         self._registry = registry
         self._pool = pool
@@ -110,6 +123,8 @@ class InferenceServicer:
         self._turn = 0  # round_robin's rotation
         self.inflight = 0
         self._spool_was_full = False
+        self._limit_gate = limit_gate
+        self._max_prompt_bytes = max_prompt_bytes
 
     def register(self, server: grpc.aio.Server) -> None:
         handlers = {
@@ -162,7 +177,7 @@ class InferenceServicer:
             admitted = await self._admit(request, context, arrived)
         except RpcError as exc:
             metrics.REQUESTS.labels("", exc.code.name).inc()
-            trailing = self._pushback if isinstance(exc, Overloaded) else ()
+            trailing = self._trailing(exc)
             await context.abort(exc.code, exc.message, trailing_metadata=trailing)
         if admitted.adapter is not None:
             adapter_label = admitted.adapter.ref.adapter_id
@@ -178,7 +193,7 @@ class InferenceServicer:
                     yield chunk
         except RpcError as exc:
             code = exc.code
-            trailing = self._pushback if isinstance(exc, Overloaded) else ()
+            trailing = self._trailing(exc)
             await self._bill(admitted, state)
             await context.abort(exc.code, exc.message, trailing_metadata=trailing)
         except (asyncio.CancelledError, GeneratorExit):
@@ -196,6 +211,7 @@ class InferenceServicer:
             await self._bill(admitted, state)
             await context.abort(code, "internal error in the router; it logged the details")
         finally:
+            self._release(admitted, state)
             self.inflight -= 1
             metrics.INFLIGHT.dec()
             metrics.REQUESTS.labels(adapter_label, code.name).inc()
@@ -330,6 +346,20 @@ class InferenceServicer:
 
     # -- admission ---------------------------------------------------------------------------
 
+    def _trailing(self, exc: RpcError) -> tuple[tuple[str, str], ...]:
+        if not isinstance(exc, Overloaded):
+            return ()
+        if exc.pushback_ms is None:
+            return self._pushback
+        return (("grpc-retry-pushback-ms", str(exc.pushback_ms)),)
+
+    def _release(self, admitted: Admitted, state: _Stream) -> None:
+        """The stream ended (however): free the tenant's slot, charge the tokens it consumed."""
+        if admitted.ticket is None or self._limit_gate is None:
+            return
+        input_tokens = state.finished.usage.input_tokens if state.finished is not None else state.input_tokens
+        self._limit_gate.release(admitted.ticket, input_tokens + state.tokens_out)
+
     async def _authenticate(self, context: grpc.aio.ServicerContext) -> Principal:
         secret = bearer_token(context.invocation_metadata())
         if secret is None:
@@ -349,6 +379,8 @@ class InferenceServicer:
         arrived_wall = time.time()
         principal = await self._authenticate(context)
         try:
+            # Sizes first: a huge prompt is refused before any lookup, and never reaches a worker.
+            check_bounds(request, self._max_prompt_bytes)
             request_id = request_id_for(request.request_id)
             if request.prompt.WhichOneof("kind") is None:
                 raise InvalidRequest("prompt is required: set prompt.text, prompt.token_ids or prompt.chat")
@@ -406,6 +438,13 @@ class InferenceServicer:
         if self.inflight >= self._max_inflight:
             metrics.REJECTED.labels("router_inflight").inc()
             raise Overloaded(f"the router has {self.inflight} requests in flight (limit); retry later")
+        ticket = None
+        if self._limit_gate is not None:
+            try:
+                ticket = await self._limit_gate.admit(principal)
+            except OverLimit as exc:
+                metrics.REJECTED.labels("tenant_limit").inc()
+                raise Overloaded(str(exc), exc.retry_after_ms) from None
         worker_request = worker_pb2.WorkerServiceGenerateRequest(
             request_id=request_id,
             prompt=request.prompt,
@@ -428,6 +467,7 @@ class InferenceServicer:
             started.SerializeToString(),
             arrived,
             arrived_wall,
+            ticket,
         )
 
     # -- billing -----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -41,6 +42,9 @@ class Shipper:
         self._interval = interval_s
         self._max_backoff = max_backoff_s
         self._wake = asyncio.Event()
+        # Monotonic start time of the last shipping round that succeeded: every record spooled
+        # before it is in the ledger (the monthly quota stops counting those tokens locally).
+        self.confirmed_through = 0.0
 
     def wake(self) -> None:
         """Ship now rather than at the next interval."""
@@ -94,7 +98,9 @@ class Shipper:
         delay = self._interval
         while True:
             try:
+                started = time.monotonic()
                 await self.ship_once()
+                self.confirmed_through = started
                 delay = self._interval
             except grpc.aio.AioRpcError as exc:
                 metrics.SHIP_FAILURES.inc()

@@ -1,4 +1,9 @@
-"""Checks on a GenerateRequest that need no registry or worker. Pure; raises InvalidRequest."""
+"""Checks on a GenerateRequest that need no registry or worker. Pure; raises InvalidRequest.
+
+`check_bounds` runs first, before any lookup: it bounds what the request makes the router and the
+workers do (prompt bytes, chat messages, stop strings) by looking only at lengths.
+`check_request` runs once the base model is known (its context length).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,9 @@ from loraplex.v1 import inference_pb2
 
 MAX_REQUEST_ID = 128
 MAX_STOP_STRINGS = 8
-MAX_STOP_CHARS = 256
+MAX_STOP_BYTES = 256
+MAX_CHAT_MESSAGES = 256
+DEFAULT_MAX_PROMPT_BYTES = 1 << 20
 CHAT_ROLES = frozenset({"system", "user", "assistant"})
 
 
@@ -28,6 +35,42 @@ def request_id_for(given: str) -> str:
     return given
 
 
+def utf8_len(text: str) -> int:
+    """Bytes of `text` in UTF-8; no copy for ASCII (str.isascii is O(1) on CPython's compact strings)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def check_bounds(req: inference_pb2.GenerateRequest, max_prompt_bytes: int) -> None:
+    """Sizes only, before any other work: prompt bytes, chat messages, stop strings."""
+    kind = req.prompt.WhichOneof("kind")
+    if kind == "text":
+        text = req.prompt.text
+        # A character is at least one byte: a text longer in characters is over without encoding it.
+        size = len(text) if len(text) > max_prompt_bytes else utf8_len(text)
+        if size > max_prompt_bytes:
+            raise InvalidRequest(
+                f"prompt.text is {size} bytes; this router accepts at most {max_prompt_bytes} bytes"
+            )
+    elif kind == "chat":
+        messages = req.prompt.chat.messages
+        if len(messages) > MAX_CHAT_MESSAGES:
+            raise InvalidRequest(f"prompt.chat has {len(messages)} messages; at most {MAX_CHAT_MESSAGES}")
+        size = 0
+        for m in messages:
+            size += utf8_len(m.content) + utf8_len(m.role)
+            if size > max_prompt_bytes:
+                raise InvalidRequest(
+                    f"prompt.chat messages hold more than {max_prompt_bytes} bytes; "
+                    f"this router accepts at most {max_prompt_bytes} bytes"
+                )
+    stop = req.sampling.stop
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+    for s in stop:
+        if utf8_len(s) > MAX_STOP_BYTES:
+            raise InvalidRequest(f"a stop string is at most {MAX_STOP_BYTES} bytes, got {utf8_len(s)}")
+
+
 def check_request(req: inference_pb2.GenerateRequest, context_length: int) -> None:
     """Prompt present, sampling parameters in range, max_tokens within the model's context."""
     kind = req.prompt.WhichOneof("kind")
@@ -35,8 +78,14 @@ def check_request(req: inference_pb2.GenerateRequest, context_length: int) -> No
         raise InvalidRequest("prompt is required: set prompt.text, prompt.token_ids or prompt.chat")
     if kind == "text" and not req.prompt.text:
         raise InvalidRequest("prompt.text is empty")
-    if kind == "token_ids" and not req.prompt.token_ids.ids:
-        raise InvalidRequest("prompt.token_ids is empty")
+    if kind == "token_ids":
+        n = len(req.prompt.token_ids.ids)
+        if not n:
+            raise InvalidRequest("prompt.token_ids is empty")
+        if context_length and n > context_length:
+            raise InvalidRequest(
+                f"prompt.token_ids has {n} tokens; the model's context length is {context_length}"
+            )
     if kind == "chat":
         if not req.prompt.chat.messages:
             raise InvalidRequest("prompt.chat has no messages")
@@ -57,5 +106,5 @@ def check_request(req: inference_pb2.GenerateRequest, context_length: int) -> No
     if len(s.stop) > MAX_STOP_STRINGS:
         raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings, got {len(s.stop)}")
     for stop in s.stop:
-        if not stop or len(stop) > MAX_STOP_CHARS:
-            raise InvalidRequest(f"stop strings must be 1..{MAX_STOP_CHARS} characters")
+        if not stop or utf8_len(stop) > MAX_STOP_BYTES:
+            raise InvalidRequest(f"stop strings must be 1 to {MAX_STOP_BYTES} bytes")
