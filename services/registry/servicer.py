@@ -248,6 +248,9 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServiceServicer):
         self, request: Any, context: Any
     ) -> AsyncIterator[registry_pb2.WatchAdaptersResponse]:
         await self._admin(context)
+        # Headers now, not with the first change: a watcher knows it is connected even when
+        # nothing has changed yet (a router waits for this before it trusts the feed).
+        await context.send_initial_metadata(())
         revision = request.since_revision
         while not self._draining.is_set():
             async with self._sessions() as s:

@@ -161,7 +161,9 @@ class RegistryView:
         try:
             principal = await self._single_flight(("key", key), lambda: self._fetch_key(secret))
         except RegistryUnavailable:
-            if entry is not None and entry.value is not None and now - entry.fetched_at < self._stale:
+            if entry is not None and now - entry.fetched_at < self._stale:
+                # Served stale only if it was good when last seen (and not revoked since); a key
+                # last seen unknown or revoked stays refused.
                 return self._current(entry.value)
             raise
         # A revocation that arrived while the lookup ran is not undone by caching its answer.
@@ -186,7 +188,8 @@ class RegistryView:
         self._revoked.put(key_id, None, 0.0)
         hashed = self._hash_of.get(key_id)
         if hashed is not None:
-            self._keys.pop(hashed.value)
+            # Remembered as refused, so not even the stale-while-down path can serve it.
+            self._keys.put(hashed.value, None, self._clock())
             self._hash_of.pop(key_id)
 
     def update_tenant(self, tenant: registry_pb2.Tenant) -> None:
