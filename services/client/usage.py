@@ -55,6 +55,13 @@ class UsageClient:
         req = usage_pb2.RecordUsageRequest(records=list(records))
         return self._stub.RecordUsage(req, metadata=self._metadata, timeout=self._timeout)
 
+    def lookup(self, tenant_id: str, request_ids: Iterable[str], window_s: int = 0) -> list[str]:
+        """Which of a tenant's request ids the ledger holds, finished within window_s (0: ever)."""
+        req = usage_pb2.LookupRequestsRequest(
+            tenant_id=tenant_id, request_ids=list(request_ids), window_s=window_s
+        )
+        return list(self._stub.LookupRequests(req, metadata=self._metadata, timeout=self._timeout).found)
+
     def export(
         self,
         fmt: str,

@@ -26,6 +26,7 @@ from services.registry.usage_ledger import (
     export_csv_pages,
     export_pages,
     insert_usage_batch,
+    lookup_requests,
     summarize,
 )
 
@@ -165,6 +166,16 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
         async with self._sessions.begin() as s:
             inserted, duplicates = await insert_usage_batch(s, rows)
         return usage_pb2.RecordUsageResponse(inserted=inserted, duplicates=duplicates)
+
+    async def LookupRequests(self, request: Any, context: Any) -> usage_pb2.LookupRequestsResponse:
+        # The router asks this before generating a client-chosen request id: the same caller,
+        # and so the same authorization, as RecordUsage.
+        await self._admin(context)
+        if _UUID.fullmatch(request.tenant_id) is None:
+            raise ValueError(f"tenant_id {request.tenant_id[:64]!r} is not a UUID")
+        async with self._sessions() as s:
+            found = await lookup_requests(s, request.tenant_id, list(request.request_ids), request.window_s)
+        return usage_pb2.LookupRequestsResponse(found=found)
 
     async def ExportUsage(self, request: Any, context: Any) -> AsyncIterator[usage_pb2.ExportUsageResponse]:
         await self._admin(context)

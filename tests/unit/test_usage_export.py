@@ -135,8 +135,8 @@ def _csv_line(r: ExportRow) -> bytes:
 @pytest.mark.parametrize("last", [row(9), AWKWARD, BARE])
 def test_the_next_page_starts_after_the_last_csv_line(last: ExportRow) -> None:
     page = _csv_line(row(1)) + _csv_line(row(2)) + _csv_line(last)
-    assert csv_last_key(page) == (last.finished_at, last.request_id)
-    assert csv_last_key(_csv_line(last)) == (last.finished_at, last.request_id)
+    assert csv_last_key(page) == (last.finished_at, last.tenant_id, last.request_id)
+    assert csv_last_key(_csv_line(last)) == (last.finished_at, last.tenant_id, last.request_id)
 
 
 def test_csv_rows_are_left_to_the_database() -> None:
