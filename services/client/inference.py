@@ -43,7 +43,8 @@ class Sampling:
 class GenerateOptions:
     adapter: str = ""  # "name" or "name@version"; empty: the bare base model
     model: str = ""  # base model; may be empty when the adapter implies it
-    request_id: str = ""  # idempotency key: a retry with the same id is billed once
+    # Idempotency key: runs once per tenant within the window; a repeat is refused (ALREADY_EXISTS).
+    request_id: str = ""
     sampling: Sampling = field(default_factory=Sampling)
 
 

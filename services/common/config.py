@@ -292,6 +292,13 @@ def _worker_registry(env: Env) -> str | None:
     return _check_address("REGISTRY", registry)
 
 
+def _idempotency_window(env: Env) -> int:
+    window = env.integer("IDEMPOTENCY_WINDOW_S", 86_400, minimum=1)
+    if window > 10 * 365 * 86_400:
+        raise ConfigError(f"{PREFIX}IDEMPOTENCY_WINDOW_S={window} must be at most ten years, in seconds")
+    return window
+
+
 @dataclass(frozen=True)
 class RouterSettings:
     """The router: public InferenceService endpoint, worker pool, usage spool and shipper."""
@@ -329,6 +336,8 @@ class RouterSettings:
     route_kv_full: float = 0.9
     # How often keep-warm adapters are checked (and prefetched where no worker has them on device).
     keep_warm_s: float = 2.0
+    # A client-chosen request id runs at most once per tenant within this window (Stripe's 24 h).
+    idempotency_window_s: int = 86_400
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RouterSettings:
@@ -373,6 +382,7 @@ class RouterSettings:
             worker_stale_s=env.number("ROUTER_WORKER_STALE_S", 3.0, minimum=2.5),
             route_kv_full=_fraction(env, "ROUTE_KV_FULL", 0.9),
             keep_warm_s=env.number("ROUTER_KEEP_WARM_S", 2.0, minimum=0.05),
+            idempotency_window_s=_idempotency_window(env),
         )
 
 

@@ -22,7 +22,7 @@ from typing import Generic, TypeVar, cast
 
 import grpc
 
-from loraplex.v1 import common_pb2, registry_pb2, registry_pb2_grpc
+from loraplex.v1 import common_pb2, registry_pb2, registry_pb2_grpc, usage_pb2, usage_pb2_grpc
 from services.common.auth import hash_api_key
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ class RegistryView:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._stub = registry_pb2_grpc.AdapterRegistryServiceStub(channel)
+        self._usage = usage_pb2_grpc.UsageServiceStub(channel)
         self._md = (("authorization", f"Bearer {admin_token}"),)
         self._auth_ttl = auth_ttl_s
         self._negative_ttl = negative_ttl_s
@@ -156,6 +157,23 @@ class RegistryView:
                 return None
             raise _unavailable("authenticate the API key", exc) from exc
         return Principal(resp.tenant_id, resp.key_id)
+
+    # -- request ids -------------------------------------------------------------------------
+
+    async def request_ids_used(self, tenant_id: str, request_ids: list[str], window_s: int) -> set[str]:
+        """The ids among `request_ids` the tenant has a ledger record for, finished within
+        `window_s`. Never cached: the answer changes as the shipper delivers records."""
+        try:
+            resp = await self._usage.LookupRequests(
+                usage_pb2.LookupRequestsRequest(
+                    tenant_id=tenant_id, request_ids=request_ids, window_s=window_s
+                ),
+                metadata=self._md,
+                timeout=CALL_TIMEOUT_S,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _unavailable("check whether the request id was already used", exc) from exc
+        return set(resp.found)
 
     # -- adapters ----------------------------------------------------------------------------
 

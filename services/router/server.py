@@ -17,6 +17,7 @@ from services.router.inflight import InflightJournal
 from services.router.metering import SpoolWriter
 from services.router.policy import PolicyKind
 from services.router.registry_view import RegistryView
+from services.router.request_ids import RecentRequests, remember_spooled
 from services.router.servicer import SERVICE_NAME, InferenceServicer
 from services.router.shipper import Shipper
 from services.router.spool import Spool
@@ -72,8 +73,14 @@ async def start_router(settings: RouterSettings, *, fsync: Callable[[int], None]
     # Streams a killed predecessor left open are billed for what they had produced.
     for record in journal.recover():
         await writer.write(record)
-        journal.discard(record.request_id)
+        journal.discard(record.tenant_id, record.request_id)
         log.warning("billed request %s, left open by a previous router process", record.request_id)
+    # Ids in records not yet shipped are unknown to the registry: remember them, so a replay is
+    # refused before the shipper delivers them.
+    recent = RecentRequests(settings.idempotency_window_s)
+    remembered = await asyncio.to_thread(remember_spooled, spool, recent)
+    if remembered:
+        log.info("%d request ids from the spool's backlog will not run again", remembered)
     shipper = Shipper(
         spool,
         registry_channel,
@@ -92,6 +99,7 @@ async def start_router(settings: RouterSettings, *, fsync: Callable[[int], None]
         load_eps=settings.route_load_eps,
         kv_full=settings.route_kv_full,
         policy_kind=PolicyKind(settings.policy),
+        recent=recent,
     )
     await pool.refresh()
     # Workers are routable once they have pushed their first snapshot: give the known ones a moment,

@@ -110,6 +110,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 grpc.StatusCode.UNAVAILABLE, "this worker is draining; send the request to another"
             )
         request_id = request.request_id or uuid.uuid4().hex
+        # The engine's streams and sequences are keyed by (tenant, request id), never the id alone.
+        engine_id = convert.engine_request_id(request.tenant_id, request_id)
         ids = self._prompt_ids(request.prompt)
         prompts.check_length(ids, self.context_length)
         sampling = convert.sampling_params(request.sampling, self.identity.default_max_tokens)
@@ -129,7 +131,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     except AdaptersBusy as exc:
                         await self._shed(context, str(exc))
                 admitted = time.monotonic()
-                engine_request = EngineRequest(request_id, ids, sampling, spec.digest if spec else None)
+                engine_request = EngineRequest(engine_id, ids, sampling, spec.digest if spec else None)
                 submitted = True  # from here a cancellation may land after the engine took it
                 try:
                     stream = await self.engine.add_request(engine_request)
@@ -188,7 +190,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         finally:
             # Cancellation and deadlines arrive here as CancelledError: free the KV blocks now.
             if submitted and not done:
-                self.engine.abort(request_id)
+                self.engine.abort(engine_id)
                 metrics.REQUESTS.labels(finish_reason="cancelled").inc()
             if lease is not None:
                 self.loader.release(lease)

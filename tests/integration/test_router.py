@@ -7,6 +7,7 @@ Billing is checked where it lands: rows in the registry's usage ledger (PostgreS
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 import subprocess
@@ -35,6 +36,7 @@ from loraplex.v1 import (
     registry_pb2,
     registry_pb2_grpc,
     usage_pb2,
+    usage_pb2_grpc,
 )
 from services.common.config import RouterSettings
 from services.common.health import wait_serving
@@ -160,21 +162,25 @@ async def _generate(s: Stack, secret: str | None, req: inference_pb2.GenerateReq
     return Result(events, await call.code(), await call.details() or "", trailing)
 
 
-def _ledger(s: Stack, request_id: str) -> list[dict[str, Any]]:
+def _ledger(s: Stack, request_id: str, tenant: Tenant | None = None) -> list[dict[str, Any]]:
+    """Ledger rows with this request id: of one tenant, or (tenant None) of every tenant."""
     with psycopg.connect(s.registry.database_url) as conn:
         cur = conn.execute(
             "SELECT tenant_id::text, api_key_id::text, base_model, adapter_id::text, adapter_version,"
-            " input_tokens, output_tokens, finish_reason, worker_id FROM usage_records WHERE request_id = %s",
-            (request_id,),
+            " input_tokens, output_tokens, finish_reason, worker_id FROM usage_records"
+            " WHERE request_id = %s AND (%s::uuid IS NULL OR tenant_id = %s::uuid)",
+            (request_id, tenant and tenant.tenant_id, tenant and tenant.tenant_id),
         )
         names = [d.name for d in cur.description or ()]
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
-async def _billed(s: Stack, request_id: str, timeout_s: float = 15.0) -> dict[str, Any]:
+async def _billed(
+    s: Stack, request_id: str, timeout_s: float = 15.0, tenant: Tenant | None = None
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        rows = _ledger(s, request_id)
+        rows = _ledger(s, request_id, tenant)
         if rows:
             assert len(rows) == 1
             return rows[0]
@@ -216,11 +222,145 @@ async def test_stream_is_started_deltas_finished_and_billed_once_per_request_id(
         "finish_reason": "length",
         "worker_id": finished.worker_id,
     }
+    # The replay attack: the same id again streamed a fresh generation that was never billed.
     again = await _generate(s, s.a.secret, _request(request_id=rid, adapter="bot", max_tokens=7))
-    assert again.code == grpc.StatusCode.OK
+    assert again.code == grpc.StatusCode.ALREADY_EXISTS, again.details
+    assert f"request_id {rid!r} was already used" in again.details and "new request_id" in again.details
+    assert again.events == []
+    assert len([req for w in s.workers for req in w.worker.requests]) == 1  # no second generation
     await asyncio.sleep(0.5)
     await s.router.shipper.ship_once()
     assert len(_ledger(s, rid)) == 1
+
+
+async def test_an_id_billed_through_another_router_is_refused_from_the_ledger(s: Stack) -> None:
+    """This router never saw the id: the registry's ledger (within the window) is what refuses it."""
+    rid = f"elsewhere-{uuid.uuid4().hex}"
+    record = _records(s.a, 1)[0]
+    record.request_id = rid
+    async with grpc.aio.insecure_channel(s.registry.target) as channel:
+        await usage_pb2_grpc.UsageServiceStub(channel).RecordUsage(
+            usage_pb2.RecordUsageRequest(records=[record]), metadata=_md(ADMIN_TOKEN)
+        )
+    r = await _generate(s, s.a.secret, _request(request_id=rid, adapter="bot"))
+    assert r.code == grpc.StatusCode.ALREADY_EXISTS, r.details
+    assert not any(w.worker.requests for w in s.workers)
+    # Tenant B may use the same id: the lookup is by (tenant, id), and B learns nothing about A.
+    b = await _generate(s, s.b.secret, _request(request_id=rid, adapter="secret-sauce", max_tokens=3))
+    assert b.code == grpc.StatusCode.OK, b.details
+    assert (await _billed(s, rid, tenant=s.b))["output_tokens"] == 3
+    assert [row["output_tokens"] for row in _ledger(s, rid, s.a)] == [record.usage.output_tokens]
+
+
+async def test_a_duplicate_sent_while_the_first_is_in_flight_is_refused(s: Stack) -> None:
+    for w in s.workers:
+        w.worker.token_delay_s = 0.02
+    rid = f"concurrent-{uuid.uuid4().hex}"
+    first = s.stub.Generate(_request(request_id=rid, adapter="bot", max_tokens=30), metadata=_md(s.a.secret))
+    assert (await first.read()).WhichOneof("event") == "started"
+    second = await _generate(s, s.a.secret, _request(request_id=rid, adapter="bot", max_tokens=30))
+    assert second.code == grpc.StatusCode.ALREADY_EXISTS, second.details
+    assert "in flight" in second.details
+    # Another tenant's request with the same id runs beside it.
+    other = await _generate(s, s.b.secret, _request(request_id=rid, adapter="secret-sauce", max_tokens=2))
+    assert other.code == grpc.StatusCode.OK, other.details
+    last = None
+    while (msg := await first.read()) != grpc.aio.EOF:
+        last = msg
+    assert last is not None and last.finished.usage.output_tokens == 30
+    assert (await _billed(s, rid, tenant=s.a))["output_tokens"] == 30
+    assert (await _billed(s, rid, tenant=s.b))["output_tokens"] == 2
+    assert len(_ledger(s, rid)) == 2
+
+
+async def test_an_id_refused_before_any_work_may_be_retried(s: Stack) -> None:
+    rid = f"retry-{uuid.uuid4().hex}"
+    for w in s.workers:
+        w.worker.refuse = grpc.StatusCode.UNAVAILABLE
+    refused = await _generate(s, s.a.secret, _request(request_id=rid, adapter="bot"))
+    assert refused.code == grpc.StatusCode.UNAVAILABLE
+    s.reset()
+    retried = await _generate(s, s.a.secret, _request(request_id=rid, adapter="bot", max_tokens=4))
+    assert retried.code == grpc.StatusCode.OK, retried.details
+    assert (await _billed(s, rid))["output_tokens"] == 4
+
+
+async def test_a_client_id_is_refused_while_the_ledger_cannot_be_asked(s: Stack) -> None:
+    view = s.router.registry
+    live = view._usage
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}") as dead:
+        view._usage = usage_pb2_grpc.UsageServiceStub(dead)  # the ledger lookup fails
+        try:
+            rid = f"unchecked-{uuid.uuid4().hex}"
+            r = await _generate(s, s.a.secret, _request(request_id=rid, adapter="bot"))
+            assert r.code == grpc.StatusCode.UNAVAILABLE
+            assert "cannot check whether request_id" in r.details and "send no request_id" in r.details
+            assert not any(w.worker.requests for w in s.workers)
+            # An id the router chooses cannot repeat: it needs no lookup and still runs.
+            fresh = await _generate(s, s.a.secret, _request(adapter="bot"))
+            assert fresh.code == grpc.StatusCode.OK, fresh.details
+        finally:
+            view._usage = live
+    # The refused id was never run, so it is free once the registry answers again.
+    assert (
+        await _generate(s, s.a.secret, _request(request_id=rid, adapter="bot"))
+    ).code == grpc.StatusCode.OK
+
+
+async def test_output_tokens_are_billed_as_forwarded_whatever_the_worker_reports(s: Stack) -> None:
+    for w in s.workers:
+        w.worker.reported_output_tokens = 1  # a lying (or buggy) worker
+    rid = f"lying-{uuid.uuid4().hex}"
+    r = await _generate(s, s.a.secret, _request(request_id=rid, adapter="bot", max_tokens=9))
+    assert r.code == grpc.StatusCode.OK, r.details
+    assert len(r.tokens) == 9
+    assert r.events[-1].finished.usage.output_tokens == 9  # the client sees what it is billed for
+    assert (await _billed(s, rid))["output_tokens"] == 9
+
+
+async def test_a_failed_spool_write_ends_the_stream_with_an_error_not_a_finished(
+    s: Stack, tmp_path: Path
+) -> None:
+    failing = True
+
+    def fsync(fd: int) -> None:
+        if failing:
+            raise OSError(errno.EIO, "simulated disk failure")
+        os.fsync(fd)
+
+    settings = RouterSettings.from_env(
+        {
+            "LORAPLEX_HOME": str(tmp_path),
+            "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN,
+            "LORAPLEX_REGISTRY": s.registry.target,
+            "LORAPLEX_ROUTER_LISTEN": "127.0.0.1:0",
+            "LORAPLEX_WORKERS": ",".join(w.address for w in s.workers),
+            "LORAPLEX_ROUTER_DISCOVER_WORKERS": "false",
+        }
+    )
+    router = await start_router(settings, fsync=fsync)
+    rid = f"unspooled-{uuid.uuid4().hex}"
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            call = stub.Generate(
+                _request(request_id=rid, adapter="bot", max_tokens=5), metadata=_md(s.a.secret)
+            )
+            events = []
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for e in call:
+                    events.append(e)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "could not record usage" in (err.value.details() or "")
+            assert not any(e.HasField("finished") for e in events)
+            # Tokens did run under the id: it is not generated again.
+            again = stub.Generate(_request(request_id=rid, adapter="bot"), metadata=_md(s.a.secret))
+            with pytest.raises(grpc.aio.AioRpcError) as replay:
+                _ = [e async for e in again]
+            assert replay.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    finally:
+        failing = False
+        await router.running.drain(1.0)
 
 
 async def test_long_fast_stream_arrives_whole_and_in_order(s: Stack) -> None:
@@ -540,13 +680,26 @@ async def test_a_real_worker_serves_a_registered_adapter_through_the_router(
             req = _request(request_id=rid, adapter="bot", max_tokens=6)
             req.sampling.ignore_eos = True
             events = [e async for e in stub.Generate(req, metadata=_md(s.a.secret))]
+            # The replay attack end to end: the same id again generates nothing and bills nothing.
+            replay = stub.Generate(req, metadata=_md(s.a.secret))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                _ = [e async for e in replay]
+            assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+            assert "already used" in (refused.value.details() or "")
+            # Tenant B may use the same id on the same worker; its usage is its own.
+            other = stub.Generate(
+                _request(request_id=rid, model=TINY_LLAMA, max_tokens=2), metadata=_md(s.b.secret)
+            )
+            other_events = [e async for e in other]
     finally:
         await router.running.drain(1.0)
+    assert other_events[-1].finished.usage.output_tokens == 2
+    assert (await _billed(s, rid, tenant=s.b))["output_tokens"] == 2
     assert events[0].started.adapter.name == "bot"
     finished = events[-1].finished
     tokens = [t for e in events if e.HasField("delta") for t in e.delta.token_ids]
     assert len(tokens) == finished.usage.output_tokens == 6
-    row = await _billed(s, rid)
+    row = await _billed(s, rid, tenant=s.a)
     assert (row["input_tokens"], row["output_tokens"]) == (finished.usage.input_tokens, 6)
     assert row["input_tokens"] > 0 and row["worker_id"] == finished.worker_id
 
@@ -635,13 +788,20 @@ async def test_records_spooled_by_a_killed_router_are_billed_once_after_restart(
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert all(not _ledger(s, rid) for rid in ids)  # spooled, not shipped, when it died
-    proc, _ = await _router_process(s, tmp_path, ship_interval_s=0.1)
+    # Restarted: the ids are refused (from its spool's backlog, or the ledger once shipped).
+    proc, target = await _router_process(s, tmp_path, ship_interval_s=3600)
     try:
-        rows = [await _billed(s, rid) for rid in ids]
-        assert [r["output_tokens"] for r in rows] == [5, 5, 5]
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            replay = stub.Generate(_request(request_id=ids[0], adapter="bot"), metadata=_md(s.a.secret))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                _ = [e async for e in replay]
+            assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
     finally:
-        proc.terminate()
+        proc.terminate()  # a clean stop ships the spool
         proc.wait()
+    rows = [await _billed(s, rid) for rid in ids]
+    assert [r["output_tokens"] for r in rows] == [5, 5, 5]
 
 
 async def test_a_router_killed_mid_stream_bills_the_streamed_tokens_once_after_restart(

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,7 @@ def gen_request(
     adapter: common_pb2.AdapterRef | None = None,
     max_tokens: int = 12,
     request_id: str = "",
+    tenant_id: str = "",
     **sampling: object,
 ) -> worker_pb2.WorkerServiceGenerateRequest:
     if isinstance(prompt, str):
@@ -67,6 +69,7 @@ def gen_request(
         p = common_pb2.Prompt(token_ids=common_pb2.TokenIdsPrompt(ids=PROMPT if prompt is None else prompt))
     return worker_pb2.WorkerServiceGenerateRequest(
         request_id=request_id,
+        tenant_id=tenant_id,
         adapter=adapter,
         prompt=p,
         sampling=common_pb2.SamplingParams(max_tokens=max_tokens, **sampling),  # type: ignore[arg-type]
@@ -487,6 +490,31 @@ async def test_duplicate_request_id_is_refused_and_leaves_the_original_running(
         last = msg
     assert last is not None and last.finished.finish_reason == common_pb2.FINISH_REASON_LENGTH
     assert last.finished.usage.output_tokens == 40
+
+
+async def test_two_tenants_may_run_the_same_request_id_at_once(tiny_worker_stub: Stub) -> None:
+    """The worker's duplicate check is per tenant: B reusing A's id neither fails nor disturbs A."""
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    first = tiny_worker_stub.Generate(
+        gen_request(max_tokens=30, ignore_eos=True, request_id="shared", tenant_id=a)
+    )
+    assert (await first.read()).WhichOneof("event") == "started"
+    second = await generate(
+        tiny_worker_stub, gen_request(max_tokens=3, ignore_eos=True, request_id="shared", tenant_id=b)
+    )
+    assert second.finished is not None and second.finished.usage.output_tokens == 3
+    last = None
+    while (msg := await first.read()) != grpc.aio.EOF:
+        last = msg
+    assert last is not None and last.finished.usage.output_tokens == 30
+    # Within one tenant the id is still unique while in flight.
+    again = tiny_worker_stub.Generate(
+        gen_request(max_tokens=30, ignore_eos=True, request_id="mine", tenant_id=a)
+    )
+    assert (await again.read()).WhichOneof("event") == "started"
+    err = await status_of(tiny_worker_stub, gen_request(max_tokens=2, request_id="mine", tenant_id=a))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "already in flight" in (err.details() or "")
+    again.cancel()
 
 
 async def test_watch_state_sends_a_snapshot_then_deltas_when_an_adapter_lands(

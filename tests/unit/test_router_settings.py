@@ -93,3 +93,13 @@ def test_routing_defaults_and_overrides() -> None:
 def test_bad_routing_values_fail_with_the_variable_named(env: dict[str, str], phrase: str) -> None:
     with pytest.raises(ConfigError, match=phrase):
         RouterSettings.from_env({**TOKEN, **env})
+
+
+def test_the_idempotency_window_defaults_to_a_day_and_is_validated() -> None:
+    assert RouterSettings.from_env(TOKEN).idempotency_window_s == 86_400
+    assert (
+        RouterSettings.from_env({**TOKEN, "LORAPLEX_IDEMPOTENCY_WINDOW_S": "600"}).idempotency_window_s == 600
+    )
+    for bad in ("0", "soon", str(11 * 365 * 86_400)):
+        with pytest.raises(ConfigError, match="LORAPLEX_IDEMPOTENCY_WINDOW_S"):
+            RouterSettings.from_env({**TOKEN, "LORAPLEX_IDEMPOTENCY_WINDOW_S": bad})
