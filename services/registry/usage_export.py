@@ -136,12 +136,13 @@ def _jsonl(rows: Sequence[Sequence[Any]]) -> bytes:
 
 
 def cloudevent(r: Sequence[Any]) -> dict[str, Any]:
-    """The CloudEvents 1.0 structured-mode event of one record: id = request id, subject = tenant."""
+    """The CloudEvents 1.0 structured-mode event of one record: id = "<tenant id>/<request id>"
+    (request ids are unique only per tenant, and source + id must be unique), subject = tenant."""
     return {
         "specversion": "1.0",
         "type": CLOUDEVENT_TYPE,
         "source": CLOUDEVENT_SOURCE,
-        "id": r[0],
+        "id": f"{r[1]}/{r[0]}",
         "time": r[15],
         "subject": r[1],
         "datacontenttype": "application/json",
@@ -158,7 +159,7 @@ def _cloudevents(rows: Sequence[Sequence[Any]]) -> bytes:
     plain = _plain_text(rows, '"\\')
     return "".join(
         [
-            f'{_CE_HEAD}"id":{_q(r[0], plain)},"time":"{r[15]}","subject":"{r[1]}",'
+            f'{_CE_HEAD}"id":{_q(f"{r[1]}/{r[0]}", plain)},"time":"{r[15]}","subject":"{r[1]}",'
             f'"datacontenttype":"application/json","data":{o}}}\n'
             for r, o in zip(rows, _objects(rows), strict=True)
         ]

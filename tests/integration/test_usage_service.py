@@ -258,14 +258,14 @@ def test_cloudevents_export_is_one_valid_event_per_record_in_line_aligned_chunks
     assert len(chunks) > 1
     assert all(chunk.endswith(b"\n") for chunk in chunks)
     events = [json.loads(line) for chunk in chunks for line in chunk.splitlines()]
-    by_id = {r.request_id: r for r in records}
-    assert [e["id"] for e in events] == [r.request_id for r in records]
+    by_id = {f"{tenant_id}/{r.request_id}": r for r in records}
+    assert [e["id"] for e in events] == [f"{tenant_id}/{r.request_id}" for r in records]
     for e in events:
         assert e["specversion"] == "1.0" and e["type"] == "loraplex.usage.v1"
         assert e["source"] == "loraplex/registry" and e["datacontenttype"] == "application/json"
         assert e["subject"] == tenant_id
         assert datetime.fromisoformat(e["time"]) == by_id[e["id"]].finished_at.ToDatetime(tzinfo=UTC)
-        assert e["data"]["request_id"] == e["id"]
+        assert f"{e['subject']}/{e['data']['request_id']}" == e["id"]
     assert sum(Decimal(e["data"]["amount_usd"]) for e in events) == sum(amount(r) for r in records)
     assert sum(e["data"]["input_tokens"] for e in events) == sum(r.usage.input_tokens for r in records)
 
@@ -503,6 +503,10 @@ def test_two_tenants_may_use_one_request_id_and_each_is_billed_once(registry: Re
             for line in chunk.splitlines()
         ]
         assert [(r["request_id"], r["output_tokens"]) for r in rows] == [(shared, expected)]
+    # CloudEvents ids stay unique (consumers deduplicate on source + id).
+    chunks = export(registry, "cloudevents", start, end)
+    events = [json.loads(line) for chunk in chunks for line in chunk.splitlines()]
+    assert sorted(e["id"] for e in events) == sorted(f"{t}/{shared}" for t in (a_id, b_id))
 
 
 async def test_keyset_pages_keep_rows_of_tenants_sharing_an_id_and_finish_time(
