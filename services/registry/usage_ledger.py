@@ -115,7 +115,7 @@ class SummaryRow:
     input_tokens: int
     cached_input_tokens: int
     output_tokens: int
-    amount_usd: Decimal | None  # None when the base model has no prices
+    amount_usd: Decimal | None  # from the prices stored with the records; None when none had a price
 
 
 async def _driver(s: AsyncSession) -> Any:
