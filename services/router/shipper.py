@@ -2,7 +2,7 @@
 
 A segment is deleted only after every batch cut from it was acknowledged by RecordUsage; a failure
 leaves it in place and the next round (after a backoff) sends it again. Re-sent records are
-harmless: the ledger is idempotent on request_id.
+harmless: the ledger is idempotent on (tenant, request id).
 """
 
 from __future__ import annotations
