@@ -178,6 +178,10 @@ class ClientSettings:
 
 
 _WORKER_DTYPES = ("auto", "bfloat16", "float32")
+# LORAPLEX_MAX_PROMPT_BYTES: prompt text over this many UTF-8 bytes is refused before tokenizing.
+# One variable and one default for the router (which refuses first) and the worker (which can be
+# called directly, so checks again).
+DEFAULT_MAX_PROMPT_BYTES = 1 << 20
 
 
 def _default_device() -> str:
@@ -195,6 +199,8 @@ class WorkerSettings:
     LORAPLEX_HOST_ADAPTER_BYTES (default 2GiB, 0 turns the tier off) adapters kept in host memory
     already in the device layout (pinned on CUDA), so coming back is one copy;
     LORAPLEX_DISK_ADAPTER_BYTES (default 20GiB) verified files under <home>/worker-cache.
+    LORAPLEX_MAX_PROMPT_BYTES (default 1MiB): prompt text (or chat contents) over this is refused
+    with INVALID_ARGUMENT before it is tokenized.
     Every adapter counts with one size in every tier: the file bytes its AdapterRef names
     (`size_bytes`, or the fetched files' size when the reference has none), so the router and
     the worker agree on what fits. Sizes take units: 512MiB, 4GiB, 1048576.
@@ -226,6 +232,7 @@ class WorkerSettings:
     admin_token: str | None = None
     advertise: str = ""
     metrics_port: int = 0  # Prometheus /metrics; 0: off
+    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES
 
     @property
     def cache_dir(self) -> Path:
@@ -271,6 +278,7 @@ class WorkerSettings:
             admin_token=env.raw("ADMIN_TOKEN"),
             advertise=_check_address("WORKER_ADVERTISE", env.text("WORKER_ADVERTISE", listen)),
             metrics_port=env.integer("WORKER_METRICS_PORT", 0, minimum=0),
+            max_prompt_bytes=_max_prompt_bytes(env),
         )
 
 
@@ -278,6 +286,13 @@ def _positive_size(env: Env, key: str, default: int) -> int:
     value = env.size(key, default)
     if value <= 0:
         raise ConfigError(f"{PREFIX}{key} must be more than 0 bytes; no adapter could load")
+    return value
+
+
+def _max_prompt_bytes(env: Env) -> int:
+    value = env.size("MAX_PROMPT_BYTES", DEFAULT_MAX_PROMPT_BYTES)
+    if value <= 0:
+        raise ConfigError(f"{PREFIX}MAX_PROMPT_BYTES must be more than 0 bytes; no prompt could be served")
     return value
 
 

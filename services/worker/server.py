@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from services.worker.adapters import AdapterLoader
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine.config import EngineConfig, preferred_dtype
 from services.worker.engine.llm_engine import LLMEngine
+from services.worker.prompt_encoder import TOKENIZER_THREADS, PromptEncoder
 from services.worker.registration import Registration
 from services.worker.servicer import WorkerIdentity, WorkerServicer
 from services.worker.tiers import TierBudgets
@@ -73,7 +75,8 @@ async def start_worker(settings: WorkerSettings) -> RunningWorker:
     model_dir = await asyncio.to_thread(model_path, settings)
     config = engine_config(settings, model_dir)
     llm = await asyncio.to_thread(LLMEngine, config)
-    tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(model_dir))
+    load_tokenizer = functools.partial(AutoTokenizer.from_pretrained, str(model_dir))
+    tokenizers = [await asyncio.to_thread(load_tokenizer) for _ in range(TOKENIZER_THREADS)]
     engine = AsyncEngine(llm)
     engine.start()
     budgets = TierBudgets(
@@ -105,7 +108,8 @@ async def start_worker(settings: WorkerSettings) -> RunningWorker:
         dtype=str(config.dtype).removeprefix("torch."),
         default_max_tokens=settings.default_max_tokens,
     )
-    servicer = WorkerServicer(identity, engine, loader, tokenizer)
+    encoder = PromptEncoder(tokenizers)
+    servicer = WorkerServicer(identity, engine, loader, encoder, max_prompt_bytes=settings.max_prompt_bytes)
 
     def register(server: grpc.aio.Server) -> None:
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
@@ -115,6 +119,7 @@ async def start_worker(settings: WorkerSettings) -> RunningWorker:
     except BaseException:
         await loader.close()
         await engine.shutdown()
+        await encoder.close()
         raise
     running.before_drain.append(servicer.begin_drain)
     if settings.registry and settings.admin_token:
@@ -129,6 +134,7 @@ async def start_worker(settings: WorkerSettings) -> RunningWorker:
     # Runs after the server stopped taking calls and in-flight streams finished (or the grace ran out).
     running.on_stop.append(loader.close)
     running.on_stop.append(engine.shutdown)
+    running.on_stop.append(encoder.close)
     return RunningWorker(running, engine, loader, servicer)
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -73,6 +74,14 @@ def gen_request(
         adapter=adapter,
         prompt=p,
         sampling=common_pb2.SamplingParams(max_tokens=max_tokens, **sampling),  # type: ignore[arg-type]
+    )
+
+
+def chat_request(contents: list[str], max_tokens: int = 4) -> worker_pb2.WorkerServiceGenerateRequest:
+    messages = [common_pb2.ChatMessage(role="user", content=c) for c in contents]
+    return worker_pb2.WorkerServiceGenerateRequest(
+        prompt=common_pb2.Prompt(chat=common_pb2.ChatPrompt(messages=messages)),
+        sampling=common_pb2.SamplingParams(max_tokens=max_tokens),
     )
 
 
@@ -292,8 +301,19 @@ async def test_adapter_for_another_base_model_is_failed_precondition(
         (gen_request(""), "empty"),
         (gen_request([]), "empty"),
         (gen_request([10**9]), "vocabulary"),
+        (chat_request(["hi"] * 257), "257 messages, over the limit of 256"),
+        (chat_request(["x" * (600 << 10)] * 2), "over this worker's limit of 1048576 bytes"),
     ],
-    ids=["prompt-too-long", "temperature", "top-p", "empty-text", "empty-ids", "token-out-of-vocab"],
+    ids=[
+        "prompt-too-long",
+        "temperature",
+        "top-p",
+        "empty-text",
+        "empty-ids",
+        "token-out-of-vocab",
+        "chat-too-many-messages",
+        "chat-over-the-byte-limit",
+    ],
 )
 async def test_bad_input_is_invalid_argument(
     tiny_worker_stub: Stub, request_: worker_pb2.WorkerServiceGenerateRequest, phrase: str
@@ -697,3 +717,76 @@ async def test_generate_records_latency_adapter_load_and_kv_metrics(
     for tier in ("object_store", "device"):  # where each of the two requests found the adapter
         assert sample("adapter_lookups_by_tier_total", {"tier": tier}) == by_tier[tier] + 1
     assert sample("kv_blocks_total") == tiny_worker.engine.last_stats.kv_blocks_total > 0
+
+
+async def test_another_tenants_identical_prompt_gets_no_cached_tokens(tiny_worker_stub: Stub) -> None:
+    """Prefix reuse is per tenant: B cannot probe A's prompt block by block through
+    cached_input_tokens, while A's own repeat still hits the cache."""
+    prompt = [1, *range(3000, 3200)]  # 201 tokens: 12 full KV blocks of 16
+
+    async def usage(tenant: str) -> common_pb2.Usage:
+        request = gen_request(prompt, max_tokens=2)
+        request.tenant_id = tenant
+        finished = (await generate(tiny_worker_stub, request)).finished
+        assert finished is not None
+        return finished.usage
+
+    assert (await usage("tenant-a")).cached_input_tokens == 0
+    assert (await usage("tenant-b")).cached_input_tokens == 0
+    assert (await usage("tenant-a")).cached_input_tokens == 192
+    assert (await usage("tenant-b")).cached_input_tokens == 192  # B's own blocks, from its first call
+
+
+def prompt_text(size: int) -> str:
+    """ASCII prose of exactly `size` bytes."""
+    sentence = "The quick brown fox jumps over the lazy dog near 1234 river banks. "
+    return (sentence * (size // len(sentence) + 1))[:size]
+
+
+async def test_a_huge_prompt_is_tokenized_off_the_event_loop_and_one_over_the_limit_is_refused_first(
+    tiny_worker_stub: Stub, tiny_llama_dir: Path
+) -> None:
+    limit = 1 << 20
+    near_limit = prompt_text(limit - 1024)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    began = time.perf_counter()
+    tokenizer(near_limit)
+    tokenize_s = time.perf_counter() - began  # the time one such prompt holds a core here
+
+    # Meanwhile other streams keep generating, back to back, and we note when each token lands.
+    arrivals: list[float] = []
+    stop = asyncio.Event()
+
+    async def keep_streaming() -> None:
+        while not stop.is_set():
+            async for msg in tiny_worker_stub.Generate(
+                gen_request(max_tokens=60, ignore_eos=True), timeout=60
+            ):
+                if msg.WhichOneof("event") == "delta":
+                    arrivals.append(time.monotonic())
+
+    streaming = asyncio.create_task(keep_streaming())
+    try:
+        while len(arrivals) < 5:
+            await asyncio.sleep(0.01)
+        start = time.monotonic()
+        err = await status_of(tiny_worker_stub, gen_request(near_limit))
+        end = time.monotonic()
+        # Tokenized in full (so it took the tokenizer's time), then refused on its token count.
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "tokens but this model's context is 512" in (err.details() or "")
+
+        over = time.monotonic()
+        err = await status_of(tiny_worker_stub, gen_request(prompt_text(limit + 1)))
+        refused_s = time.monotonic() - over
+    finally:
+        stop.set()
+        await streaming
+    marks = [start, *(t for t in arrivals if start < t < end), end]
+    largest_gap = max(b - a for a, b in itertools.pairwise(marks))
+    # On the event loop the other streams would wait out the whole tokenization (a gap of about
+    # tokenize_s); off it they keep their usual pace. Generous slack for a busy 2-core machine.
+    assert largest_gap < tokenize_s / 2, (largest_gap, tokenize_s, end - start)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"{limit + 1} bytes, over this worker's limit of {limit} bytes" in (err.details() or "")
+    assert refused_s < tokenize_s / 2, (refused_s, tokenize_s)

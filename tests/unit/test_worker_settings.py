@@ -25,6 +25,7 @@ def test_defaults_serve_smollm2_on_50052_with_an_id_from_host_and_port() -> None
         20 << 30,
     )
     assert s.adapter_idle_ttl_s == 300.0
+    assert s.max_prompt_bytes == 1 << 20
     assert not hasattr(s, "max_adapter_slots")  # the device byte budget governs
 
 
@@ -46,6 +47,7 @@ def test_every_variable_is_read() -> None:
             "LORAPLEX_DISK_ADAPTER_BYTES": "1GiB",
             "LORAPLEX_ADAPTER_IDLE_TTL_S": "30",
             "LORAPLEX_OBJECT_STORE_TIMEOUT_S": "2.5",
+            "LORAPLEX_MAX_PROMPT_BYTES": "64KiB",
         }
     )
     assert (s.listen, s.worker_id, s.model, s.device, s.dtype) == (
@@ -59,6 +61,7 @@ def test_every_variable_is_read() -> None:
     assert (s.default_max_tokens, s.max_adapter_bytes) == (50, 1 << 20)
     assert (s.device_adapter_bytes, s.host_adapter_bytes, s.disk_adapter_bytes) == (64 << 20, 0, 1 << 30)
     assert (s.adapter_idle_ttl_s, s.object_store_timeout_s) == (30.0, 2.5)
+    assert s.max_prompt_bytes == 64 << 10
 
 
 @pytest.mark.parametrize(
@@ -76,6 +79,8 @@ def test_every_variable_is_read() -> None:
         ("LORAPLEX_DEVICE_ADAPTER_BYTES", "2 TB", "not a size"),
         ("LORAPLEX_ADAPTER_IDLE_TTL_S", "0", ">= 1.0"),
         ("LORAPLEX_DEFAULT_MAX_TOKENS", "0", ">= 1"),
+        ("LORAPLEX_MAX_PROMPT_BYTES", "0", "more than 0 bytes"),
+        ("LORAPLEX_MAX_PROMPT_BYTES", "huge", "not a size"),
     ],
 )
 def test_bad_values_name_the_variable(variable: str, value: str, phrase: str) -> None:
