@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
@@ -80,9 +81,18 @@ def _metadata(api_key: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {api_key}"),)
 
 
+def _router_credentials(ca: Path | None) -> grpc.ChannelCredentials | None:
+    return None if ca is None else grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
+
+
 class InferenceClient:
-    def __init__(self, target: str, api_key: str, *, timeout_s: float | None = 300.0) -> None:
-        self._channel = grpc.insecure_channel(target)
+    """ca: the CA that signed the router's certificate (LORAPLEX_TLS_CA); None: plaintext."""
+
+    def __init__(
+        self, target: str, api_key: str, *, ca: Path | None = None, timeout_s: float | None = 300.0
+    ) -> None:
+        creds = _router_credentials(ca)
+        self._channel = grpc.insecure_channel(target) if creds is None else grpc.secure_channel(target, creds)
         self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self._metadata = _metadata(api_key)
         self._timeout = timeout_s
@@ -113,8 +123,15 @@ class InferenceClient:
 
 
 class AsyncInferenceClient:
-    def __init__(self, target: str, api_key: str, *, timeout_s: float | None = 300.0) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+    """ca: the CA that signed the router's certificate (LORAPLEX_TLS_CA); None: plaintext."""
+
+    def __init__(
+        self, target: str, api_key: str, *, ca: Path | None = None, timeout_s: float | None = 300.0
+    ) -> None:
+        creds = _router_credentials(ca)
+        self._channel = (
+            grpc.aio.insecure_channel(target) if creds is None else grpc.aio.secure_channel(target, creds)
+        )
         self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self._metadata = _metadata(api_key)
         self._timeout = timeout_s

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from loraplex.v1 import common_pb2, usage_pb2, usage_pb2_grpc
 from services.common.grpc_errors import status_errors
 from services.registry import errors, queries
-from services.registry.callers import Authenticator
+from services.registry.callers import ROUTER_CALLS, Authenticator
 from services.registry.usage_export import ExportFormat, LineChunker, encode_rows, header
 from services.registry.usage_ledger import (
     MAX_BATCH,
@@ -142,8 +142,10 @@ def _window(request: Any) -> TimeRange:
 
 @status_errors(ERRORS)
 class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
-    def __init__(self, admin_token: str, sessions: async_sessionmaker[AsyncSession]) -> None:
-        self._auth = Authenticator(admin_token, sessions)
+    def __init__(
+        self, admin_token: str, sessions: async_sessionmaker[AsyncSession], *, plaintext: bool = False
+    ) -> None:
+        self._auth = Authenticator(admin_token, sessions, plaintext=plaintext)
         self._sessions = sessions
 
     async def _admin(self, context: grpc.aio.ServicerContext) -> None:
@@ -156,7 +158,8 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
             return await queries.tenant_id_of(s, tenant)
 
     async def RecordUsage(self, request: Any, context: Any) -> usage_pb2.RecordUsageResponse:
-        await self._admin(context)
+        # Routers ship what they metered; the operator may too (backfills, tests).
+        await self._auth.caller(context, ROUTER_CALLS)
         if len(request.records) > MAX_BATCH:
             raise ValueError(
                 f"a batch holds at most {MAX_BATCH} records, not {len(request.records)}; split it"

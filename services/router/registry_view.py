@@ -95,7 +95,6 @@ class RegistryView:
     def __init__(
         self,
         channel: grpc.aio.Channel,
-        admin_token: str,
         *,
         auth_ttl_s: float = 30.0,
         negative_ttl_s: float = 2.0,
@@ -105,7 +104,6 @@ class RegistryView:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._stub = registry_pb2_grpc.AdapterRegistryServiceStub(channel)
-        self._md = (("authorization", f"Bearer {admin_token}"),)
         self._auth_ttl = auth_ttl_s
         self._negative_ttl = negative_ttl_s
         self._stale = stale_s
@@ -148,7 +146,6 @@ class RegistryView:
         try:
             resp = await self._stub.AuthenticateApiKey(
                 registry_pb2.AuthenticateApiKeyRequest(secret=secret),
-                metadata=self._md,
                 timeout=CALL_TIMEOUT_S,
             )
         except grpc.aio.AioRpcError as exc:
@@ -187,7 +184,6 @@ class RegistryView:
         try:
             resp = await self._stub.GetAdapter(
                 registry_pb2.GetAdapterRequest(tenant=tenant_id, adapter=reference),
-                metadata=self._md,
                 timeout=CALL_TIMEOUT_S,
             )
         except grpc.aio.AioRpcError as exc:
@@ -218,7 +214,6 @@ class RegistryView:
                         page_size=1000,
                         page_token=token,
                     ),
-                    metadata=self._md,
                     timeout=CALL_TIMEOUT_S,
                 )
                 for a in resp.adapters:
@@ -251,7 +246,7 @@ class RegistryView:
     async def _fetch_base_models(self) -> dict[str, registry_pb2.BaseModel]:
         try:
             resp = await self._stub.ListBaseModels(
-                registry_pb2.ListBaseModelsRequest(), metadata=self._md, timeout=CALL_TIMEOUT_S
+                registry_pb2.ListBaseModelsRequest(), timeout=CALL_TIMEOUT_S
             )
         except grpc.aio.AioRpcError as exc:
             raise _unavailable("list base models", exc) from exc
@@ -269,7 +264,7 @@ class RegistryView:
         while True:
             try:
                 call = self._stub.WatchAdapters(
-                    registry_pb2.WatchAdaptersRequest(since_revision=self.revision), metadata=self._md
+                    registry_pb2.WatchAdaptersRequest(since_revision=self.revision)
                 )
                 await call.wait_for_connection()
                 self.watch_connected.set()
