@@ -311,6 +311,7 @@ def run_policy(
         workers=[f"127.0.0.1:{free_port()}" for _ in worker_ids],
         logs=logs,
         procs=[],
+        tls=base.tls,
     )
     metrics_port = free_port()
     router_env = dict(kv.split("=", 1) for kv in args.router_env)
