@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 
 from loraplex.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from services.common.tls import ca_channel_credentials
 
 PromptInput = str | Sequence[int] | Sequence[tuple[str, str]]
 
@@ -82,7 +83,7 @@ def _metadata(api_key: str) -> tuple[tuple[str, str], ...]:
 
 
 def _router_credentials(ca: Path | None) -> grpc.ChannelCredentials | None:
-    return None if ca is None else grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
+    return None if ca is None else ca_channel_credentials(ca)
 
 
 class InferenceClient:

@@ -60,12 +60,6 @@ def peer_role(context: Any) -> Role | None:
     return None
 
 
-def peer_is_verified(context: Any) -> bool:
-    """True when the call came over TLS with a client certificate (any CN)."""
-    auth = context.auth_context() or {}
-    return bool(auth.get("x509_pem_cert"))
-
-
 @functools.lru_cache(maxsize=256)
 def _san_hosts(pem: bytes) -> tuple[str, ...]:
     cert = x509.load_pem_x509_certificate(pem)
