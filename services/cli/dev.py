@@ -240,6 +240,11 @@ def run_dev(workers: int = 1) -> int:
     with running_stack(home, workers) as stack:
         api_key, adapters = ensure_demo_tenant(stack)
         db = os.environ.get("LORAPLEX_DATABASE_URL") or f"embedded PostgreSQL in {home / 'postgres'}"
+        tls = (
+            f"mutual TLS, certificates in {certs_dir(home)}; the router serves TLS"
+            if stack.tls is not None
+            else "PLAINTEXT (LORAPLEX_INSECURE_PLAINTEXT=true): no service identities are checked"
+        )
         print(
             f"""
 loraplex dev is up.
@@ -247,6 +252,7 @@ loraplex dev is up.
   registry   {stack.registry}   (database: {db})
   workers    {", ".join(stack.workers)}   ({DEFAULT_MODEL})
   tenant     {DEMO_TENANT}, adapters: {", ".join(adapters)}
+  security   {tls}
 
 In another terminal:
   source .venv/bin/activate

@@ -7,7 +7,10 @@ with the admin token every worker held. Each test below makes one of those attem
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +28,7 @@ from loraplex.v1 import (
     worker_pb2,
     worker_pb2_grpc,
 )
+from services.client.usage import UsageClient
 from services.common.adapter_files import ADAPTER_FILES, digest_hex
 from services.common.certs import make_ca, make_role_cert
 from services.common.private_files import write_private
@@ -88,23 +92,19 @@ def _identity_for_hosts(certs: ServiceCerts, directory: Path, role: Role, hosts:
 # -- the worker ---------------------------------------------------------------------------------
 
 
-async def test_a_caller_without_a_certificate_cannot_reach_a_worker(tiny_worker: RunningWorker) -> None:
+async def test_a_caller_without_a_certificate_cannot_reach_a_worker(
+    tiny_worker: RunningWorker, certs: ServiceCerts
+) -> None:
     target = f"127.0.0.1:{tiny_worker.port}"
     async with grpc.aio.insecure_channel(target) as plaintext:
         err = await _worker_error(plaintext, lambda s: s.Generate(_generate_request(), timeout=5))
     assert err.code() == grpc.StatusCode.UNAVAILABLE
     # TLS that checks the worker but presents no client certificate fails the handshake too.
-    ca = tiny_worker_ca(tiny_worker)
+    ca = certs.files(Role.WORKER).ca.read_bytes()
     anonymous = grpc.ssl_channel_credentials(root_certificates=ca)
     async with grpc.aio.secure_channel(target, anonymous) as channel:
         err = await _worker_error(channel, lambda s: s.Generate(_generate_request(), timeout=5))
     assert err.code() == grpc.StatusCode.UNAVAILABLE
-
-
-def tiny_worker_ca(worker: RunningWorker) -> bytes:
-    from tests.fixtures.tls import session_certs
-
-    return session_certs().files(Role.WORKER).ca.read_bytes()
 
 
 @pytest.mark.parametrize(
@@ -300,8 +300,6 @@ def test_the_router_identity_makes_its_registry_calls_without_the_admin_token(
 
 
 def test_usage_is_recorded_by_routers_and_read_only_with_the_admin_token(registry: RegistryProcess) -> None:
-    from services.client.usage import UsageClient
-
     with UsageClient(registry.target, None, tls=registry.certs.files(Role.ROUTER)) as router:
         assert router.record([]).inserted == 0
         with pytest.raises(grpc.RpcError) as info:
@@ -311,3 +309,27 @@ def test_usage_is_recorded_by_routers_and_read_only_with_the_admin_token(registr
         with pytest.raises(grpc.RpcError) as info:
             usage_pb2_grpc.UsageServiceStub(channel).RecordUsage(usage_pb2.RecordUsageRequest(), timeout=10)
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_certs_init_on_the_command_line_writes_once_and_never_prints_a_key(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
+    env["LORAPLEX_HOME"] = str(tmp_path)
+
+    def certs(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "services.cli.main", "certs", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    first = certs("init", "--host", "worker-7.internal")
+    assert first.returncode == 0, first.stderr
+    assert str(tmp_path / "certs") in first.stdout and "worker.key" in first.stdout
+    again = certs("init")
+    assert again.returncode == 0 and "kept" in again.stdout and "wrote" not in again.stdout
+    shown = certs("show")
+    assert "CN=loraplex-worker" in shown.stdout and "worker-7.internal" in shown.stdout
+    for out in (first, again, shown):
+        assert "PRIVATE KEY" not in out.stdout + out.stderr
