@@ -57,7 +57,7 @@ def generate(args: argparse.Namespace) -> int:
             stop=tuple(args.stop),
         ),
     )
-    with InferenceClient(settings.router, settings.api_key) as client:
+    with InferenceClient(settings.router, settings.api_key, ca=settings.router_ca) as client:
         for event in client.generate(prompt, options):
             kind = event.WhichOneof("event")
             if args.json:

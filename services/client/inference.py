@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
 from loraplex.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from services.common.tls import ca_channel_credentials
 
 PromptInput = str | Sequence[int] | Sequence[tuple[str, str]]
 
@@ -81,9 +83,18 @@ def _metadata(api_key: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {api_key}"),)
 
 
+def _router_credentials(ca: Path | None) -> grpc.ChannelCredentials | None:
+    return None if ca is None else ca_channel_credentials(ca)
+
+
 class InferenceClient:
-    def __init__(self, target: str, api_key: str, *, timeout_s: float | None = 300.0) -> None:
-        self._channel = grpc.insecure_channel(target)
+    """ca: the CA that signed the router's certificate (LORAPLEX_TLS_CA); None: plaintext."""
+
+    def __init__(
+        self, target: str, api_key: str, *, ca: Path | None = None, timeout_s: float | None = 300.0
+    ) -> None:
+        creds = _router_credentials(ca)
+        self._channel = grpc.insecure_channel(target) if creds is None else grpc.secure_channel(target, creds)
         self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self._metadata = _metadata(api_key)
         self._timeout = timeout_s
@@ -114,8 +125,15 @@ class InferenceClient:
 
 
 class AsyncInferenceClient:
-    def __init__(self, target: str, api_key: str, *, timeout_s: float | None = 300.0) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+    """ca: the CA that signed the router's certificate (LORAPLEX_TLS_CA); None: plaintext."""
+
+    def __init__(
+        self, target: str, api_key: str, *, ca: Path | None = None, timeout_s: float | None = 300.0
+    ) -> None:
+        creds = _router_credentials(ca)
+        self._channel = (
+            grpc.aio.insecure_channel(target) if creds is None else grpc.aio.secure_channel(target, creds)
+        )
         self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self._metadata = _metadata(api_key)
         self._timeout = timeout_s

@@ -475,6 +475,12 @@ async def register_worker(s: AsyncSession, worker_id: str, address: str, base_mo
     return (await s.scalars(stmt, execution_options={"populate_existing": True})).one()
 
 
+async def worker_address(s: AsyncSession, worker_id: str) -> str | None:
+    """The address a worker registered, or None when it is unknown."""
+    result: str | None = await s.scalar(select(Worker.address).where(Worker.worker_id == worker_id))
+    return result
+
+
 async def heartbeat_worker(s: AsyncSession, worker_id: str) -> bool:
     """False when the worker is unknown: it must register again."""
     stmt = (

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from loraplex.v1 import common_pb2, usage_pb2, usage_pb2_grpc
 from services.common.grpc_errors import status_errors
 from services.registry import errors, queries
-from services.registry.callers import Authenticator
+from services.registry.callers import ROUTER_CALLS, Authenticator
 from services.registry.usage_export import ExportFormat, LineChunker, encode_rows, header
 from services.registry.usage_ledger import (
     MAX_BATCH,
@@ -143,8 +143,10 @@ def _window(request: Any) -> TimeRange:
 
 @status_errors(ERRORS)
 class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
-    def __init__(self, admin_token: str, sessions: async_sessionmaker[AsyncSession]) -> None:
-        self._auth = Authenticator(admin_token, sessions)
+    def __init__(
+        self, admin_token: str, sessions: async_sessionmaker[AsyncSession], *, plaintext: bool = False
+    ) -> None:
+        self._auth = Authenticator(admin_token, sessions, plaintext=plaintext)
         self._sessions = sessions
 
     async def _admin(self, context: grpc.aio.ServicerContext) -> None:
@@ -157,7 +159,8 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
             return await queries.tenant_id_of(s, tenant)
 
     async def RecordUsage(self, request: Any, context: Any) -> usage_pb2.RecordUsageResponse:
-        await self._admin(context)
+        # Routers ship what they metered; the operator may too (backfills, tests).
+        await self._auth.caller(context, ROUTER_CALLS)
         if len(request.records) > MAX_BATCH:
             raise ValueError(
                 f"a batch holds at most {MAX_BATCH} records, not {len(request.records)}; split it"
@@ -170,7 +173,7 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
     async def LookupRequests(self, request: Any, context: Any) -> usage_pb2.LookupRequestsResponse:
         # The router asks this before generating a client-chosen request id: the same caller,
         # and so the same authorization, as RecordUsage.
-        await self._admin(context)
+        await self._auth.caller(context, ROUTER_CALLS)
         if _UUID.fullmatch(request.tenant_id) is None:
             raise ValueError(f"tenant_id {request.tenant_id[:64]!r} is not a UUID")
         async with self._sessions() as s:

@@ -95,7 +95,6 @@ class RegistryView:
     def __init__(
         self,
         channel: grpc.aio.Channel,
-        admin_token: str,
         *,
         auth_ttl_s: float = 30.0,
         negative_ttl_s: float = 2.0,
@@ -106,7 +105,6 @@ class RegistryView:
     ) -> None:
         self._stub = registry_pb2_grpc.AdapterRegistryServiceStub(channel)
         self._usage = usage_pb2_grpc.UsageServiceStub(channel)
-        self._md = (("authorization", f"Bearer {admin_token}"),)
         self._auth_ttl = auth_ttl_s
         self._negative_ttl = negative_ttl_s
         self._stale = stale_s
@@ -149,7 +147,6 @@ class RegistryView:
         try:
             resp = await self._stub.AuthenticateApiKey(
                 registry_pb2.AuthenticateApiKeyRequest(secret=secret),
-                metadata=self._md,
                 timeout=CALL_TIMEOUT_S,
             )
         except grpc.aio.AioRpcError as exc:
@@ -168,7 +165,6 @@ class RegistryView:
                 usage_pb2.LookupRequestsRequest(
                     tenant_id=tenant_id, request_ids=request_ids, window_s=window_s
                 ),
-                metadata=self._md,
                 timeout=CALL_TIMEOUT_S,
             )
         except grpc.aio.AioRpcError as exc:
@@ -205,7 +201,6 @@ class RegistryView:
         try:
             resp = await self._stub.GetAdapter(
                 registry_pb2.GetAdapterRequest(tenant=tenant_id, adapter=reference),
-                metadata=self._md,
                 timeout=CALL_TIMEOUT_S,
             )
         except grpc.aio.AioRpcError as exc:
@@ -236,7 +231,6 @@ class RegistryView:
                         page_size=1000,
                         page_token=token,
                     ),
-                    metadata=self._md,
                     timeout=CALL_TIMEOUT_S,
                 )
                 for a in resp.adapters:
@@ -269,7 +263,7 @@ class RegistryView:
     async def _fetch_base_models(self) -> dict[str, registry_pb2.BaseModel]:
         try:
             resp = await self._stub.ListBaseModels(
-                registry_pb2.ListBaseModelsRequest(), metadata=self._md, timeout=CALL_TIMEOUT_S
+                registry_pb2.ListBaseModelsRequest(), timeout=CALL_TIMEOUT_S
             )
         except grpc.aio.AioRpcError as exc:
             raise _unavailable("list base models", exc) from exc
@@ -287,7 +281,7 @@ class RegistryView:
         while True:
             try:
                 call = self._stub.WatchAdapters(
-                    registry_pb2.WatchAdaptersRequest(since_revision=self.revision), metadata=self._md
+                    registry_pb2.WatchAdaptersRequest(since_revision=self.revision)
                 )
                 await call.wait_for_connection()
                 self.watch_connected.set()

@@ -28,7 +28,6 @@ class Shipper:
         self,
         spool: Spool,
         channel: grpc.aio.Channel,
-        admin_token: str,
         *,
         batch: int = 500,
         interval_s: float = 1.0,
@@ -36,7 +35,6 @@ class Shipper:
     ) -> None:
         self._spool = spool
         self._stub = usage_pb2_grpc.UsageServiceStub(channel)
-        self._md = (("authorization", f"Bearer {admin_token}"),)
         self._batch = batch
         self._interval = interval_s
         self._max_backoff = max_backoff_s
@@ -66,7 +64,7 @@ class Shipper:
         the refused records are quarantined, so one bad record cannot block billing forever."""
         request = usage_pb2.RecordUsageRequest(records=records)
         try:
-            resp = await self._stub.RecordUsage(request, metadata=self._md, timeout=timeout_s)
+            resp = await self._stub.RecordUsage(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
                 raise

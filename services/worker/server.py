@@ -17,6 +17,8 @@ from loraplex.v1 import registry_pb2, worker_pb2, worker_pb2_grpc
 from services.common.base_models import is_complete, models_dir, pull_model
 from services.common.config import WorkerSettings
 from services.common.grpc_server import RunningServer, run_until_signalled, start_metrics, start_server
+from services.common.identity import WORKER_ALLOW, RoleGate
+from services.common.tls import server_credentials, warn_plaintext
 from services.worker import metrics
 from services.worker.adapters import AdapterLoader
 from services.worker.async_engine import AsyncEngine
@@ -93,6 +95,7 @@ async def start_worker(settings: WorkerSettings) -> RunningWorker:
         idle_ttl_s=settings.adapter_idle_ttl_s,
         max_adapter_bytes=settings.max_adapter_bytes,
         object_store_timeout_s=settings.object_store_timeout_s,
+        sources=settings.adapter_sources,
     )
     try:
         await loader.start()
@@ -115,18 +118,28 @@ async def start_worker(settings: WorkerSettings) -> RunningWorker:
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
 
     try:
-        running = await start_server(settings.listen, register, SERVICE_NAMES)
+        if settings.tls is None:
+            warn_plaintext("the worker")
+            running = await start_server(settings.listen, register, SERVICE_NAMES)
+        else:
+            running = await start_server(
+                settings.listen,
+                register,
+                SERVICE_NAMES,
+                interceptors=[RoleGate(WORKER_ALLOW)],
+                credentials=server_credentials(settings.tls),
+            )
     except BaseException:
         await loader.close()
         await engine.shutdown()
         await encoder.close()
         raise
     running.before_drain.append(servicer.begin_drain)
-    if settings.registry and settings.admin_token:
+    if settings.registry:
         member = registry_pb2.Worker(
             worker_id=settings.worker_id, address=settings.advertise, base_model=settings.model
         )
-        registration = Registration(settings.registry, settings.admin_token, member)
+        registration = Registration(settings.registry, settings.tls, member)
         registration.start()
         # Leave the membership first on drain, so routers stop picking this worker.
         running.before_drain.insert(0, registration.leave)

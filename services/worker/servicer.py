@@ -60,7 +60,8 @@ ERRORS = {
     AdapterMismatch: grpc.StatusCode.FAILED_PRECONDITION,
     AdapterRejected: grpc.StatusCode.FAILED_PRECONDITION,
     TooLarge: grpc.StatusCode.FAILED_PRECONDITION,
-    UriNotAllowed: grpc.StatusCode.FAILED_PRECONDITION,
+    # A reference outside the registry's store and allowed buckets: refused before any byte is read.
+    UriNotAllowed: grpc.StatusCode.PERMISSION_DENIED,
     UnknownAdapter: grpc.StatusCode.UNAVAILABLE,
     AdapterSlotsFull: grpc.StatusCode.UNAVAILABLE,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,

@@ -41,13 +41,15 @@ from loraplex.v1 import (
 from services.common.config import RouterSettings
 from services.common.health import wait_serving
 from services.common.net import free_port
+from services.common.tls import Role
 from services.devtools.tiny_model import TINY_LLAMA
 from services.router.registry_view import RegistryUnavailable, RegistryView
 from services.router.server import Router, start_router
 from services.router.shipper import Shipper
 from services.router.spool import Spool, read_segment
 from services.worker.server import RunningWorker
-from tests.fixtures.registry import ADMIN_TOKEN, RegistryProcess
+from tests.fixtures.registry import RegistryProcess
+from tests.fixtures.tls import ServiceCerts
 
 OTHER_MODEL = "smollm2-135m-instruct"
 AUTH_TTL_S = 1.0
@@ -78,6 +80,17 @@ class Stack:
             h.down_until = 0.0
 
 
+def _router_tls(registry: RegistryProcess) -> dict[str, str]:
+    """A router's identity toward workers and the registry, and TLS on its public endpoint."""
+    return {**registry.certs.env(Role.ROUTER), **registry.certs.router_public_env()}
+
+
+def _public(target: str, certs: ServiceCerts) -> grpc.aio.Channel:
+    """A tenant's channel to the router: TLS checked against the CA, no client certificate."""
+    ca = certs.files(Role.ROUTER).ca.read_bytes()
+    return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=ca))
+
+
 def _tenant(registry: RegistryProcess) -> Tenant:
     name = f"r-{uuid.uuid4().hex[:10]}"
     with registry.admin() as c:
@@ -97,11 +110,12 @@ async def stack(
         c.upload_adapter(worker_tiny_adapters["mlp"], tenant=a.name, name="bot", base_model=TINY_LLAMA)
         c.archive_adapter("bot@2", tenant=a.name)
         c.upload_adapter(adapter_dir, tenant=b.name, name="secret-sauce", base_model=TINY_LLAMA)
-    workers = [await start_synthetic_worker(f"syn-{i}", TINY_LLAMA) for i in range(2)]
+    worker_tls = registry.certs.files(Role.WORKER)
+    workers = [await start_synthetic_worker(f"syn-{i}", TINY_LLAMA, tls=worker_tls) for i in range(2)]
     settings = RouterSettings.from_env(
         {
             "LORAPLEX_HOME": str(tmp_path_factory.mktemp("router-home")),
-            "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN,
+            **_router_tls(registry),
             "LORAPLEX_REGISTRY": registry.target,
             "LORAPLEX_ROUTER_LISTEN": "127.0.0.1:0",
             "LORAPLEX_WORKERS": ",".join(w.address for w in workers),
@@ -112,7 +126,7 @@ async def stack(
         }
     )
     router = await start_router(settings)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
+    async with _public(f"127.0.0.1:{router.port}", registry.certs) as channel:
         s = Stack(
             registry, router, workers, inference_pb2_grpc.InferenceServiceStub(channel), a, b, adapter_dir
         )
@@ -238,9 +252,9 @@ async def test_an_id_billed_through_another_router_is_refused_from_the_ledger(s:
     rid = f"elsewhere-{uuid.uuid4().hex}"
     record = _records(s.a, 1)[0]
     record.request_id = rid
-    async with grpc.aio.insecure_channel(s.registry.target) as channel:
+    async with s.registry.certs.aio_channel(s.registry.target, Role.ROUTER) as channel:
         await usage_pb2_grpc.UsageServiceStub(channel).RecordUsage(
-            usage_pb2.RecordUsageRequest(records=[record]), metadata=_md(ADMIN_TOKEN)
+            usage_pb2.RecordUsageRequest(records=[record])
         )
     r = await _generate(s, s.a.secret, _request(request_id=rid, adapter="bot"))
     assert r.code == grpc.StatusCode.ALREADY_EXISTS, r.details
@@ -331,7 +345,7 @@ async def test_a_failed_spool_write_ends_the_stream_with_an_error_not_a_finished
     settings = RouterSettings.from_env(
         {
             "LORAPLEX_HOME": str(tmp_path),
-            "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN,
+            **_router_tls(s.registry),
             "LORAPLEX_REGISTRY": s.registry.target,
             "LORAPLEX_ROUTER_LISTEN": "127.0.0.1:0",
             "LORAPLEX_WORKERS": ",".join(w.address for w in s.workers),
@@ -341,7 +355,7 @@ async def test_a_failed_spool_write_ends_the_stream_with_an_error_not_a_finished
     router = await start_router(settings, fsync=fsync)
     rid = f"unspooled-{uuid.uuid4().hex}"
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
+        async with _public(f"127.0.0.1:{router.port}", s.registry.certs) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             call = stub.Generate(
                 _request(request_id=rid, adapter="bot", max_tokens=5), metadata=_md(s.a.secret)
@@ -475,11 +489,11 @@ async def test_a_new_version_is_served_once_the_change_feed_reports_it(s: Stack)
 
 
 async def test_registry_outage_keeps_confirmed_keys_and_resolved_adapters_working(s: Stack) -> None:
-    async with grpc.aio.insecure_channel(s.registry.target) as live:
-        view = RegistryView(live, ADMIN_TOKEN, auth_ttl_s=0.0, adapter_ttl_s=0.0, stale_s=60.0)
+    async with s.registry.certs.aio_channel(s.registry.target, Role.ROUTER) as live:
+        view = RegistryView(live, auth_ttl_s=0.0, adapter_ttl_s=0.0, stale_s=60.0)
         principal = await view.authenticate(s.a.secret)
         adapter = await view.resolve_adapter(s.a.tenant_id, "bot")
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}") as dead:
+        async with s.registry.certs.aio_channel(f"127.0.0.1:{free_port()}", Role.ROUTER) as dead:
             view._stub = registry_pb2_grpc.AdapterRegistryServiceStub(dead)  # the registry goes away
             assert await view.authenticate(s.a.secret) == principal
             assert (await view.resolve_adapter(s.a.tenant_id, "bot")).ref.digest == adapter.ref.digest
@@ -518,7 +532,7 @@ async def test_the_policy_setting_picks_the_routing_policy(
     settings = RouterSettings.from_env(
         {
             "LORAPLEX_HOME": str(tmp_path),
-            "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN,
+            **_router_tls(s.registry),
             "LORAPLEX_REGISTRY": s.registry.target,
             "LORAPLEX_ROUTER_LISTEN": "127.0.0.1:0",
             "LORAPLEX_WORKERS": ",".join(w.address for w in s.workers),
@@ -528,7 +542,7 @@ async def test_the_policy_setting_picks_the_routing_policy(
     )
     router = await start_router(settings)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
+        async with _public(f"127.0.0.1:{router.port}", s.registry.certs) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             for _ in range(4):
                 [e async for e in stub.Generate(_request(adapter="bot"), metadata=_md(s.a.secret))]
@@ -629,8 +643,9 @@ async def test_router_inflight_limit_sheds_load_with_retry_pushback(s: Stack) ->
 
 
 async def test_workers_registered_in_the_registry_are_discovered_and_served(s: Stack, tmp_path: Path) -> None:
-    extra = await start_synthetic_worker(f"discovered-{uuid.uuid4().hex[:6]}", TINY_LLAMA)
-    with s.registry.admin() as c:
+    worker_tls = s.registry.certs.files(Role.WORKER)
+    extra = await start_synthetic_worker(f"discovered-{uuid.uuid4().hex[:6]}", TINY_LLAMA, tls=worker_tls)
+    with s.registry.as_role(Role.WORKER) as c:  # a worker registers itself, with its own certificate
         c.stub.RegisterWorker(
             registry_pb2.RegisterWorkerRequest(
                 worker=registry_pb2.Worker(
@@ -642,14 +657,14 @@ async def test_workers_registered_in_the_registry_are_discovered_and_served(s: S
     settings = RouterSettings.from_env(
         {
             "LORAPLEX_HOME": str(tmp_path),
-            "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN,
+            **_router_tls(s.registry),
             "LORAPLEX_REGISTRY": s.registry.target,
             "LORAPLEX_ROUTER_LISTEN": "127.0.0.1:0",
         }
     )
     router = await start_router(settings)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
+        async with _public(f"127.0.0.1:{router.port}", s.registry.certs) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             events = [e async for e in stub.Generate(_request(adapter="bot"), metadata=_md(s.a.secret))]
         assert events[-1].finished.worker_id == extra.worker.worker_id
@@ -664,7 +679,7 @@ async def test_a_real_worker_serves_a_registered_adapter_through_the_router(
     settings = RouterSettings.from_env(
         {
             "LORAPLEX_HOME": str(tmp_path),
-            "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN,
+            **_router_tls(s.registry),
             "LORAPLEX_REGISTRY": s.registry.target,
             "LORAPLEX_ROUTER_LISTEN": "127.0.0.1:0",
             "LORAPLEX_WORKERS": f"127.0.0.1:{tiny_worker.port}",
@@ -675,7 +690,7 @@ async def test_a_real_worker_serves_a_registered_adapter_through_the_router(
     router = await start_router(settings)
     rid = f"real-{uuid.uuid4().hex}"
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
+        async with _public(f"127.0.0.1:{router.port}", s.registry.certs) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             req = _request(request_id=rid, adapter="bot", max_tokens=6)
             req.sampling.ignore_eos = True
@@ -740,6 +755,7 @@ async def _router_process(
         "LORAPLEX_ROUTER_DISCOVER_WORKERS": "false",
         "LORAPLEX_ROUTER_SHIP_INTERVAL_S": str(ship_interval_s),
         "LORAPLEX_WORKER_REFRESH_S": "0.2",
+        **_router_tls(s.registry),
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli.main", "router", "serve"],
@@ -749,7 +765,7 @@ async def _router_process(
     )
     target = f"127.0.0.1:{port}"
     # Wait without blocking the event loop: the synthetic workers live on it and must answer probes.
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with _public(target, s.registry.certs) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -771,7 +787,7 @@ async def test_records_spooled_by_a_killed_router_are_billed_once_after_restart(
     proc, target = await _router_process(s, tmp_path, ship_interval_s=3600)
     ids = [f"killed-{uuid.uuid4().hex}-{i}" for i in range(3)]
     try:
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with _public(target, s.registry.certs) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             for rid in ids:
                 events: list[inference_pb2.GenerateResponse] = []
@@ -791,7 +807,7 @@ async def test_records_spooled_by_a_killed_router_are_billed_once_after_restart(
     # Restarted: the ids are refused (from its spool's backlog, or the ledger once shipped).
     proc, target = await _router_process(s, tmp_path, ship_interval_s=3600)
     try:
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with _public(target, s.registry.certs) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             replay = stub.Generate(_request(request_id=ids[0], adapter="bot"), metadata=_md(s.a.secret))
             with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -813,7 +829,7 @@ async def test_a_router_killed_mid_stream_bills_the_streamed_tokens_once_after_r
     rid = f"midstream-{uuid.uuid4().hex}"
     received = 0
     try:
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with _public(target, s.registry.certs) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             for _ in range(50):  # until the new router has probed the workers
                 call = stub.Generate(
@@ -872,15 +888,15 @@ async def test_shipper_keeps_records_while_the_registry_is_down_and_replays_them
     records = _records(s.a, 7)
     spool = Spool(tmp_path, max_bytes=1 << 30)
     spool.append_many([r.SerializeToString() for r in records])
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}") as dead:
+    async with s.registry.certs.aio_channel(f"127.0.0.1:{free_port()}", Role.ROUTER) as dead:
         with pytest.raises(grpc.aio.AioRpcError):
-            await Shipper(spool, dead, ADMIN_TOKEN, batch=3).ship_once(timeout_s=1.0)
+            await Shipper(spool, dead, batch=3).ship_once(timeout_s=1.0)
     assert [len(read_segment(seg).records) for seg in spool.seal()] == [7]
     spool.close()
 
     restarted = Spool(tmp_path, max_bytes=1 << 30)  # a new process finds the segment on disk
-    async with grpc.aio.insecure_channel(s.registry.target) as channel:
-        shipped = await Shipper(restarted, channel, ADMIN_TOKEN, batch=3).ship_once()
+    async with s.registry.certs.aio_channel(s.registry.target, Role.ROUTER) as channel:
+        shipped = await Shipper(restarted, channel, batch=3).ship_once()
     assert shipped == 7
     assert restarted.seal() == [] and restarted.size_bytes == 0
     assert all(len(_ledger(s, r.request_id)) == 1 for r in records)
@@ -893,8 +909,8 @@ async def test_a_record_the_ledger_refuses_is_quarantined_and_does_not_block_the
     bad = usage_pb2.UsageRecord(request_id="bad-" + uuid.uuid4().hex, tenant_id=s.a.tenant_id)
     spool = Spool(tmp_path, max_bytes=1 << 30)
     spool.append_many([good[0].SerializeToString(), bad.SerializeToString(), good[1].SerializeToString()])
-    async with grpc.aio.insecure_channel(s.registry.target) as channel:
-        assert await Shipper(spool, channel, ADMIN_TOKEN).ship_once() == 2
+    async with s.registry.certs.aio_channel(s.registry.target, Role.ROUTER) as channel:
+        assert await Shipper(spool, channel).ship_once() == 2
     assert spool.seal() == []
     assert read_segment(tmp_path / "rejected.log").records == [bad.SerializeToString()]
     assert all(len(_ledger(s, r.request_id)) == 1 for r in good)
@@ -906,7 +922,7 @@ async def test_sigterm_lets_a_stream_in_flight_finish_and_ships_its_record(s: St
     proc, target = await _router_process(s, tmp_path, ship_interval_s=3600)
     rid = f"drain-{uuid.uuid4().hex}"
     try:
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with _public(target, s.registry.certs) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             for _ in range(50):
                 call = stub.Generate(
@@ -946,6 +962,7 @@ def test_router_serve_reports_health_and_drains_on_sigterm(registry: RegistryPro
         **registry.env,
         "LORAPLEX_ROUTER_LISTEN": f"127.0.0.1:{port}",
         "LORAPLEX_SPOOL_DIR": str(tmp_path / "spool"),
+        **_router_tls(registry),
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli.main", "router", "serve"],
@@ -954,8 +971,9 @@ def test_router_serve_reports_health_and_drains_on_sigterm(registry: RegistryPro
         stderr=subprocess.STDOUT,
     )
     try:
-        wait_serving(f"127.0.0.1:{port}", proc=proc)
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        # The public endpoint serves TLS with the router certificate; health answers a checked client.
+        wait_serving(f"127.0.0.1:{port}", tls=registry.certs.files(Role.OPERATOR), proc=proc)
+        with registry.certs.channel(f"127.0.0.1:{port}", Role.OPERATOR) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             status = health.Check(health_pb2.HealthCheckRequest(service="loraplex.v1.InferenceService"))
             assert status.status == health_pb2.HealthCheckResponse.SERVING
@@ -968,7 +986,7 @@ def test_router_serve_reports_health_and_drains_on_sigterm(registry: RegistryPro
     assert (tmp_path / "spool").is_dir()
 
 
-def test_router_refuses_to_start_without_the_admin_token(tmp_path: Path) -> None:
+def test_router_refuses_to_start_without_a_certificate(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
     env["LORAPLEX_HOME"] = str(tmp_path)
     proc = subprocess.run(
@@ -979,4 +997,4 @@ def test_router_refuses_to_start_without_the_admin_token(tmp_path: Path) -> None
         timeout=60,
     )
     assert proc.returncode == 2
-    assert "LORAPLEX_ADMIN_TOKEN" in proc.stderr
+    assert "loraplex certs init" in proc.stderr and "LORAPLEX_TLS_CERT" in proc.stderr

@@ -32,9 +32,11 @@ from services.client.registry import RegistryClient
 from services.client.usage import UsageClient, timestamp
 from services.common.config import RegistrySettings
 from services.common.model_spec import BaseModelSpec, TargetModule
+from services.common.tls import Role
 from services.registry.convert import base_model_pb
 from services.registry.server import start_registry
 from services.registry.usage_ledger import TimeRange, export_csv_pages, export_pages
+from tests.fixtures.tls import ServiceCerts
 
 ADMIN_TOKEN = "usage-test-admin-token-0123"
 MODEL = "usage-test-model"
@@ -46,14 +48,18 @@ INPUT_PRICE, OUTPUT_PRICE = Decimal("0.15"), Decimal("0.6")
 class Registry:
     target: str
     database_url: str
+    certs: ServiceCerts
 
-    def usage(self, token: str | None = ADMIN_TOKEN) -> UsageClient:
-        return UsageClient(self.target, token, timeout_s=60)
+    def usage(self, token: str | None = ADMIN_TOKEN, role: Role = Role.OPERATOR) -> UsageClient:
+        return UsageClient(self.target, token, tls=self.certs.files(role), timeout_s=60)
+
+    def admin(self) -> RegistryClient:
+        return RegistryClient(self.target, ADMIN_TOKEN, tls=self.certs.files(Role.OPERATOR))
 
     def tenant(self) -> tuple[str, str]:
         """A fresh tenant: (id, name)."""
         name = f"u-{uuid.uuid4().hex[:10]}"
-        with RegistryClient(self.target, ADMIN_TOKEN) as c:
+        with self.admin() as c:
             t = c.create_tenant(name)
         return t.tenant_id, name
 
@@ -67,7 +73,9 @@ class Registry:
 
 
 @pytest.fixture(scope="module")
-def registry(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+def registry(
+    database_url: str, tmp_path_factory: pytest.TempPathFactory, certs: ServiceCerts
+) -> Iterator[Registry]:
     """A registry on its own event loop in a thread, so tests can call it with blocking clients."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(
@@ -93,6 +101,7 @@ def registry(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         allowed_file_roots=(),
         max_adapter_rank=64,
         max_adapter_bytes=1 << 20,
+        tls=certs.files(Role.REGISTRY),
     )
     loop = asyncio.new_event_loop()
     started = threading.Event()
@@ -118,7 +127,7 @@ def registry(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     if isinstance(error, BaseException):
         raise RuntimeError("registry failed to start") from error
     try:
-        yield Registry(f"127.0.0.1:{state['port']}", database_url)
+        yield Registry(f"127.0.0.1:{state['port']}", database_url, certs)
     finally:
         stop = state["stop"]
         assert isinstance(stop, asyncio.Event)
@@ -328,7 +337,7 @@ def test_summary_totals_per_day_and_adapter_match_the_records(registry: Registry
 
 def test_usage_calls_need_the_admin_token(registry: Registry) -> None:
     tenant_id, name = registry.tenant()
-    with RegistryClient(registry.target, ADMIN_TOKEN) as c:
+    with registry.admin() as c:
         api_key = c.create_api_key(name).secret
     start = window()
     calls = {
@@ -457,7 +466,12 @@ def test_cli_exports_to_a_file_and_prints_a_json_summary(registry: Registry, tmp
     records = varied(tenant_id, start, 40)
     with registry.usage() as c:
         c.record(records)
-    env = {**os.environ, "LORAPLEX_REGISTRY": registry.target, "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN}
+    env = {
+        **os.environ,
+        "LORAPLEX_REGISTRY": registry.target,
+        "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN,
+        **registry.certs.env(Role.OPERATOR),
+    }
     period = ["--from", start.isoformat(), "--to", (start + timedelta(weeks=1)).isoformat(), "--tenant", name]
     out = tmp_path / "usage.csv"
 
@@ -572,13 +586,13 @@ def test_a_price_change_does_not_reprice_recorded_usage(registry: Registry) -> N
         r.base_model = spec.name
         return r
 
-    with RegistryClient(registry.target, ADMIN_TOKEN) as rc:
+    with registry.admin() as rc:
         rc.upsert_base_model(base_model_pb(spec, 1.0, 2.0))
     early = priced(before)
     backlog = priced(before + timedelta(seconds=1))  # finished before the change, shipped after it
     with registry.usage() as c:
         c.record([early])
-    with RegistryClient(registry.target, ADMIN_TOKEN) as rc:
+    with registry.admin() as rc:
         rc.upsert_base_model(base_model_pb(spec, 10.0, 20.0))
     late = priced(datetime.now(UTC) + timedelta(seconds=1))
     with registry.usage() as c:

@@ -28,10 +28,12 @@ from services.common.config import DEFAULT_MODEL
 from services.common.health import wait_serving
 from services.common.net import free_port
 from services.common.object_store import open_store
+from services.common.tls import Role
 from services.devtools.tiny_model import TINY_LLAMA
 from services.worker.adapters import Tier
 from services.worker.convert import adapter_spec
 from services.worker.server import RunningWorker
+from tests.fixtures.tls import ServiceCerts
 from tests.fixtures.worker import AdapterStore, serving, worker_home, worker_settings
 
 Stub = worker_pb2_grpc.WorkerServiceStub
@@ -371,8 +373,9 @@ async def test_device_budget_demotes_the_least_used_adapter_to_host(
         assert again.finished.timings.adapter_source_tier == common_pb2.ADAPTER_TIER_HOST
 
 
-async def test_get_info_health_and_reflection(tiny_worker: RunningWorker) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{tiny_worker.port}") as channel:
+async def test_get_info_health_and_reflection(tiny_worker: RunningWorker, certs: ServiceCerts) -> None:
+    # The operator may read GetInfo; health and reflection answer any verified peer.
+    async with certs.aio_channel(f"127.0.0.1:{tiny_worker.port}", Role.OPERATOR) as channel:
         info = await Stub(channel).GetInfo(worker_pb2.GetInfoRequest())
         assert info.base_model == TINY_LLAMA and info.device == "cpu" and info.dtype == "float32"
         assert info.context_length == 512 and info.kv_blocks_total == 256 and info.max_batch_size == 8
@@ -390,7 +393,11 @@ async def test_get_info_health_and_reflection(tiny_worker: RunningWorker) -> Non
 
 
 def test_worker_serve_subprocess_streams_smollm2_text_with_an_adapter(
-    loraplex_home: Path, smollm2_dir: Path, worker_smollm2_adapter: Path, adapter_store: AdapterStore
+    loraplex_home: Path,
+    smollm2_dir: Path,
+    worker_smollm2_adapter: Path,
+    adapter_store: AdapterStore,
+    certs: ServiceCerts,
 ) -> None:
     ref = adapter_store.publish(worker_smollm2_adapter, base_model=DEFAULT_MODEL, name="smol")
     port = free_port()
@@ -403,6 +410,8 @@ def test_worker_serve_subprocess_streams_smollm2_text_with_an_adapter(
         "LORAPLEX_DTYPE": "float32",
         "LORAPLEX_KV_CACHE_BLOCKS": "64",
         "LORAPLEX_MODEL": "a-model-the-flag-overrides",
+        "LORAPLEX_ALLOWED_FILE_ROOTS": str(adapter_store.root),
+        **certs.env(Role.WORKER),
     }
     loraplex = Path(sys.executable).parent / "loraplex"
     proc = subprocess.Popen(
@@ -412,14 +421,15 @@ def test_worker_serve_subprocess_streams_smollm2_text_with_an_adapter(
         stderr=subprocess.STDOUT,
     )
     try:
-        wait_serving(f"127.0.0.1:{port}", proc=proc, timeout_s=180)  # slow when the CPUs are shared
+        # slow when the CPUs are shared
+        wait_serving(f"127.0.0.1:{port}", tls=certs.files(Role.ROUTER), proc=proc, timeout_s=180)
         question = common_pb2.Prompt(
             chat=common_pb2.ChatPrompt(
                 messages=[common_pb2.ChatMessage(role="user", content="What is the capital of France?")]
             )
         )
         sampling = common_pb2.SamplingParams(max_tokens=12)
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with certs.channel(f"127.0.0.1:{port}", Role.ROUTER) as channel:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
             base = list(
                 stub.Generate(
@@ -578,12 +588,12 @@ async def test_adapter_is_fetched_from_s3_by_reference(
     tiny_worker_stub: Stub,
     worker_tiny_adapters: dict[str, Path],
     tiny_refs: dict[str, common_pb2.AdapterRef],
-    s3_bucket: str,
+    worker_bucket: str,
 ) -> None:
     source = worker_tiny_adapters["attn_rs"]
     ref = common_pb2.AdapterRef()
     ref.CopyFrom(tiny_refs["attn_rs"])
-    store = open_store(f"s3://{s3_bucket}/adapters")
+    store = open_store(f"s3://{worker_bucket}/by-reference")
     for name in ADAPTER_FILES:
         store.upload(f"{digest_hex(ref.digest)}/{name}", source / name)
     ref.uri = store.uri_for(digest_hex(ref.digest))

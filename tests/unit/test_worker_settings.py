@@ -9,9 +9,12 @@ import pytest
 
 from services.common.config import DEFAULT_MODEL, ConfigError, WorkerSettings
 
+# These tests are about the other variables; tests/unit/test_tls_config.py covers identities.
+PLAINTEXT = {"LORAPLEX_INSECURE_PLAINTEXT": "true"}
+
 
 def test_defaults_serve_smollm2_on_50052_with_an_id_from_host_and_port() -> None:
-    s = WorkerSettings.from_env({"LORAPLEX_HOME": "/srv/lp"})
+    s = WorkerSettings.from_env({"LORAPLEX_HOME": "/srv/lp", **PLAINTEXT})
     assert s.listen == "127.0.0.1:50052"
     assert s.worker_id == f"{socket.gethostname()}-50052"
     assert s.model == DEFAULT_MODEL
@@ -32,6 +35,7 @@ def test_defaults_serve_smollm2_on_50052_with_an_id_from_host_and_port() -> None
 def test_every_variable_is_read() -> None:
     s = WorkerSettings.from_env(
         {
+            **PLAINTEXT,
             "LORAPLEX_WORKER_LISTEN": "0.0.0.0:6000",
             "LORAPLEX_WORKER_ID": "w-7",
             "LORAPLEX_MODEL": "tiny-llama",
@@ -85,5 +89,5 @@ def test_every_variable_is_read() -> None:
 )
 def test_bad_values_name_the_variable(variable: str, value: str, phrase: str) -> None:
     with pytest.raises(ConfigError) as info:
-        WorkerSettings.from_env({variable: value})
+        WorkerSettings.from_env({**PLAINTEXT, variable: value})
     assert variable in str(info.value) and phrase in str(info.value)
