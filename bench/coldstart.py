@@ -242,13 +242,16 @@ def start_worker(
         "LORAPLEX_MODEL": model,
         "LORAPLEX_DEVICE": "cpu",
         "LORAPLEX_DTYPE": "auto",
+        # The bench calls the worker directly on loopback: no router identity to present.
+        "LORAPLEX_INSECURE_PLAINTEXT": "true",
+        "LORAPLEX_ALLOWED_BUCKETS": BUCKET,
         # Two torch threads on a busy 2-core machine stall at every barrier when another process
         # holds a core (TTFT outliers of 0.5-1.5 s); one thread keeps the tails about the tiers.
         **({"OMP_NUM_THREADS": str(threads)} if threads else {}),
     }
     proc = procs.start("worker", [sys.executable, "-m", "services.cli.main", "worker", "serve"], worker_env)
     try:
-        wait_serving(address, proc=proc, timeout_s=300)
+        wait_serving(address, tls=None, proc=proc, timeout_s=300)
     except (RuntimeError, TimeoutError) as exc:
         raise RuntimeError(f"{exc}; worker log:\n{procs.log_tail('worker')}") from None
     return address, proc

@@ -34,7 +34,6 @@ from services.common.health import wait_serving
 from services.common.net import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ADMIN_TOKEN = "bench-admin-token-0123456789"
 PROMPT = common_pb2.Prompt(text="benchmark the router")
 MD = (("authorization", f"Bearer {API_KEY}"),)
 
@@ -221,7 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             router_env = {
                 **env,
                 "LORAPLEX_HOME": home,
-                "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN,
+                # The synthetic backends serve plaintext; the bench measures the router's proxy path.
+                "LORAPLEX_INSECURE_PLAINTEXT": "true",
                 "LORAPLEX_REGISTRY": f"127.0.0.1:{ports['registry']}",
                 "LORAPLEX_WORKERS": f"127.0.0.1:{ports['worker']}",
                 "LORAPLEX_ROUTER_DISCOVER_WORKERS": "false",
@@ -234,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            wait_serving(f"127.0.0.1:{router_port}", proc=router)
+            wait_serving(f"127.0.0.1:{router_port}", tls=None, proc=router)
             pids = {"router": router.pid, "backends": backends.pid}
             result = asyncio.run(
                 measure(f"127.0.0.1:{ports['worker']}", f"127.0.0.1:{router_port}", args, pids)

@@ -66,9 +66,10 @@ from bench.routing_traffic import (
     percentile,
     zipf_sequence,
 )
-from services.cli.dev import DEMO_TENANT, Stack, dev_admin_token, start_router, start_workers
+from services.cli.dev import DEMO_TENANT, Stack, dev_admin_token, dev_env, start_router, start_workers
 from services.common.health import wait_serving
 from services.common.net import free_port
+from services.common.tls import Role, TlsFiles
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -145,7 +146,9 @@ def adapter_bytes(adapter_dir: Path) -> int:
     return sum((adapter_dir / name).stat().st_size for name in ADAPTER_FILES)
 
 
-def register(registry: str, token: str, model_dir: Path, dirs: list[Path]) -> tuple[str, list[BenchAdapter]]:
+def register(
+    registry: str, token: str, tls: TlsFiles | None, model_dir: Path, dirs: list[Path]
+) -> tuple[str, list[BenchAdapter]]:
     """Catalog entry for the tiny model, the demo tenant, an API key, and every adapter uploaded once."""
     from services.client.registry import RegistryClient
     from services.common.adapter_files import adapter_digest
@@ -153,7 +156,7 @@ def register(registry: str, token: str, model_dir: Path, dirs: list[Path]) -> tu
     from services.devtools.tiny_model import TINY_LLAMA
     from services.registry.convert import base_model_pb
 
-    with RegistryClient(registry, token) as c:
+    with RegistryClient(registry, token, tls=tls) as c:
         c.upsert_base_model(base_model_pb(describe_model(TINY_LLAMA, model_dir), 0.05, 0.20))
         if DEMO_TENANT not in {t.name for t in c.list_tenants()}:
             c.create_tenant(DEMO_TENANT)
@@ -211,6 +214,7 @@ async def replay(
     max_tokens: int,
     run: PolicyRun | None,
     homes: dict[str, str],
+    ca: Path | None = None,
 ) -> None:
     """Sends `sequence` in order from `concurrency` clients; records into `run` (None: warmup)."""
     import grpc
@@ -256,7 +260,7 @@ async def replay(
             run.off_home += off_home
 
     # One channel per client: a shared HTTP/2 connection would serialise the streams' first bytes.
-    conns = [AsyncInferenceClient(router, api_key, timeout_s=120) for _ in range(concurrency)]
+    conns = [AsyncInferenceClient(router, api_key, ca=ca, timeout_s=120) for _ in range(concurrency)]
     try:
         await asyncio.gather(*(client(c) for c in conns))
     finally:
@@ -307,6 +311,7 @@ def run_policy(
         workers=[f"127.0.0.1:{free_port()}" for _ in worker_ids],
         logs=logs,
         procs=[],
+        tls=base.tls,
     )
     metrics_port = free_port()
     router_env = dict(kv.split("=", 1) for kv in args.router_env)
@@ -330,10 +335,13 @@ def run_policy(
             },
         )
         for proc, addr in zip(workers, stack.workers, strict=True):
-            wait_serving(addr, proc=proc, timeout_s=300)
-        wait_serving(stack.router, proc=router, timeout_s=120)
+            wait_serving(addr, tls=stack.tls, proc=proc, timeout_s=300)
+        wait_serving(stack.router, tls=stack.tls, proc=router, timeout_s=120)
         replay_args: dict[str, Any] = dict(
-            concurrency=args.concurrency, max_tokens=args.max_tokens, homes=home_of
+            concurrency=args.concurrency,
+            max_tokens=args.max_tokens,
+            homes=home_of,
+            ca=stack.tls.ca if stack.tls else None,
         )
         # The warmup runs to completion first: identical for every policy, and not measured.
         warm, measured = sequence[: args.warmup], sequence[args.warmup :]
@@ -526,19 +534,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     keep = ("LORAPLEX_DATABASE_URL", "LORAPLEX_ADMIN_TOKEN")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_") or k in keep}
     env["LORAPLEX_HOME"] = str(home)
-    env["LORAPLEX_ADMIN_TOKEN"] = token = dev_admin_token(home)
+    token = dev_admin_token(home)
+    # mTLS between the services as in `loraplex dev` (certificates made once under the bench home).
+    env, tls = dev_env(home, token)
     env["PYTHONPATH"] = str(REPO)
     logs = home / "logs" / time.strftime("%Y%m%d-%H%M%S")
     logs.mkdir(parents=True)
-    base = Stack(home, env, f"127.0.0.1:{free_port()}", "", [], logs, [])
+    base = Stack(home, env, f"127.0.0.1:{free_port()}", "", [], logs, [], tls)
     scratch = Path(tempfile.mkdtemp(prefix="bench-routing-"))
     sequence = zipf_sequence(args.adapters, args.alpha, args.warmup + args.requests, args.seed)
     runs: dict[str, PolicyRun] = {}
     swept: dict[int, dict[str, PolicyRun]] = {}
     try:
-        registry = base.start("registry", ["registry", "serve"], {"LORAPLEX_REGISTRY_LISTEN": base.registry})
-        wait_serving(base.registry, proc=registry, timeout_s=120)
-        api_key, adapters = register(base.registry, token, model_dir, dirs)
+        registry = base.start(
+            "registry", ["registry", "serve"], {"LORAPLEX_REGISTRY_LISTEN": base.registry}, Role.REGISTRY
+        )
+        wait_serving(base.registry, tls=tls, proc=registry, timeout_s=120)
+        api_key, adapters = register(base.registry, token, tls, model_dir, dirs)
         size = adapter_bytes(dirs[0])
         say(f"registry up, adapters registered ({time.monotonic() - began:.0f} s); logs in {logs}")
         plans = [(args.device_adapters, policies)]

@@ -63,12 +63,16 @@ class StandInRegistry:
 
 class CountingLedger:
     def __init__(self) -> None:
-        self.seen: set[str] = set()
+        self.seen: set[tuple[str, str]] = set()  # (tenant_id, request_id), the ledger's key
 
     async def RecordUsage(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        new = {r.request_id for r in request.records} - self.seen
+        new = {(r.tenant_id, r.request_id) for r in request.records} - self.seen
         self.seen |= new
         return usage_pb2.RecordUsageResponse(inserted=len(new), duplicates=len(request.records) - len(new))
+
+    async def LookupRequests(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        found = [rid for rid in request.request_ids if (request.tenant_id, rid) in self.seen]
+        return usage_pb2.LookupRequestsResponse(found=found)
 
 
 def _handlers(registry: StandInRegistry, ledger: CountingLedger) -> tuple[grpc.GenericRpcHandler, ...]:
@@ -102,7 +106,10 @@ def _handlers(registry: StandInRegistry, ledger: CountingLedger) -> tuple[grpc.G
             {
                 "RecordUsage": unary(
                     ledger.RecordUsage, usage_pb2.RecordUsageRequest, usage_pb2.RecordUsageResponse
-                )
+                ),
+                "LookupRequests": unary(
+                    ledger.LookupRequests, usage_pb2.LookupRequestsRequest, usage_pb2.LookupRequestsResponse
+                ),
             },
         ),
     )

@@ -87,6 +87,11 @@ def seed(url: str) -> str:
             " VALUES (%s, 'llama', 30, 8192, 576, 49152, '[]', 'model.layers', 0.15, 0.6)",
             (MODEL,),
         )
+        conn.execute(
+            "INSERT INTO base_model_prices (base_model, effective_from, input_price_per_mtok,"
+            " output_price_per_mtok) VALUES (%s, '-infinity', 0.15, 0.6)",
+            (MODEL,),
+        )
     return tenant
 
 
@@ -98,14 +103,15 @@ def bulk_load(url: str, tenant: str, n: int) -> float:
             """
             INSERT INTO usage_records (request_id, tenant_id, api_key_id, base_model, adapter_id,
                 adapter_version, input_tokens, cached_input_tokens, output_tokens, finish_reason,
-                ttft_ms, duration_ms, worker_id, cold_start, started_at, finished_at)
+                ttft_ms, duration_ms, worker_id, cold_start, started_at, finished_at,
+                input_price_per_mtok, output_price_per_mtok)
             SELECT 'bulk-' || lpad(i::text, 10, '0'), %(tenant)s, gen_random_uuid(), %(model)s,
                 CASE WHEN i %% 4 = 0 THEN NULL ELSE gen_random_uuid() END,
                 CASE WHEN i %% 4 = 0 THEN NULL ELSE 1 + i %% 7 END,
                 100 + i %% 900, i %% 100, 1 + i %% 500, 'eos', 20.5 + i %% 50, 800.25 + i %% 300,
                 'worker-' || (i %% 8), i %% 10 = 0,
                 %(start)s + (i * interval '10 milliseconds') - interval '1 second',
-                %(start)s + (i * interval '10 milliseconds')
+                %(start)s + (i * interval '10 milliseconds'), 0.15, 0.6
             FROM generate_series(1, %(n)s) AS i
             """,
             {"tenant": tenant, "model": MODEL, "start": BULK_START, "n": n},

@@ -3,6 +3,7 @@
 pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.postgres",
+    "tests.fixtures.tls",
     "tests.fixtures.s3",
     "tests.fixtures.registry",
     "tests.fixtures.worker",

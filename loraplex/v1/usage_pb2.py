@@ -26,31 +26,39 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from loraplex.v1 import common_pb2 as loraplex_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17loraplex/v1/usage.proto\x12\x0bloraplex.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18loraplex/v1/common.proto\"\x8c\x03\n\x0bUsageRecord\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x12\n\napi_key_id\x18\x03 \x01(\t\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12\x12\n\nadapter_id\x18\x05 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x06 \x01(\r\x12!\n\x05usage\x18\x07 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12\x30\n\rfinish_reason\x18\x08 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12\x0f\n\x07ttft_ms\x18\t \x01(\x01\x12\x13\n\x0b\x64uration_ms\x18\n \x01(\x01\x12\x11\n\tworker_id\x18\x0b \x01(\t\x12\x12\n\ncold_start\x18\x0c \x01(\x08\x12.\n\nstarted_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"?\n\x12RecordUsageRequest\x12)\n\x07records\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.UsageRecord\";\n\x13RecordUsageResponse\x12\x10\n\x08inserted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\"\xa3\x01\n\x12\x45xportUsageRequest\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12)\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x19.loraplex.v1.ExportFormat\"#\n\x13\x45xportUsageResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"{\n\x15SummarizeUsageRequest\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06tenant\x18\x03 \x01(\t\"\xc9\x01\n\x0fUsageSummaryRow\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x12\n\nadapter_id\x18\x03 \x01(\t\x12\x0b\n\x03\x64\x61y\x18\x04 \x01(\t\x12\x10\n\x08requests\x18\x05 \x01(\x04\x12\x14\n\x0cinput_tokens\x18\x06 \x01(\x04\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x07 \x01(\x04\x12\x15\n\routput_tokens\x18\x08 \x01(\x04\x12\x12\n\namount_usd\x18\t \x01(\x01\"D\n\x16SummarizeUsageResponse\x12*\n\x04rows\x18\x01 \x03(\x0b\x32\x1c.loraplex.v1.UsageSummaryRow*|\n\x0c\x45xportFormat\x12\x1d\n\x19\x45XPORT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45XPORT_FORMAT_CSV\x10\x01\x12\x17\n\x13\x45XPORT_FORMAT_JSONL\x10\x02\x12\x1d\n\x19\x45XPORT_FORMAT_CLOUDEVENTS\x10\x03\x32\x8f\x02\n\x0cUsageService\x12P\n\x0bRecordUsage\x12\x1f.loraplex.v1.RecordUsageRequest\x1a .loraplex.v1.RecordUsageResponse\x12R\n\x0b\x45xportUsage\x12\x1f.loraplex.v1.ExportUsageRequest\x1a .loraplex.v1.ExportUsageResponse0\x01\x12Y\n\x0eSummarizeUsage\x12\".loraplex.v1.SummarizeUsageRequest\x1a#.loraplex.v1.SummarizeUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17loraplex/v1/usage.proto\x12\x0bloraplex.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18loraplex/v1/common.proto\"\x8c\x03\n\x0bUsageRecord\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x12\n\napi_key_id\x18\x03 \x01(\t\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12\x12\n\nadapter_id\x18\x05 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x06 \x01(\r\x12!\n\x05usage\x18\x07 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12\x30\n\rfinish_reason\x18\x08 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12\x0f\n\x07ttft_ms\x18\t \x01(\x01\x12\x13\n\x0b\x64uration_ms\x18\n \x01(\x01\x12\x11\n\tworker_id\x18\x0b \x01(\t\x12\x12\n\ncold_start\x18\x0c \x01(\x08\x12.\n\nstarted_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"?\n\x12RecordUsageRequest\x12)\n\x07records\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.UsageRecord\";\n\x13RecordUsageResponse\x12\x10\n\x08inserted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\"Q\n\x15LookupRequestsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x13\n\x0brequest_ids\x18\x02 \x03(\t\x12\x10\n\x08window_s\x18\x03 \x01(\r\"\'\n\x16LookupRequestsResponse\x12\r\n\x05\x66ound\x18\x01 \x03(\t\"S\n\x13TenantTokensRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"&\n\x14TenantTokensResponse\x12\x0e\n\x06tokens\x18\x01 \x01(\x04\"\xa3\x01\n\x12\x45xportUsageRequest\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12)\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x19.loraplex.v1.ExportFormat\"#\n\x13\x45xportUsageResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"{\n\x15SummarizeUsageRequest\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06tenant\x18\x03 \x01(\t\"\xc9\x01\n\x0fUsageSummaryRow\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x12\n\nadapter_id\x18\x03 \x01(\t\x12\x0b\n\x03\x64\x61y\x18\x04 \x01(\t\x12\x10\n\x08requests\x18\x05 \x01(\x04\x12\x14\n\x0cinput_tokens\x18\x06 \x01(\x04\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x07 \x01(\x04\x12\x15\n\routput_tokens\x18\x08 \x01(\x04\x12\x12\n\namount_usd\x18\t \x01(\x01\"D\n\x16SummarizeUsageResponse\x12*\n\x04rows\x18\x01 \x03(\x0b\x32\x1c.loraplex.v1.UsageSummaryRow*|\n\x0c\x45xportFormat\x12\x1d\n\x19\x45XPORT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45XPORT_FORMAT_CSV\x10\x01\x12\x17\n\x13\x45XPORT_FORMAT_JSONL\x10\x02\x12\x1d\n\x19\x45XPORT_FORMAT_CLOUDEVENTS\x10\x03\x32\xbf\x03\n\x0cUsageService\x12P\n\x0bRecordUsage\x12\x1f.loraplex.v1.RecordUsageRequest\x1a .loraplex.v1.RecordUsageResponse\x12Y\n\x0eLookupRequests\x12\".loraplex.v1.LookupRequestsRequest\x1a#.loraplex.v1.LookupRequestsResponse\x12S\n\x0cTenantTokens\x12 .loraplex.v1.TenantTokensRequest\x1a!.loraplex.v1.TenantTokensResponse\x12R\n\x0b\x45xportUsage\x12\x1f.loraplex.v1.ExportUsageRequest\x1a .loraplex.v1.ExportUsageResponse0\x01\x12Y\n\x0eSummarizeUsage\x12\".loraplex.v1.SummarizeUsageRequest\x1a#.loraplex.v1.SummarizeUsageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplex.v1.usage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EXPORTFORMAT']._serialized_start=1226
-  _globals['_EXPORTFORMAT']._serialized_end=1350
+  _globals['_EXPORTFORMAT']._serialized_start=1475
+  _globals['_EXPORTFORMAT']._serialized_end=1599
   _globals['_USAGERECORD']._serialized_start=100
   _globals['_USAGERECORD']._serialized_end=496
   _globals['_RECORDUSAGEREQUEST']._serialized_start=498
   _globals['_RECORDUSAGEREQUEST']._serialized_end=561
   _globals['_RECORDUSAGERESPONSE']._serialized_start=563
   _globals['_RECORDUSAGERESPONSE']._serialized_end=622
-  _globals['_EXPORTUSAGEREQUEST']._serialized_start=625
-  _globals['_EXPORTUSAGEREQUEST']._serialized_end=788
-  _globals['_EXPORTUSAGERESPONSE']._serialized_start=790
-  _globals['_EXPORTUSAGERESPONSE']._serialized_end=825
-  _globals['_SUMMARIZEUSAGEREQUEST']._serialized_start=827
-  _globals['_SUMMARIZEUSAGEREQUEST']._serialized_end=950
-  _globals['_USAGESUMMARYROW']._serialized_start=953
-  _globals['_USAGESUMMARYROW']._serialized_end=1154
-  _globals['_SUMMARIZEUSAGERESPONSE']._serialized_start=1156
-  _globals['_SUMMARIZEUSAGERESPONSE']._serialized_end=1224
-  _globals['_USAGESERVICE']._serialized_start=1353
-  _globals['_USAGESERVICE']._serialized_end=1624
+  _globals['_LOOKUPREQUESTSREQUEST']._serialized_start=624
+  _globals['_LOOKUPREQUESTSREQUEST']._serialized_end=705
+  _globals['_LOOKUPREQUESTSRESPONSE']._serialized_start=707
+  _globals['_LOOKUPREQUESTSRESPONSE']._serialized_end=746
+  _globals['_TENANTTOKENSREQUEST']._serialized_start=748
+  _globals['_TENANTTOKENSREQUEST']._serialized_end=831
+  _globals['_TENANTTOKENSRESPONSE']._serialized_start=833
+  _globals['_TENANTTOKENSRESPONSE']._serialized_end=871
+  _globals['_EXPORTUSAGEREQUEST']._serialized_start=874
+  _globals['_EXPORTUSAGEREQUEST']._serialized_end=1037
+  _globals['_EXPORTUSAGERESPONSE']._serialized_start=1039
+  _globals['_EXPORTUSAGERESPONSE']._serialized_end=1074
+  _globals['_SUMMARIZEUSAGEREQUEST']._serialized_start=1076
+  _globals['_SUMMARIZEUSAGEREQUEST']._serialized_end=1199
+  _globals['_USAGESUMMARYROW']._serialized_start=1202
+  _globals['_USAGESUMMARYROW']._serialized_end=1403
+  _globals['_SUMMARIZEUSAGERESPONSE']._serialized_start=1405
+  _globals['_SUMMARIZEUSAGERESPONSE']._serialized_end=1473
+  _globals['_USAGESERVICE']._serialized_start=1602
+  _globals['_USAGESERVICE']._serialized_end=2049
 # @@protoc_insertion_point(module_scope)

@@ -70,7 +70,9 @@ class UsageRecord(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Idempotency key: one record per request id, ever."""
+    """Idempotency key, together with tenant_id: one record per (tenant, request id),
+    ever. Two tenants may use the same request id.
+    """
     tenant_id: _builtins.str
     """Tenant id."""
     api_key_id: _builtins.str
@@ -164,7 +166,7 @@ class RecordUsageResponse(_message.Message):
     inserted: _builtins.int
     """Records newly inserted."""
     duplicates: _builtins.int
-    """Records whose request_id was already present (ignored)."""
+    """Records whose (tenant_id, request_id) was already present (ignored)."""
     def __init__(
         self,
         *,
@@ -178,6 +180,114 @@ class RecordUsageResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RecordUsageResponse: _TypeAlias = RecordUsageResponse  # noqa: Y015
+
+@_typing.final
+class LookupRequestsRequest(_message.Message):
+    """One tenant's request ids to look up in the ledger."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_IDS_FIELD_NUMBER: _builtins.int
+    WINDOW_S_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """Tenant id (UUID)."""
+    window_s: _builtins.int
+    """Only records that finished at most this many seconds ago count (the
+    idempotency window); 0 looks at the whole ledger.
+    """
+    @_builtins.property
+    def request_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Request ids to look for; at most 1,000."""
+
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        request_ids: _abc.Iterable[_builtins.str] | None = ...,
+        window_s: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_ids", b"request_ids", "tenant_id", b"tenant_id", "window_s", b"window_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LookupRequestsRequest: _TypeAlias = LookupRequestsRequest  # noqa: Y015
+
+@_typing.final
+class LookupRequestsResponse(_message.Message):
+    """The ids the ledger holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FOUND_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def found(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The subset of request_ids the tenant has a ledger record for, within the window."""
+
+    def __init__(
+        self,
+        *,
+        found: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["found", b"found"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LookupRequestsResponse: _TypeAlias = LookupRequestsResponse  # noqa: Y015
+
+@_typing.final
+class TenantTokensRequest(_message.Message):
+    """Sums one tenant's tokens."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """Tenant id (UUID)."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """Records with finished_at >= since (the start of the month, for a monthly quota)."""
+
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TenantTokensRequest: _TypeAlias = TenantTokensRequest  # noqa: Y015
+
+@_typing.final
+class TenantTokensResponse(_message.Message):
+    """The tenant's tokens."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKENS_FIELD_NUMBER: _builtins.int
+    tokens: _builtins.int
+    """Summed input_tokens + output_tokens."""
+    def __init__(
+        self,
+        *,
+        tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TenantTokensResponse: _TypeAlias = TenantTokensResponse  # noqa: Y015
 
 @_typing.final
 class ExportUsageRequest(_message.Message):
@@ -305,7 +415,9 @@ class UsageSummaryRow(_message.Message):
     output_tokens: _builtins.int
     """Summed output tokens."""
     amount_usd: _builtins.float
-    """Amount in USD from the base model's prices."""
+    """Amount in USD from the prices stored with each record (those in force when
+    it finished).
+    """
     def __init__(
         self,
         *,

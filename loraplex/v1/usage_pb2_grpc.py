@@ -41,6 +41,16 @@ class UsageServiceStub:
                 request_serializer=loraplex_dot_v1_dot_usage__pb2.RecordUsageRequest.SerializeToString,
                 response_deserializer=loraplex_dot_v1_dot_usage__pb2.RecordUsageResponse.FromString,
                 _registered_method=True)
+        self.LookupRequests = channel.unary_unary(
+                '/loraplex.v1.UsageService/LookupRequests',
+                request_serializer=loraplex_dot_v1_dot_usage__pb2.LookupRequestsRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_usage__pb2.LookupRequestsResponse.FromString,
+                _registered_method=True)
+        self.TenantTokens = channel.unary_unary(
+                '/loraplex.v1.UsageService/TenantTokens',
+                request_serializer=loraplex_dot_v1_dot_usage__pb2.TenantTokensRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_usage__pb2.TenantTokensResponse.FromString,
+                _registered_method=True)
         self.ExportUsage = channel.unary_stream(
                 '/loraplex.v1.UsageService/ExportUsage',
                 request_serializer=loraplex_dot_v1_dot_usage__pb2.ExportUsageRequest.SerializeToString,
@@ -59,8 +69,26 @@ class UsageServiceServicer:
     """
 
     def RecordUsage(self, request, context):
-        """Records a batch of usage records. Idempotent on request_id: a record whose
-        request_id is already in the ledger is counted as a duplicate and ignored.
+        """Records a batch of usage records. Idempotent on (tenant_id, request_id): a
+        record whose tenant already has that request_id in the ledger is counted as a
+        duplicate and ignored. Each new row stores the base model's prices in force
+        at its finished_at.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LookupRequests(self, request, context):
+        """Which of one tenant's request ids the ledger already holds, among records that
+        finished within a recent window: the router refuses to generate them again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TenantTokens(self, request, context):
+        """One tenant's input + output tokens since a time: routers enforce monthly
+        quotas with it. Router identity or admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -87,6 +115,16 @@ def add_UsageServiceServicer_to_server(servicer, server):
                     servicer.RecordUsage,
                     request_deserializer=loraplex_dot_v1_dot_usage__pb2.RecordUsageRequest.FromString,
                     response_serializer=loraplex_dot_v1_dot_usage__pb2.RecordUsageResponse.SerializeToString,
+            ),
+            'LookupRequests': grpc.unary_unary_rpc_method_handler(
+                    servicer.LookupRequests,
+                    request_deserializer=loraplex_dot_v1_dot_usage__pb2.LookupRequestsRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_usage__pb2.LookupRequestsResponse.SerializeToString,
+            ),
+            'TenantTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.TenantTokens,
+                    request_deserializer=loraplex_dot_v1_dot_usage__pb2.TenantTokensRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_usage__pb2.TenantTokensResponse.SerializeToString,
             ),
             'ExportUsage': grpc.unary_stream_rpc_method_handler(
                     servicer.ExportUsage,
@@ -128,6 +166,60 @@ class UsageService:
             '/loraplex.v1.UsageService/RecordUsage',
             loraplex_dot_v1_dot_usage__pb2.RecordUsageRequest.SerializeToString,
             loraplex_dot_v1_dot_usage__pb2.RecordUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LookupRequests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.UsageService/LookupRequests',
+            loraplex_dot_v1_dot_usage__pb2.LookupRequestsRequest.SerializeToString,
+            loraplex_dot_v1_dot_usage__pb2.LookupRequestsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TenantTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.UsageService/TenantTokens',
+            loraplex_dot_v1_dot_usage__pb2.TenantTokensRequest.SerializeToString,
+            loraplex_dot_v1_dot_usage__pb2.TenantTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,

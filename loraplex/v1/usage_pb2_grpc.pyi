@@ -36,8 +36,18 @@ class UsageServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> UsageServiceAsyncStub: ...
     RecordUsage: _grpc.UnaryUnaryMultiCallable[_usage_pb2.RecordUsageRequest, _usage_pb2.RecordUsageResponse]
-    """Records a batch of usage records. Idempotent on request_id: a record whose
-    request_id is already in the ledger is counted as a duplicate and ignored.
+    """Records a batch of usage records. Idempotent on (tenant_id, request_id): a
+    record whose tenant already has that request_id in the ledger is counted as a
+    duplicate and ignored. Each new row stores the base model's prices in force
+    at its finished_at.
+    """
+    LookupRequests: _grpc.UnaryUnaryMultiCallable[_usage_pb2.LookupRequestsRequest, _usage_pb2.LookupRequestsResponse]
+    """Which of one tenant's request ids the ledger already holds, among records that
+    finished within a recent window: the router refuses to generate them again.
+    """
+    TenantTokens: _grpc.UnaryUnaryMultiCallable[_usage_pb2.TenantTokensRequest, _usage_pb2.TenantTokensResponse]
+    """One tenant's input + output tokens since a time: routers enforce monthly
+    quotas with it. Router identity or admin.
     """
     ExportUsage: _grpc.UnaryStreamMultiCallable[_usage_pb2.ExportUsageRequest, _usage_pb2.ExportUsageResponse]
     """Streams the ledger for a time range as CSV, JSON lines or CloudEvents."""
@@ -52,8 +62,18 @@ class UsageServiceAsyncStub(UsageServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     RecordUsage: _aio.UnaryUnaryMultiCallable[_usage_pb2.RecordUsageRequest, _usage_pb2.RecordUsageResponse]  # type: ignore[assignment]
-    """Records a batch of usage records. Idempotent on request_id: a record whose
-    request_id is already in the ledger is counted as a duplicate and ignored.
+    """Records a batch of usage records. Idempotent on (tenant_id, request_id): a
+    record whose tenant already has that request_id in the ledger is counted as a
+    duplicate and ignored. Each new row stores the base model's prices in force
+    at its finished_at.
+    """
+    LookupRequests: _aio.UnaryUnaryMultiCallable[_usage_pb2.LookupRequestsRequest, _usage_pb2.LookupRequestsResponse]  # type: ignore[assignment]
+    """Which of one tenant's request ids the ledger already holds, among records that
+    finished within a recent window: the router refuses to generate them again.
+    """
+    TenantTokens: _aio.UnaryUnaryMultiCallable[_usage_pb2.TenantTokensRequest, _usage_pb2.TenantTokensResponse]  # type: ignore[assignment]
+    """One tenant's input + output tokens since a time: routers enforce monthly
+    quotas with it. Router identity or admin.
     """
     ExportUsage: _aio.UnaryStreamMultiCallable[_usage_pb2.ExportUsageRequest, _usage_pb2.ExportUsageResponse]  # type: ignore[assignment]
     """Streams the ledger for a time range as CSV, JSON lines or CloudEvents."""
@@ -71,8 +91,30 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _usage_pb2.RecordUsageRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_usage_pb2.RecordUsageResponse, _abc.Awaitable[_usage_pb2.RecordUsageResponse]]:
-        """Records a batch of usage records. Idempotent on request_id: a record whose
-        request_id is already in the ledger is counted as a duplicate and ignored.
+        """Records a batch of usage records. Idempotent on (tenant_id, request_id): a
+        record whose tenant already has that request_id in the ledger is counted as a
+        duplicate and ignored. Each new row stores the base model's prices in force
+        at its finished_at.
+        """
+
+    @_abc_1.abstractmethod
+    def LookupRequests(
+        self,
+        request: _usage_pb2.LookupRequestsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_pb2.LookupRequestsResponse, _abc.Awaitable[_usage_pb2.LookupRequestsResponse]]:
+        """Which of one tenant's request ids the ledger already holds, among records that
+        finished within a recent window: the router refuses to generate them again.
+        """
+
+    @_abc_1.abstractmethod
+    def TenantTokens(
+        self,
+        request: _usage_pb2.TenantTokensRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_usage_pb2.TenantTokensResponse, _abc.Awaitable[_usage_pb2.TenantTokensResponse]]:
+        """One tenant's input + output tokens since a time: routers enforce monthly
+        quotas with it. Router identity or admin.
         """
 
     @_abc_1.abstractmethod

@@ -24,7 +24,7 @@ def _client() -> RegistryClient:
     settings = ClientSettings.from_env()
     if not settings.admin_token:
         raise UsageError("set LORAPLEX_ADMIN_TOKEN to the registry's admin token")
-    return RegistryClient(settings.registry, settings.admin_token)
+    return RegistryClient(settings.registry, settings.admin_token, tls=settings.registry_tls())
 
 
 def _as_dict(msg: Message) -> dict[str, Any]:

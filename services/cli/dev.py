@@ -22,8 +22,10 @@ import grpc
 
 from loraplex.v1 import registry_pb2
 from services.client.registry import RegistryClient
+from services.common.certs import init_certs, role_files
 from services.common.config import DEFAULT_MODEL, ClientSettings, loraplex_home
 from services.common.private_files import secret_file
+from services.common.tls import Role, TlsFiles, certs_dir
 
 # Demo prices, USD per million tokens; change them with `loraplex models register`.
 DEV_INPUT_PRICE = 0.05
@@ -40,6 +42,33 @@ def dev_admin_token(home: Path) -> str:
     return os.environ.get("LORAPLEX_ADMIN_TOKEN") or secret_file(home / "dev-admin-token")
 
 
+def dev_env(home: Path, token: str) -> tuple[dict[str, str], TlsFiles | None]:
+    """The environment of the stack's processes, and the operator identity to reach them with.
+
+    Mutual TLS between all services with the certificates of `loraplex certs init` in
+    $LORAPLEX_HOME/certs (made on first run): each process finds its own role's pair there, and
+    the router serves its public endpoint with TLS too, so the CLI (which reads the CA from the same
+    directory) checks it. LORAPLEX_INSECURE_PLAINTEXT=true runs it all without TLS.
+    """
+
+    # Certificates named in this shell are for one role; every process here takes its own from home.
+    inherited = {
+        k: v for k, v in os.environ.items() if not k.startswith(("LORAPLEX_TLS_", "LORAPLEX_ROUTER_TLS_"))
+    }
+    env = {**inherited, "LORAPLEX_HOME": str(home), "LORAPLEX_ADMIN_TOKEN": token}
+    # Workers fetch only from the registry's store; named here so a worker with a home of its own
+    # (benchmarks) reads the same one.
+    env.setdefault("LORAPLEX_ADAPTER_STORE", (home / "adapters").as_uri())
+    if env.get("LORAPLEX_INSECURE_PLAINTEXT", "").lower() in ("1", "true", "yes", "on"):
+        return env, None
+    directory = certs_dir(home)
+    init_certs(directory)
+    router = role_files(directory, Role.ROUTER)
+    env["LORAPLEX_ROUTER_TLS_CERT"] = str(router.cert)
+    env["LORAPLEX_ROUTER_TLS_KEY"] = str(router.key)
+    return env, role_files(directory, Role.OPERATOR)
+
+
 @dataclass
 class Stack:
     home: Path
@@ -49,12 +78,25 @@ class Stack:
     workers: list[str]
     logs: Path
     procs: list[tuple[str, subprocess.Popen[bytes]]]
+    # The operator identity this process uses on the stack (health checks, setup calls); None: plaintext.
+    tls: TlsFiles | None = None
 
-    def start(self, name: str, args: list[str], extra_env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, args: list[str], extra_env: Mapping[str, str], role: Role | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Starts `loraplex <args>`; with TLS, as `role`'s identity (named, so any home finds it)."""
         log = (self.logs / f"{name}.log").open("ab")
+        identity: dict[str, str] = {}
+        if self.tls is not None and role is not None:
+            files = role_files(self.tls.ca.parent, role)
+            identity = {
+                "LORAPLEX_TLS_CA": str(files.ca),
+                "LORAPLEX_TLS_CERT": str(files.cert),
+                "LORAPLEX_TLS_KEY": str(files.key),
+            }
         proc = subprocess.Popen(
             [sys.executable, "-m", "services.cli.main", *args],
-            env={**self.env, **extra_env},
+            env={**self.env, **identity, **extra_env},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches only us; we drain the children in order
@@ -85,19 +127,19 @@ def running_stack(home: Path, workers: int) -> Iterator[Stack]:
     logs.mkdir(parents=True, exist_ok=True)
     router_port = int(client.router.rpartition(":")[2])
     worker_addrs = [f"127.0.0.1:{router_port + WORKER_PORT_OFFSET + i}" for i in range(workers)]
-    env = {**os.environ, "LORAPLEX_HOME": str(home), "LORAPLEX_ADMIN_TOKEN": token}
-    stack = Stack(home, env, client.registry, client.router, worker_addrs, logs, [])
+    env, tls = dev_env(home, token)
+    stack = Stack(home, env, client.registry, client.router, worker_addrs, logs, [], tls)
     try:
         registry = stack.start(
-            "registry", ["registry", "serve"], {"LORAPLEX_REGISTRY_LISTEN": client.registry}
+            "registry", ["registry", "serve"], {"LORAPLEX_REGISTRY_LISTEN": client.registry}, Role.REGISTRY
         )
-        wait_serving(client.registry, proc=registry, timeout_s=120)
+        wait_serving(client.registry, tls=tls, proc=registry, timeout_s=120)
         _add_model_to_catalog(stack, token)
         start_workers(stack, DEFAULT_MODEL)
         router = start_router(stack)
         for (_, proc), addr in zip(stack.procs[1:-1], worker_addrs, strict=True):
-            wait_serving(addr, proc=proc, timeout_s=300)
-        wait_serving(client.router, proc=router, timeout_s=120)
+            wait_serving(addr, tls=tls, proc=proc, timeout_s=300)
+        wait_serving(client.router, tls=tls, proc=router, timeout_s=120)
         yield stack
     finally:
         stack.stop()
@@ -120,6 +162,7 @@ def start_workers(
                 "LORAPLEX_REGISTRY": stack.registry,
                 **(extra_env[i] if extra_env else {}),
             },
+            Role.WORKER,
         )
         for i, addr in enumerate(stack.workers)
     ]
@@ -136,6 +179,7 @@ def start_router(stack: Stack, extra_env: Mapping[str, str] | None = None) -> su
             "LORAPLEX_WORKERS": ",".join(stack.workers),
             **(extra_env or {}),
         },
+        Role.ROUTER,
     )
 
 
@@ -145,7 +189,7 @@ def _add_model_to_catalog(stack: Stack, token: str) -> None:
 
     model_dir = pull_model(DEFAULT_MODEL, stack.home)
     spec = describe_model(DEFAULT_MODEL, model_dir)
-    with RegistryClient(stack.registry, token) as c:
+    with RegistryClient(stack.registry, token, tls=stack.tls) as c:
         c.upsert_base_model(base_model_pb(spec, DEV_INPUT_PRICE, DEV_OUTPUT_PRICE))
 
 
@@ -157,7 +201,7 @@ def ensure_demo_tenant(stack: Stack) -> tuple[str, list[str]]:
 
     token = stack.env["LORAPLEX_ADMIN_TOKEN"]
     key_file = stack.home / "dev-api-key"
-    with RegistryClient(stack.registry, token) as c:
+    with RegistryClient(stack.registry, token, tls=stack.tls) as c:
         if DEMO_TENANT not in {t.name for t in c.list_tenants()}:
             c.create_tenant(DEMO_TENANT)
             key_file.unlink(missing_ok=True)
@@ -196,6 +240,11 @@ def run_dev(workers: int = 1) -> int:
     with running_stack(home, workers) as stack:
         api_key, adapters = ensure_demo_tenant(stack)
         db = os.environ.get("LORAPLEX_DATABASE_URL") or f"embedded PostgreSQL in {home / 'postgres'}"
+        tls = (
+            f"mutual TLS, certificates in {certs_dir(home)}; the router serves TLS"
+            if stack.tls is not None
+            else "PLAINTEXT (LORAPLEX_INSECURE_PLAINTEXT=true): no service identities are checked"
+        )
         print(
             f"""
 loraplex dev is up.
@@ -203,6 +252,7 @@ loraplex dev is up.
   registry   {stack.registry}   (database: {db})
   workers    {", ".join(stack.workers)}   ({DEFAULT_MODEL})
   tenant     {DEMO_TENANT}, adapters: {", ".join(adapters)}
+  security   {tls}
 
 In another terminal:
   source .venv/bin/activate

@@ -28,7 +28,9 @@ def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument(
-        "--request-id", default="", help="idempotency key: a retry with the same id is billed once"
+        "--request-id",
+        default="",
+        help="idempotency key: runs once per tenant within the idempotency window (then ALREADY_EXISTS)",
     )
     p.add_argument("--json", action="store_true", help="one JSON event per line")
     p.set_defaults(fn=generate)
@@ -55,7 +57,7 @@ def generate(args: argparse.Namespace) -> int:
             stop=tuple(args.stop),
         ),
     )
-    with InferenceClient(settings.router, settings.api_key) as client:
+    with InferenceClient(settings.router, settings.api_key, ca=settings.router_ca) as client:
         for event in client.generate(prompt, options):
             kind = event.WhichOneof("event")
             if args.json:

@@ -61,6 +61,40 @@ def router_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def certs_init(args: argparse.Namespace) -> int:
+    from services.common.certs import init_certs
+    from services.common.tls import certs_dir
+
+    result = init_certs(certs_dir(loraplex_home()), hosts=args.host, force=args.force)
+    if args.json:
+        print(
+            json.dumps({"directory": str(result.directory), "created": result.created, "kept": result.kept})
+        )
+        return 0
+    if result.created:
+        print(f"wrote {', '.join(result.created)} to {result.directory}")
+    if result.kept:
+        print(f"kept {', '.join(result.kept)} already in {result.directory} (--force replaces them)")
+    print(
+        "services under this LORAPLEX_HOME find their role's certificate there; elsewhere set "
+        "LORAPLEX_TLS_CA, LORAPLEX_TLS_CERT and LORAPLEX_TLS_KEY (keys are 0600: copy them with care)"
+    )
+    return 0
+
+
+def certs_show(args: argparse.Namespace) -> int:
+    from services.common.certs import describe
+    from services.common.tls import certs_dir
+
+    directory = certs_dir(loraplex_home())
+    lines = describe(directory) if directory.is_dir() else []
+    if args.json:
+        print(json.dumps(lines))
+    else:
+        print("\n".join(lines) if lines else f"no certificates in {directory}; run 'loraplex certs init'")
+    return 0
+
+
 def models_pull(args: argparse.Namespace) -> int:
     from services.common.base_models import pull_model
 

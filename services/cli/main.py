@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     router = group("router", "the router service (public InferenceService)")
     cmd(router, "serve", local.router_serve, "run the router on LORAPLEX_ROUTER_LISTEN")
 
+    certs = group("certs", "service identities for mutual TLS (a local CA and one certificate per role)")
+    p = cmd(certs, "init", local.certs_init, "make the CA and role certificates in $LORAPLEX_HOME/certs")
+    p.add_argument("--force", action="store_true", help="replace existing ones (a new CA)")
+    p.add_argument(
+        "--host", action="append", default=[], help="extra SAN name or IP, e.g. a worker's host (repeatable)"
+    )
+    cmd(certs, "show", local.certs_show, "list the certificates: role, SANs, expiry (never keys)")
+
     models = group("models", "base models")
     p = cmd(models, "pull", local.models_pull, "download/convert a base model into $LORAPLEX_HOME/models")
     p.add_argument("name")

@@ -31,7 +31,7 @@ def _client() -> UsageClient:
     settings = ClientSettings.from_env()
     if not settings.admin_token:
         raise UsageError("set LORAPLEX_ADMIN_TOKEN to the registry's admin token")
-    return UsageClient(settings.registry, settings.admin_token)
+    return UsageClient(settings.registry, settings.admin_token, tls=settings.registry_tls())
 
 
 def _copy(chunks: Iterable[bytes], out: BinaryIO) -> None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
 from loraplex.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from services.common.tls import ca_channel_credentials
 
 PromptInput = str | Sequence[int] | Sequence[tuple[str, str]]
 
@@ -43,7 +45,8 @@ class Sampling:
 class GenerateOptions:
     adapter: str = ""  # "name" or "name@version"; empty: the bare base model
     model: str = ""  # base model; may be empty when the adapter implies it
-    request_id: str = ""  # idempotency key: a retry with the same id is billed once
+    # Idempotency key: runs once per tenant within the window; a repeat is refused (ALREADY_EXISTS).
+    request_id: str = ""
     sampling: Sampling = field(default_factory=Sampling)
 
 
@@ -80,9 +83,18 @@ def _metadata(api_key: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {api_key}"),)
 
 
+def _router_credentials(ca: Path | None) -> grpc.ChannelCredentials | None:
+    return None if ca is None else ca_channel_credentials(ca)
+
+
 class InferenceClient:
-    def __init__(self, target: str, api_key: str, *, timeout_s: float | None = 300.0) -> None:
-        self._channel = grpc.insecure_channel(target)
+    """ca: the CA that signed the router's certificate (LORAPLEX_TLS_CA); None: plaintext."""
+
+    def __init__(
+        self, target: str, api_key: str, *, ca: Path | None = None, timeout_s: float | None = 300.0
+    ) -> None:
+        creds = _router_credentials(ca)
+        self._channel = grpc.insecure_channel(target) if creds is None else grpc.secure_channel(target, creds)
         self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self._metadata = _metadata(api_key)
         self._timeout = timeout_s
@@ -113,8 +125,15 @@ class InferenceClient:
 
 
 class AsyncInferenceClient:
-    def __init__(self, target: str, api_key: str, *, timeout_s: float | None = 300.0) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+    """ca: the CA that signed the router's certificate (LORAPLEX_TLS_CA); None: plaintext."""
+
+    def __init__(
+        self, target: str, api_key: str, *, ca: Path | None = None, timeout_s: float | None = 300.0
+    ) -> None:
+        creds = _router_credentials(ca)
+        self._channel = (
+            grpc.aio.insecure_channel(target) if creds is None else grpc.aio.secure_channel(target, creds)
+        )
         self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self._metadata = _metadata(api_key)
         self._timeout = timeout_s

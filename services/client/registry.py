@@ -5,17 +5,19 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
-
 from loraplex.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 from services.common.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from services.common.tls import TlsFiles, sync_channel
 
 UPLOAD_CHUNK_BYTES = 1 << 20
 
 
 class RegistryClient:
-    def __init__(self, target: str, token: str | None, *, timeout_s: float = 60.0) -> None:
-        self._channel = grpc.insecure_channel(target)
+    def __init__(
+        self, target: str, token: str | None, *, tls: TlsFiles | None, timeout_s: float = 60.0
+    ) -> None:
+        """tls: the identity to present (the operator's for the CLI); None: a plaintext registry."""
+        self._channel = sync_channel(target, tls)
         self._stub = registry_pb2_grpc.AdapterRegistryServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout = timeout_s

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from loraplex.v1 import usage_pb2, usage_pb2_grpc
+from services.common.tls import TlsFiles, sync_channel
 
 FORMATS = {
     "csv": usage_pb2.EXPORT_FORMAT_CSV,
@@ -36,8 +36,11 @@ def _range(start: datetime | None, end: datetime | None) -> dict[str, Timestamp]
 
 
 class UsageClient:
-    def __init__(self, target: str, token: str | None, *, timeout_s: float = 600.0) -> None:
-        self._channel = grpc.insecure_channel(target)
+    def __init__(
+        self, target: str, token: str | None, *, tls: TlsFiles | None, timeout_s: float = 600.0
+    ) -> None:
+        """tls: the identity to present (the operator's for the CLI); None: a plaintext registry."""
+        self._channel = sync_channel(target, tls)
         self._stub = usage_pb2_grpc.UsageServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout = timeout_s
@@ -54,6 +57,13 @@ class UsageClient:
     def record(self, records: Iterable[usage_pb2.UsageRecord]) -> usage_pb2.RecordUsageResponse:
         req = usage_pb2.RecordUsageRequest(records=list(records))
         return self._stub.RecordUsage(req, metadata=self._metadata, timeout=self._timeout)
+
+    def lookup(self, tenant_id: str, request_ids: Iterable[str], window_s: int = 0) -> list[str]:
+        """Which of a tenant's request ids the ledger holds, finished within window_s (0: ever)."""
+        req = usage_pb2.LookupRequestsRequest(
+            tenant_id=tenant_id, request_ids=list(request_ids), window_s=window_s
+        )
+        return list(self._stub.LookupRequests(req, metadata=self._metadata, timeout=self._timeout).found)
 
     def export(
         self,

@@ -26,7 +26,16 @@ ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 PICKLE_NAMES = ("adapter_model.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 DIGEST_PREFIX = "sha256:"
+# Caps on what a safetensors header may declare, the same at the registry (intake) and the worker
+# (loading), since both parse it with parse_safetensors_header below. A real adapter's header is
+# tens of KiB (a few hundred tensor entries); a parser must not be made to read gigabytes of JSON.
 DEFAULT_MAX_HEADER_BYTES = 8 << 20
+# LoRA tensors are 2-D ([r, in], [out, r]), DoRA magnitudes 1-D; 4 leaves room and no more.
+MAX_TENSOR_DIMS = 4
+# Each dimension is a model dimension or a rank: hidden and intermediate sizes are at most tens of
+# thousands, vocabularies a few hundred thousand, ranks a few hundred. 2**20 is 4x the largest
+# vocabulary in use, and keeps the element count of 4 dims (at most 2**80) cheap to compute.
+MAX_TENSOR_DIM = 1 << 20
 _CHUNK = 1 << 20
 
 # Bits per element; sub-byte types (F4, F6) are packed, so sizes are checked in bits.
@@ -140,19 +149,45 @@ def read_safetensors_header(
                 f"{name} is {file_size} bytes, too short to be a safetensors file (it needs an 8-byte "
                 f"header length); the file is truncated or not safetensors."
             )
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > max_header_bytes:
-            raise InvalidSafetensors(
-                f"{name} declares a {header_len}-byte header, over the limit of {max_header_bytes} "
-                f"bytes; the file is corrupt or not a safetensors file."
-            )
-        if 8 + header_len > file_size:
-            raise InvalidSafetensors(
-                f"{name} declares a {header_len}-byte header but the file is only {file_size} bytes; "
-                f"the file is truncated or corrupt."
-            )
+        header_len = _header_length(prefix, file_size, max_header_bytes, name)
         raw = f.read(header_len)
     return parse_safetensors_header(raw, data_size=file_size - 8 - header_len, file_name=name)
+
+
+def split_safetensors(
+    buf: bytes | bytearray | memoryview,
+    *,
+    file_name: str = ADAPTER_WEIGHTS,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+) -> tuple[SafetensorsHeader, int]:
+    """A safetensors file already in memory: its checked header, and where its data section
+    starts in `buf` (tensor offsets are relative to it)."""
+    if len(buf) < 8:
+        raise InvalidSafetensors(
+            f"{file_name} is {len(buf)} bytes, too short to be a safetensors file (it needs an 8-byte "
+            f"header length); the file is truncated or not safetensors."
+        )
+    header_len = _header_length(bytes(buf[:8]), len(buf), max_header_bytes, file_name)
+    base = 8 + header_len
+    header = parse_safetensors_header(bytes(buf[8:base]), data_size=len(buf) - base, file_name=file_name)
+    return header, base
+
+
+def _header_length(prefix: bytes, file_size: int, max_header_bytes: int, name: str) -> int:
+    """The header length the 8-byte prefix declares, checked against the cap and the file size
+    before a byte of the header is read."""
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len > max_header_bytes:
+        raise InvalidSafetensors(
+            f"{name} declares a {header_len}-byte header, over the limit of {max_header_bytes} "
+            f"bytes; the file is corrupt or not a safetensors file."
+        )
+    if 8 + header_len > file_size:
+        raise InvalidSafetensors(
+            f"{name} declares a {header_len}-byte header but the file is only {file_size} bytes; "
+            f"the file is truncated or corrupt."
+        )
+    return int(header_len)
 
 
 def parse_safetensors_header(raw: bytes, *, data_size: int, file_name: str) -> SafetensorsHeader:
@@ -206,16 +241,26 @@ def _is_int(value: object) -> bool:
 
 
 def _tensor_entry(tensor_name: str, entry: object, file_name: str) -> tuple[TensorInfo, int, int]:
-    where = f"tensor {tensor_name!r} in {file_name}"
+    where = f"tensor {_brief(tensor_name)} in {file_name}"
     if not isinstance(entry, dict):
         raise InvalidSafetensors(f"{where} is not described by a JSON object; the file is corrupt.")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise InvalidSafetensors(
-            f"{where} has unknown dtype {dtype!r}; known dtypes are {', '.join(DTYPE_BITS)}."
+            f"{where} has unknown dtype {_brief(dtype)}; known dtypes are {', '.join(DTYPE_BITS)}."
+        )
+    if isinstance(shape, list) and len(shape) > MAX_TENSOR_DIMS:
+        raise InvalidSafetensors(
+            f"{where} has {len(shape)} dimensions, over the limit of {MAX_TENSOR_DIMS}; "
+            f"LoRA tensors have 1 or 2, so the file is corrupt or not a LoRA adapter."
         )
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise InvalidSafetensors(f"{where} has shape {shape!r}, which is not a list of sizes.")
+        raise InvalidSafetensors(f"{where} has shape {_brief(shape)}, which is not a list of sizes.")
+    if any(d > MAX_TENSOR_DIM for d in shape):
+        raise InvalidSafetensors(
+            f"{where} has shape {shape}, with a dimension over the limit of {MAX_TENSOR_DIM}; "
+            f"no model dimension or rank is that large, so the file is corrupt."
+        )
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
@@ -223,7 +268,7 @@ def _tensor_entry(tensor_name: str, entry: object, file_name: str) -> tuple[Tens
         or offsets[0] > offsets[1]
     ):
         raise InvalidSafetensors(
-            f"{where} has data_offsets {offsets!r}; expected [begin, end] with 0 <= begin <= end."
+            f"{where} has data_offsets {_brief(offsets)}; expected [begin, end] with 0 <= begin <= end."
         )
     begin, end = offsets
     info = TensorInfo(dtype=dtype, shape=tuple(shape), offset=begin)
@@ -234,6 +279,12 @@ def _tensor_entry(tensor_name: str, entry: object, file_name: str) -> tuple[Tens
             f"data_offsets span {end - begin} bytes; the file is corrupt."
         )
     return info, begin, end
+
+
+def _brief(value: object, limit: int = 80) -> str:
+    """A value for an error sentence, cut short: a crafted header can hold megabytes in one field."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _check_layout(spans: list[tuple[int, int, str]], data_size: int, file_name: str) -> None:

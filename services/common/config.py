@@ -10,6 +10,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.common.object_store import AllowedSources
+    from services.common.tls import TlsFiles
 
 PREFIX = "LORAPLEX_"
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -126,6 +131,8 @@ class RegistrySettings:
     max_adapter_bytes: int
     worker_ttl_s: float = 15.0
     extra: dict[str, str] = field(default_factory=dict)
+    # This service's mTLS identity; None: plaintext (LORAPLEX_INSECURE_PLAINTEXT, trusted networks only).
+    tls: TlsFiles | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RegistrySettings:
@@ -136,13 +143,9 @@ class RegistrySettings:
             raise ConfigError(f"{PREFIX}ADMIN_TOKEN is required: admin RPCs are refused without it")
         if len(admin_token) < 16:
             raise ConfigError(f"{PREFIX}ADMIN_TOKEN must be at least 16 characters")
-        store = env.text("ADAPTER_STORE", (home / "adapters").as_uri())
-        if not store.startswith(("file://", "s3://")):
-            raise ConfigError(f"{PREFIX}ADAPTER_STORE={store!r} must start with file:// or s3://")
-        buckets = env.csv("ALLOWED_BUCKETS")
-        if store.startswith("s3://"):
-            store_bucket = store[5:].split("/", 1)[0]
-            buckets = tuple(dict.fromkeys((*buckets, store_bucket)))
+        from services.common.tls import Role, tls_files
+
+        store, buckets = _adapter_store(env, home)
         return cls(
             home=home,
             listen=_check_address("REGISTRY_LISTEN", env.text("REGISTRY_LISTEN", "127.0.0.1:50051")),
@@ -154,7 +157,36 @@ class RegistrySettings:
             max_adapter_rank=env.integer("MAX_ADAPTER_RANK", 256, minimum=1),
             max_adapter_bytes=env.size("MAX_ADAPTER_BYTES", 512 << 20),
             worker_ttl_s=env.number("WORKER_TTL_S", 15.0, minimum=1.0),
+            tls=tls_files(environ, Role.REGISTRY),
         )
+
+
+def _adapter_store(env: Env, home: Path) -> tuple[str, tuple[str, ...]]:
+    """LORAPLEX_ADAPTER_STORE and the buckets adapters may be read from (the store's own included)."""
+    store = env.text("ADAPTER_STORE", (home / "adapters").as_uri())
+    if not store.startswith(("file://", "s3://")):
+        raise ConfigError(f"{PREFIX}ADAPTER_STORE={store!r} must start with file:// or s3://")
+    buckets = env.csv("ALLOWED_BUCKETS")
+    if store.startswith("s3://"):
+        store_bucket = store[5:].split("/", 1)[0]
+        buckets = tuple(dict.fromkeys((*buckets, store_bucket)))
+    return store, buckets
+
+
+def worker_adapter_sources(env: Env, home: Path) -> AllowedSources:
+    """Where a worker may fetch adapters from: the registry's store and allowed buckets and roots.
+
+    Workers read the registry's LORAPLEX_ADAPTER_STORE, LORAPLEX_ALLOWED_BUCKETS and
+    LORAPLEX_ALLOWED_FILE_ROOTS, so a reference naming anything else is refused before any byte
+    is read (an adapter the registry accepted always lives in its store).
+    """
+    from services.common.object_store import AllowedSources, file_uri_path
+
+    store, buckets = _adapter_store(env, home)
+    roots = env.csv("ALLOWED_FILE_ROOTS")
+    if store.startswith("file://"):
+        roots = (str(file_uri_path(store)), *roots)
+    return AllowedSources(buckets=buckets, file_roots=roots)
 
 
 @dataclass(frozen=True)
@@ -165,19 +197,46 @@ class ClientSettings:
     router: str
     admin_token: str | None
     api_key: str | None
+    # The operator identity presented to the registry (mTLS); None: plaintext or not configured.
+    tls: TlsFiles | None = None
+    # Why `tls` is None when plaintext was not asked for: registry commands say it instead of failing
+    # at the TLS handshake.
+    tls_problem: str = ""
+    # The CA the router's certificate is checked against; None: plaintext to the router.
+    router_ca: Path | None = None
+
+    def registry_tls(self) -> TlsFiles | None:
+        """The operator identity, or ConfigError saying how to make one."""
+        if self.tls is None and self.tls_problem:
+            raise ConfigError(self.tls_problem)
+        return self.tls
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ClientSettings:
+        from services.common.tls import Role, client_ca, tls_files
+
         env = Env(environ)
+        tls, problem = None, ""
+        try:
+            tls = tls_files(environ, Role.OPERATOR)
+        except ConfigError as exc:
+            problem = str(exc)
         return cls(
             registry=_check_address("REGISTRY", env.text("REGISTRY", "127.0.0.1:50051")),
             router=_check_address("ROUTER", env.text("ROUTER", "127.0.0.1:50050")),
             admin_token=env.raw("ADMIN_TOKEN"),
             api_key=env.raw("API_KEY"),
+            tls=tls,
+            tls_problem=problem,
+            router_ca=None if env.flag("INSECURE_PLAINTEXT", False) else client_ca(environ),
         )
 
 
 _WORKER_DTYPES = ("auto", "bfloat16", "float32")
+# LORAPLEX_MAX_PROMPT_BYTES: prompt text over this many UTF-8 bytes is refused before tokenizing.
+# One variable and one default for the router (which refuses first) and the worker (which can be
+# called directly, so checks again).
+DEFAULT_MAX_PROMPT_BYTES = 1 << 20
 
 
 def _default_device() -> str:
@@ -195,6 +254,8 @@ class WorkerSettings:
     LORAPLEX_HOST_ADAPTER_BYTES (default 2GiB, 0 turns the tier off) adapters kept in host memory
     already in the device layout (pinned on CUDA), so coming back is one copy;
     LORAPLEX_DISK_ADAPTER_BYTES (default 20GiB) verified files under <home>/worker-cache.
+    LORAPLEX_MAX_PROMPT_BYTES (default 1MiB): prompt text (or chat contents) over this is refused
+    with INVALID_ARGUMENT before it is tokenized.
     Every adapter counts with one size in every tier: the file bytes its AdapterRef names
     (`size_bytes`, or the fetched files' size when the reference has none), so the router and
     the worker agree on what fits. Sizes take units: 512MiB, 4GiB, 1048576.
@@ -221,11 +282,16 @@ class WorkerSettings:
     adapter_idle_ttl_s: float = 300.0
     object_store_timeout_s: float = 20.0
     drain_grace_s: float = 30.0
-    # With a registry, the worker registers itself (advertising `advertise`) and heartbeats.
+    # With a registry, the worker registers itself (advertising `advertise`) and heartbeats, as the
+    # worker identity of its certificate (the advertised host must be one of the certificate's SANs).
     registry: str | None = None
-    admin_token: str | None = None
     advertise: str = ""
     metrics_port: int = 0  # Prometheus /metrics; 0: off
+    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES
+    # Where adapters may be fetched from; the default allows nothing (see worker_adapter_sources).
+    adapter_sources: AllowedSources = field(default_factory=lambda: _no_sources())
+    # This service's mTLS identity; None: plaintext (LORAPLEX_INSECURE_PLAINTEXT, trusted networks only).
+    tls: TlsFiles | None = None
 
     @property
     def cache_dir(self) -> Path:
@@ -249,8 +315,11 @@ class WorkerSettings:
             raise ConfigError(f"{PREFIX}KV_CACHE_BLOCKS=1 is too small; use 0 (auto) or at least 2")
         import socket
 
+        from services.common.tls import Role, tls_files
+
+        home = loraplex_home(env)
         return cls(
-            home=loraplex_home(env),
+            home=home,
             listen=listen,
             worker_id=env.text("WORKER_ID", f"{socket.gethostname()}-{listen.rpartition(':')[2]}"),
             model=env.text("MODEL", DEFAULT_MODEL),
@@ -268,10 +337,18 @@ class WorkerSettings:
             object_store_timeout_s=env.number("OBJECT_STORE_TIMEOUT_S", 20.0, minimum=0.1),
             drain_grace_s=env.number("DRAIN_GRACE_S", 30.0, minimum=0.0),
             registry=_worker_registry(env),
-            admin_token=env.raw("ADMIN_TOKEN"),
             advertise=_check_address("WORKER_ADVERTISE", env.text("WORKER_ADVERTISE", listen)),
             metrics_port=env.integer("WORKER_METRICS_PORT", 0, minimum=0),
+            max_prompt_bytes=_max_prompt_bytes(env),
+            adapter_sources=worker_adapter_sources(env, home),
+            tls=tls_files(environ, Role.WORKER),
         )
+
+
+def _no_sources() -> AllowedSources:
+    from services.common.object_store import AllowedSources
+
+    return AllowedSources(buckets=(), file_roots=())
 
 
 def _positive_size(env: Env, key: str, default: int) -> int:
@@ -281,15 +358,23 @@ def _positive_size(env: Env, key: str, default: int) -> int:
     return value
 
 
+def _max_prompt_bytes(env: Env) -> int:
+    value = env.size("MAX_PROMPT_BYTES", DEFAULT_MAX_PROMPT_BYTES)
+    if value <= 0:
+        raise ConfigError(f"{PREFIX}MAX_PROMPT_BYTES must be more than 0 bytes; no prompt could be served")
+    return value
+
+
 def _worker_registry(env: Env) -> str | None:
     registry = env.raw("REGISTRY")
-    if registry is None:
-        return None
-    if env.raw("ADMIN_TOKEN") is None:
-        raise ConfigError(
-            f"{PREFIX}REGISTRY is set, so {PREFIX}ADMIN_TOKEN is required to register the worker"
-        )
-    return _check_address("REGISTRY", registry)
+    return None if registry is None else _check_address("REGISTRY", registry)
+
+
+def _idempotency_window(env: Env) -> int:
+    window = env.integer("IDEMPOTENCY_WINDOW_S", 86_400, minimum=1)
+    if window > 10 * 365 * 86_400:
+        raise ConfigError(f"{PREFIX}IDEMPOTENCY_WINDOW_S={window} must be at most ten years, in seconds")
+    return window
 
 
 @dataclass(frozen=True)
@@ -298,9 +383,9 @@ class RouterSettings:
 
     home: Path
     listen: str
+    # The router calls the registry (AuthenticateApiKey, WatchAdapters, RecordUsage, ...) as the router
+    # identity of its certificate: it holds no admin token.
     registry: str
-    # The router calls the registry as the operator (AuthenticateApiKey, WatchAdapters, RecordUsage).
-    admin_token: str
     # Static worker addresses (host:port); the registry's ListWorkers adds to them when discovery is on.
     workers: tuple[str, ...]
     discover_workers: bool
@@ -335,16 +420,20 @@ class RouterSettings:
     limit_share: float = 1.0
     # How often a tenant's month-to-date usage is re-read from the ledger (monthly quotas).
     quota_refresh_s: float = 2.0
+    # A client-chosen request id runs at most once per tenant within this window (Stripe's 24 h).
+    idempotency_window_s: int = 86_400
+    # This service's mTLS identity toward workers and the registry; None: plaintext
+    # (LORAPLEX_INSECURE_PLAINTEXT, trusted networks only).
+    tls: TlsFiles | None = None
+    # TLS on the public endpoint (no client certificates: tenants send API keys); None: plaintext.
+    public_tls: PublicTls | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RouterSettings:
         env = Env(environ)
+        from services.common.tls import Role, tls_files
+
         home = loraplex_home(env)
-        admin_token = env.raw("ADMIN_TOKEN")
-        if admin_token is None:
-            raise ConfigError(
-                f"{PREFIX}ADMIN_TOKEN is required: the router calls the registry with the admin token"
-            )
         workers = tuple(_check_address("WORKERS", w) for w in env.csv("WORKERS"))
         ship_batch = env.integer("ROUTER_SHIP_BATCH", 500, minimum=1)
         if ship_batch > 10_000:
@@ -356,7 +445,6 @@ class RouterSettings:
             home=home,
             listen=_check_address("ROUTER_LISTEN", env.text("ROUTER_LISTEN", "127.0.0.1:50050")),
             registry=_check_address("REGISTRY", env.text("REGISTRY", "127.0.0.1:50051")),
-            admin_token=admin_token,
             workers=workers,
             discover_workers=env.flag("ROUTER_DISCOVER_WORKERS", True),
             spool_dir=Path(env.text("SPOOL_DIR", str(home / "router-spool"))).expanduser(),
@@ -382,6 +470,9 @@ class RouterSettings:
             max_prompt_bytes=_prompt_bytes(env),
             limit_share=_fraction(env, "ROUTER_LIMIT_SHARE", 1.0),
             quota_refresh_s=env.number("ROUTER_QUOTA_REFRESH_S", 2.0, minimum=0.1),
+            idempotency_window_s=_idempotency_window(env),
+            tls=tls_files(environ, Role.ROUTER),
+            public_tls=_public_tls(env),
         )
 
 
@@ -390,6 +481,26 @@ def _prompt_bytes(env: Env) -> int:
     if value < 1024:
         raise ConfigError(f"{PREFIX}MAX_PROMPT_BYTES={value} is too small; use at least 1KiB")
     return value
+
+
+@dataclass(frozen=True)
+class PublicTls:
+    """The router's public certificate and key (PEM)."""
+
+    cert: Path
+    key: Path
+
+
+def _public_tls(env: Env) -> PublicTls | None:
+    cert, key = env.raw("ROUTER_TLS_CERT"), env.raw("ROUTER_TLS_KEY")
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ConfigError(f"set both {PREFIX}ROUTER_TLS_CERT and {PREFIX}ROUTER_TLS_KEY, or neither")
+    for name, value in (("ROUTER_TLS_CERT", cert), ("ROUTER_TLS_KEY", key)):
+        if not Path(value).expanduser().is_file():
+            raise ConfigError(f"{PREFIX}{name}={value} is not a file")
+    return PublicTls(cert=Path(cert).expanduser(), key=Path(key).expanduser())
 
 
 # services.router.policy.DEFAULT_LOAD_EPS (config does not import the router; a unit test keeps them equal).

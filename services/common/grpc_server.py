@@ -49,8 +49,12 @@ async def start_server(
     service_names: Sequence[str],
     *,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
 ) -> RunningServer:
-    """Binds `listen` (port 0 picks a free one), registers servicers, health and reflection."""
+    """Binds `listen` (port 0 picks a free one), registers servicers, health and reflection.
+
+    credentials: TLS (services.common.tls); None serves plaintext, which the caller has warned about.
+    """
     server = grpc.aio.server(
         interceptors=list(interceptors),
         options=[
@@ -64,7 +68,10 @@ async def start_server(
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     names = [*service_names, reflection.SERVICE_NAME, health_name]
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(listen)
+    if credentials is None:
+        port = server.add_insecure_port(listen)
+    else:
+        port = server.add_secure_port(listen, credentials)
     if port == 0:
         raise OSError(f"cannot listen on {listen}: address in use or not local")
     await server.start()

@@ -8,13 +8,22 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.tls import TlsFiles, sync_channel
+
 
 def wait_serving(
-    target: str, *, timeout_s: float = 60.0, proc: subprocess.Popen[bytes] | None = None
+    target: str,
+    *,
+    tls: TlsFiles | None,
+    timeout_s: float = 60.0,
+    proc: subprocess.Popen[bytes] | None = None,
 ) -> None:
-    """Returns once `target` is SERVING; raises if `proc` exits first or the timeout passes."""
+    """Returns once `target` is SERVING; raises if `proc` exits first or the timeout passes.
+
+    tls: the identity to connect with (any role: health is open to every verified peer); None: plaintext.
+    """
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
+    with sync_channel(target, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:

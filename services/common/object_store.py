@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import urllib.parse
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -69,6 +70,11 @@ def open_store(uri: str, s3: S3Client | None = None) -> ObjectStore:
             raise UriNotAllowed(f"{uri!r} names no bucket; use s3://bucket/prefix.")
         return S3Store(parsed.netloc, parsed.path.strip("/"), client=s3)
     raise UriNotAllowed(f"{uri!r} is not a supported location; use s3://bucket/prefix or file:///abs/dir.")
+
+
+def file_uri_path(uri: str) -> Path:
+    """file:///abs/dir -> /abs/dir; anything else is UriNotAllowed."""
+    return _file_uri_path(uri)
 
 
 def _file_uri_path(uri: str) -> Path:
@@ -278,30 +284,50 @@ def _is_missing(exc: ClientError) -> bool:
     return code in ("404", "NoSuchKey", "NotFound")
 
 
+@dataclass(frozen=True)
+class AllowedSources:
+    """The one allow-list for where adapter bytes may be read from: buckets and local directories.
+
+    The registry checks a `--uri` against it before staging; a worker checks every AdapterRef's uri
+    before fetching, so a caller that names another bucket or a file elsewhere gets nothing read.
+    """
+
+    buckets: tuple[str, ...]
+    file_roots: tuple[str, ...]
+
+    def check(self, uri: str, *, reader: str = "registry") -> None:
+        """UriNotAllowed with a sentence when `uri` is outside the allow-list."""
+        check_source_uri(uri, allowed_buckets=self.buckets, allowed_file_roots=self.file_roots, reader=reader)
+
+
 def check_source_uri(
-    uri: str, *, allowed_buckets: Iterable[str], allowed_file_roots: Iterable[str | Path]
+    uri: str,
+    *,
+    allowed_buckets: Iterable[str],
+    allowed_file_roots: Iterable[str | Path],
+    reader: str = "registry",
 ) -> None:
-    """Refuse a client-supplied source location outside the registry's allow-lists."""
+    """Refuse a source location outside the allow-lists; `reader` names who refuses, for the sentence."""
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme == "s3":
         buckets = tuple(allowed_buckets)
         if parsed.netloc not in buckets:
             allowed = ", ".join(buckets) if buckets else "none are configured"
             raise UriNotAllowed(
-                f"bucket {parsed.netloc!r} is not one this registry reads from (allowed: {allowed}); "
+                f"bucket {parsed.netloc!r} is not one this {reader} reads from (allowed: {allowed}); "
                 f"copy the adapter into an allowed bucket or add it to LORAPLEX_ALLOWED_BUCKETS."
             )
         return
     if parsed.scheme == "file":
-        _check_file_source(uri, tuple(Path(r) for r in allowed_file_roots))
+        _check_file_source(uri, tuple(Path(r) for r in allowed_file_roots), reader)
         return
     raise UriNotAllowed(f"{uri!r} is not a supported location; use s3://bucket/prefix or file:///abs/dir.")
 
 
-def _check_file_source(uri: str, roots: tuple[Path, ...]) -> None:
+def _check_file_source(uri: str, roots: tuple[Path, ...], reader: str) -> None:
     if not roots:
         raise UriNotAllowed(
-            f"{uri} is a local path but this registry reads no local directories; upload the files "
+            f"{uri} is a local path but this {reader} reads no local directories; upload the files "
             f"instead, or set LORAPLEX_ALLOWED_FILE_ROOTS."
         )
     resolved_roots = [r.resolve() for r in roots]
@@ -313,6 +339,6 @@ def _check_file_source(uri: str, roots: tuple[Path, ...]) -> None:
     for target in targets:
         if not any(target.is_relative_to(root) for root in resolved_roots):
             raise UriNotAllowed(
-                f"{uri} leads to {target}, which is outside the directories this registry may read "
+                f"{uri} leads to {target}, which is outside the directories this {reader} may read "
                 f"({', '.join(str(r) for r in resolved_roots)})."
             )

@@ -38,6 +38,7 @@ from services.registry.tables import (
     AdapterVariant,
     ApiKey,
     BaseModel,
+    BaseModelPrice,
     Tenant,
     Worker,
     adapter_revision_seq,
@@ -226,7 +227,34 @@ async def upsert_base_model(
         .on_conflict_do_update(index_elements=[BaseModel.name], set_={**values, "updated_at": func.now()})
         .returning(BaseModel)
     )
-    return (await s.scalars(stmt, execution_options={"populate_existing": True})).one()
+    model = (await s.scalars(stmt, execution_options={"populate_existing": True})).one()
+    await _record_price(s, spec.name, values["input_price_per_mtok"], values["output_price_per_mtok"])
+    return model
+
+
+async def _record_price(
+    s: AsyncSession, base_model: str, input_price: Decimal, output_price: Decimal
+) -> None:
+    """Appends to the price history when the prices changed (the ledger prices records from it)."""
+    latest = (
+        await s.execute(
+            select(BaseModelPrice.input_price_per_mtok, BaseModelPrice.output_price_per_mtok)
+            .where(BaseModelPrice.base_model == base_model)
+            .order_by(BaseModelPrice.effective_from.desc())
+            .limit(1)
+        )
+    ).one_or_none()
+    if latest is not None and tuple(latest) == (input_price, output_price):
+        return
+    # Two changes in one transaction share now(): the later one wins.
+    prices = {"input_price_per_mtok": input_price, "output_price_per_mtok": output_price}
+    await s.execute(
+        insert(BaseModelPrice)
+        .values(base_model=base_model, effective_from=func.now(), **prices)
+        .on_conflict_do_update(
+            index_elements=[BaseModelPrice.base_model, BaseModelPrice.effective_from], set_=prices
+        )
+    )
 
 
 async def get_base_model(s: AsyncSession, name: str) -> BaseModel | None:
@@ -484,6 +512,12 @@ async def register_worker(s: AsyncSession, worker_id: str, address: str, base_mo
         .returning(Worker)
     )
     return (await s.scalars(stmt, execution_options={"populate_existing": True})).one()
+
+
+async def worker_address(s: AsyncSession, worker_id: str) -> str | None:
+    """The address a worker registered, or None when it is unknown."""
+    result: str | None = await s.scalar(select(Worker.address).where(Worker.worker_id == worker_id))
+    return result
 
 
 async def heartbeat_worker(s: AsyncSession, worker_id: str) -> bool:

@@ -12,7 +12,9 @@ import grpc
 from loraplex.v1 import registry_pb2, registry_pb2_grpc, usage_pb2, usage_pb2_grpc
 from services.common.config import RegistrySettings
 from services.common.grpc_server import RunningServer, run_until_signalled, start_server
+from services.common.identity import REGISTRY_ALLOW, RoleGate
 from services.common.object_store import open_store
+from services.common.tls import server_credentials, warn_plaintext
 from services.registry import db
 from services.registry.change_feed import ChangeFeed
 from services.registry.servicer import AdapterRegistryServicer
@@ -40,13 +42,23 @@ async def start_registry(settings: RegistrySettings) -> RunningServer:
     resources = contextlib.AsyncExitStack()
     await resources.enter_async_context(db.listen_adapter_changes(url, feed.on_notify))
     servicer = AdapterRegistryServicer(settings, sessions, store, feed)
-    usage = UsageServicer(settings.admin_token, sessions)
+    usage = UsageServicer(settings.admin_token, sessions, plaintext=settings.tls is None)
 
     def register(server: grpc.aio.Server) -> None:
         registry_pb2_grpc.add_AdapterRegistryServiceServicer_to_server(servicer, server)
         usage_pb2_grpc.add_UsageServiceServicer_to_server(usage, server)
 
-    running = await start_server(settings.listen, register, SERVICE_NAMES)
+    if settings.tls is None:
+        warn_plaintext("the registry")
+        running = await start_server(settings.listen, register, SERVICE_NAMES)
+    else:
+        running = await start_server(
+            settings.listen,
+            register,
+            SERVICE_NAMES,
+            interceptors=[RoleGate(REGISTRY_ALLOW)],
+            credentials=server_credentials(settings.tls),
+        )
     running.before_drain.append(servicer.begin_drain)
 
     async def close() -> None:

@@ -19,7 +19,15 @@ from services.common.config import RegistrySettings
 from services.common.grpc_errors import RpcError, status_errors
 from services.common.object_store import ObjectStore, check_source_uri
 from services.registry import convert, errors, queries
-from services.registry.callers import ADMIN, Authenticator, Caller
+from services.registry.callers import (
+    ADMIN,
+    ROUTER_CALLS,
+    TENANT_READS,
+    WORKER_CALLS,
+    Authenticator,
+    Caller,
+    CallerKind,
+)
 from services.registry.change_feed import ChangeFeed
 from services.registry.intake import (
     AdapterLimits,
@@ -57,7 +65,7 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServiceServicer):
     ) -> None:
         self._settings = settings
         self._sessions = sessions
-        self._auth = Authenticator(settings.admin_token, sessions)
+        self._auth = Authenticator(settings.admin_token, sessions, plaintext=settings.tls is None)
         self._store = store
         self._feed = change_feed
         self._limits = AdapterLimits(max_rank=settings.max_adapter_rank, max_bytes=settings.max_adapter_bytes)
@@ -71,8 +79,8 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServiceServicer):
 
     # -- auth --------------------------------------------------------------------------------
 
-    async def _caller(self, context: grpc.aio.ServicerContext, *, allow_api_key: bool) -> Caller:
-        return await self._auth.caller(context, allow_api_key=allow_api_key)
+    async def _caller(self, context: grpc.aio.ServicerContext, allowed: frozenset[CallerKind]) -> Caller:
+        return await self._auth.caller(context, allowed)
 
     async def _admin(self, context: grpc.aio.ServicerContext) -> None:
         await self._auth.require_admin(context)
@@ -80,8 +88,8 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServiceServicer):
     async def _tenant_id(
         self, s: AsyncSession, caller: Caller, requested: str, *, required: bool
     ) -> uuid.UUID | None:
-        """The tenant a call acts on: an API key's own tenant, or the one an admin names."""
-        if not caller.is_admin:
+        """The tenant a call acts on: an API key's own tenant, or the one an admin or router names."""
+        if not caller.sees_all_tenants:
             return caller.tenant_id
         if not requested:
             if required:
@@ -139,7 +147,7 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServiceServicer):
         return response
 
     async def AuthenticateApiKey(self, request: Any, context: Any) -> registry_pb2.AuthenticateApiKeyResponse:
-        await self._admin(context)
+        await self._caller(context, ROUTER_CALLS)
         async with self._sessions() as s:
             key = await queries.authenticate_api_key(s, request.secret)
             if key is None:
@@ -167,7 +175,7 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServiceServicer):
             return registry_pb2.UpsertBaseModelResponse(base_model=_base_model_pb(row))
 
     async def ListBaseModels(self, request: Any, context: Any) -> registry_pb2.ListBaseModelsResponse:
-        await self._caller(context, allow_api_key=True)
+        await self._caller(context, TENANT_READS)
         async with self._sessions() as s:
             rows = await queries.list_base_models(s)
             return registry_pb2.ListBaseModelsResponse(base_models=[_base_model_pb(r) for r in rows])
@@ -211,13 +219,13 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServiceServicer):
         return registry_pb2.UploadAdapterResponse(adapter=convert.adapter_pb(row))
 
     async def GetAdapter(self, request: Any, context: Any) -> registry_pb2.GetAdapterResponse:
-        caller = await self._caller(context, allow_api_key=True)
+        caller = await self._caller(context, TENANT_READS)
         async with self._sessions() as s:
             row = await self._find_adapter(s, caller, request.tenant, request.adapter)
             return registry_pb2.GetAdapterResponse(adapter=convert.adapter_pb(row))
 
     async def ListAdapters(self, request: Any, context: Any) -> registry_pb2.ListAdaptersResponse:
-        caller = await self._caller(context, allow_api_key=True)
+        caller = await self._caller(context, TENANT_READS)
         page_size = request.page_size or 100
         if page_size > MAX_PAGE_SIZE:
             raise ValueError(f"page_size must be at most {MAX_PAGE_SIZE}")
@@ -247,7 +255,7 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServiceServicer):
     async def WatchAdapters(
         self, request: Any, context: Any
     ) -> AsyncIterator[registry_pb2.WatchAdaptersResponse]:
-        await self._admin(context)
+        await self._caller(context, ROUTER_CALLS)
         # Headers now, not with the first change: a watcher knows it is connected even when
         # nothing has changed yet (a router waits for this before it trusts the feed).
         await context.send_initial_metadata(())
@@ -264,10 +272,11 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServiceServicer):
     # -- workers -----------------------------------------------------------------------------
 
     async def RegisterWorker(self, request: Any, context: Any) -> registry_pb2.RegisterWorkerResponse:
-        await self._admin(context)
+        caller = await self._caller(context, WORKER_CALLS)
         w = request.worker
         if not w.worker_id or not w.address or not w.base_model:
             raise ValueError("a worker needs worker_id, address and base_model")
+        caller.check_worker_address(w.address)
         async with self._sessions.begin() as s:
             if await queries.get_base_model(s, w.base_model) is None:
                 raise errors.NotFound(f"base model {w.base_model!r} is not in the catalog")
@@ -276,13 +285,17 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServiceServicer):
         return registry_pb2.RegisterWorkerResponse(heartbeat_interval_ms=interval_ms)
 
     async def HeartbeatWorker(self, request: Any, context: Any) -> registry_pb2.HeartbeatWorkerResponse:
-        await self._admin(context)
+        caller = await self._caller(context, WORKER_CALLS)
         async with self._sessions.begin() as s:
+            address = await queries.worker_address(s, request.worker_id)
+            if address is not None:
+                # Keeping another host's registration alive would keep routing to it after it died.
+                caller.check_worker_address(address)
             known = await queries.heartbeat_worker(s, request.worker_id)
         return registry_pb2.HeartbeatWorkerResponse(known=known)
 
     async def ListWorkers(self, request: Any, context: Any) -> registry_pb2.ListWorkersResponse:
-        await self._admin(context)
+        await self._caller(context, ROUTER_CALLS)
         async with self._sessions() as s:
             rows = await queries.list_live_workers(s, request.base_model or None, self._settings.worker_ttl_s)
             return registry_pb2.ListWorkersResponse(
@@ -349,7 +362,7 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServiceServicer):
 
         Another tenant's adapter is reported exactly like a missing one: existence is not revealed.
         """
-        tenant_id = await self._tenant_id(s, caller, tenant, required=not caller.is_admin)
+        tenant_id = await self._tenant_id(s, caller, tenant, required=not caller.sees_all_tenants)
         if not reference:
             raise ValueError("adapter is required: pass 'name', 'name@version' or an adapter id")
         adapter_id = _maybe_uuid(reference)

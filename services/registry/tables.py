@@ -147,6 +147,26 @@ class BaseModel(Base):
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
 
+class BaseModelPrice(Base):
+    """A base model's prices from `effective_from` on: the history the ledger prices records from.
+
+    Written by upsert_base_model whenever the prices change, so a usage record shipped late (a
+    router's backlog) is still priced as of when it finished, not as of when it arrived.
+    """
+
+    __tablename__ = "base_model_prices"
+    __table_args__ = (
+        CheckConstraint(
+            "input_price_per_mtok >= 0 AND output_price_per_mtok >= 0", name="prices_not_negative"
+        ),
+    )
+
+    base_model: Mapped[str] = mapped_column(ForeignKey("base_models.name"), primary_key=True)
+    effective_from: Mapped[datetime] = mapped_column(primary_key=True)
+    input_price_per_mtok: Mapped[Decimal] = mapped_column(Numeric(18, 9))
+    output_price_per_mtok: Mapped[Decimal] = mapped_column(Numeric(18, 9))
+
+
 class Adapter(Base):
     """One immutable adapter version: (tenant, name, version) and its content digest never change."""
 
@@ -197,7 +217,11 @@ class Worker(Base):
 
 
 class UsageRecord(Base):
-    """The billing ledger: one row per request, ever (request_id is the idempotency key)."""
+    """The billing ledger: one row per (tenant, request id), ever: the idempotency key.
+
+    Request ids are chosen by clients, so they are unique only within a tenant: tenant B may use
+    an id tenant A used, and neither sees the other's row.
+    """
 
     __tablename__ = "usage_records"
     __table_args__ = (
@@ -208,13 +232,16 @@ class UsageRecord(Base):
         ),
         CheckConstraint("(adapter_id IS NULL) = (adapter_version IS NULL)", name="adapter_id_with_version"),
         CheckConstraint("finished_at >= started_at", name="finished_after_started"),
-        # Export pages walk (finished_at, request_id): these serve them without a sort.
-        Index(None, "finished_at", "request_id"),
+        CheckConstraint(
+            "(input_price_per_mtok IS NULL) = (output_price_per_mtok IS NULL)", name="prices_together"
+        ),
+        # Export pages walk (finished_at, tenant_id, request_id): these serve them without a sort.
+        Index(None, "finished_at", "tenant_id", "request_id"),
         Index(None, "tenant_id", "finished_at", "request_id"),
     )
 
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
     request_id: Mapped[str] = mapped_column(primary_key=True)
-    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"))
     api_key_id: Mapped[uuid.UUID | None]
     base_model: Mapped[str]
     # Not foreign keys: the ledger must accept every record the router spooled, and adapter rows
@@ -232,3 +259,7 @@ class UsageRecord(Base):
     started_at: Mapped[datetime]
     finished_at: Mapped[datetime]
     received_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    # USD per million tokens in force when the request finished (base_model_prices at finished_at),
+    # stored at ingest so a later price change never reprices history. NULL: no price was known.
+    input_price_per_mtok: Mapped[Decimal | None] = mapped_column(Numeric(18, 9))
+    output_price_per_mtok: Mapped[Decimal | None] = mapped_column(Numeric(18, 9))

@@ -50,7 +50,9 @@ class ExportRow(NamedTuple):
     cold_start: bool
     started_at: str  # RFC 3339, UTC
     finished_at: str  # RFC 3339, UTC
-    amount_usd: str | None  # exact decimal; None when the base model has no prices
+    # exact decimal, from the prices stored with the record (in force when it finished); None when
+    # no price was known
+    amount_usd: str | None
 
 
 EXPORT_COLUMNS: tuple[str, ...] = ExportRow._fields
@@ -76,8 +78,8 @@ def encode_rows(rows: Sequence[Sequence[Any]], fmt: ExportFormat) -> bytes:
     raise ValueError(f"{fmt} rows are written by the database, not encoded here")
 
 
-def csv_last_key(page: bytes) -> tuple[str, str]:
-    """(finished_at, request_id) of the last line of a CSV page: where the next page starts.
+def csv_last_key(page: bytes) -> tuple[str, str, str]:
+    """(finished_at, tenant_id, request_id) of the last line of a CSV page: where the next page starts.
 
     Lines are records: the ledger's text fields are printable (checked at ingest), so no quoted
     field holds a line break.
@@ -85,7 +87,7 @@ def csv_last_key(page: bytes) -> tuple[str, str]:
     end = len(page) - 1 if page.endswith(b"\n") else len(page)
     line = page[page.rfind(b"\n", 0, end) + 1 : end].decode()
     fields = next(csv.reader([line]))
-    return fields[_FINISHED_AT], fields[0]
+    return fields[_FINISHED_AT], fields[1], fields[0]
 
 
 def _plain_text(rows: Sequence[Sequence[Any]], specials: str) -> bool:
@@ -134,12 +136,13 @@ def _jsonl(rows: Sequence[Sequence[Any]]) -> bytes:
 
 
 def cloudevent(r: Sequence[Any]) -> dict[str, Any]:
-    """The CloudEvents 1.0 structured-mode event of one record: id = request id, subject = tenant."""
+    """The CloudEvents 1.0 structured-mode event of one record: id = "<tenant id>/<request id>"
+    (request ids are unique only per tenant, and source + id must be unique), subject = tenant."""
     return {
         "specversion": "1.0",
         "type": CLOUDEVENT_TYPE,
         "source": CLOUDEVENT_SOURCE,
-        "id": r[0],
+        "id": f"{r[1]}/{r[0]}",
         "time": r[15],
         "subject": r[1],
         "datacontenttype": "application/json",
@@ -156,7 +159,7 @@ def _cloudevents(rows: Sequence[Sequence[Any]]) -> bytes:
     plain = _plain_text(rows, '"\\')
     return "".join(
         [
-            f'{_CE_HEAD}"id":{_q(r[0], plain)},"time":"{r[15]}","subject":"{r[1]}",'
+            f'{_CE_HEAD}"id":{_q(f"{r[1]}/{r[0]}", plain)},"time":"{r[15]}","subject":"{r[1]}",'
             f'"datacontenttype":"application/json","data":{o}}}\n'
             for r, o in zip(rows, _objects(rows), strict=True)
         ]

@@ -4,9 +4,12 @@ These run on asyncpg directly, through the session's connection: the ledger is t
 only high-volume table, and SQLAlchemy's per-row overhead would dominate both a 10,000-record
 ingest and a million-row export. Both move data with COPY (binary in, CSV out).
 
-Amounts are computed in SQL with `numeric`, exactly: input and output tokens times the base
-model's USD-per-million prices. Cached input tokens are part of input_tokens and are billed at
-the input price (the catalog has no separate cached price).
+Each row is keyed by (tenant_id, request_id): request ids are the client's, unique within a tenant.
+At ingest every new row stores the base model's USD-per-million prices in force at its finished_at
+(base_model_prices), so a backlog shipped after a price change keeps the old price and changing a
+price never reprices history. Amounts are computed in SQL with `numeric`, exactly, from those
+stored prices. Cached input tokens are part of input_tokens and are billed at the input price (the
+catalog has no separate cached price).
 """
 
 from __future__ import annotations
@@ -48,21 +51,33 @@ INSERT_COLUMNS = (
     "finished_at",
 )
 # Batches arrive by binary COPY into a per-connection staging table, then one INSERT ... SELECT
-# moves them, skipping request ids already in the ledger or repeated within the batch. COPY
+# moves them, skipping (tenant, request id) pairs already in the ledger or repeated within the
+# batch, and stamps each row with the prices in force when it finished. COPY
 # encodes each value in C; unnest() over 16 array parameters cost ~2x more registry CPU per
 # record (asyncpg checks every array element against the collections ABCs).
 _STAGE = (
     "CREATE TEMP TABLE IF NOT EXISTS usage_ingest (LIKE usage_records INCLUDING DEFAULTS)"
     " ON COMMIT DELETE ROWS"
 )
+# The price row in force at finished_at; a record older than the model's first price row (clock
+# skew between router and database) takes that first row rather than no price.
 _MOVE = f"""
-INSERT INTO usage_records ({", ".join(INSERT_COLUMNS)})
-SELECT {", ".join(INSERT_COLUMNS)} FROM usage_ingest
-ON CONFLICT (request_id) DO NOTHING
+INSERT INTO usage_records ({", ".join(INSERT_COLUMNS)}, input_price_per_mtok, output_price_per_mtok)
+SELECT {", ".join("i." + c for c in INSERT_COLUMNS)}, p.input_price_per_mtok, p.output_price_per_mtok
+FROM usage_ingest i LEFT JOIN LATERAL (
+    (SELECT input_price_per_mtok, output_price_per_mtok FROM base_model_prices
+     WHERE base_model = i.base_model AND effective_from <= i.finished_at
+     ORDER BY effective_from DESC LIMIT 1)
+    UNION ALL
+    (SELECT input_price_per_mtok, output_price_per_mtok FROM base_model_prices
+     WHERE base_model = i.base_model ORDER BY effective_from LIMIT 1)
+    LIMIT 1
+) p ON true
+ON CONFLICT (tenant_id, request_id) DO NOTHING
 """
 
 _RFC3339 = """'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'"""
-_AMOUNT = "(u.input_tokens * m.input_price_per_mtok + u.output_tokens * m.output_price_per_mtok)"
+_AMOUNT = "(u.input_tokens * u.input_price_per_mtok + u.output_tokens * u.output_price_per_mtok)"
 # Columns in services.registry.usage_export.EXPORT_COLUMNS order, already in their export form.
 _EXPORT_SELECT = f"""
 SELECT u.request_id, u.tenant_id::text, u.api_key_id::text, u.base_model, u.adapter_id::text,
@@ -71,11 +86,11 @@ SELECT u.request_id, u.tenant_id::text, u.api_key_id::text, u.base_model, u.adap
        to_char(u.started_at AT TIME ZONE 'UTC', {_RFC3339}),
        to_char(u.finished_at AT TIME ZONE 'UTC', {_RFC3339}),
        trim_scale({_AMOUNT} * 0.000001)::text
-FROM usage_records u LEFT JOIN base_models m ON m.name = u.base_model
+FROM usage_records u
 """
 # The same columns for COPY ... CSV: booleans spelled as in the JSON formats, NULL as an empty field.
 _CSV_SELECT = _EXPORT_SELECT.replace("u.cold_start,", "CASE WHEN u.cold_start THEN 'true' ELSE 'false' END,")
-_FINISHED_AT, _REQUEST_ID = 15, 0
+_FINISHED_AT, _TENANT_ID, _REQUEST_ID = 15, 1, 0
 
 
 class UnknownReference(RegistryError):
@@ -100,7 +115,7 @@ class SummaryRow:
     input_tokens: int
     cached_input_tokens: int
     output_tokens: int
-    amount_usd: Decimal | None  # None when the base model has no prices
+    amount_usd: Decimal | None  # from the prices stored with the records; None when none had a price
 
 
 async def _driver(s: AsyncSession) -> Any:
@@ -118,8 +133,8 @@ async def insert_usage_batch(s: AsyncSession, rows: Sequence[Sequence[Any]]) -> 
     """Append rows (INSERT_COLUMNS order) to the ledger; (inserted, duplicates).
 
     All or nothing: a row naming an unknown tenant or base model raises UnknownReference before
-    anything is written. Duplicates — request ids already in the ledger, or repeated within the
-    batch — are counted and skipped.
+    anything is written. Duplicates — (tenant, request id) pairs already in the ledger, or repeated
+    within the batch — are counted and skipped.
     """
     if not rows:
         return 0, 0
@@ -165,7 +180,9 @@ def _where(window: TimeRange, tenant_id: uuid.UUID | None, args: list[Any]) -> l
     return conds
 
 
-Key = tuple[str, str]  # (finished_at as RFC 3339 text, request_id): where the next page starts
+# (finished_at as RFC 3339 text, tenant_id, request_id): where the next page starts. Request ids
+# repeat across tenants, so the tenant is part of the key.
+Key = tuple[str, str, str]
 P = TypeVar("P", list[Any], bytes)
 
 
@@ -176,12 +193,16 @@ def _page_sql(
     conds = _where(window, tenant_id, args)
     if after is not None:
         args.extend(after)
-        conds.append(f"(u.finished_at, u.request_id) > (${len(args) - 1}::text::timestamptz, ${len(args)})")
+        n = len(args)
+        conds.append(
+            f"(u.finished_at, u.tenant_id, u.request_id)"
+            f" > (${n - 2}::text::timestamptz, ${n - 1}::uuid, ${n})"
+        )
     args.append(limit)
     sql = (
         select
         + (f"WHERE {' AND '.join(conds)}\n" if conds else "")
-        + f"ORDER BY u.finished_at, u.request_id LIMIT ${len(args)}"
+        + f"ORDER BY u.finished_at, u.tenant_id, u.request_id LIMIT ${len(args)}"
     )
     return sql, args
 
@@ -219,7 +240,7 @@ def export_pages(
     tenant_id: uuid.UUID | None,
     page_size: int = EXPORT_PAGE,
 ) -> AsyncIterator[list[Any]]:
-    """Pages of export rows (usage_export.EXPORT_COLUMNS order) ordered by (finished_at, request_id).
+    """Pages of export rows (usage_export.EXPORT_COLUMNS order) by (finished_at, tenant_id, request_id).
 
     Records that arrive late for a range already passed are not seen: export closed ranges.
     """
@@ -231,7 +252,10 @@ def export_pages(
             return rows
 
     def next_key(page: list[Any]) -> Key | None:
-        return (page[-1][_FINISHED_AT], page[-1][_REQUEST_ID]) if len(page) == page_size else None
+        if len(page) < page_size:
+            return None
+        last = page[-1]
+        return (last[_FINISHED_AT], last[_TENANT_ID], last[_REQUEST_ID])
 
     return _keyset(fetch, next_key)
 
@@ -266,6 +290,18 @@ def export_csv_pages(
     return _keyset(fetch, next_key)
 
 
+async def tenant_tokens(s: AsyncSession, tenant_id: str, since: datetime) -> int:
+    """One tenant's input + output tokens with finished_at >= `since` (the tenant_id, finished_at index)."""
+    pg = await _driver(s)
+    total = await pg.fetchval(
+        "SELECT coalesce(sum(input_tokens + output_tokens), 0)::bigint FROM usage_records"
+        " WHERE tenant_id = $1::uuid AND finished_at >= $2",
+        tenant_id,
+        since,
+    )
+    return int(total)
+
+
 async def summarize(s: AsyncSession, window: TimeRange, tenant_id: uuid.UUID | None) -> list[SummaryRow]:
     """Totals per (tenant, UTC day, base model, adapter), in that order."""
     args: list[Any] = []
@@ -275,10 +311,31 @@ SELECT u.tenant_id::text, to_char(u.finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD'
        coalesce(u.adapter_id::text, '') AS adapter, count(*), sum(u.input_tokens)::bigint,
        sum(u.cached_input_tokens)::bigint, sum(u.output_tokens)::bigint,
        trim_scale(sum({_AMOUNT}) * 0.000001)
-FROM usage_records u LEFT JOIN base_models m ON m.name = u.base_model
+FROM usage_records u
 {f"WHERE {' AND '.join(conds)}" if conds else ""}
 GROUP BY 1, 2, 3, 4
 ORDER BY 1, 2, 3, 4
 """
     pg = await _driver(s)
     return [SummaryRow(*r) for r in await pg.fetch(sql, *args)]
+
+
+MAX_LOOKUP = 1_000
+
+
+async def lookup_requests(
+    s: AsyncSession, tenant_id: str, request_ids: Sequence[str], window_s: int
+) -> list[str]:
+    """The request ids among `request_ids` the tenant has a record for, finished within the last
+    `window_s` seconds (0: ever). One primary-key probe per id."""
+    if len(request_ids) > MAX_LOOKUP:
+        raise ValueError(f"look up at most {MAX_LOOKUP} request ids at once, not {len(request_ids)}")
+    if not request_ids:
+        return []
+    pg = await _driver(s)
+    sql = "SELECT request_id FROM usage_records WHERE tenant_id = $1::uuid AND request_id = ANY($2::text[])"
+    args: list[Any] = [tenant_id, list(request_ids)]
+    if window_s:
+        sql += " AND finished_at >= now() - make_interval(secs => $3)"
+        args.append(float(window_s))
+    return [r[0] for r in await pg.fetch(sql, *args)]

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from loraplex.v1 import common_pb2, usage_pb2, usage_pb2_grpc
 from services.common.grpc_errors import status_errors
 from services.registry import errors, queries
-from services.registry.callers import Authenticator
+from services.registry.callers import ROUTER_CALLS, Authenticator
 from services.registry.usage_export import ExportFormat, LineChunker, encode_rows, header
 from services.registry.usage_ledger import (
     MAX_BATCH,
@@ -26,7 +26,9 @@ from services.registry.usage_ledger import (
     export_csv_pages,
     export_pages,
     insert_usage_batch,
+    lookup_requests,
     summarize,
+    tenant_tokens,
 )
 
 ERRORS: dict[type[BaseException], grpc.StatusCode] = {
@@ -142,8 +144,10 @@ def _window(request: Any) -> TimeRange:
 
 @status_errors(ERRORS)
 class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
-    def __init__(self, admin_token: str, sessions: async_sessionmaker[AsyncSession]) -> None:
-        self._auth = Authenticator(admin_token, sessions)
+    def __init__(
+        self, admin_token: str, sessions: async_sessionmaker[AsyncSession], *, plaintext: bool = False
+    ) -> None:
+        self._auth = Authenticator(admin_token, sessions, plaintext=plaintext)
         self._sessions = sessions
 
     async def _admin(self, context: grpc.aio.ServicerContext) -> None:
@@ -156,7 +160,8 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
             return await queries.tenant_id_of(s, tenant)
 
     async def RecordUsage(self, request: Any, context: Any) -> usage_pb2.RecordUsageResponse:
-        await self._admin(context)
+        # Routers ship what they metered; the operator may too (backfills, tests).
+        await self._auth.caller(context, ROUTER_CALLS)
         if len(request.records) > MAX_BATCH:
             raise ValueError(
                 f"a batch holds at most {MAX_BATCH} records, not {len(request.records)}; split it"
@@ -165,6 +170,27 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
         async with self._sessions.begin() as s:
             inserted, duplicates = await insert_usage_batch(s, rows)
         return usage_pb2.RecordUsageResponse(inserted=inserted, duplicates=duplicates)
+
+    async def LookupRequests(self, request: Any, context: Any) -> usage_pb2.LookupRequestsResponse:
+        # The router asks this before generating a client-chosen request id: the same caller,
+        # and so the same authorization, as RecordUsage.
+        await self._auth.caller(context, ROUTER_CALLS)
+        if _UUID.fullmatch(request.tenant_id) is None:
+            raise ValueError(f"tenant_id {request.tenant_id[:64]!r} is not a UUID")
+        async with self._sessions() as s:
+            found = await lookup_requests(s, request.tenant_id, list(request.request_ids), request.window_s)
+        return usage_pb2.LookupRequestsResponse(found=found)
+
+    async def TenantTokens(self, request: Any, context: Any) -> usage_pb2.TenantTokensResponse:
+        # The router reads a tenant's month-to-date tokens for its monthly quota: router or admin.
+        await self._auth.caller(context, ROUTER_CALLS)
+        if _UUID.fullmatch(request.tenant_id) is None:
+            raise ValueError(f"tenant_id {request.tenant_id[:64]!r} is not a UUID")
+        if not request.HasField("since"):
+            raise ValueError("since is required: the start of the period to sum")
+        async with self._sessions() as s:
+            tokens = await tenant_tokens(s, request.tenant_id, request.since.ToDatetime(tzinfo=UTC))
+        return usage_pb2.TenantTokensResponse(tokens=tokens)
 
     async def ExportUsage(self, request: Any, context: Any) -> AsyncIterator[usage_pb2.ExportUsageResponse]:
         await self._admin(context)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from services.common.adapter_errors import AdapterRejected
-from services.common.adapter_files import SafetensorsHeader, TensorInfo
+from services.common.adapter_files import DEFAULT_MAX_HEADER_BYTES, SafetensorsHeader, TensorInfo
 from services.common.model_spec import BaseModelSpec, TargetModule
 
 Variant = Literal["LORA", "RSLORA", "DORA"]
@@ -48,7 +48,7 @@ _TENSOR_RE = re.compile(
 class AdapterLimits:
     max_rank: int = 256
     max_bytes: int = 512 << 20
-    max_header_bytes: int = 8 << 20
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES  # the worker's cap too
     max_config_bytes: int = 1 << 20
 
 

@@ -5,8 +5,9 @@ that would bill nothing for its open streams. So each stream also keeps one smal
 written at its first token, then at most every `interval_s`, atomically (temp file, fsync,
 rename), and removed once the final record is in the spool. On start the router spools what the
 dead process left as records with finish reason ERROR. Tokens streamed after the last checkpoint
-(at most `interval_s` of them) are the bounded loss; the ledger's request-id idempotency makes a
-checkpoint that races its final record harmless.
+(at most `interval_s` of them) are the bounded loss; the ledger's (tenant, request id) idempotency
+makes a checkpoint that races its final record harmless. Files are named by (tenant, request id):
+two tenants' streams with the same id never share a checkpoint.
 """
 
 from __future__ import annotations
@@ -36,16 +37,18 @@ class InflightJournal:
         self._fsync = fsync
         private_dir(directory)
 
-    def _path(self, request_id: str) -> Path:
-        # Request ids are client-chosen text: hash them into a safe file name.
-        return self.directory / (hashlib.sha256(request_id.encode()).hexdigest()[:32] + SUFFIX)
+    def _path(self, tenant_id: str, request_id: str) -> Path:
+        # Request ids are client-chosen text: hash them, with their tenant (a UUID, so the NUL
+        # separator is unambiguous), into a safe file name.
+        key = f"{tenant_id}\0{request_id}".encode()
+        return self.directory / (hashlib.sha256(key).hexdigest()[:32] + SUFFIX)
 
     def due(self, last_checkpoint_s: float, now_s: float) -> bool:
         return last_checkpoint_s == 0.0 or now_s - last_checkpoint_s >= self.interval_s
 
     def write(self, record: usage_pb2.UsageRecord) -> None:
         """Blocking (fsync): call it off the event loop."""
-        path = self._path(record.request_id)
+        path = self._path(record.tenant_id, record.request_id)
         tmp = path.with_suffix(".tmp")
         with os.fdopen(open_private(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as f:
             f.write(record.SerializeToString())
@@ -53,8 +56,8 @@ class InflightJournal:
             self._fsync(f.fileno())
         os.replace(tmp, path)
 
-    def discard(self, request_id: str) -> None:
-        self._path(request_id).unlink(missing_ok=True)
+    def discard(self, tenant_id: str, request_id: str) -> None:
+        self._path(tenant_id, request_id).unlink(missing_ok=True)
 
     def recover(self) -> list[usage_pb2.UsageRecord]:
         """Records of streams a previous process left open; unreadable leftovers are removed."""

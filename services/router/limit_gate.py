@@ -1,7 +1,7 @@
 """Admits requests under their tenant's limits: services.router.limits plus the ledger's monthly figure.
 
 The month-to-date usage of a tenant with a monthly quota is read from the registry's ledger
-(UsageService.SummarizeUsage, shared by every router) at most every `refresh_s`; between reads,
+(UsageService.TenantTokens, shared by every router) at most every `refresh_s`; between reads,
 this router adds the tokens it charged that the ledger may not hold yet. A charge counts locally
 until a ledger read that started after the shipper confirmed a shipping round begun after the
 charge (the usage record is spooled before the charge), so nothing is counted zero times, and a

@@ -37,6 +37,11 @@ SPOOL_FULL = Gauge(
 SPOOL_WRITE_ERRORS = Counter(
     "loraplex_router_spool_write_errors_total", "Usage records that could not be written to the spool."
 )
+WORKER_USAGE_MISMATCH = Counter(
+    "loraplex_router_worker_usage_mismatch_total",
+    "Finished streams whose worker reported another output token count than the router forwarded"
+    " (the router bills its own count).",
+)
 SHIPPED = Counter("loraplex_router_usage_shipped_total", "Usage records acknowledged by the registry.")
 SHIP_FAILURES = Counter("loraplex_router_usage_ship_failures_total", "RecordUsage batches that failed.")
 QUARANTINED = Counter(

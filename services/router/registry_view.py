@@ -110,7 +110,6 @@ class RegistryView:
     def __init__(
         self,
         channel: grpc.aio.Channel,
-        admin_token: str,
         *,
         auth_ttl_s: float = 30.0,
         negative_ttl_s: float = 2.0,
@@ -121,7 +120,6 @@ class RegistryView:
     ) -> None:
         self._stub = registry_pb2_grpc.AdapterRegistryServiceStub(channel)
         self._usage = usage_pb2_grpc.UsageServiceStub(channel)
-        self._md = (("authorization", f"Bearer {admin_token}"),)
         self._auth_ttl = auth_ttl_s
         self._negative_ttl = negative_ttl_s
         self._stale = stale_s
@@ -208,7 +206,6 @@ class RegistryView:
         try:
             resp = await self._stub.AuthenticateApiKey(
                 registry_pb2.AuthenticateApiKeyRequest(secret=secret),
-                metadata=self._md,
                 timeout=CALL_TIMEOUT_S,
             )
         except grpc.aio.AioRpcError as exc:
@@ -218,6 +215,22 @@ class RegistryView:
         if resp.HasField("tenant"):
             self.update_tenant(resp.tenant)
         return Principal(resp.tenant_id, resp.key_id)
+
+    # -- request ids -------------------------------------------------------------------------
+
+    async def request_ids_used(self, tenant_id: str, request_ids: list[str], window_s: int) -> set[str]:
+        """The ids among `request_ids` the tenant has a ledger record for, finished within
+        `window_s`. Never cached: the answer changes as the shipper delivers records."""
+        try:
+            resp = await self._usage.LookupRequests(
+                usage_pb2.LookupRequestsRequest(
+                    tenant_id=tenant_id, request_ids=request_ids, window_s=window_s
+                ),
+                timeout=CALL_TIMEOUT_S,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _unavailable("check whether the request id was already used", exc) from exc
+        return set(resp.found)
 
     # -- adapters ----------------------------------------------------------------------------
 
@@ -249,7 +262,6 @@ class RegistryView:
         try:
             resp = await self._stub.GetAdapter(
                 registry_pb2.GetAdapterRequest(tenant=tenant_id, adapter=reference),
-                metadata=self._md,
                 timeout=CALL_TIMEOUT_S,
             )
         except grpc.aio.AioRpcError as exc:
@@ -280,7 +292,6 @@ class RegistryView:
                         page_size=1000,
                         page_token=token,
                     ),
-                    metadata=self._md,
                     timeout=CALL_TIMEOUT_S,
                 )
                 for a in resp.adapters:
@@ -301,14 +312,12 @@ class RegistryView:
         start = Timestamp()
         start.FromNanoseconds(int(since * 1e9))
         try:
-            resp = await self._usage.SummarizeUsage(
-                usage_pb2.SummarizeUsageRequest(start=start, tenant=tenant_id),
-                metadata=self._md,
-                timeout=CALL_TIMEOUT_S,
+            resp = await self._usage.TenantTokens(
+                usage_pb2.TenantTokensRequest(tenant_id=tenant_id, since=start), timeout=CALL_TIMEOUT_S
             )
         except grpc.aio.AioRpcError as exc:
             raise _unavailable("read the month-to-date usage", exc) from exc
-        return sum(r.input_tokens + r.output_tokens for r in resp.rows)
+        return resp.tokens
 
     # -- base models -------------------------------------------------------------------------
 
@@ -329,7 +338,7 @@ class RegistryView:
     async def _fetch_base_models(self) -> dict[str, registry_pb2.BaseModel]:
         try:
             resp = await self._stub.ListBaseModels(
-                registry_pb2.ListBaseModelsRequest(), metadata=self._md, timeout=CALL_TIMEOUT_S
+                registry_pb2.ListBaseModelsRequest(), timeout=CALL_TIMEOUT_S
             )
         except grpc.aio.AioRpcError as exc:
             raise _unavailable("list base models", exc) from exc
@@ -359,7 +368,7 @@ class RegistryView:
         while True:
             try:
                 call = self._stub.WatchAdapters(
-                    registry_pb2.WatchAdaptersRequest(since_revision=self.revision), metadata=self._md
+                    registry_pb2.WatchAdaptersRequest(since_revision=self.revision)
                 )
                 await call.wait_for_connection()
                 self.watch_connected.set()

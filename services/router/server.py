@@ -12,6 +12,7 @@ import grpc
 
 from services.common.config import RouterSettings
 from services.common.grpc_server import RunningServer, run_until_signalled, start_metrics, start_server
+from services.common.tls import aio_channel, public_server_credentials, warn_plaintext
 from services.router import metrics
 from services.router.inflight import InflightJournal
 from services.router.limit_gate import LimitGate
@@ -19,6 +20,7 @@ from services.router.limits import Limiter
 from services.router.metering import SpoolWriter
 from services.router.policy import PolicyKind
 from services.router.registry_view import RegistryView
+from services.router.request_ids import RecentRequests, remember_spooled
 from services.router.servicer import SERVICE_NAME, InferenceServicer
 from services.router.shipper import Shipper
 from services.router.spool import Spool
@@ -47,10 +49,12 @@ class Router:
 
 async def start_router(settings: RouterSettings, *, fsync: Callable[[int], None] = os.fsync) -> Router:
     """Starts the router and returns once it serves; the caller drains `router.running`."""
-    registry_channel = grpc.aio.insecure_channel(settings.registry)
+    if settings.tls is None:
+        warn_plaintext("the router's links to workers and the registry")
+    # The router's certificate is its credential at the registry (no admin token) and at workers.
+    registry_channel = aio_channel(settings.registry, settings.tls)
     view = RegistryView(
         registry_channel,
-        settings.admin_token,
         auth_ttl_s=settings.auth_cache_ttl_s,
         negative_ttl_s=settings.auth_negative_ttl_s,
         stale_s=settings.auth_stale_s,
@@ -59,7 +63,7 @@ async def start_router(settings: RouterSettings, *, fsync: Callable[[int], None]
     pool = WorkerPool(
         settings.workers,
         registry_channel=registry_channel if settings.discover_workers else None,
-        admin_token=settings.admin_token,
+        tls=settings.tls,
         refresh_s=settings.worker_refresh_s,
         stale_s=settings.worker_stale_s,
     )
@@ -74,12 +78,17 @@ async def start_router(settings: RouterSettings, *, fsync: Callable[[int], None]
     # Streams a killed predecessor left open are billed for what they had produced.
     for record in journal.recover():
         await writer.write(record)
-        journal.discard(record.request_id)
+        journal.discard(record.tenant_id, record.request_id)
         log.warning("billed request %s, left open by a previous router process", record.request_id)
+    # Ids in records not yet shipped are unknown to the registry: remember them, so a replay is
+    # refused before the shipper delivers them.
+    recent = RecentRequests(settings.idempotency_window_s)
+    remembered = await asyncio.to_thread(remember_spooled, spool, recent)
+    if remembered:
+        log.info("%d request ids from the spool's backlog will not run again", remembered)
     shipper = Shipper(
         spool,
         registry_channel,
-        settings.admin_token,
         batch=settings.ship_batch,
         interval_s=settings.ship_interval_s,
     )
@@ -100,6 +109,7 @@ async def start_router(settings: RouterSettings, *, fsync: Callable[[int], None]
         load_eps=settings.route_load_eps,
         kv_full=settings.route_kv_full,
         policy_kind=PolicyKind(settings.policy),
+        recent=recent,
         limit_gate=limits,
         max_prompt_bytes=settings.max_prompt_bytes,
     )
@@ -113,7 +123,10 @@ async def start_router(settings: RouterSettings, *, fsync: Callable[[int], None]
         asyncio.create_task(shipper.run(), name="usage-shipper"),
         asyncio.create_task(warmer.run(), name="keep-warm"),
     ]
-    running = await start_server(settings.listen, servicer.register, (SERVICE_NAME,))
+    # Tenants authenticate with API keys, so the public endpoint asks for no client certificate.
+    public = settings.public_tls
+    credentials = None if public is None else public_server_credentials(public.cert, public.key)
+    running = await start_server(settings.listen, servicer.register, (SERVICE_NAME,), credentials=credentials)
 
     async def close() -> None:
         for task in tasks:

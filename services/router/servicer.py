@@ -32,6 +32,7 @@ from services.router.registry_view import (
     RegistryView,
     Unauthenticated,
 )
+from services.router.request_ids import RecentRequests, Seen
 from services.router.spool import Spool
 from services.router.stream_pump import StreamPump, merge_deltas
 from services.router.validation import (
@@ -60,9 +61,23 @@ class Overloaded(RpcError):
         self.pushback_ms = pushback_ms
 
 
+class UsageNotRecorded(RpcError):
+    """The stream's usage record could not be made durable: the stream ends with this, never
+    with an unbilled Finished."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the router could not record usage for request {request_id!r}, so it ended the stream "
+            "without a result; retry later with a new request_id",
+        )
+
+
 @dataclass(frozen=True)
 class Admitted:
     request_id: str
+    # Whether the client chose the request id (only those are tracked for replays).
+    client_id: bool
     principal: Principal
     base_model: str
     adapter: registry_pb2.Adapter | None
@@ -107,6 +122,7 @@ class InferenceServicer:
         load_eps: float,
         kv_full: float = policy.DEFAULT_KV_FULL,
         policy_kind: policy.PolicyKind = policy.PolicyKind.AFFINITY,
+        recent: RecentRequests | None = None,
         limit_gate: LimitGate | None = None,
         max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
     ) -> None:
@@ -115,6 +131,8 @@ class InferenceServicer:
         self._spool = spool
         self._writer = writer
         self._journal = journal
+        # Client-chosen request ids in flight or finished here within the idempotency window.
+        self.recent = recent if recent is not None else RecentRequests()
         self._max_inflight = max_inflight
         self._pushback = (("grpc-retry-pushback-ms", str(retry_pushback_ms)),)
         self._eps = load_eps
@@ -181,6 +199,7 @@ class InferenceServicer:
             await context.abort(exc.code, exc.message, trailing_metadata=trailing)
         if admitted.adapter is not None:
             adapter_label = admitted.adapter.ref.adapter_id
+        key = (admitted.principal.tenant_id, admitted.request_id)
         self.inflight += 1
         metrics.INFLIGHT.inc()
         state = _Stream()
@@ -194,7 +213,7 @@ class InferenceServicer:
         except RpcError as exc:
             code = exc.code
             trailing = self._trailing(exc)
-            await self._bill(admitted, state)
+            await self._bill_quietly(admitted, state)
             await context.abort(exc.code, exc.message, trailing_metadata=trailing)
         except (asyncio.CancelledError, GeneratorExit):
             # Cancelled by the client or by the deadline: the worker call is already cancelled.
@@ -202,16 +221,24 @@ class InferenceServicer:
             remaining = context.time_remaining()
             expired = remaining is not None and remaining <= 0
             state.end = _FR.FINISH_REASON_DEADLINE_EXCEEDED if expired else _FR.FINISH_REASON_CANCELLED
-            await self._bill(admitted, state)
+            await self._bill_quietly(admitted, state)
             raise
         except Exception:
             log.exception("request %s failed in the router", admitted.request_id)
             code = grpc.StatusCode.INTERNAL
             state.end = _FR.FINISH_REASON_ERROR
-            await self._bill(admitted, state)
+            await self._bill_quietly(admitted, state)
             await context.abort(code, "internal error in the router; it logged the details")
         finally:
             self._release(admitted, state)
+            if admitted.client_id:
+                if state.billed:
+                    # Something billable ran under this id (even if its record failed to write):
+                    # it is never generated again within the window.
+                    now = time.time()
+                    self.recent.finish(key, now, now)
+                else:
+                    self.recent.release(key)  # nothing ran: the client may retry the same id
             self.inflight -= 1
             metrics.INFLIGHT.dec()
             metrics.REQUESTS.labels(adapter_label, code.name).inc()
@@ -297,6 +324,10 @@ class InferenceServicer:
                         state.finished = common_pb2.GenerationFinished()
                         state.finished.CopyFrom(scratch.finished)
                         state.worker_id = state.finished.worker_id or handle.worker_id
+                        if scratch.finished.usage.output_tokens != state.tokens_out:
+                            # The client sees the count it is billed for: what the router forwarded.
+                            scratch.finished.usage.output_tokens = state.tokens_out
+                            finished_event = scratch.SerializeToString()
             except grpc.aio.AioRpcError as exc:
                 err = exc.code()
                 if state.tokens_out == 0 and err in _FAILOVER_CODES:
@@ -381,6 +412,7 @@ class InferenceServicer:
         try:
             # Sizes first: a huge prompt is refused before any lookup, and never reaches a worker.
             check_bounds(request, self._max_prompt_bytes)
+            client_id = bool(request.request_id)
             request_id = request_id_for(request.request_id)
             if request.prompt.WhichOneof("kind") is None:
                 raise InvalidRequest("prompt is required: set prompt.text, prompt.token_ids or prompt.chat")
@@ -445,6 +477,14 @@ class InferenceServicer:
             except OverLimit as exc:
                 metrics.REJECTED.labels("tenant_limit").inc()
                 raise Overloaded(str(exc), exc.retry_after_ms) from None
+        if client_id:
+            try:
+                await self._claim(principal.tenant_id, request_id)
+            except BaseException:
+                # Refused (a used id) or the client left: the request never held its slot.
+                if ticket is not None and self._limit_gate is not None:
+                    self._limit_gate.release(ticket, 0)
+                raise
         worker_request = worker_pb2.WorkerServiceGenerateRequest(
             request_id=request_id,
             prompt=request.prompt,
@@ -460,6 +500,7 @@ class InferenceServicer:
             started.started.adapter.CopyFrom(_public(adapter))
         return Admitted(
             request_id,
+            client_id,
             principal,
             base_model,
             adapter,
@@ -470,10 +511,51 @@ class InferenceServicer:
             ticket,
         )
 
+    async def _claim(self, tenant_id: str, request_id: str) -> None:
+        """Marks a client-chosen id in flight, or refuses it: a request id this tenant already ran
+        (here or on any router whose records reached the ledger) within the idempotency window, or
+        one still running here, is never generated again. The caller settles the claim when the
+        stream ends (Generate's finally)."""
+        key = (tenant_id, request_id)
+        now = time.time()
+        seen = self.recent.claim(key, now)  # synchronous: a concurrent duplicate sees this claim
+        if seen is None:
+            try:
+                used = await self._registry.request_ids_used(
+                    tenant_id, [request_id], int(self.recent.window_s)
+                )
+            except BaseException as exc:
+                self.recent.release(key)  # nothing will run under it (refused, or the client left)
+                if not isinstance(exc, RegistryUnavailable):
+                    raise
+                metrics.REJECTED.labels("request_id_unchecked").inc()
+                raise RpcError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the router cannot check whether request_id {request_id!r} was already used "
+                    "(the registry is unreachable); retry later, or send no request_id and the "
+                    "router will choose a fresh one",
+                ) from None
+            if request_id not in used:
+                return
+            self.recent.finish(key, now, now)  # remember it: the next replay needs no lookup
+            seen = Seen.FINISHED
+        metrics.REJECTED.labels("request_id_reused").inc()
+        raise RpcError(
+            grpc.StatusCode.ALREADY_EXISTS,
+            f"request_id {request_id!r} was already used for a request that is {seen.value}; a "
+            f"request id runs once within {self.recent.window_s / 3600:g} h: send a new request_id "
+            "to generate again",
+        )
+
     # -- billing -----------------------------------------------------------------------------
 
     async def _bill(self, admitted: Admitted, state: _Stream) -> None:
-        """Writes the request's one usage record, if it produced anything billable."""
+        """Writes the request's one usage record, if it produced anything billable.
+
+        Output tokens are the router's own count of what it forwarded, never the number a worker
+        reports. Raises UsageNotRecorded when the record could not be made durable; the stream's
+        checkpoint is then brought up to date (best effort) so a restart still bills it.
+        """
         if state.billed:
             return
         finished = state.finished
@@ -485,7 +567,20 @@ class InferenceServicer:
             return
         state.billed = True
         if finished is not None:
-            usage = finished.usage
+            usage = common_pb2.Usage(
+                input_tokens=finished.usage.input_tokens,
+                cached_input_tokens=finished.usage.cached_input_tokens,
+                output_tokens=state.tokens_out,
+            )
+            if finished.usage.output_tokens != state.tokens_out:
+                metrics.WORKER_USAGE_MISMATCH.inc()
+                log.warning(
+                    "worker %s reported %d output tokens for request %s; the router forwarded and bills %d",
+                    state.worker_id,
+                    finished.usage.output_tokens,
+                    admitted.request_id,
+                    state.tokens_out,
+                )
             reason = finished.finish_reason
             cold = finished.timings.cold_start
         else:
@@ -500,12 +595,31 @@ class InferenceServicer:
             await self._writer.write(record)
         except Exception:
             log.exception("usage record for request %s was not written", admitted.request_id)
-            return
+            await self._keep_checkpoint(admitted, state, record)
+            raise UsageNotRecorded(admitted.request_id) from None
         # The final record is durable: the stream's checkpoint has served its purpose.
         if state.checkpoint is not None:
             await asyncio.shield(state.checkpoint)
         if state.checkpointed_at:
-            await asyncio.to_thread(self._journal.discard, admitted.request_id)
+            await asyncio.to_thread(self._journal.discard, admitted.principal.tenant_id, admitted.request_id)
+
+    async def _bill_quietly(self, admitted: Admitted, state: _Stream) -> None:
+        """_bill on a path that already ends the stream with an error: a failed write is logged
+        (by _bill) and the client sees the original error."""
+        with contextlib.suppress(UsageNotRecorded):
+            await self._bill(admitted, state)
+
+    async def _keep_checkpoint(
+        self, admitted: Admitted, state: _Stream, record: usage_pb2.UsageRecord
+    ) -> None:
+        """After a failed spool write: the final record as the stream's checkpoint, so the next
+        start of this router bills it (the journal may sit on a disk that still works)."""
+        if state.checkpoint is not None:
+            await asyncio.shield(state.checkpoint)
+        try:
+            await asyncio.to_thread(self._journal.write, record)
+        except OSError:
+            log.exception("in-flight checkpoint for request %s was not written either", admitted.request_id)
 
     def _checkpoint(self, admitted: Admitted, state: _Stream, now: float) -> None:
         """Durably notes what this stream has produced so far, off the event loop, in order."""

@@ -2,7 +2,7 @@
 
 A segment is deleted only after every batch cut from it was acknowledged by RecordUsage; a failure
 leaves it in place and the next round (after a backoff) sends it again. Re-sent records are
-harmless: the ledger is idempotent on request_id.
+harmless: the ledger is idempotent on (tenant, request id).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ class Shipper:
         self,
         spool: Spool,
         channel: grpc.aio.Channel,
-        admin_token: str,
         *,
         batch: int = 500,
         interval_s: float = 1.0,
@@ -37,7 +36,6 @@ class Shipper:
     ) -> None:
         self._spool = spool
         self._stub = usage_pb2_grpc.UsageServiceStub(channel)
-        self._md = (("authorization", f"Bearer {admin_token}"),)
         self._batch = batch
         self._interval = interval_s
         self._max_backoff = max_backoff_s
@@ -70,7 +68,7 @@ class Shipper:
         the refused records are quarantined, so one bad record cannot block billing forever."""
         request = usage_pb2.RecordUsageRequest(records=records)
         try:
-            resp = await self._stub.RecordUsage(request, metadata=self._md, timeout=timeout_s)
+            resp = await self._stub.RecordUsage(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
                 raise

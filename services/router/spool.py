@@ -12,7 +12,7 @@ segment, so the torn bytes are never followed by good ones.
 
 The shipper `seal()`s the active segment, ships the sealed ones oldest first and `delete()`s a
 segment only after the registry acknowledged every record in it. A crash between the ack and the
-delete replays records the ledger already holds; it ignores them (idempotent on request_id).
+delete replays records the ledger already holds; it ignores them (idempotent on (tenant, request id)).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from loraplex.v1 import registry_pb2, registry_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.common.tls import TlsFiles, aio_channel
 from services.router import metrics
 from services.router.policy import WorkerView
 from services.router.worker_state import PushedState, StateOutOfSync
@@ -83,9 +84,13 @@ class WorkerHandle:
         self.state.note_finished(token)
 
 
-def open_worker_channel(address: str) -> tuple[grpc.aio.Channel, grpc.aio.UnaryStreamMultiCallable]:
-    channel = grpc.aio.insecure_channel(
+def open_worker_channel(
+    address: str, tls: TlsFiles | None
+) -> tuple[grpc.aio.Channel, grpc.aio.UnaryStreamMultiCallable]:
+    """A channel to a worker with the router's identity (a worker serves only router certificates)."""
+    channel = aio_channel(
         address,
+        tls,
         options=[
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.max_receive_message_length", 8 << 20),
@@ -110,7 +115,7 @@ class WorkerPool:
         static_addresses: Sequence[str],
         *,
         registry_channel: grpc.aio.Channel | None = None,
-        admin_token: str = "",
+        tls: TlsFiles | None = None,
         refresh_s: float = 1.0,
         stale_s: float = 3.0,
         clock: Callable[[], float] = time.monotonic,
@@ -119,7 +124,7 @@ class WorkerPool:
         self._registry = (
             registry_pb2_grpc.AdapterRegistryServiceStub(registry_channel) if registry_channel else None
         )
-        self._md = (("authorization", f"Bearer {admin_token}"),)
+        self._tls = tls
         self._refresh_s = refresh_s
         self.stale_s = stale_s
         self._clock = clock
@@ -181,7 +186,7 @@ class WorkerPool:
         if self._registry is not None:
             try:
                 resp = await self._registry.ListWorkers(
-                    registry_pb2.ListWorkersRequest(), metadata=self._md, timeout=PROBE_TIMEOUT_S
+                    registry_pb2.ListWorkersRequest(), timeout=PROBE_TIMEOUT_S
                 )
                 for w in resp.workers:
                     found.setdefault(w.worker_id, (w.address, w.base_model, False))
@@ -206,7 +211,7 @@ class WorkerPool:
         for worker_id, (address, base_model, static) in found.items():
             if worker_id in self._by_id:
                 continue
-            channel, generate = open_worker_channel(address)
+            channel, generate = open_worker_channel(address, self._tls)
             handle = WorkerHandle(worker_id, address, base_model, channel, generate, static)
             handle.watch = asyncio.get_running_loop().create_task(
                 self._watch(handle), name=f"watch-state-{worker_id}"
@@ -222,7 +227,7 @@ class WorkerPool:
 
     async def _probe(self, address: str) -> worker_pb2.GetInfoResponse | None:
         known = self._find_by_address(address)
-        channel = known.channel if known is not None else grpc.aio.insecure_channel(address)
+        channel = known.channel if known is not None else aio_channel(address, self._tls)
         try:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
             info: worker_pb2.GetInfoResponse = await stub.GetInfo(

@@ -31,6 +31,13 @@ PREFETCH_TARGETS = {
 }
 
 
+def engine_request_id(tenant_id: str, request_id: str) -> str:
+    """The engine's key for a request: request ids are chosen by clients and unique only within
+    their tenant, so two tenants' requests with the same id must not collide on a worker. Tenant
+    ids are UUIDs (no "/"), so the first "/" separates the pair unambiguously."""
+    return f"{tenant_id}/{request_id}"
+
+
 def sampling_params(pb: common_pb2.SamplingParams, default_max_tokens: int) -> SamplingParams:
     """Raises ValueError with a sentence naming the bad field."""
     temperature = pb.temperature if pb.HasField("temperature") else 0.0

@@ -9,10 +9,31 @@ from collections.abc import Sequence
 from typing import Any
 
 CHAT_ROLES = ("system", "user", "assistant")
+# The router refuses longer chats before routing; the worker checks again because it can be
+# called directly, and counting messages is O(1) where summing their bytes is not.
+MAX_CHAT_MESSAGES = 256
 
 
 class PromptError(ValueError):
     """The prompt cannot be turned into tokens for this model; the message says how to fix it."""
+
+
+def check_text_bytes(size: int, limit: int) -> None:
+    """Prompt text (or the chat messages' contents) over the byte limit is refused before any
+    tokenizing: a tokenizer's time grows with the text, and the worker's cores are shared."""
+    if size > limit:
+        raise PromptError(
+            f"the prompt text is {size} bytes, over this worker's limit of {limit} bytes "
+            f"(LORAPLEX_MAX_PROMPT_BYTES); send a shorter prompt"
+        )
+
+
+def check_chat_size(num_messages: int) -> None:
+    if num_messages > MAX_CHAT_MESSAGES:
+        raise PromptError(
+            f"the chat prompt has {num_messages} messages, over the limit of {MAX_CHAT_MESSAGES}; "
+            f"send at most {MAX_CHAT_MESSAGES}"
+        )
 
 
 def text_ids(tokenizer: Any, text: str) -> list[int]:

@@ -13,6 +13,7 @@ import logging
 import grpc
 
 from loraplex.v1 import registry_pb2, registry_pb2_grpc
+from services.common.tls import TlsFiles, aio_channel
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +22,12 @@ RPC_TIMEOUT_S = 5.0
 
 
 class Registration:
-    def __init__(self, registry: str, admin_token: str, worker: registry_pb2.Worker) -> None:
-        self._channel = grpc.aio.insecure_channel(registry)
+    def __init__(self, registry: str, tls: TlsFiles | None, worker: registry_pb2.Worker) -> None:
+        # The worker identity of the certificate is the credential: no token (the registry accepts
+        # RegisterWorker/HeartbeatWorker from worker certificates only, for their own hosts).
+        self._channel = aio_channel(registry, tls)
         self._stub = registry_pb2_grpc.AdapterRegistryServiceStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {admin_token}"),)
+        self._metadata: tuple[tuple[str, str], ...] = ()
         self._worker = worker
         self._task: asyncio.Task[None] | None = None
 

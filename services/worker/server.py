@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,11 +17,14 @@ from loraplex.v1 import registry_pb2, worker_pb2, worker_pb2_grpc
 from services.common.base_models import is_complete, models_dir, pull_model
 from services.common.config import WorkerSettings
 from services.common.grpc_server import RunningServer, run_until_signalled, start_metrics, start_server
+from services.common.identity import WORKER_ALLOW, RoleGate
+from services.common.tls import server_credentials, warn_plaintext
 from services.worker import metrics
 from services.worker.adapters import AdapterLoader
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine.config import EngineConfig, preferred_dtype
 from services.worker.engine.llm_engine import LLMEngine
+from services.worker.prompt_encoder import TOKENIZER_THREADS, PromptEncoder
 from services.worker.registration import Registration
 from services.worker.servicer import WorkerIdentity, WorkerServicer
 from services.worker.tiers import TierBudgets
@@ -73,7 +77,8 @@ async def start_worker(settings: WorkerSettings) -> RunningWorker:
     model_dir = await asyncio.to_thread(model_path, settings)
     config = engine_config(settings, model_dir)
     llm = await asyncio.to_thread(LLMEngine, config)
-    tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(model_dir))
+    load_tokenizer = functools.partial(AutoTokenizer.from_pretrained, str(model_dir))
+    tokenizers = [await asyncio.to_thread(load_tokenizer) for _ in range(TOKENIZER_THREADS)]
     engine = AsyncEngine(llm)
     engine.start()
     budgets = TierBudgets(
@@ -90,6 +95,7 @@ async def start_worker(settings: WorkerSettings) -> RunningWorker:
         idle_ttl_s=settings.adapter_idle_ttl_s,
         max_adapter_bytes=settings.max_adapter_bytes,
         object_store_timeout_s=settings.object_store_timeout_s,
+        sources=settings.adapter_sources,
     )
     try:
         await loader.start()
@@ -105,23 +111,35 @@ async def start_worker(settings: WorkerSettings) -> RunningWorker:
         dtype=str(config.dtype).removeprefix("torch."),
         default_max_tokens=settings.default_max_tokens,
     )
-    servicer = WorkerServicer(identity, engine, loader, tokenizer)
+    encoder = PromptEncoder(tokenizers)
+    servicer = WorkerServicer(identity, engine, loader, encoder, max_prompt_bytes=settings.max_prompt_bytes)
 
     def register(server: grpc.aio.Server) -> None:
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
 
     try:
-        running = await start_server(settings.listen, register, SERVICE_NAMES)
+        if settings.tls is None:
+            warn_plaintext("the worker")
+            running = await start_server(settings.listen, register, SERVICE_NAMES)
+        else:
+            running = await start_server(
+                settings.listen,
+                register,
+                SERVICE_NAMES,
+                interceptors=[RoleGate(WORKER_ALLOW)],
+                credentials=server_credentials(settings.tls),
+            )
     except BaseException:
         await loader.close()
         await engine.shutdown()
+        await encoder.close()
         raise
     running.before_drain.append(servicer.begin_drain)
-    if settings.registry and settings.admin_token:
+    if settings.registry:
         member = registry_pb2.Worker(
             worker_id=settings.worker_id, address=settings.advertise, base_model=settings.model
         )
-        registration = Registration(settings.registry, settings.admin_token, member)
+        registration = Registration(settings.registry, settings.tls, member)
         registration.start()
         # Leave the membership first on drain, so routers stop picking this worker.
         running.before_drain.insert(0, registration.leave)
@@ -129,6 +147,7 @@ async def start_worker(settings: WorkerSettings) -> RunningWorker:
     # Runs after the server stopped taking calls and in-flight streams finished (or the grace ran out).
     running.on_stop.append(loader.close)
     running.on_stop.append(engine.shutdown)
+    running.on_stop.append(encoder.close)
     return RunningWorker(running, engine, loader, servicer)
 
 

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -19,6 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from loraplex.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.common.adapter_errors import AdapterRejected, NotFound, TooLarge, UriNotAllowed
 from services.common.adapter_files import digest_hex
+from services.common.config import DEFAULT_MAX_PROMPT_BYTES
 from services.common.grpc_errors import RpcError, status_errors
 from services.worker import convert, metrics, prompts, state
 from services.worker.adapters import (
@@ -41,6 +42,7 @@ from services.worker.engine.llm_engine import (
     RequestOutput,
     UnknownAdapter,
 )
+from services.worker.prompt_encoder import PromptEncoder
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,8 @@ ERRORS = {
     AdapterMismatch: grpc.StatusCode.FAILED_PRECONDITION,
     AdapterRejected: grpc.StatusCode.FAILED_PRECONDITION,
     TooLarge: grpc.StatusCode.FAILED_PRECONDITION,
-    UriNotAllowed: grpc.StatusCode.FAILED_PRECONDITION,
+    # A reference outside the registry's store and allowed buckets: refused before any byte is read.
+    UriNotAllowed: grpc.StatusCode.PERMISSION_DENIED,
     UnknownAdapter: grpc.StatusCode.UNAVAILABLE,
     AdapterSlotsFull: grpc.StatusCode.UNAVAILABLE,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
@@ -85,17 +88,27 @@ class WorkerIdentity:
     default_max_tokens: int
 
 
+# Token ids, checked on the event loop (cheap), or the tokenization to run on a tokenizer thread.
+PromptJob = list[int] | Callable[[Any], list[int]]
+
+
 @status_errors(ERRORS)
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def __init__(
-        self, identity: WorkerIdentity, engine: AsyncEngine, loader: AdapterLoader, tokenizer: Any
+        self,
+        identity: WorkerIdentity,
+        engine: AsyncEngine,
+        loader: AdapterLoader,
+        encoder: PromptEncoder,
+        *,
+        max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
     ) -> None:
         self.identity = identity
         self.engine = engine
         self.loader = loader
-        # A tokenizer of its own: the engine's belongs to the step thread, and HF fast tokenizers
-        # must not be used from two threads at once.
-        self.tokenizer = tokenizer
+        # Tokenizers of its own, off the event loop: the engine's belongs to the step thread.
+        self.encoder = encoder
+        self.max_prompt_bytes = max_prompt_bytes
         self.context_length: int = engine.engine.context_length
         self.vocab_size: int = engine.engine.model.config.vocab_size
         self._draining = asyncio.Event()
@@ -110,8 +123,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 grpc.StatusCode.UNAVAILABLE, "this worker is draining; send the request to another"
             )
         request_id = request.request_id or uuid.uuid4().hex
-        ids = self._prompt_ids(request.prompt)
-        prompts.check_length(ids, self.context_length)
+        # The engine's streams and sequences are keyed by (tenant, request id), never the id alone.
+        engine_id = convert.engine_request_id(request.tenant_id, request_id)
+        job = self._prompt_job(request.prompt)
         sampling = convert.sampling_params(request.sampling, self.identity.default_max_tokens)
         has_adapter = request.HasField("adapter")
         spec = convert.adapter_spec(request.adapter) if has_adapter else None
@@ -123,13 +137,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self._admitting += 1
         try:
             try:
+                ids = job if isinstance(job, list) else await self.encoder.run(job)
+                prompts.check_length(ids, self.context_length)
                 if spec is not None:
                     try:
                         lease = await self.loader.acquire(spec, _wait_s(context))
                     except AdaptersBusy as exc:
                         await self._shed(context, str(exc))
                 admitted = time.monotonic()
-                engine_request = EngineRequest(request_id, ids, sampling, spec.digest if spec else None)
+                engine_request = EngineRequest(
+                    engine_id, ids, sampling, spec.digest if spec else None, tenant_id=request.tenant_id
+                )
                 submitted = True  # from here a cancellation may land after the engine took it
                 try:
                     stream = await self.engine.add_request(engine_request)
@@ -188,7 +206,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         finally:
             # Cancellation and deadlines arrive here as CancelledError: free the KV blocks now.
             if submitted and not done:
-                self.engine.abort(request_id)
+                self.engine.abort(engine_id)
                 metrics.REQUESTS.labels(finish_reason="cancelled").inc()
             if lease is not None:
                 self.loader.release(lease)
@@ -267,14 +285,23 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             version=_version(),
         )
 
-    def _prompt_ids(self, prompt: common_pb2.Prompt) -> list[int]:
+    def _prompt_job(self, prompt: common_pb2.Prompt) -> PromptJob:
+        """What is cheap is checked here, before any tokenizing: sizes in bytes, counts."""
         kind = prompt.WhichOneof("kind")
         if kind == "text":
-            return prompts.text_ids(self.tokenizer, prompt.text)
+            text = prompt.text
+            prompts.check_text_bytes(len(text.encode("utf-8")), self.max_prompt_bytes)
+            return lambda tokenizer: prompts.text_ids(tokenizer, text)
         if kind == "token_ids":
-            return prompts.token_ids(prompt.token_ids.ids, self.vocab_size)
+            ids = prompt.token_ids.ids
+            prompts.check_length(ids, self.context_length)  # before reading every id
+            return prompts.token_ids(ids, self.vocab_size)
         if kind == "chat":
-            return prompts.chat_ids(self.tokenizer, [(m.role, m.content) for m in prompt.chat.messages])
+            prompts.check_chat_size(len(prompt.chat.messages))
+            messages = [(m.role, m.content) for m in prompt.chat.messages]
+            size = sum(len(content.encode("utf-8")) for _, content in messages)
+            prompts.check_text_bytes(size, self.max_prompt_bytes)
+            return lambda tokenizer: prompts.chat_ids(tokenizer, messages)
         raise prompts.PromptError("the prompt is empty; send text, token ids or chat messages")
 
     async def _shed(self, context: grpc.aio.ServicerContext, message: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -17,10 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import psycopg
 import pytest
 
+from loraplex.v1 import common_pb2, inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.cli.dev import WORKER_PORT_OFFSET
+from services.common.certs import role_files
 from services.common.net import free_port
+from services.common.tls import Role, sync_channel
 
 STARTUP_TIMEOUT_S = 420
 
@@ -109,6 +115,47 @@ def test_two_workers_an_adapter_stays_on_the_worker_where_it_is_warm(dev_stack: 
     # the worker that reports it on the device, where they start warm.
     assert len({f["worker_id"] for f in finished}) == 1, finished
     assert [f["timings"].get("cold_start", False) for f in finished[1:]] == [False, False], finished
+
+
+def test_the_stack_runs_on_mutual_tls_and_a_worker_serves_only_the_router(dev_stack: DevStack) -> None:
+    certs = dev_stack.home / "certs"
+    assert {f"{r.value}.crt" for r in Role} | {"ca.crt"} <= {p.name for p in certs.iterdir()}
+    assert stat.S_IMODE((certs / "worker.key").stat().st_mode) == 0o600
+    router = dev_stack.env["LORAPLEX_ROUTER"]
+    worker = f"127.0.0.1:{int(router.rpartition(':')[2]) + WORKER_PORT_OFFSET}"
+    request = worker_pb2.WorkerServiceGenerateRequest(
+        request_id="straight-to-the-worker",
+        prompt=common_pb2.Prompt(text="free tokens?"),
+        sampling=common_pb2.SamplingParams(max_tokens=24),
+    )
+    # The attack of issue 9: Generate straight to a worker's port, no credentials. Now: no handshake.
+    with grpc.insecure_channel(worker) as channel, pytest.raises(grpc.RpcError) as info:
+        list(worker_pb2_grpc.WorkerServiceStub(channel).Generate(request, timeout=10))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    # The operator's certificate (what the CLI holds) is verified, but only routers may generate.
+    with (
+        sync_channel(worker, role_files(certs, Role.OPERATOR)) as channel,
+        pytest.raises(grpc.RpcError) as info,
+    ):
+        list(worker_pb2_grpc.WorkerServiceStub(channel).Generate(request, timeout=10))
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # The public endpoint serves TLS: a plaintext client does not get through.
+    with grpc.insecure_channel(router) as channel, pytest.raises(grpc.RpcError) as info:
+        inference_pb2_grpc.InferenceServiceStub(channel).ListModels(
+            inference_pb2.ListModelsRequest(), timeout=10
+        )
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    # Admin commands as the banner says: the token file, and the certificates found under LORAPLEX_HOME.
+    token = (dev_stack.home / "dev-admin-token").read_text().strip()
+    listed = subprocess.run(
+        [sys.executable, "-m", "services.cli.main", "tenants", "list", "--json"],
+        env={**dev_stack.env, "LORAPLEX_ADMIN_TOKEN": token},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "demo" in {t["name"] for t in json.loads(listed.stdout)}
 
 
 def test_generate_streams_tokens_from_a_demo_adapter_and_they_are_billed(dev_stack: DevStack) -> None:

@@ -13,14 +13,14 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.common.model_spec import BaseModelSpec, TargetModule
 from services.registry import db, queries
 from services.registry.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
-from services.registry.tables import Adapter, Tenant
+from services.registry.tables import Adapter, BaseModelPrice, Tenant
 from tests.fixtures.postgres import outside_pytest_tmp
 
 Sessions = async_sessionmaker[AsyncSession]
@@ -150,6 +150,24 @@ async def test_base_model_upsert_round_trips_spec_and_replaces_prices(session_fa
         assert name in [m.name for m in await queries.list_base_models(s)]
         with pytest.raises(InvalidArgument):
             await queries.upsert_base_model(s, _spec(name), -1, 0)
+
+
+async def test_each_price_change_is_kept_in_the_history_and_a_re_upsert_adds_nothing(
+    session_factory: Sessions,
+) -> None:
+    name = f"priced-{_suffix()}"
+    for prices in ((0.1, 0.2), (0.1, 0.2), (0.3, 0.2)):
+        async with session_factory.begin() as s:
+            await queries.upsert_base_model(s, _spec(name), *prices)
+    async with session_factory() as s:
+        rows = (
+            await s.execute(
+                select(BaseModelPrice.input_price_per_mtok, BaseModelPrice.output_price_per_mtok)
+                .where(BaseModelPrice.base_model == name)
+                .order_by(BaseModelPrice.effective_from)
+            )
+        ).all()
+    assert [tuple(r) for r in rows] == [(Decimal("0.1"), Decimal("0.2")), (Decimal("0.3"), Decimal("0.2"))]
 
 
 # -- adapters ----------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from loraplex.v1 import common_pb2, registry_pb2
 from services.common.model_spec import BaseModelSpec
+from services.common.tls import Role
 from tests.fixtures.registry import MAX_BYTES, MAX_RANK, RegistryProcess
 
 CONFIG = "adapter_config.json"
@@ -227,14 +228,12 @@ def test_watch_adapters_streams_changes_in_revision_order(
 
 
 def test_admin_calls_need_the_admin_token(registry: RegistryProcess) -> None:
-    from services.client.registry import RegistryClient
-
-    with RegistryClient(registry.target, None) as anon, pytest.raises(grpc.RpcError) as err:
+    with registry.as_role(Role.OPERATOR) as anon, pytest.raises(grpc.RpcError) as err:
         anon.create_tenant("x")
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "authorization" in (err.value.details() or "")
     with (
-        RegistryClient(registry.target, "wrong-token-wrong-token") as bad,
+        registry.as_role(Role.OPERATOR, "wrong-token-wrong-token") as bad,
         pytest.raises(grpc.RpcError) as err,
     ):
         bad.create_tenant("x")
@@ -437,7 +436,7 @@ def test_health_and_reflection_describe_the_registry(registry: RegistryProcess) 
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-    with grpc.insecure_channel(registry.target) as channel:
+    with registry.certs.channel(registry.target, Role.OPERATOR) as channel:
         services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
         health = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="loraplex.v1.AdapterRegistryService"), timeout=5

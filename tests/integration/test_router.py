@@ -7,6 +7,7 @@ Billing is checked where it lands: rows in the registry's usage ledger (PostgreS
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 import subprocess
@@ -35,17 +36,20 @@ from loraplex.v1 import (
     registry_pb2,
     registry_pb2_grpc,
     usage_pb2,
+    usage_pb2_grpc,
 )
 from services.common.config import RouterSettings
 from services.common.health import wait_serving
 from services.common.net import free_port
+from services.common.tls import Role
 from services.devtools.tiny_model import TINY_LLAMA
 from services.router.registry_view import RegistryUnavailable, RegistryView
 from services.router.server import Router, start_router
 from services.router.shipper import Shipper
 from services.router.spool import Spool, read_segment
 from services.worker.server import RunningWorker
-from tests.fixtures.registry import ADMIN_TOKEN, RegistryProcess
+from tests.fixtures.registry import RegistryProcess
+from tests.fixtures.tls import ServiceCerts
 
 OTHER_MODEL = "smollm2-135m-instruct"
 AUTH_TTL_S = 1.0
@@ -76,6 +80,17 @@ class Stack:
             h.down_until = 0.0
 
 
+def _router_tls(registry: RegistryProcess) -> dict[str, str]:
+    """A router's identity toward workers and the registry, and TLS on its public endpoint."""
+    return {**registry.certs.env(Role.ROUTER), **registry.certs.router_public_env()}
+
+
+def _public(target: str, certs: ServiceCerts) -> grpc.aio.Channel:
+    """A tenant's channel to the router: TLS checked against the CA, no client certificate."""
+    ca = certs.files(Role.ROUTER).ca.read_bytes()
+    return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=ca))
+
+
 def _tenant(registry: RegistryProcess) -> Tenant:
     name = f"r-{uuid.uuid4().hex[:10]}"
     with registry.admin() as c:
@@ -95,11 +110,12 @@ async def stack(
         c.upload_adapter(worker_tiny_adapters["mlp"], tenant=a.name, name="bot", base_model=TINY_LLAMA)
         c.archive_adapter("bot@2", tenant=a.name)
         c.upload_adapter(adapter_dir, tenant=b.name, name="secret-sauce", base_model=TINY_LLAMA)
-    workers = [await start_synthetic_worker(f"syn-{i}", TINY_LLAMA) for i in range(2)]
+    worker_tls = registry.certs.files(Role.WORKER)
+    workers = [await start_synthetic_worker(f"syn-{i}", TINY_LLAMA, tls=worker_tls) for i in range(2)]
     settings = RouterSettings.from_env(
         {
             "LORAPLEX_HOME": str(tmp_path_factory.mktemp("router-home")),
-            "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN,
+            **_router_tls(registry),
             "LORAPLEX_REGISTRY": registry.target,
             "LORAPLEX_ROUTER_LISTEN": "127.0.0.1:0",
             "LORAPLEX_WORKERS": ",".join(w.address for w in workers),
@@ -110,7 +126,7 @@ async def stack(
         }
     )
     router = await start_router(settings)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
+    async with _public(f"127.0.0.1:{router.port}", registry.certs) as channel:
         s = Stack(
             registry, router, workers, inference_pb2_grpc.InferenceServiceStub(channel), a, b, adapter_dir
         )
@@ -160,21 +176,25 @@ async def _generate(s: Stack, secret: str | None, req: inference_pb2.GenerateReq
     return Result(events, await call.code(), await call.details() or "", trailing)
 
 
-def _ledger(s: Stack, request_id: str) -> list[dict[str, Any]]:
+def _ledger(s: Stack, request_id: str, tenant: Tenant | None = None) -> list[dict[str, Any]]:
+    """Ledger rows with this request id: of one tenant, or (tenant None) of every tenant."""
     with psycopg.connect(s.registry.database_url) as conn:
         cur = conn.execute(
             "SELECT tenant_id::text, api_key_id::text, base_model, adapter_id::text, adapter_version,"
-            " input_tokens, output_tokens, finish_reason, worker_id FROM usage_records WHERE request_id = %s",
-            (request_id,),
+            " input_tokens, output_tokens, finish_reason, worker_id FROM usage_records"
+            " WHERE request_id = %s AND (%s::uuid IS NULL OR tenant_id = %s::uuid)",
+            (request_id, tenant and tenant.tenant_id, tenant and tenant.tenant_id),
         )
         names = [d.name for d in cur.description or ()]
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
-async def _billed(s: Stack, request_id: str, timeout_s: float = 15.0) -> dict[str, Any]:
+async def _billed(
+    s: Stack, request_id: str, timeout_s: float = 15.0, tenant: Tenant | None = None
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        rows = _ledger(s, request_id)
+        rows = _ledger(s, request_id, tenant)
         if rows:
             assert len(rows) == 1
             return rows[0]
@@ -216,11 +236,145 @@ async def test_stream_is_started_deltas_finished_and_billed_once_per_request_id(
         "finish_reason": "length",
         "worker_id": finished.worker_id,
     }
+    # The replay attack: the same id again streamed a fresh generation that was never billed.
     again = await _generate(s, s.a.secret, _request(request_id=rid, adapter="bot", max_tokens=7))
-    assert again.code == grpc.StatusCode.OK
+    assert again.code == grpc.StatusCode.ALREADY_EXISTS, again.details
+    assert f"request_id {rid!r} was already used" in again.details and "new request_id" in again.details
+    assert again.events == []
+    assert len([req for w in s.workers for req in w.worker.requests]) == 1  # no second generation
     await asyncio.sleep(0.5)
     await s.router.shipper.ship_once()
     assert len(_ledger(s, rid)) == 1
+
+
+async def test_an_id_billed_through_another_router_is_refused_from_the_ledger(s: Stack) -> None:
+    """This router never saw the id: the registry's ledger (within the window) is what refuses it."""
+    rid = f"elsewhere-{uuid.uuid4().hex}"
+    record = _records(s.a, 1)[0]
+    record.request_id = rid
+    async with s.registry.certs.aio_channel(s.registry.target, Role.ROUTER) as channel:
+        await usage_pb2_grpc.UsageServiceStub(channel).RecordUsage(
+            usage_pb2.RecordUsageRequest(records=[record])
+        )
+    r = await _generate(s, s.a.secret, _request(request_id=rid, adapter="bot"))
+    assert r.code == grpc.StatusCode.ALREADY_EXISTS, r.details
+    assert not any(w.worker.requests for w in s.workers)
+    # Tenant B may use the same id: the lookup is by (tenant, id), and B learns nothing about A.
+    b = await _generate(s, s.b.secret, _request(request_id=rid, adapter="secret-sauce", max_tokens=3))
+    assert b.code == grpc.StatusCode.OK, b.details
+    assert (await _billed(s, rid, tenant=s.b))["output_tokens"] == 3
+    assert [row["output_tokens"] for row in _ledger(s, rid, s.a)] == [record.usage.output_tokens]
+
+
+async def test_a_duplicate_sent_while_the_first_is_in_flight_is_refused(s: Stack) -> None:
+    for w in s.workers:
+        w.worker.token_delay_s = 0.02
+    rid = f"concurrent-{uuid.uuid4().hex}"
+    first = s.stub.Generate(_request(request_id=rid, adapter="bot", max_tokens=30), metadata=_md(s.a.secret))
+    assert (await first.read()).WhichOneof("event") == "started"
+    second = await _generate(s, s.a.secret, _request(request_id=rid, adapter="bot", max_tokens=30))
+    assert second.code == grpc.StatusCode.ALREADY_EXISTS, second.details
+    assert "in flight" in second.details
+    # Another tenant's request with the same id runs beside it.
+    other = await _generate(s, s.b.secret, _request(request_id=rid, adapter="secret-sauce", max_tokens=2))
+    assert other.code == grpc.StatusCode.OK, other.details
+    last = None
+    while (msg := await first.read()) != grpc.aio.EOF:
+        last = msg
+    assert last is not None and last.finished.usage.output_tokens == 30
+    assert (await _billed(s, rid, tenant=s.a))["output_tokens"] == 30
+    assert (await _billed(s, rid, tenant=s.b))["output_tokens"] == 2
+    assert len(_ledger(s, rid)) == 2
+
+
+async def test_an_id_refused_before_any_work_may_be_retried(s: Stack) -> None:
+    rid = f"retry-{uuid.uuid4().hex}"
+    for w in s.workers:
+        w.worker.refuse = grpc.StatusCode.UNAVAILABLE
+    refused = await _generate(s, s.a.secret, _request(request_id=rid, adapter="bot"))
+    assert refused.code == grpc.StatusCode.UNAVAILABLE
+    s.reset()
+    retried = await _generate(s, s.a.secret, _request(request_id=rid, adapter="bot", max_tokens=4))
+    assert retried.code == grpc.StatusCode.OK, retried.details
+    assert (await _billed(s, rid))["output_tokens"] == 4
+
+
+async def test_a_client_id_is_refused_while_the_ledger_cannot_be_asked(s: Stack) -> None:
+    view = s.router.registry
+    live = view._usage
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}") as dead:
+        view._usage = usage_pb2_grpc.UsageServiceStub(dead)  # the ledger lookup fails
+        try:
+            rid = f"unchecked-{uuid.uuid4().hex}"
+            r = await _generate(s, s.a.secret, _request(request_id=rid, adapter="bot"))
+            assert r.code == grpc.StatusCode.UNAVAILABLE
+            assert "cannot check whether request_id" in r.details and "send no request_id" in r.details
+            assert not any(w.worker.requests for w in s.workers)
+            # An id the router chooses cannot repeat: it needs no lookup and still runs.
+            fresh = await _generate(s, s.a.secret, _request(adapter="bot"))
+            assert fresh.code == grpc.StatusCode.OK, fresh.details
+        finally:
+            view._usage = live
+    # The refused id was never run, so it is free once the registry answers again.
+    assert (
+        await _generate(s, s.a.secret, _request(request_id=rid, adapter="bot"))
+    ).code == grpc.StatusCode.OK
+
+
+async def test_output_tokens_are_billed_as_forwarded_whatever_the_worker_reports(s: Stack) -> None:
+    for w in s.workers:
+        w.worker.reported_output_tokens = 1  # a lying (or buggy) worker
+    rid = f"lying-{uuid.uuid4().hex}"
+    r = await _generate(s, s.a.secret, _request(request_id=rid, adapter="bot", max_tokens=9))
+    assert r.code == grpc.StatusCode.OK, r.details
+    assert len(r.tokens) == 9
+    assert r.events[-1].finished.usage.output_tokens == 9  # the client sees what it is billed for
+    assert (await _billed(s, rid))["output_tokens"] == 9
+
+
+async def test_a_failed_spool_write_ends_the_stream_with_an_error_not_a_finished(
+    s: Stack, tmp_path: Path
+) -> None:
+    failing = True
+
+    def fsync(fd: int) -> None:
+        if failing:
+            raise OSError(errno.EIO, "simulated disk failure")
+        os.fsync(fd)
+
+    settings = RouterSettings.from_env(
+        {
+            "LORAPLEX_HOME": str(tmp_path),
+            **_router_tls(s.registry),
+            "LORAPLEX_REGISTRY": s.registry.target,
+            "LORAPLEX_ROUTER_LISTEN": "127.0.0.1:0",
+            "LORAPLEX_WORKERS": ",".join(w.address for w in s.workers),
+            "LORAPLEX_ROUTER_DISCOVER_WORKERS": "false",
+        }
+    )
+    router = await start_router(settings, fsync=fsync)
+    rid = f"unspooled-{uuid.uuid4().hex}"
+    try:
+        async with _public(f"127.0.0.1:{router.port}", s.registry.certs) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            call = stub.Generate(
+                _request(request_id=rid, adapter="bot", max_tokens=5), metadata=_md(s.a.secret)
+            )
+            events = []
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for e in call:
+                    events.append(e)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "could not record usage" in (err.value.details() or "")
+            assert not any(e.HasField("finished") for e in events)
+            # Tokens did run under the id: it is not generated again.
+            again = stub.Generate(_request(request_id=rid, adapter="bot"), metadata=_md(s.a.secret))
+            with pytest.raises(grpc.aio.AioRpcError) as replay:
+                _ = [e async for e in again]
+            assert replay.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    finally:
+        failing = False
+        await router.running.drain(1.0)
 
 
 async def test_long_fast_stream_arrives_whole_and_in_order(s: Stack) -> None:
@@ -335,11 +489,11 @@ async def test_a_new_version_is_served_once_the_change_feed_reports_it(s: Stack)
 
 
 async def test_registry_outage_keeps_confirmed_keys_and_resolved_adapters_working(s: Stack) -> None:
-    async with grpc.aio.insecure_channel(s.registry.target) as live:
-        view = RegistryView(live, ADMIN_TOKEN, auth_ttl_s=0.0, adapter_ttl_s=0.0, stale_s=60.0)
+    async with s.registry.certs.aio_channel(s.registry.target, Role.ROUTER) as live:
+        view = RegistryView(live, auth_ttl_s=0.0, adapter_ttl_s=0.0, stale_s=60.0)
         principal = await view.authenticate(s.a.secret)
         adapter = await view.resolve_adapter(s.a.tenant_id, "bot")
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}") as dead:
+        async with s.registry.certs.aio_channel(f"127.0.0.1:{free_port()}", Role.ROUTER) as dead:
             view._stub = registry_pb2_grpc.AdapterRegistryServiceStub(dead)  # the registry goes away
             assert await view.authenticate(s.a.secret) == principal
             assert (await view.resolve_adapter(s.a.tenant_id, "bot")).ref.digest == adapter.ref.digest
@@ -378,7 +532,7 @@ async def test_the_policy_setting_picks_the_routing_policy(
     settings = RouterSettings.from_env(
         {
             "LORAPLEX_HOME": str(tmp_path),
-            "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN,
+            **_router_tls(s.registry),
             "LORAPLEX_REGISTRY": s.registry.target,
             "LORAPLEX_ROUTER_LISTEN": "127.0.0.1:0",
             "LORAPLEX_WORKERS": ",".join(w.address for w in s.workers),
@@ -388,7 +542,7 @@ async def test_the_policy_setting_picks_the_routing_policy(
     )
     router = await start_router(settings)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
+        async with _public(f"127.0.0.1:{router.port}", s.registry.certs) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             for _ in range(4):
                 [e async for e in stub.Generate(_request(adapter="bot"), metadata=_md(s.a.secret))]
@@ -489,8 +643,9 @@ async def test_router_inflight_limit_sheds_load_with_retry_pushback(s: Stack) ->
 
 
 async def test_workers_registered_in_the_registry_are_discovered_and_served(s: Stack, tmp_path: Path) -> None:
-    extra = await start_synthetic_worker(f"discovered-{uuid.uuid4().hex[:6]}", TINY_LLAMA)
-    with s.registry.admin() as c:
+    worker_tls = s.registry.certs.files(Role.WORKER)
+    extra = await start_synthetic_worker(f"discovered-{uuid.uuid4().hex[:6]}", TINY_LLAMA, tls=worker_tls)
+    with s.registry.as_role(Role.WORKER) as c:  # a worker registers itself, with its own certificate
         c.stub.RegisterWorker(
             registry_pb2.RegisterWorkerRequest(
                 worker=registry_pb2.Worker(
@@ -502,14 +657,14 @@ async def test_workers_registered_in_the_registry_are_discovered_and_served(s: S
     settings = RouterSettings.from_env(
         {
             "LORAPLEX_HOME": str(tmp_path),
-            "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN,
+            **_router_tls(s.registry),
             "LORAPLEX_REGISTRY": s.registry.target,
             "LORAPLEX_ROUTER_LISTEN": "127.0.0.1:0",
         }
     )
     router = await start_router(settings)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
+        async with _public(f"127.0.0.1:{router.port}", s.registry.certs) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             events = [e async for e in stub.Generate(_request(adapter="bot"), metadata=_md(s.a.secret))]
         assert events[-1].finished.worker_id == extra.worker.worker_id
@@ -524,7 +679,7 @@ async def test_a_real_worker_serves_a_registered_adapter_through_the_router(
     settings = RouterSettings.from_env(
         {
             "LORAPLEX_HOME": str(tmp_path),
-            "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN,
+            **_router_tls(s.registry),
             "LORAPLEX_REGISTRY": s.registry.target,
             "LORAPLEX_ROUTER_LISTEN": "127.0.0.1:0",
             "LORAPLEX_WORKERS": f"127.0.0.1:{tiny_worker.port}",
@@ -535,18 +690,31 @@ async def test_a_real_worker_serves_a_registered_adapter_through_the_router(
     router = await start_router(settings)
     rid = f"real-{uuid.uuid4().hex}"
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
+        async with _public(f"127.0.0.1:{router.port}", s.registry.certs) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             req = _request(request_id=rid, adapter="bot", max_tokens=6)
             req.sampling.ignore_eos = True
             events = [e async for e in stub.Generate(req, metadata=_md(s.a.secret))]
+            # The replay attack end to end: the same id again generates nothing and bills nothing.
+            replay = stub.Generate(req, metadata=_md(s.a.secret))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                _ = [e async for e in replay]
+            assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+            assert "already used" in (refused.value.details() or "")
+            # Tenant B may use the same id on the same worker; its usage is its own.
+            other = stub.Generate(
+                _request(request_id=rid, model=TINY_LLAMA, max_tokens=2), metadata=_md(s.b.secret)
+            )
+            other_events = [e async for e in other]
     finally:
         await router.running.drain(1.0)
+    assert other_events[-1].finished.usage.output_tokens == 2
+    assert (await _billed(s, rid, tenant=s.b))["output_tokens"] == 2
     assert events[0].started.adapter.name == "bot"
     finished = events[-1].finished
     tokens = [t for e in events if e.HasField("delta") for t in e.delta.token_ids]
     assert len(tokens) == finished.usage.output_tokens == 6
-    row = await _billed(s, rid)
+    row = await _billed(s, rid, tenant=s.a)
     assert (row["input_tokens"], row["output_tokens"]) == (finished.usage.input_tokens, 6)
     assert row["input_tokens"] > 0 and row["worker_id"] == finished.worker_id
 
@@ -587,6 +755,7 @@ async def _router_process(
         "LORAPLEX_ROUTER_DISCOVER_WORKERS": "false",
         "LORAPLEX_ROUTER_SHIP_INTERVAL_S": str(ship_interval_s),
         "LORAPLEX_WORKER_REFRESH_S": "0.2",
+        **_router_tls(s.registry),
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli.main", "router", "serve"],
@@ -596,7 +765,7 @@ async def _router_process(
     )
     target = f"127.0.0.1:{port}"
     # Wait without blocking the event loop: the synthetic workers live on it and must answer probes.
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with _public(target, s.registry.certs) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -618,7 +787,7 @@ async def test_records_spooled_by_a_killed_router_are_billed_once_after_restart(
     proc, target = await _router_process(s, tmp_path, ship_interval_s=3600)
     ids = [f"killed-{uuid.uuid4().hex}-{i}" for i in range(3)]
     try:
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with _public(target, s.registry.certs) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             for rid in ids:
                 events: list[inference_pb2.GenerateResponse] = []
@@ -635,13 +804,20 @@ async def test_records_spooled_by_a_killed_router_are_billed_once_after_restart(
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert all(not _ledger(s, rid) for rid in ids)  # spooled, not shipped, when it died
-    proc, _ = await _router_process(s, tmp_path, ship_interval_s=0.1)
+    # Restarted: the ids are refused (from its spool's backlog, or the ledger once shipped).
+    proc, target = await _router_process(s, tmp_path, ship_interval_s=3600)
     try:
-        rows = [await _billed(s, rid) for rid in ids]
-        assert [r["output_tokens"] for r in rows] == [5, 5, 5]
+        async with _public(target, s.registry.certs) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            replay = stub.Generate(_request(request_id=ids[0], adapter="bot"), metadata=_md(s.a.secret))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                _ = [e async for e in replay]
+            assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
     finally:
-        proc.terminate()
+        proc.terminate()  # a clean stop ships the spool
         proc.wait()
+    rows = [await _billed(s, rid) for rid in ids]
+    assert [r["output_tokens"] for r in rows] == [5, 5, 5]
 
 
 async def test_a_router_killed_mid_stream_bills_the_streamed_tokens_once_after_restart(
@@ -653,7 +829,7 @@ async def test_a_router_killed_mid_stream_bills_the_streamed_tokens_once_after_r
     rid = f"midstream-{uuid.uuid4().hex}"
     received = 0
     try:
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with _public(target, s.registry.certs) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             for _ in range(50):  # until the new router has probed the workers
                 call = stub.Generate(
@@ -712,15 +888,15 @@ async def test_shipper_keeps_records_while_the_registry_is_down_and_replays_them
     records = _records(s.a, 7)
     spool = Spool(tmp_path, max_bytes=1 << 30)
     spool.append_many([r.SerializeToString() for r in records])
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}") as dead:
+    async with s.registry.certs.aio_channel(f"127.0.0.1:{free_port()}", Role.ROUTER) as dead:
         with pytest.raises(grpc.aio.AioRpcError):
-            await Shipper(spool, dead, ADMIN_TOKEN, batch=3).ship_once(timeout_s=1.0)
+            await Shipper(spool, dead, batch=3).ship_once(timeout_s=1.0)
     assert [len(read_segment(seg).records) for seg in spool.seal()] == [7]
     spool.close()
 
     restarted = Spool(tmp_path, max_bytes=1 << 30)  # a new process finds the segment on disk
-    async with grpc.aio.insecure_channel(s.registry.target) as channel:
-        shipped = await Shipper(restarted, channel, ADMIN_TOKEN, batch=3).ship_once()
+    async with s.registry.certs.aio_channel(s.registry.target, Role.ROUTER) as channel:
+        shipped = await Shipper(restarted, channel, batch=3).ship_once()
     assert shipped == 7
     assert restarted.seal() == [] and restarted.size_bytes == 0
     assert all(len(_ledger(s, r.request_id)) == 1 for r in records)
@@ -733,8 +909,8 @@ async def test_a_record_the_ledger_refuses_is_quarantined_and_does_not_block_the
     bad = usage_pb2.UsageRecord(request_id="bad-" + uuid.uuid4().hex, tenant_id=s.a.tenant_id)
     spool = Spool(tmp_path, max_bytes=1 << 30)
     spool.append_many([good[0].SerializeToString(), bad.SerializeToString(), good[1].SerializeToString()])
-    async with grpc.aio.insecure_channel(s.registry.target) as channel:
-        assert await Shipper(spool, channel, ADMIN_TOKEN).ship_once() == 2
+    async with s.registry.certs.aio_channel(s.registry.target, Role.ROUTER) as channel:
+        assert await Shipper(spool, channel).ship_once() == 2
     assert spool.seal() == []
     assert read_segment(tmp_path / "rejected.log").records == [bad.SerializeToString()]
     assert all(len(_ledger(s, r.request_id)) == 1 for r in good)
@@ -746,7 +922,7 @@ async def test_sigterm_lets_a_stream_in_flight_finish_and_ships_its_record(s: St
     proc, target = await _router_process(s, tmp_path, ship_interval_s=3600)
     rid = f"drain-{uuid.uuid4().hex}"
     try:
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with _public(target, s.registry.certs) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             for _ in range(50):
                 call = stub.Generate(
@@ -786,6 +962,7 @@ def test_router_serve_reports_health_and_drains_on_sigterm(registry: RegistryPro
         **registry.env,
         "LORAPLEX_ROUTER_LISTEN": f"127.0.0.1:{port}",
         "LORAPLEX_SPOOL_DIR": str(tmp_path / "spool"),
+        **_router_tls(registry),
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli.main", "router", "serve"],
@@ -794,8 +971,9 @@ def test_router_serve_reports_health_and_drains_on_sigterm(registry: RegistryPro
         stderr=subprocess.STDOUT,
     )
     try:
-        wait_serving(f"127.0.0.1:{port}", proc=proc)
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        # The public endpoint serves TLS with the router certificate; health answers a checked client.
+        wait_serving(f"127.0.0.1:{port}", tls=registry.certs.files(Role.OPERATOR), proc=proc)
+        with registry.certs.channel(f"127.0.0.1:{port}", Role.OPERATOR) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             status = health.Check(health_pb2.HealthCheckRequest(service="loraplex.v1.InferenceService"))
             assert status.status == health_pb2.HealthCheckResponse.SERVING
@@ -808,7 +986,7 @@ def test_router_serve_reports_health_and_drains_on_sigterm(registry: RegistryPro
     assert (tmp_path / "spool").is_dir()
 
 
-def test_router_refuses_to_start_without_the_admin_token(tmp_path: Path) -> None:
+def test_router_refuses_to_start_without_a_certificate(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
     env["LORAPLEX_HOME"] = str(tmp_path)
     proc = subprocess.run(
@@ -819,4 +997,4 @@ def test_router_refuses_to_start_without_the_admin_token(tmp_path: Path) -> None
         timeout=60,
     )
     assert proc.returncode == 2
-    assert "LORAPLEX_ADMIN_TOKEN" in proc.stderr
+    assert "loraplex certs init" in proc.stderr and "LORAPLEX_TLS_CERT" in proc.stderr

@@ -24,10 +24,11 @@ from bench.synthetic_worker import RunningSyntheticWorker, start_synthetic_worke
 from loraplex.v1 import common_pb2, inference_pb2, inference_pb2_grpc, registry_pb2, registry_pb2_grpc
 from services.common.config import RouterSettings
 from services.common.net import free_port
+from services.common.tls import Role
 from services.devtools.tiny_model import TINY_LLAMA
 from services.router.registry_view import RegistryView, Unauthenticated
 from services.router.server import Router, start_router
-from tests.fixtures.registry import ADMIN_TOKEN, RegistryProcess
+from tests.fixtures.registry import RegistryProcess
 
 AUTH_TTL_S = 300.0
 MIB = 1 << 20
@@ -67,7 +68,8 @@ def _settings(
     return RouterSettings.from_env(
         {
             "LORAPLEX_HOME": str(home),
-            "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN,
+            **s.certs.env(Role.ROUTER),
+            **s.certs.router_public_env(),
             "LORAPLEX_REGISTRY": s.target,
             "LORAPLEX_ROUTER_LISTEN": "127.0.0.1:0",
             "LORAPLEX_WORKERS": ",".join(w.address for w in workers),
@@ -87,7 +89,9 @@ async def _router(
     router = await start_router(settings)
     await asyncio.wait_for(router.registry.watch_connected.wait(), 10)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
+        ca = settings.tls.ca.read_bytes() if settings.tls is not None else None
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca)
+        async with grpc.aio.secure_channel(f"127.0.0.1:{router.port}", credentials) as channel:
             yield router, inference_pb2_grpc.InferenceServiceStub(channel)
     finally:
         await router.running.drain(1.0)
@@ -95,7 +99,8 @@ async def _router(
 
 @pytest.fixture(scope="module")
 async def stack(registry: RegistryProcess, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    workers = [await start_synthetic_worker(f"lim-{i}", TINY_LLAMA) for i in range(2)]
+    worker_tls = registry.certs.files(Role.WORKER)
+    workers = [await start_synthetic_worker(f"lim-{i}", TINY_LLAMA, tls=worker_tls) for i in range(2)]
     home = tmp_path_factory.mktemp("limits-router")
     async with _router(_settings(registry, home, workers)) as (router, stub):
         yield Stack(registry, workers, router, stub, home)
@@ -263,13 +268,13 @@ async def test_a_stream_open_at_revocation_runs_to_its_end(s: Stack) -> None:
 
 async def test_a_key_seen_revoked_is_never_served_from_the_stale_cache(s: Stack) -> None:
     t = _tenant(s.registry)
-    async with grpc.aio.insecure_channel(s.registry.target) as live:
-        view = RegistryView(live, ADMIN_TOKEN, auth_ttl_s=0.0, stale_s=300.0)
+    async with s.registry.certs.aio_channel(s.registry.target, Role.ROUTER) as live:
+        view = RegistryView(live, auth_ttl_s=0.0, stale_s=300.0)
         await view.authenticate(t.secret)
         with s.registry.admin() as c:
             revoked = c.revoke_api_key(t.key_id)
         view.apply_change(registry_pb2.WatchAdaptersResponse(revision=1, revoked_api_key=revoked))
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}") as dead:
+        async with s.registry.certs.aio_channel(f"127.0.0.1:{free_port()}", Role.ROUTER) as dead:
             view._stub = registry_pb2_grpc.AdapterRegistryServiceStub(dead)  # the registry goes away
             with pytest.raises(Unauthenticated):
                 await view.authenticate(t.secret)

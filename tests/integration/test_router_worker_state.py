@@ -28,10 +28,11 @@ from services.common.adapter_files import adapter_digest
 from services.common.config import RouterSettings
 from services.common.health import wait_serving
 from services.common.net import free_port
+from services.common.tls import Role
 from services.devtools.tiny_model import TINY_LLAMA
 from services.router.policy import Residency, WorkerView, rendezvous_order
 from services.router.server import Router, start_router
-from tests.fixtures.registry import ADMIN_TOKEN, RegistryProcess
+from tests.fixtures.registry import RegistryProcess
 from tests.fixtures.worker import (
     TINY_B_SCALE,
     TINY_KINDS,
@@ -71,7 +72,9 @@ def _spawn_worker(
         "LORAPLEX_DTYPE": "float32",
         "LORAPLEX_KV_CACHE_BLOCKS": "128",
         "LORAPLEX_REGISTRY": registry.target,
-        "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN,
+        # The registry's store: the one place this worker may fetch adapters from.
+        "LORAPLEX_ADAPTER_STORE": registry.store_dir.as_uri(),
+        **registry.certs.env(Role.WORKER),
     }
     log = (home / "worker.log").open("wb")
     proc = subprocess.Popen(
@@ -100,11 +103,13 @@ async def stack(
     procs = {wid: p for wid, (p, _, _) in spawned.items()}
     try:
         for proc, address, _ in spawned.values():
-            await asyncio.to_thread(wait_serving, address, proc=proc, timeout_s=180)
+            await asyncio.to_thread(
+                wait_serving, address, tls=registry.certs.files(Role.ROUTER), proc=proc, timeout_s=180
+            )
         settings = RouterSettings.from_env(
             {
                 "LORAPLEX_HOME": str(tmp_path_factory.mktemp("router-ws-home")),
-                "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN,
+                **registry.certs.env(Role.ROUTER),
                 "LORAPLEX_REGISTRY": registry.target,
                 "LORAPLEX_ROUTER_LISTEN": "127.0.0.1:0",
                 "LORAPLEX_WORKER_REFRESH_S": "0.2",
@@ -115,7 +120,7 @@ async def stack(
         )
         router = await start_router(settings)
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:  # public, plaintext
                 s = Stack(
                     registry,
                     router,
@@ -256,7 +261,7 @@ async def test_a_worker_that_joins_late_is_routed_to_as_soon_as_it_reports(
             if any(a.digest == digest and a.tier == common_pb2.ADAPTER_TIER_DEVICE for a in held):
                 break
         assert LATE_ID not in stack.router.pool.live_ids()
-        with stack.registry.admin() as c:
+        with stack.registry.as_role(Role.WORKER) as c:  # what the worker's own registration sends
             c.stub.RegisterWorker(
                 registry_pb2.RegisterWorkerRequest(
                     worker=registry_pb2.Worker(

@@ -8,8 +8,10 @@ import uuid
 import grpc
 import psycopg
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
-from loraplex.v1 import registry_pb2
+from loraplex.v1 import registry_pb2, usage_pb2, usage_pb2_grpc
+from services.common.tls import Role, sync_channel
 from tests.fixtures.registry import RegistryProcess
 
 
@@ -116,3 +118,23 @@ def test_the_change_feed_carries_revocations_and_limit_changes_in_order(registry
     assert _limits(seen[2].tenant) == (0, 60, 0, 0)
     assert seen[0].revision < seen[1].revision < seen[2].revision
     assert again.revision == seen[2].revision
+
+
+def test_only_routers_and_the_operator_read_tenant_tokens_and_only_the_operator_sets_limits(
+    registry: RegistryProcess,
+) -> None:
+    tenant = _tenant(registry)
+    with registry.admin() as c:
+        tenant_id = next(t.tenant_id for t in c.list_tenants() if t.name == tenant)
+    since = Timestamp()
+    since.FromSeconds(0)
+    request = usage_pb2.TenantTokensRequest(tenant_id=tenant_id, since=since)
+    with sync_channel(registry.target, registry.certs.files(Role.ROUTER)) as channel:
+        assert usage_pb2_grpc.UsageServiceStub(channel).TenantTokens(request, timeout=10).tokens == 0
+    with sync_channel(registry.target, registry.certs.files(Role.WORKER)) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            usage_pb2_grpc.UsageServiceStub(channel).TenantTokens(request, timeout=10)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with registry.as_role(Role.ROUTER) as router, pytest.raises(grpc.RpcError) as info:
+        router.set_tenant_limits(tenant, requests_per_s=1_000_000)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED

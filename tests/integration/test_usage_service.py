@@ -31,8 +31,12 @@ from loraplex.v1 import common_pb2, usage_pb2
 from services.client.registry import RegistryClient
 from services.client.usage import UsageClient, timestamp
 from services.common.config import RegistrySettings
+from services.common.model_spec import BaseModelSpec, TargetModule
+from services.common.tls import Role
+from services.registry.convert import base_model_pb
 from services.registry.server import start_registry
 from services.registry.usage_ledger import TimeRange, export_csv_pages, export_pages
+from tests.fixtures.tls import ServiceCerts
 
 ADMIN_TOKEN = "usage-test-admin-token-0123"
 MODEL = "usage-test-model"
@@ -44,14 +48,18 @@ INPUT_PRICE, OUTPUT_PRICE = Decimal("0.15"), Decimal("0.6")
 class Registry:
     target: str
     database_url: str
+    certs: ServiceCerts
 
-    def usage(self, token: str | None = ADMIN_TOKEN) -> UsageClient:
-        return UsageClient(self.target, token, timeout_s=60)
+    def usage(self, token: str | None = ADMIN_TOKEN, role: Role = Role.OPERATOR) -> UsageClient:
+        return UsageClient(self.target, token, tls=self.certs.files(role), timeout_s=60)
+
+    def admin(self) -> RegistryClient:
+        return RegistryClient(self.target, ADMIN_TOKEN, tls=self.certs.files(Role.OPERATOR))
 
     def tenant(self) -> tuple[str, str]:
         """A fresh tenant: (id, name)."""
         name = f"u-{uuid.uuid4().hex[:10]}"
-        with RegistryClient(self.target, ADMIN_TOKEN) as c:
+        with self.admin() as c:
             t = c.create_tenant(name)
         return t.tenant_id, name
 
@@ -65,7 +73,9 @@ class Registry:
 
 
 @pytest.fixture(scope="module")
-def registry(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+def registry(
+    database_url: str, tmp_path_factory: pytest.TempPathFactory, certs: ServiceCerts
+) -> Iterator[Registry]:
     """A registry on its own event loop in a thread, so tests can call it with blocking clients."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(
@@ -73,6 +83,11 @@ def registry(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
             " vocab_size, target_modules, layers_prefix, input_price_per_mtok, output_price_per_mtok)"
             " VALUES (%s, 'llama', 1, 2048, 64, 1000, '[]', 'model.layers', %s, %s)"
             " ON CONFLICT (name) DO NOTHING",
+            (MODEL, INPUT_PRICE, OUTPUT_PRICE),
+        )
+        conn.execute(
+            "INSERT INTO base_model_prices (base_model, effective_from, input_price_per_mtok,"
+            " output_price_per_mtok) VALUES (%s, '-infinity', %s, %s) ON CONFLICT DO NOTHING",
             (MODEL, INPUT_PRICE, OUTPUT_PRICE),
         )
     home = tmp_path_factory.mktemp("usage-registry")
@@ -86,6 +101,7 @@ def registry(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         allowed_file_roots=(),
         max_adapter_rank=64,
         max_adapter_bytes=1 << 20,
+        tls=certs.files(Role.REGISTRY),
     )
     loop = asyncio.new_event_loop()
     started = threading.Event()
@@ -111,7 +127,7 @@ def registry(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     if isinstance(error, BaseException):
         raise RuntimeError("registry failed to start") from error
     try:
-        yield Registry(f"127.0.0.1:{state['port']}", database_url)
+        yield Registry(f"127.0.0.1:{state['port']}", database_url, certs)
     finally:
         stop = state["stop"]
         assert isinstance(stop, asyncio.Event)
@@ -251,14 +267,14 @@ def test_cloudevents_export_is_one_valid_event_per_record_in_line_aligned_chunks
     assert len(chunks) > 1
     assert all(chunk.endswith(b"\n") for chunk in chunks)
     events = [json.loads(line) for chunk in chunks for line in chunk.splitlines()]
-    by_id = {r.request_id: r for r in records}
-    assert [e["id"] for e in events] == [r.request_id for r in records]
+    by_id = {f"{tenant_id}/{r.request_id}": r for r in records}
+    assert [e["id"] for e in events] == [f"{tenant_id}/{r.request_id}" for r in records]
     for e in events:
         assert e["specversion"] == "1.0" and e["type"] == "loraplex.usage.v1"
         assert e["source"] == "loraplex/registry" and e["datacontenttype"] == "application/json"
         assert e["subject"] == tenant_id
         assert datetime.fromisoformat(e["time"]) == by_id[e["id"]].finished_at.ToDatetime(tzinfo=UTC)
-        assert e["data"]["request_id"] == e["id"]
+        assert f"{e['subject']}/{e['data']['request_id']}" == e["id"]
     assert sum(Decimal(e["data"]["amount_usd"]) for e in events) == sum(amount(r) for r in records)
     assert sum(e["data"]["input_tokens"] for e in events) == sum(r.usage.input_tokens for r in records)
 
@@ -321,7 +337,7 @@ def test_summary_totals_per_day_and_adapter_match_the_records(registry: Registry
 
 def test_usage_calls_need_the_admin_token(registry: Registry) -> None:
     tenant_id, name = registry.tenant()
-    with RegistryClient(registry.target, ADMIN_TOKEN) as c:
+    with registry.admin() as c:
         api_key = c.create_api_key(name).secret
     start = window()
     calls = {
@@ -450,7 +466,12 @@ def test_cli_exports_to_a_file_and_prints_a_json_summary(registry: Registry, tmp
     records = varied(tenant_id, start, 40)
     with registry.usage() as c:
         c.record(records)
-    env = {**os.environ, "LORAPLEX_REGISTRY": registry.target, "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN}
+    env = {
+        **os.environ,
+        "LORAPLEX_REGISTRY": registry.target,
+        "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN,
+        **registry.certs.env(Role.OPERATOR),
+    }
     period = ["--from", start.isoformat(), "--to", (start + timedelta(weeks=1)).isoformat(), "--tenant", name]
     out = tmp_path / "usage.csv"
 
@@ -474,3 +495,120 @@ def test_cli_exports_to_a_file_and_prints_a_json_summary(registry: Registry, tmp
     assert sum(int(r["output_tokens"]) for r in totals) == sum(r.usage.output_tokens for r in records)
     bad = cli("export", "--from", "yesterday", "--to", "2031-01-01")
     assert bad.returncode == 2 and "ISO 8601" in bad.stderr
+
+
+def test_two_tenants_may_use_one_request_id_and_each_is_billed_once(registry: Registry) -> None:
+    (a_id, a_name), (b_id, b_name) = registry.tenant(), registry.tenant()
+    start = window()
+    shared = f"shared-{uuid.uuid4().hex}"
+    a_rec = record(a_id, start, request_id=shared, output_tokens=5)
+    b_rec = record(b_id, start + timedelta(seconds=1), request_id=shared, output_tokens=7)
+    with registry.usage() as c:
+        first = c.record([a_rec, b_rec])
+        again = c.record([b_rec, a_rec])
+    # On the old ledger (request_id alone) tenant B's record was a "duplicate" of A's: unbilled.
+    assert (first.inserted, first.duplicates) == (2, 0)
+    assert (again.inserted, again.duplicates) == (0, 2)
+    end = start + timedelta(days=1)
+    for name, expected in ((a_name, 5), (b_name, 7)):
+        rows = [
+            json.loads(line)
+            for chunk in export(registry, "jsonl", start, end, name)
+            for line in chunk.splitlines()
+        ]
+        assert [(r["request_id"], r["output_tokens"]) for r in rows] == [(shared, expected)]
+    # CloudEvents ids stay unique (consumers deduplicate on source + id).
+    chunks = export(registry, "cloudevents", start, end)
+    events = [json.loads(line) for chunk in chunks for line in chunk.splitlines()]
+    assert sorted(e["id"] for e in events) == sorted(f"{t}/{shared}" for t in (a_id, b_id))
+
+
+async def test_keyset_pages_keep_rows_of_tenants_sharing_an_id_and_finish_time(
+    registry: Registry, session_factory: async_sessionmaker[AsyncSession]
+) -> None:
+    """Pages end between rows with the same (finished_at, request_id): none is lost or repeated."""
+    start = window()
+    span = TimeRange(start, start + timedelta(days=1))
+    shared = f"same-{uuid.uuid4().hex}"
+    tenants = [registry.tenant()[0] for _ in range(3)]
+    with registry.usage() as c:
+        c.record([record(t, start, request_id=shared) for t in tenants])
+    by_rows = [
+        str(r[1]) async for page in export_pages(session_factory, span, None, page_size=1) for r in page
+    ]
+    by_csv = [
+        row[1]
+        async for data in export_csv_pages(session_factory, span, None, page_size=1)
+        for row in csv.reader(io.StringIO(data.decode()))
+    ]
+    assert by_rows == by_csv == sorted(t.lower() for t in tenants)
+
+
+def test_lookup_finds_only_this_tenants_ids_within_the_window(registry: Registry) -> None:
+    (a_id, _), (b_id, _) = registry.tenant(), registry.tenant()
+    now = datetime.now(UTC)
+    recent, old, unknown = (f"{k}-{uuid.uuid4().hex}" for k in ("recent", "old", "unknown"))
+    with registry.usage() as c:
+        c.record([record(a_id, now - timedelta(seconds=10), request_id=recent)])
+        c.record([record(a_id, now - timedelta(days=2), request_id=old)])
+        assert c.lookup(a_id, [recent, old, unknown], window_s=86_400) == [recent]
+        assert sorted(c.lookup(a_id, [recent, old, unknown], window_s=0)) == sorted([recent, old])
+        # Tenant B learns nothing about A's ids.
+        assert c.lookup(b_id, [recent, old], window_s=0) == []
+        with pytest.raises(grpc.RpcError) as bad:
+            c.lookup("not-a-uuid", [recent])
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as many:
+            c.lookup(a_id, [str(i) for i in range(1001)])
+        assert many.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with registry.usage(token=None) as c, pytest.raises(grpc.RpcError) as anon:
+        c.lookup(a_id, [recent])
+    assert anon.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_price_change_does_not_reprice_recorded_usage(registry: Registry) -> None:
+    """Each row is billed at the price in force when it finished, even one shipped after the change."""
+    spec = BaseModelSpec(
+        name=f"priced-{uuid.uuid4().hex[:8]}",
+        architecture="llama",
+        num_layers=1,
+        context_length=2048,
+        hidden_size=64,
+        vocab_size=1000,
+        target_modules=(TargetModule("q_proj", "self_attn.q_proj", 64, 64),),
+        layers_prefix="model.layers",
+    )
+    tenant_id, name = registry.tenant()
+    before = datetime.now(UTC) - timedelta(seconds=5)
+
+    def priced(at: datetime) -> usage_pb2.UsageRecord:
+        r = record(tenant_id, at, input_tokens=1_000_000, cached=0, output_tokens=1_000_000)
+        r.base_model = spec.name
+        return r
+
+    with registry.admin() as rc:
+        rc.upsert_base_model(base_model_pb(spec, 1.0, 2.0))
+    early = priced(before)
+    backlog = priced(before + timedelta(seconds=1))  # finished before the change, shipped after it
+    with registry.usage() as c:
+        c.record([early])
+    with registry.admin() as rc:
+        rc.upsert_base_model(base_model_pb(spec, 10.0, 20.0))
+    late = priced(datetime.now(UTC) + timedelta(seconds=1))
+    with registry.usage() as c:
+        c.record([backlog, late])
+    span = (before - timedelta(minutes=1), datetime.now(UTC) + timedelta(minutes=1))
+    rows = [
+        json.loads(line) for chunk in export(registry, "jsonl", *span, name) for line in chunk.splitlines()
+    ]
+    amounts = {r["request_id"]: Decimal(r["amount_usd"]) for r in rows}
+    assert amounts == {
+        early.request_id: Decimal(3),
+        backlog.request_id: Decimal(3),
+        late.request_id: Decimal(30),
+    }
+    csv_rows = list(csv.DictReader(io.StringIO(b"".join(export(registry, "csv", *span, name)).decode())))
+    assert {r["request_id"]: Decimal(r["amount_usd"]) for r in csv_rows} == amounts
+    with registry.usage() as c:
+        summary = c.summarize(*span, tenant_id)
+    assert sum(Decimal(str(r.amount_usd)) for r in summary) == Decimal(36)

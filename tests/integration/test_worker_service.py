@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,10 +28,12 @@ from services.common.config import DEFAULT_MODEL
 from services.common.health import wait_serving
 from services.common.net import free_port
 from services.common.object_store import open_store
+from services.common.tls import Role
 from services.devtools.tiny_model import TINY_LLAMA
 from services.worker.adapters import Tier
 from services.worker.convert import adapter_spec
 from services.worker.server import RunningWorker
+from tests.fixtures.tls import ServiceCerts
 from tests.fixtures.worker import AdapterStore, serving, worker_home, worker_settings
 
 Stub = worker_pb2_grpc.WorkerServiceStub
@@ -59,6 +63,7 @@ def gen_request(
     adapter: common_pb2.AdapterRef | None = None,
     max_tokens: int = 12,
     request_id: str = "",
+    tenant_id: str = "",
     **sampling: object,
 ) -> worker_pb2.WorkerServiceGenerateRequest:
     if isinstance(prompt, str):
@@ -67,9 +72,18 @@ def gen_request(
         p = common_pb2.Prompt(token_ids=common_pb2.TokenIdsPrompt(ids=PROMPT if prompt is None else prompt))
     return worker_pb2.WorkerServiceGenerateRequest(
         request_id=request_id,
+        tenant_id=tenant_id,
         adapter=adapter,
         prompt=p,
         sampling=common_pb2.SamplingParams(max_tokens=max_tokens, **sampling),  # type: ignore[arg-type]
+    )
+
+
+def chat_request(contents: list[str], max_tokens: int = 4) -> worker_pb2.WorkerServiceGenerateRequest:
+    messages = [common_pb2.ChatMessage(role="user", content=c) for c in contents]
+    return worker_pb2.WorkerServiceGenerateRequest(
+        prompt=common_pb2.Prompt(chat=common_pb2.ChatPrompt(messages=messages)),
+        sampling=common_pb2.SamplingParams(max_tokens=max_tokens),
     )
 
 
@@ -289,8 +303,19 @@ async def test_adapter_for_another_base_model_is_failed_precondition(
         (gen_request(""), "empty"),
         (gen_request([]), "empty"),
         (gen_request([10**9]), "vocabulary"),
+        (chat_request(["hi"] * 257), "257 messages, over the limit of 256"),
+        (chat_request(["x" * (600 << 10)] * 2), "over this worker's limit of 1048576 bytes"),
     ],
-    ids=["prompt-too-long", "temperature", "top-p", "empty-text", "empty-ids", "token-out-of-vocab"],
+    ids=[
+        "prompt-too-long",
+        "temperature",
+        "top-p",
+        "empty-text",
+        "empty-ids",
+        "token-out-of-vocab",
+        "chat-too-many-messages",
+        "chat-over-the-byte-limit",
+    ],
 )
 async def test_bad_input_is_invalid_argument(
     tiny_worker_stub: Stub, request_: worker_pb2.WorkerServiceGenerateRequest, phrase: str
@@ -348,8 +373,9 @@ async def test_device_budget_demotes_the_least_used_adapter_to_host(
         assert again.finished.timings.adapter_source_tier == common_pb2.ADAPTER_TIER_HOST
 
 
-async def test_get_info_health_and_reflection(tiny_worker: RunningWorker) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{tiny_worker.port}") as channel:
+async def test_get_info_health_and_reflection(tiny_worker: RunningWorker, certs: ServiceCerts) -> None:
+    # The operator may read GetInfo; health and reflection answer any verified peer.
+    async with certs.aio_channel(f"127.0.0.1:{tiny_worker.port}", Role.OPERATOR) as channel:
         info = await Stub(channel).GetInfo(worker_pb2.GetInfoRequest())
         assert info.base_model == TINY_LLAMA and info.device == "cpu" and info.dtype == "float32"
         assert info.context_length == 512 and info.kv_blocks_total == 256 and info.max_batch_size == 8
@@ -367,7 +393,11 @@ async def test_get_info_health_and_reflection(tiny_worker: RunningWorker) -> Non
 
 
 def test_worker_serve_subprocess_streams_smollm2_text_with_an_adapter(
-    loraplex_home: Path, smollm2_dir: Path, worker_smollm2_adapter: Path, adapter_store: AdapterStore
+    loraplex_home: Path,
+    smollm2_dir: Path,
+    worker_smollm2_adapter: Path,
+    adapter_store: AdapterStore,
+    certs: ServiceCerts,
 ) -> None:
     ref = adapter_store.publish(worker_smollm2_adapter, base_model=DEFAULT_MODEL, name="smol")
     port = free_port()
@@ -380,6 +410,8 @@ def test_worker_serve_subprocess_streams_smollm2_text_with_an_adapter(
         "LORAPLEX_DTYPE": "float32",
         "LORAPLEX_KV_CACHE_BLOCKS": "64",
         "LORAPLEX_MODEL": "a-model-the-flag-overrides",
+        "LORAPLEX_ALLOWED_FILE_ROOTS": str(adapter_store.root),
+        **certs.env(Role.WORKER),
     }
     loraplex = Path(sys.executable).parent / "loraplex"
     proc = subprocess.Popen(
@@ -389,14 +421,15 @@ def test_worker_serve_subprocess_streams_smollm2_text_with_an_adapter(
         stderr=subprocess.STDOUT,
     )
     try:
-        wait_serving(f"127.0.0.1:{port}", proc=proc, timeout_s=180)  # slow when the CPUs are shared
+        # slow when the CPUs are shared
+        wait_serving(f"127.0.0.1:{port}", tls=certs.files(Role.ROUTER), proc=proc, timeout_s=180)
         question = common_pb2.Prompt(
             chat=common_pb2.ChatPrompt(
                 messages=[common_pb2.ChatMessage(role="user", content="What is the capital of France?")]
             )
         )
         sampling = common_pb2.SamplingParams(max_tokens=12)
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with certs.channel(f"127.0.0.1:{port}", Role.ROUTER) as channel:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
             base = list(
                 stub.Generate(
@@ -489,6 +522,31 @@ async def test_duplicate_request_id_is_refused_and_leaves_the_original_running(
     assert last.finished.usage.output_tokens == 40
 
 
+async def test_two_tenants_may_run_the_same_request_id_at_once(tiny_worker_stub: Stub) -> None:
+    """The worker's duplicate check is per tenant: B reusing A's id neither fails nor disturbs A."""
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    first = tiny_worker_stub.Generate(
+        gen_request(max_tokens=30, ignore_eos=True, request_id="shared", tenant_id=a)
+    )
+    assert (await first.read()).WhichOneof("event") == "started"
+    second = await generate(
+        tiny_worker_stub, gen_request(max_tokens=3, ignore_eos=True, request_id="shared", tenant_id=b)
+    )
+    assert second.finished is not None and second.finished.usage.output_tokens == 3
+    last = None
+    while (msg := await first.read()) != grpc.aio.EOF:
+        last = msg
+    assert last is not None and last.finished.usage.output_tokens == 30
+    # Within one tenant the id is still unique while in flight.
+    again = tiny_worker_stub.Generate(
+        gen_request(max_tokens=30, ignore_eos=True, request_id="mine", tenant_id=a)
+    )
+    assert (await again.read()).WhichOneof("event") == "started"
+    err = await status_of(tiny_worker_stub, gen_request(max_tokens=2, request_id="mine", tenant_id=a))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "already in flight" in (err.details() or "")
+    again.cancel()
+
+
 async def test_watch_state_sends_a_snapshot_then_deltas_when_an_adapter_lands(
     loraplex_home: Path, tiny_llama_dir: Path, tiny_refs: dict[str, common_pb2.AdapterRef]
 ) -> None:
@@ -530,12 +588,12 @@ async def test_adapter_is_fetched_from_s3_by_reference(
     tiny_worker_stub: Stub,
     worker_tiny_adapters: dict[str, Path],
     tiny_refs: dict[str, common_pb2.AdapterRef],
-    s3_bucket: str,
+    worker_bucket: str,
 ) -> None:
     source = worker_tiny_adapters["attn_rs"]
     ref = common_pb2.AdapterRef()
     ref.CopyFrom(tiny_refs["attn_rs"])
-    store = open_store(f"s3://{s3_bucket}/adapters")
+    store = open_store(f"s3://{worker_bucket}/by-reference")
     for name in ADAPTER_FILES:
         store.upload(f"{digest_hex(ref.digest)}/{name}", source / name)
     ref.uri = store.uri_for(digest_hex(ref.digest))
@@ -669,3 +727,76 @@ async def test_generate_records_latency_adapter_load_and_kv_metrics(
     for tier in ("object_store", "device"):  # where each of the two requests found the adapter
         assert sample("adapter_lookups_by_tier_total", {"tier": tier}) == by_tier[tier] + 1
     assert sample("kv_blocks_total") == tiny_worker.engine.last_stats.kv_blocks_total > 0
+
+
+async def test_another_tenants_identical_prompt_gets_no_cached_tokens(tiny_worker_stub: Stub) -> None:
+    """Prefix reuse is per tenant: B cannot probe A's prompt block by block through
+    cached_input_tokens, while A's own repeat still hits the cache."""
+    prompt = [1, *range(3000, 3200)]  # 201 tokens: 12 full KV blocks of 16
+
+    async def usage(tenant: str) -> common_pb2.Usage:
+        request = gen_request(prompt, max_tokens=2)
+        request.tenant_id = tenant
+        finished = (await generate(tiny_worker_stub, request)).finished
+        assert finished is not None
+        return finished.usage
+
+    assert (await usage("tenant-a")).cached_input_tokens == 0
+    assert (await usage("tenant-b")).cached_input_tokens == 0
+    assert (await usage("tenant-a")).cached_input_tokens == 192
+    assert (await usage("tenant-b")).cached_input_tokens == 192  # B's own blocks, from its first call
+
+
+def prompt_text(size: int) -> str:
+    """ASCII prose of exactly `size` bytes."""
+    sentence = "The quick brown fox jumps over the lazy dog near 1234 river banks. "
+    return (sentence * (size // len(sentence) + 1))[:size]
+
+
+async def test_a_huge_prompt_is_tokenized_off_the_event_loop_and_one_over_the_limit_is_refused_first(
+    tiny_worker_stub: Stub, tiny_llama_dir: Path
+) -> None:
+    limit = 1 << 20
+    near_limit = prompt_text(limit - 1024)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    began = time.perf_counter()
+    tokenizer(near_limit)
+    tokenize_s = time.perf_counter() - began  # the time one such prompt holds a core here
+
+    # Meanwhile other streams keep generating, back to back, and we note when each token lands.
+    arrivals: list[float] = []
+    stop = asyncio.Event()
+
+    async def keep_streaming() -> None:
+        while not stop.is_set():
+            async for msg in tiny_worker_stub.Generate(
+                gen_request(max_tokens=60, ignore_eos=True), timeout=60
+            ):
+                if msg.WhichOneof("event") == "delta":
+                    arrivals.append(time.monotonic())
+
+    streaming = asyncio.create_task(keep_streaming())
+    try:
+        while len(arrivals) < 5:
+            await asyncio.sleep(0.01)
+        start = time.monotonic()
+        err = await status_of(tiny_worker_stub, gen_request(near_limit))
+        end = time.monotonic()
+        # Tokenized in full (so it took the tokenizer's time), then refused on its token count.
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "tokens but this model's context is 512" in (err.details() or "")
+
+        over = time.monotonic()
+        err = await status_of(tiny_worker_stub, gen_request(prompt_text(limit + 1)))
+        refused_s = time.monotonic() - over
+    finally:
+        stop.set()
+        await streaming
+    marks = [start, *(t for t in arrivals if start < t < end), end]
+    largest_gap = max(b - a for a, b in itertools.pairwise(marks))
+    # On the event loop the other streams would wait out the whole tokenization (a gap of about
+    # tokenize_s); off it they keep their usual pace. Generous slack for a busy 2-core machine.
+    assert largest_gap < tokenize_s / 2, (largest_gap, tokenize_s, end - start)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"{limit + 1} bytes, over this worker's limit of {limit} bytes" in (err.details() or "")
+    assert refused_s < tokenize_s / 2, (refused_s, tokenize_s)

@@ -17,12 +17,16 @@ from services.common.adapter_errors import AdapterRejected, InvalidSafetensors
 from services.common.adapter_files import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    DEFAULT_MAX_HEADER_BYTES,
+    MAX_TENSOR_DIM,
+    MAX_TENSOR_DIMS,
     AdapterDigest,
     adapter_digest,
     digest_hex,
     is_pickle_name,
     pickle_refusal,
     read_safetensors_header,
+    split_safetensors,
 )
 from tests.fixtures.tiny_peft import write_adapter
 
@@ -99,8 +103,9 @@ def test_header_of_real_peft_file_matches_safetensors(tmp_path: Path) -> None:
 
 def test_header_read_does_not_load_tensor_data(tmp_path: Path) -> None:
     path = tmp_path / "big.safetensors"
-    size = 64 << 20  # 256 MiB of F32, as a sparse file
-    body = json.dumps({"w": f32(0, [size])}).encode()
+    side = 8 << 10
+    size = side * side  # 256 MiB of F32, as a sparse file
+    body = json.dumps({"w": f32(0, [side, side])}).encode()
     with path.open("wb") as f:
         f.write(struct.pack("<Q", len(body)) + body)
         f.truncate(8 + len(body) + 4 * size)
@@ -108,7 +113,7 @@ def test_header_read_does_not_load_tensor_data(tmp_path: Path) -> None:
     header = read_safetensors_header(path)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert header.tensors["w"].shape == (size,)
+    assert header.tensors["w"].shape == (side, side)
     assert peak < 1 << 20
 
 
@@ -182,6 +187,63 @@ def test_inconsistent_header_is_rejected(
     path = write_safetensors(tmp_path / "x.safetensors", header, data_len)
     with pytest.raises(InvalidSafetensors, match=message):
         read_safetensors_header(path)
+
+
+# Headers whose layout is consistent (sizes match the data), so only the caps can refuse them.
+CRAFTED = [
+    # Five dimensions of one element each: 4 bytes of data, as declared.
+    ({"w": f32(0, [1, 1, 1, 1, 1])}, 4, f"5 dimensions, over the limit of {MAX_TENSOR_DIMS}"),
+    # Zero elements, so zero bytes of data, but a dimension of 2**40.
+    ({"w": f32(0, [0, 1 << 40])}, 0, f"over the limit of {MAX_TENSOR_DIM}"),
+    ({"w": f32(0, [MAX_TENSOR_DIM + 1])}, 4 * (MAX_TENSOR_DIM + 1), f"over the limit of {MAX_TENSOR_DIM}"),
+    # A thousand dimensions: refused on the count, and the sentence stays short.
+    ({"w": {"dtype": "F32", "shape": [1] * 1000, "data_offsets": [0, 4]}}, 4, "1000 dimensions"),
+]
+
+
+@pytest.mark.parametrize(("header", "data_len", "message"), CRAFTED)
+def test_crafted_shapes_are_refused_from_a_file_and_from_memory(
+    tmp_path: Path, header: dict[str, Any], data_len: int, message: str
+) -> None:
+    path = write_safetensors(tmp_path / "x.safetensors", header, data_len)
+    with pytest.raises(InvalidSafetensors, match=message) as from_file:
+        read_safetensors_header(path)
+    with pytest.raises(InvalidSafetensors, match=message):
+        split_safetensors(path.read_bytes())
+    assert len(str(from_file.value)) < 400
+
+
+def test_shapes_at_the_caps_are_accepted(tmp_path: Path) -> None:
+    header = {"w": f32(0, [1, 1, 1, MAX_TENSOR_DIM])}
+    path = write_safetensors(tmp_path / "x.safetensors", header, 4 * MAX_TENSOR_DIM)
+    assert read_safetensors_header(path).tensors["w"].shape == (1, 1, 1, MAX_TENSOR_DIM)
+    parsed, base = split_safetensors(path.read_bytes())
+    assert parsed.tensors["w"].shape == (1, 1, 1, MAX_TENSOR_DIM)
+    assert base == path.stat().st_size - 4 * MAX_TENSOR_DIM
+
+
+def test_header_over_the_default_cap_is_refused_in_memory_before_parsing() -> None:
+    # Valid JSON, but 1 byte over the cap: a __metadata__ string padding it out.
+    pad = DEFAULT_MAX_HEADER_BYTES - len(json.dumps({"__metadata__": {"p": ""}})) + 1
+    body = json.dumps({"__metadata__": {"p": "x" * pad}}).encode()
+    assert len(body) == DEFAULT_MAX_HEADER_BYTES + 1
+    with pytest.raises(InvalidSafetensors, match=f"over the limit of {DEFAULT_MAX_HEADER_BYTES} bytes"):
+        split_safetensors(struct.pack("<Q", len(body)) + body)
+    ok = json.dumps({"__metadata__": {"p": "x" * (pad - 1)}}).encode()
+    assert split_safetensors(struct.pack("<Q", len(ok)) + ok)[0].metadata["p"] == "x" * (pad - 1)
+
+
+@pytest.mark.parametrize(
+    ("buf", "message"),
+    [
+        (b"\x01\x02", "too short"),
+        (struct.pack("<Q", 2**63) + b"{}", "over the limit"),
+        (struct.pack("<Q", 1000) + b"{}", "only 10 bytes"),
+    ],
+)
+def test_bad_length_prefix_in_memory_is_refused(buf: bytes, message: str) -> None:
+    with pytest.raises(InvalidSafetensors, match=message):
+        split_safetensors(buf)
 
 
 def test_header_errors_are_adapter_rejections() -> None:

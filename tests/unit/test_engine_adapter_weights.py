@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from services.common.adapter_files import DEFAULT_MAX_HEADER_BYTES, MAX_TENSOR_DIM, MAX_TENSOR_DIMS
 from services.worker.engine.adapter_slots import rank_bucket
 from services.worker.engine.adapter_weights import (
     AdapterFormatError,
@@ -111,10 +112,63 @@ def test_weights_read_from_bytes_in_memory_equal_the_file_read_and_views_stay_in
     header[name]["data_offsets"] = [begin + len(raw), end + len(raw)]
     text = json.dumps(header).encode()
     bad = bytearray(struct.pack("<Q", len(text)) + text + raw[8 + header_len :])
-    with pytest.raises(AdapterFormatError, match="data_offsets"):
+    with pytest.raises(AdapterFormatError, match="not a valid safetensors file"):
         tensors_in(bad)
     for shape, offsets in (([-1, 1], [4, 0]), ([2.5, 2], [0, 20]), ([2, 2], [8])):
         header[name] = {"dtype": "F32", "shape": shape, "data_offsets": offsets}
         text = json.dumps(header).encode()
-        with pytest.raises(AdapterFormatError, match="malformed"):
+        with pytest.raises(AdapterFormatError, match="not a valid safetensors file"):
             tensors_in(bytearray(struct.pack("<Q", len(text)) + text + raw[8 + header_len :]))
+
+
+def _crafted(header: dict, data: bytes) -> bytearray:
+    text = json.dumps(header).encode()
+    return bytearray(struct.pack("<Q", len(text)) + text + data)
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "phrase"),
+    [
+        (
+            {
+                f"{PREFIX}.0.self_attn.q_proj.lora_A.weight": {
+                    "dtype": "F32",
+                    "shape": [1, 1, 1, 1, 1],
+                    "data_offsets": [0, 4],
+                }
+            },
+            b"\0" * 4,
+            f"over the limit of {MAX_TENSOR_DIMS}",
+        ),
+        (
+            {
+                f"{PREFIX}.0.self_attn.q_proj.lora_A.weight": {
+                    "dtype": "F32",
+                    "shape": [0, 1 << 40],
+                    "data_offsets": [0, 0],
+                }
+            },
+            b"",
+            f"over the limit of {MAX_TENSOR_DIM}",
+        ),
+        (
+            {"__metadata__": {"pad": "x" * DEFAULT_MAX_HEADER_BYTES}},
+            b"",
+            f"over the limit of {DEFAULT_MAX_HEADER_BYTES} bytes",
+        ),
+    ],
+    ids=["five-dims", "huge-dim", "huge-header"],
+)
+def test_worker_refuses_crafted_headers_with_the_registrys_caps(
+    tmp_path: Path, header: dict, data: bytes, phrase: str
+) -> None:
+    """The same caps on both of the worker's paths: bytes just fetched, and the disk cache."""
+    buf = _crafted(header, data)
+    with pytest.raises(AdapterFormatError, match=phrase):
+        tensors_in(buf)
+    path = tmp_path / "a"
+    path.mkdir()
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 1, "lora_alpha": 1}))
+    (path / "adapter_model.safetensors").write_bytes(buf)
+    with pytest.raises(AdapterFormatError, match=phrase):
+        load_adapter_weights(path, "d", torch.float32)

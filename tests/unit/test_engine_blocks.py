@@ -6,13 +6,14 @@ from pathlib import Path
 
 from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.config import EngineConfig
+from services.worker.engine.prefix_keys import block_keys
 from services.worker.engine.sampling import SamplingParams
 from services.worker.engine.scheduler import Scheduler
 from services.worker.engine.sequence import Sequence
 
 
-def _seq(rid: str, tokens: list[int], adapter: str | None = None) -> Sequence:
-    return Sequence(rid, tokens, SamplingParams(), adapter)
+def _seq(rid: str, tokens: list[int], adapter: str | None = None, tenant: str = "") -> Sequence:
+    return Sequence(rid, tokens, SamplingParams(), adapter, tenant)
 
 
 def _compute(bm: BlockManager, seq: Sequence) -> None:
@@ -49,6 +50,32 @@ def test_same_prefix_under_another_adapter_reuses_nothing() -> None:
     assert bm.prefix_hits == 0
 
 
+def test_same_prefix_from_another_tenant_reuses_nothing_and_counts_no_cached_tokens() -> None:
+    bm = BlockManager(num_blocks=16, block_size=4)
+    for adapter in (None, "x"):
+        first = _seq(f"a-{adapter}", list(range(10)), adapter, tenant="tenant-a")
+        bm.reuse_prefix(first)
+        _compute(bm, first)
+        bm.free_sequence(first)  # freed blocks keep their keys: still findable by tenant A
+        other = _seq(f"b-{adapter}", list(range(10)), adapter, tenant="tenant-b")
+        bm.reuse_prefix(other)
+        assert other.num_cached_tokens == 0 and not other.block_table
+        again = _seq(f"a2-{adapter}", list(range(10)), adapter, tenant="tenant-a")
+        bm.reuse_prefix(again)
+        assert again.num_cached_tokens == 8
+        bm.free_sequence(again)
+    assert bm.prefix_hits == 4
+
+
+def test_block_keys_are_the_sha256_chain_of_the_sequence() -> None:
+    bm = BlockManager(num_blocks=16, block_size=4)
+    seq = _seq("a", list(range(13)), "x", tenant="t")
+    bm.reuse_prefix(seq)
+    _compute(bm, seq)
+    assert seq.block_keys == block_keys("t", "x", list(range(13)), 4)
+    assert [bm.key_to_block[k] for k in seq.block_keys] == seq.block_table[:3]
+
+
 def test_freed_blocks_return_to_the_free_list_and_keep_serving_prefix_hits() -> None:
     bm = BlockManager(num_blocks=8, block_size=4)
     first = _seq("a", list(range(9)))
@@ -77,6 +104,24 @@ def test_one_adapters_burst_does_not_starve_the_others() -> None:
     ids = [s.request_id for s in batch.seqs]
     assert "quiet-0" in ids and "base-0" in ids
     assert len(ids) == 4
+
+
+def test_one_tenants_burst_over_many_adapters_does_not_starve_another_tenant() -> None:
+    bm = BlockManager(num_blocks=1000, block_size=4)
+    sched = Scheduler(_config(max_batch_size=2, max_step_tokens=64), bm)
+    for i in range(100):
+        sched.add(_seq(f"x-{i}", [1, 2, 3], f"adapter-{i % 10}", tenant="X"))
+    sched.add(_seq("y-0", [1, 2, 3], None, tenant="Y"))
+    batch = sched.schedule()
+    assert [s.request_id for s in batch.seqs] == ["x-0", "y-0"]
+    assert sched.num_waiting == 99
+    # Within tenant X the adapters still take turns as room frees up.
+    admitted = []
+    for _ in range(10):
+        for seq in list(sched.running):
+            sched.remove(seq)
+        admitted += [s.adapter for s in sched.schedule().seqs]
+    assert admitted[:10] == [f"adapter-{i}" for i in range(1, 10)] + ["adapter-0"]
 
 
 def test_prefill_and_decode_share_the_step_token_budget() -> None:

@@ -8,11 +8,12 @@ import pytest
 
 from services.common.config import ConfigError, RouterSettings
 
-TOKEN = {"LORAPLEX_ADMIN_TOKEN": "router-admin-token-0123456789", "LORAPLEX_HOME": "/srv/lpx"}
+# Plaintext: these tests are about the other variables (tests/unit/test_tls_config.py covers identities).
+BASE = {"LORAPLEX_INSECURE_PLAINTEXT": "true", "LORAPLEX_HOME": "/srv/lpx"}
 
 
 def test_defaults_listen_on_50050_and_spool_under_home() -> None:
-    s = RouterSettings.from_env(TOKEN)
+    s = RouterSettings.from_env(BASE)
     assert (s.listen, s.registry, s.workers, s.discover_workers) == (
         "127.0.0.1:50050",
         "127.0.0.1:50051",
@@ -26,7 +27,7 @@ def test_defaults_listen_on_50050_and_spool_under_home() -> None:
 def test_explicit_values_are_parsed() -> None:
     s = RouterSettings.from_env(
         {
-            **TOKEN,
+            **BASE,
             "LORAPLEX_WORKERS": "10.0.0.1:7000, 10.0.0.2:7000",
             "LORAPLEX_SPOOL_DIR": "/var/spool/lpx",
             "LORAPLEX_ROUTER_SPOOL_MAX_BYTES": "2GiB",
@@ -46,7 +47,8 @@ def test_explicit_values_are_parsed() -> None:
 @pytest.mark.parametrize(
     ("env", "phrase"),
     [
-        ({"LORAPLEX_ADMIN_TOKEN": ""}, "LORAPLEX_ADMIN_TOKEN is required"),
+        ({"LORAPLEX_INSECURE_PLAINTEXT": "false"}, "loraplex certs init"),
+        ({"LORAPLEX_ROUTER_TLS_CERT": "/srv/lpx/router.crt"}, "LORAPLEX_ROUTER_TLS_KEY"),
         ({"LORAPLEX_WORKERS": "10.0.0.1"}, "LORAPLEX_WORKERS"),
         ({"LORAPLEX_ROUTER_LISTEN": "nowhere"}, "LORAPLEX_ROUTER_LISTEN"),
         ({"LORAPLEX_MAX_INFLIGHT": "0"}, "LORAPLEX_MAX_INFLIGHT"),
@@ -57,11 +59,11 @@ def test_explicit_values_are_parsed() -> None:
 )
 def test_bad_values_fail_with_the_variable_named(env: dict[str, str], phrase: str) -> None:
     with pytest.raises(ConfigError, match=phrase):
-        RouterSettings.from_env({**TOKEN, **env})
+        RouterSettings.from_env({**BASE, **env})
 
 
 def test_routing_defaults_and_overrides() -> None:
-    s = RouterSettings.from_env(TOKEN)
+    s = RouterSettings.from_env(BASE)
     assert (s.policy, s.worker_stale_s, s.worker_refresh_s, s.route_kv_full, s.keep_warm_s) == (
         "affinity",
         3.0,
@@ -71,7 +73,7 @@ def test_routing_defaults_and_overrides() -> None:
     )
     s = RouterSettings.from_env(
         {
-            **TOKEN,
+            **BASE,
             "LORAPLEX_ROUTER_POLICY": "Round_Robin",
             "LORAPLEX_ROUTER_WORKER_STALE_S": "4.5",
             "LORAPLEX_ROUTE_KV_FULL": "0.8",
@@ -92,4 +94,14 @@ def test_routing_defaults_and_overrides() -> None:
 )
 def test_bad_routing_values_fail_with_the_variable_named(env: dict[str, str], phrase: str) -> None:
     with pytest.raises(ConfigError, match=phrase):
-        RouterSettings.from_env({**TOKEN, **env})
+        RouterSettings.from_env({**BASE, **env})
+
+
+def test_the_idempotency_window_defaults_to_a_day_and_is_validated() -> None:
+    assert RouterSettings.from_env(BASE).idempotency_window_s == 86_400
+    assert (
+        RouterSettings.from_env({**BASE, "LORAPLEX_IDEMPOTENCY_WINDOW_S": "600"}).idempotency_window_s == 600
+    )
+    for bad in ("0", "soon", str(11 * 365 * 86_400)):
+        with pytest.raises(ConfigError, match="LORAPLEX_IDEMPOTENCY_WINDOW_S"):
+            RouterSettings.from_env({**BASE, "LORAPLEX_IDEMPOTENCY_WINDOW_S": bad})

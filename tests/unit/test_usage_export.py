@@ -64,7 +64,7 @@ def test_json_lines_parse_back_to_the_same_rows(rows: list[ExportRow]) -> None:
 
 
 @pytest.mark.parametrize("rows", [[row(i) for i in range(50)], [row(4), AWKWARD, BARE]])
-def test_cloudevents_are_structured_events_keyed_by_request_id(rows: list[ExportRow]) -> None:
+def test_cloudevents_are_structured_events_keyed_by_tenant_and_request_id(rows: list[ExportRow]) -> None:
     events = [json.loads(x) for x in encode_rows(rows, ExportFormat.CLOUDEVENTS).decode().splitlines()]
     assert len(events) == len(rows)
     for event, r in zip(events, rows, strict=True):
@@ -72,7 +72,7 @@ def test_cloudevents_are_structured_events_keyed_by_request_id(rows: list[Export
             "specversion": "1.0",
             "type": "loraplex.usage.v1",
             "source": "loraplex/registry",
-            "id": r.request_id,
+            "id": f"{r.tenant_id}/{r.request_id}",
             "time": r.finished_at,
             "subject": r.tenant_id,
             "datacontenttype": "application/json",
@@ -122,7 +122,7 @@ def test_a_whole_export_streams_in_chunks_of_about_64_kib() -> None:
     assert len(chunks) > 10
     assert all(CHUNK_BYTES - 2048 < len(c) <= CHUNK_BYTES for c in chunks[:-1])
     events = [json.loads(line) for c in chunks for line in c.splitlines()]
-    assert [e["id"] for e in events] == [r.request_id for page in pages for r in page]
+    assert [e["id"] for e in events] == [f"{r.tenant_id}/{r.request_id}" for page in pages for r in page]
 
 
 def _csv_line(r: ExportRow) -> bytes:
@@ -135,8 +135,8 @@ def _csv_line(r: ExportRow) -> bytes:
 @pytest.mark.parametrize("last", [row(9), AWKWARD, BARE])
 def test_the_next_page_starts_after_the_last_csv_line(last: ExportRow) -> None:
     page = _csv_line(row(1)) + _csv_line(row(2)) + _csv_line(last)
-    assert csv_last_key(page) == (last.finished_at, last.request_id)
-    assert csv_last_key(_csv_line(last)) == (last.finished_at, last.request_id)
+    assert csv_last_key(page) == (last.finished_at, last.tenant_id, last.request_id)
+    assert csv_last_key(_csv_line(last)) == (last.finished_at, last.tenant_id, last.request_id)
 
 
 def test_csv_rows_are_left_to_the_database() -> None:

@@ -9,9 +9,12 @@ import pytest
 
 from services.common.config import DEFAULT_MODEL, ConfigError, WorkerSettings
 
+# These tests are about the other variables; tests/unit/test_tls_config.py covers identities.
+PLAINTEXT = {"LORAPLEX_INSECURE_PLAINTEXT": "true"}
+
 
 def test_defaults_serve_smollm2_on_50052_with_an_id_from_host_and_port() -> None:
-    s = WorkerSettings.from_env({"LORAPLEX_HOME": "/srv/lp"})
+    s = WorkerSettings.from_env({"LORAPLEX_HOME": "/srv/lp", **PLAINTEXT})
     assert s.listen == "127.0.0.1:50052"
     assert s.worker_id == f"{socket.gethostname()}-50052"
     assert s.model == DEFAULT_MODEL
@@ -25,12 +28,14 @@ def test_defaults_serve_smollm2_on_50052_with_an_id_from_host_and_port() -> None
         20 << 30,
     )
     assert s.adapter_idle_ttl_s == 300.0
+    assert s.max_prompt_bytes == 1 << 20
     assert not hasattr(s, "max_adapter_slots")  # the device byte budget governs
 
 
 def test_every_variable_is_read() -> None:
     s = WorkerSettings.from_env(
         {
+            **PLAINTEXT,
             "LORAPLEX_WORKER_LISTEN": "0.0.0.0:6000",
             "LORAPLEX_WORKER_ID": "w-7",
             "LORAPLEX_MODEL": "tiny-llama",
@@ -46,6 +51,7 @@ def test_every_variable_is_read() -> None:
             "LORAPLEX_DISK_ADAPTER_BYTES": "1GiB",
             "LORAPLEX_ADAPTER_IDLE_TTL_S": "30",
             "LORAPLEX_OBJECT_STORE_TIMEOUT_S": "2.5",
+            "LORAPLEX_MAX_PROMPT_BYTES": "64KiB",
         }
     )
     assert (s.listen, s.worker_id, s.model, s.device, s.dtype) == (
@@ -59,6 +65,7 @@ def test_every_variable_is_read() -> None:
     assert (s.default_max_tokens, s.max_adapter_bytes) == (50, 1 << 20)
     assert (s.device_adapter_bytes, s.host_adapter_bytes, s.disk_adapter_bytes) == (64 << 20, 0, 1 << 30)
     assert (s.adapter_idle_ttl_s, s.object_store_timeout_s) == (30.0, 2.5)
+    assert s.max_prompt_bytes == 64 << 10
 
 
 @pytest.mark.parametrize(
@@ -76,9 +83,11 @@ def test_every_variable_is_read() -> None:
         ("LORAPLEX_DEVICE_ADAPTER_BYTES", "2 TB", "not a size"),
         ("LORAPLEX_ADAPTER_IDLE_TTL_S", "0", ">= 1.0"),
         ("LORAPLEX_DEFAULT_MAX_TOKENS", "0", ">= 1"),
+        ("LORAPLEX_MAX_PROMPT_BYTES", "0", "more than 0 bytes"),
+        ("LORAPLEX_MAX_PROMPT_BYTES", "huge", "not a size"),
     ],
 )
 def test_bad_values_name_the_variable(variable: str, value: str, phrase: str) -> None:
     with pytest.raises(ConfigError) as info:
-        WorkerSettings.from_env({variable: value})
+        WorkerSettings.from_env({**PLAINTEXT, variable: value})
     assert variable in str(info.value) and phrase in str(info.value)

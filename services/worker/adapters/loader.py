@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from services.common.adapter_files import ADAPTER_FILES, digest_hex
+from services.common.object_store import AllowedSources
 from services.worker import metrics
 from services.worker.adapters.disk_tier import DiskTier
 from services.worker.adapters.fetch import (
@@ -136,6 +137,7 @@ class AdapterLoader:
         idle_ttl_s: float,
         max_adapter_bytes: int,
         object_store_timeout_s: float = 20.0,
+        sources: AllowedSources | None = None,
         clock: Callable[[], float] = time.monotonic,
         expire_every_s: float | None = None,
     ) -> None:
@@ -145,6 +147,8 @@ class AdapterLoader:
         self.dtype = dtype
         self.max_adapter_bytes = max_adapter_bytes
         self.object_store_timeout_s = object_store_timeout_s
+        # None: any location (tests of the loader alone); the worker passes the registry's allow-list.
+        self.sources = sources
         self.clock = clock
         self.admit_wait_s = ADMIT_WAIT_S  # the longest a request waits for room before it is shed
         self.policy = TierPolicy(budgets, idle_ttl_s, clock)
@@ -310,6 +314,10 @@ class AdapterLoader:
 
     def _check(self, spec: AdapterSpec) -> None:
         digest_hex(spec.digest)  # ValueError for a malformed digest, before any I/O
+        if self.sources is not None:
+            # Only the registry's store and allowed buckets: a reference naming anything else (another
+            # bucket, a local file) is refused before anything is fetched or counted.
+            self.sources.check(spec.uri, reader="worker")
         if spec.base_model and spec.base_model != self.base_model:
             raise BaseModelMismatch(
                 f"adapter {spec.name} was trained for base model {spec.base_model!r}, "
@@ -550,7 +558,7 @@ class AdapterLoader:
             return got
         s3 = self._s3_client() if spec.uri.startswith("s3://") else None
         fetched = await self._in(
-            self._downloads, fetch_to_memory, spec, max_bytes=self.max_adapter_bytes, s3=s3
+            self._downloads, fetch_to_memory, spec, max_bytes=self._read_limit(spec), s3=s3
         )
         self._fetched[spec.digest] = fetched
         self._write_behind_bytes += fetched.size_bytes
@@ -584,10 +592,16 @@ class AdapterLoader:
             fetch_to_cache,
             spec,
             self.cache_dir,
-            max_bytes=self.max_adapter_bytes,
+            max_bytes=self._read_limit(spec),
             s3=s3,
             verified=self._verified,
         )
+
+    def _read_limit(self, spec: AdapterSpec) -> int:
+        """The most bytes a fetch may read: the registry's size for the reference, within the cap."""
+        if spec.size_bytes > 0:
+            return min(spec.size_bytes, self.max_adapter_bytes)
+        return self.max_adapter_bytes
 
     async def _prepare_from_disk(self, spec: AdapterSpec) -> tuple[Tier, DeviceAdapter]:
         """Verified files (fetched again if the copy vanished) -> the device layout in host memory.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -14,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from services.common.adapter_errors import InvalidSafetensors
-from services.common.adapter_files import ADAPTER_WEIGHTS, parse_safetensors_header
+from services.common.adapter_files import ADAPTER_WEIGHTS, read_safetensors_header, split_safetensors
 
 Variant = Literal["LORA", "RSLORA", "DORA"]
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -68,6 +67,12 @@ def load_adapter_weights(adapter_dir: Path, digest: str, dtype: torch.dtype) -> 
         raise AdapterFormatError(
             f"{adapter_dir} needs adapter_config.json and adapter_model.safetensors (pickles are refused)"
         )
+    # The registry's header checks and caps first (safetensors' own reader allows 100 MB headers
+    # and any number of dimensions).
+    try:
+        read_safetensors_header(weights_path)
+    except InvalidSafetensors as exc:
+        raise AdapterFormatError(f"{ADAPTER_WEIGHTS} is not a valid safetensors file: {exc}") from None
     return adapter_weights_from(config_path.read_bytes(), load_file(str(weights_path)), digest, dtype)
 
 
@@ -84,19 +89,12 @@ _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloa
 
 def tensors_in(buf: bytearray) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors as views of its bytes in memory (no copy), after the same
-    header checks registration runs, so a wrong file can never be read outside its own buffer."""
+    header checks and caps registration runs, so a wrong file can never be read outside its own
+    buffer."""
     try:
-        if len(buf) < 8:
-            raise InvalidSafetensors("the file is shorter than its 8-byte header length")
-        (header_len,) = struct.unpack_from("<Q", buf, 0)
-        base = 8 + header_len
-        if base > len(buf):
-            raise InvalidSafetensors(f"it declares a {header_len}-byte header, longer than the file")
-        header = parse_safetensors_header(
-            bytes(buf[8:base]), data_size=len(buf) - base, file_name=ADAPTER_WEIGHTS
-        )
+        header, base = split_safetensors(buf)
     except InvalidSafetensors as exc:
-        raise AdapterFormatError(f"{ADAPTER_WEIGHTS} has malformed shapes or data_offsets: {exc}") from None
+        raise AdapterFormatError(f"{ADAPTER_WEIGHTS} is not a valid safetensors file: {exc}") from None
     out: dict[str, torch.Tensor] = {}
     for name, info in header.tensors.items():
         dtype = _TORCH_DTYPES.get(info.dtype)

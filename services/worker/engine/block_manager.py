@@ -1,14 +1,16 @@
-"""Paged KV blocks: a free list, reference counts, and a hash map for prefix reuse.
+"""Paged KV blocks: a free list, reference counts, and a key map for prefix reuse.
 
-A full block is registered under a hash chain seeded by the adapter digest, so the same tokens
-under two adapters never share KV (their keys and values differ). A freed block keeps its hash
-until it is handed out again, so a later request can still hit it.
+A full block is registered under its prefix key (prefix_keys.py): a sha256 chain rooted in the
+sequence's (tenant, adapter digest), so the same tokens under two adapters never share KV (their
+keys and values differ), and no block is ever shared, or reported as cached, across tenants. A
+freed block keeps its key until it is handed out again, so a later request can still hit it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.worker.engine.prefix_keys import block_key
 from services.worker.engine.sequence import Sequence
 
 
@@ -16,13 +18,7 @@ from services.worker.engine.sequence import Sequence
 class Block:
     block_id: int
     ref_count: int = 0
-    hash: int | None = None
-    adapter: str | None = None
-    token_ids: tuple[int, ...] = ()
-
-
-def chain_hash(parent: int | None, adapter: str | None, token_ids: tuple[int, ...]) -> int:
-    return hash((parent if parent is not None else hash(("adapter", adapter)), token_ids))
+    key: bytes | None = None  # its prefix key once full and computed
 
 
 class BlockManager:
@@ -31,7 +27,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Insertion-ordered: the oldest freed block is reused first (LRU for cached prefixes).
         self.free: dict[int, None] = dict.fromkeys(range(num_blocks))
-        self.hash_to_block: dict[int, int] = {}
+        self.key_to_block: dict[bytes, int] = {}
         self.prefix_queries = 0
         self.prefix_hits = 0
 
@@ -57,31 +53,27 @@ class BlockManager:
     def _take_fresh(self) -> int:
         block_id = next(iter(self.free))
         block = self._take(block_id)
-        if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
-            del self.hash_to_block[block.hash]
-        block.hash, block.adapter, block.token_ids = None, None, ()
+        if block.key is not None and self.key_to_block.get(block.key) == block_id:
+            del self.key_to_block[block.key]
+        block.key = None
         return block_id
 
     def reuse_prefix(self, seq: Sequence) -> None:
         """Point a new sequence at cached blocks of its prompt; the last token is always computed."""
         assert not seq.block_table
         bs = self.block_size
-        parent: int | None = None
+        parent = seq.prefix_root
         num_full = (seq.num_prompt_tokens - 1) // bs
         self.prefix_queries += num_full
         for i in range(num_full):
-            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            h = chain_hash(parent, seq.adapter, tokens)
-            block_id = self.hash_to_block.get(h)
+            key = block_key(parent, seq.token_ids[i * bs : (i + 1) * bs])
+            block_id = self.key_to_block.get(key)
             if block_id is None:
-                break
-            block = self.blocks[block_id]
-            if block.adapter != seq.adapter or block.token_ids != tokens:
                 break
             self._take(block_id)
             seq.block_table.append(block_id)
-            seq.block_hashes.append(h)
-            parent = h
+            seq.block_keys.append(key)
+            parent = key
             self.prefix_hits += 1
         seq.num_computed_tokens = seq.num_cached_tokens = len(seq.block_table) * bs
 
@@ -92,15 +84,15 @@ class BlockManager:
     def register_full_blocks(self, seq: Sequence) -> None:
         """After a step: make the newly completed blocks findable by later prompts."""
         bs = self.block_size
-        while (len(seq.block_hashes) + 1) * bs <= seq.num_computed_tokens:
-            i = len(seq.block_hashes)
-            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else None, seq.adapter, tokens)
+        while (len(seq.block_keys) + 1) * bs <= seq.num_computed_tokens:
+            i = len(seq.block_keys)
+            parent = seq.block_keys[-1] if seq.block_keys else seq.prefix_root
+            key = block_key(parent, seq.token_ids[i * bs : (i + 1) * bs])
             block = self.blocks[seq.block_table[i]]
-            if block.hash is None:
-                block.hash, block.adapter, block.token_ids = h, seq.adapter, tokens
-                self.hash_to_block.setdefault(h, block.block_id)
-            seq.block_hashes.append(h)
+            if block.key is None:
+                block.key = key
+                self.key_to_block.setdefault(key, block.block_id)
+            seq.block_keys.append(key)
 
     def free_sequence(self, seq: Sequence) -> None:
         for block_id in reversed(seq.block_table):
@@ -109,5 +101,5 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free[block_id] = None
         seq.block_table = []
-        seq.block_hashes = []
+        seq.block_keys = []
         seq.num_computed_tokens = 0

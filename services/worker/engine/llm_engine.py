@@ -53,6 +53,9 @@ class EngineRequest:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     adapter_digest: str | None = None
+    # Whose request (the router's authenticated tenant): prefix reuse and admission fairness are
+    # per tenant. "" for callers with no tenants (tests, benchmarks), which then share one.
+    tenant_id: str = ""
 
 
 @dataclass
@@ -171,7 +174,7 @@ class LLMEngine:
             raise UnknownAdapter(f"adapter {req.adapter_digest} is not resident on this worker")
         if self.scheduler.num_waiting >= self.config.max_waiting:
             raise QueueFull(f"{self.config.max_waiting} requests are already waiting; retry later")
-        seq = Sequence(req.request_id, req.prompt_token_ids, req.sampling, req.adapter_digest)
+        seq = Sequence(req.request_id, req.prompt_token_ids, req.sampling, req.adapter_digest, req.tenant_id)
         self.seqs[req.request_id] = seq
         self.detok[req.request_id] = Detokenizer(self.tokenizer, req.prompt_token_ids, req.sampling.stop)
         self.scheduler.add(seq)

@@ -1,18 +1,19 @@
 """Which sequences run this step, and how many of their tokens.
 
 Decodes go first (one token each), then chunks of prompts, all under one token budget. The
-waiting queue is a deque per adapter, admitted round-robin, so one adapter's burst cannot starve
-the others. When blocks run out, the newest running sequence is preempted: its blocks are freed
-and it goes back to the front of its waiting queue to be recomputed later.
+waiting queue (fair_queue.py) admits round-robin across tenants, then across adapters within a
+tenant, so one tenant's burst cannot starve another tenant, nor one adapter's the others. When
+blocks run out, the newest running sequence is preempted: its blocks are freed and it goes back
+to the front of the waiting queue to be recomputed later.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.config import EngineConfig
+from services.worker.engine.fair_queue import FairQueue
 from services.worker.engine.sequence import Sequence, SequenceStatus
 
 
@@ -31,26 +32,22 @@ class Scheduler:
         self.max_step_tokens = config.max_step_tokens
         self.max_waiting = config.max_waiting
         self.blocks = block_manager
-        self.waiting: OrderedDict[str | None, deque[Sequence]] = OrderedDict()
+        self.waiting: FairQueue[Sequence] = FairQueue(lambda seq: (seq.tenant_id, seq.adapter))
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
     @property
     def num_waiting(self) -> int:
-        return sum(len(q) for q in self.waiting.values())
+        return len(self.waiting)
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.setdefault(seq.adapter, deque()).append(seq)
+        self.waiting.push(seq)
 
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out of whichever queue holds it and free its blocks."""
         if seq in self.running:
             self.running.remove(seq)
-        queue = self.waiting.get(seq.adapter)
-        if queue is not None and seq in queue:
-            queue.remove(seq)
-            if not queue:
-                del self.waiting[seq.adapter]
+        self.waiting.remove(seq)
         self.blocks.free_sequence(seq)
 
     def _preempt(self, seq: Sequence) -> None:
@@ -58,8 +55,7 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.free_sequence(seq)
         seq.status = SequenceStatus.WAITING
-        self.waiting.setdefault(seq.adapter, deque()).appendleft(seq)
-        self.waiting.move_to_end(seq.adapter, last=False)
+        self.waiting.push_front(seq)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch([], [])
@@ -82,24 +78,21 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_tokens.append(n)
             budget -= n
-        # New sequences, round-robin across adapters.
-        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
-            adapter, queue = next(iter(self.waiting.items()))
-            seq = queue[0]
-            if not seq.block_table:
-                self.blocks.reuse_prefix(seq)
-            n = min(seq.num_uncomputed_tokens, budget)
-            if self.blocks.blocks_needed(seq, n) > self.blocks.num_free:
+        # New sequences, round-robin across tenants, then across a tenant's adapters.
+        while budget > 0 and len(self.running) < self.max_batch_size:
+            head = self.waiting.peek()
+            if head is None:
                 break
-            queue.popleft()
-            if queue:
-                self.waiting.move_to_end(adapter)
-            else:
-                del self.waiting[adapter]
-            self.blocks.allocate(seq, n)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            batch.seqs.append(seq)
+            if not head.block_table:
+                self.blocks.reuse_prefix(head)
+            n = min(head.num_uncomputed_tokens, budget)
+            if self.blocks.blocks_needed(head, n) > self.blocks.num_free:
+                break
+            self.waiting.pop()
+            self.blocks.allocate(head, n)
+            head.status = SequenceStatus.RUNNING
+            self.running.append(head)
+            batch.seqs.append(head)
             batch.num_tokens.append(n)
             budget -= n
         return batch

@@ -7,6 +7,7 @@ from enum import Enum, auto
 
 import torch
 
+from services.worker.engine.prefix_keys import root_key
 from services.worker.engine.sampling import SamplingParams
 
 
@@ -18,16 +19,23 @@ class SequenceStatus(Enum):
 
 class Sequence:
     def __init__(
-        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, adapter: str | None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        adapter: str | None,
+        tenant_id: str = "",
     ) -> None:
         self.request_id = request_id
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.sampling = sampling
         self.adapter = adapter  # digest, or None for the base model
+        self.tenant_id = tenant_id  # whose request: its KV is shared with no other tenant
+        self.prefix_root = root_key(tenant_id, adapter)
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
-        self.block_hashes: list[int] = []  # hash chain of the full blocks whose KV is computed
+        self.block_keys: list[bytes] = []  # prefix keys of the full blocks whose KV is computed
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
         self.finish_reason: str | None = None

@@ -4,8 +4,8 @@ Per-tenant limits (NULL: unlimited) the routers enforce, and a revision on tenan
 changes) and api_keys (revocations), drawn from adapter_revision_seq, so the WatchAdapters feed
 carries them in the same order as adapter changes and a router resuming from a revision misses none.
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 Create Date: 2026-11-30 14:20:00
 """
 
@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0002"
-down_revision: str | None = "0001"
+revision: str = "0003"
+down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
