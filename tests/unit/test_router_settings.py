@@ -105,3 +105,26 @@ def test_the_idempotency_window_defaults_to_a_day_and_is_validated() -> None:
     for bad in ("0", "soon", str(11 * 365 * 86_400)):
         with pytest.raises(ConfigError, match="LORAPLEX_IDEMPOTENCY_WINDOW_S"):
             RouterSettings.from_env({**BASE, "LORAPLEX_IDEMPOTENCY_WINDOW_S": bad})
+
+
+def test_prompt_bound_and_limit_share_default_and_parse() -> None:
+    s = RouterSettings.from_env(BASE)
+    assert (s.max_prompt_bytes, s.limit_share, s.quota_refresh_s) == (1 << 20, 1.0, 2.0)
+    s = RouterSettings.from_env(
+        {**BASE, "LORAPLEX_MAX_PROMPT_BYTES": "256KiB", "LORAPLEX_ROUTER_LIMIT_SHARE": "0.25"}
+    )
+    assert (s.max_prompt_bytes, s.limit_share) == (256 << 10, 0.25)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "phrase"),
+    [
+        ("LORAPLEX_MAX_PROMPT_BYTES", "100", "at least 1KiB"),
+        ("LORAPLEX_ROUTER_LIMIT_SHARE", "0", "fraction"),
+        ("LORAPLEX_ROUTER_LIMIT_SHARE", "1.5", "fraction"),
+    ],
+)
+def test_bad_prompt_bound_or_limit_share_names_the_variable(key: str, value: str, phrase: str) -> None:
+    with pytest.raises(ConfigError, match=phrase) as err:
+        RouterSettings.from_env({**BASE, key: value})
+    assert key in str(err.value)
