@@ -24,7 +24,7 @@ from loraplex.v1 import registry_pb2
 from services.client.registry import RegistryClient
 from services.common.certs import init_certs, role_files
 from services.common.config import DEFAULT_MODEL, ClientSettings, loraplex_home
-from services.common.private_files import secret_file
+from services.common.private_files import read_secret, secret_file
 from services.common.tls import Role, TlsFiles, certs_dir
 
 # Demo prices, USD per million tokens; change them with `loraplex models register`.
@@ -94,9 +94,14 @@ class Stack:
                 "LORAPLEX_TLS_CERT": str(files.cert),
                 "LORAPLEX_TLS_KEY": str(files.key),
             }
+        env = {**self.env, **identity, **extra_env}
+        if role not in (Role.REGISTRY, None):
+            # The admin token opens admin RPCs only: the router and workers are known by their
+            # certificates and hold no token.
+            env.pop("LORAPLEX_ADMIN_TOKEN", None)
         proc = subprocess.Popen(
             [sys.executable, "-m", "services.cli.main", *args],
-            env={**self.env, **identity, **extra_env},
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches only us; we drain the children in order
@@ -205,7 +210,7 @@ def ensure_demo_tenant(stack: Stack) -> tuple[str, list[str]]:
         if DEMO_TENANT not in {t.name for t in c.list_tenants()}:
             c.create_tenant(DEMO_TENANT)
             key_file.unlink(missing_ok=True)
-        api_key = key_file.read_text().strip() if key_file.exists() else ""
+        api_key = read_secret(key_file) if key_file.exists() else ""
         if not api_key or not _key_works(c, api_key):
             key_file.unlink(missing_ok=True)
             api_key = secret_file(key_file, c.create_api_key(DEMO_TENANT, "dev").secret)
@@ -238,7 +243,7 @@ def run_dev(workers: int = 1) -> int:
         stop.set()
 
     with running_stack(home, workers) as stack:
-        api_key, adapters = ensure_demo_tenant(stack)
+        _, adapters = ensure_demo_tenant(stack)
         db = os.environ.get("LORAPLEX_DATABASE_URL") or f"embedded PostgreSQL in {home / 'postgres'}"
         tls = (
             f"mutual TLS, certificates in {certs_dir(home)}; the router serves TLS"
@@ -257,7 +262,7 @@ loraplex dev is up.
 In another terminal:
   source .venv/bin/activate
   export LORAPLEX_HOME={home}
-  export LORAPLEX_API_KEY={api_key}
+  export LORAPLEX_API_KEY=$(cat {home / "dev-api-key"})
   loraplex generate --adapter {adapters[0]} --chat "How do I reset my password?"
 
 Admin commands need the admin token, kept in {home / "dev-admin-token"} (mode 0600):

@@ -117,6 +117,22 @@ def test_two_workers_an_adapter_stays_on_the_worker_where_it_is_warm(dev_stack: 
     assert [f["timings"].get("cold_start", False) for f in finished[1:]] == [False, False], finished
 
 
+def _env_has_admin_token(home: Path, service: str) -> bool:
+    """Whether the `loraplex <service> serve` process of this stack has LORAPLEX_ADMIN_TOKEN set."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ours = f"LORAPLEX_HOME={home}".encode() in environ
+        if ours and service.encode() in cmdline and b"serve" in cmdline:
+            found.append(any(e.startswith(b"LORAPLEX_ADMIN_TOKEN=") for e in environ))
+    assert found, f"no running {service} process of this stack"
+    return all(found)
+
+
 def test_the_stack_runs_on_mutual_tls_and_a_worker_serves_only_the_router(dev_stack: DevStack) -> None:
     certs = dev_stack.home / "certs"
     assert {f"{r.value}.crt" for r in Role} | {"ca.crt"} <= {p.name for p in certs.iterdir()}
@@ -145,6 +161,9 @@ def test_the_stack_runs_on_mutual_tls_and_a_worker_serves_only_the_router(dev_st
             inference_pb2.ListModelsRequest(), timeout=10
         )
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    # Only the registry holds the admin token: the router and workers are known by their certificates.
+    holders = {role: _env_has_admin_token(dev_stack.home, role) for role in ("registry", "router", "worker")}
+    assert holders == {"registry": True, "router": False, "worker": False}
     # Admin commands as the banner says: the token file, and the certificates found under LORAPLEX_HOME.
     token = (dev_stack.home / "dev-admin-token").read_text().strip()
     listed = subprocess.run(
@@ -160,7 +179,13 @@ def test_the_stack_runs_on_mutual_tls_and_a_worker_serves_only_the_router(dev_st
 
 def test_generate_streams_tokens_from_a_demo_adapter_and_they_are_billed(dev_stack: DevStack) -> None:
     api_key = (dev_stack.home / "dev-api-key").read_text().strip()
-    assert api_key in dev_stack.banner  # the banner tells the user what to export
+    token = (dev_stack.home / "dev-admin-token").read_text().strip()
+    # The banner says where the secrets are, never the secrets themselves; both files are 0600.
+    assert f"export LORAPLEX_API_KEY=$(cat {dev_stack.home / 'dev-api-key'})" in dev_stack.banner
+    assert f"export LORAPLEX_ADMIN_TOKEN=$(cat {dev_stack.home / 'dev-admin-token'})" in dev_stack.banner
+    assert api_key not in dev_stack.banner and token not in dev_stack.banner
+    for name in ("dev-api-key", "dev-admin-token"):
+        assert (dev_stack.home / name).stat().st_mode & 0o777 == 0o600
 
     plain = dev_stack.cli(
         "generate", "--adapter", "support-bot", "--max-tokens", "12", "Hello, I need help", api_key=api_key
