@@ -118,6 +118,34 @@ ADAPTER_TIER_OBJECT_STORE: AdapterTier.ValueType  # 4
 """Only in object storage (S3 or a file:// store): the coldest path."""
 Global___AdapterTier: _TypeAlias = AdapterTier  # noqa: Y015
 
+class _ResponseFormatKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ResponseFormatKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ResponseFormatKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESPONSE_FORMAT_KIND_UNSPECIFIED: _ResponseFormatKind.ValueType  # 0
+    """Free text (the same as leaving response_format unset)."""
+    RESPONSE_FORMAT_KIND_TEXT: _ResponseFormatKind.ValueType  # 1
+    """Free text, said explicitly (OpenAI's {"type": "text"})."""
+    RESPONSE_FORMAT_KIND_JSON_OBJECT: _ResponseFormatKind.ValueType  # 2
+    """Any JSON object (OpenAI's {"type": "json_object"})."""
+    RESPONSE_FORMAT_KIND_JSON_SCHEMA: _ResponseFormatKind.ValueType  # 3
+    """JSON valid against `json_schema` (OpenAI's {"type": "json_schema"})."""
+
+class ResponseFormatKind(_ResponseFormatKind, metaclass=_ResponseFormatKindEnumTypeWrapper):
+    """What kind of output a ResponseFormat asks for."""
+
+RESPONSE_FORMAT_KIND_UNSPECIFIED: ResponseFormatKind.ValueType  # 0
+"""Free text (the same as leaving response_format unset)."""
+RESPONSE_FORMAT_KIND_TEXT: ResponseFormatKind.ValueType  # 1
+"""Free text, said explicitly (OpenAI's {"type": "text"})."""
+RESPONSE_FORMAT_KIND_JSON_OBJECT: ResponseFormatKind.ValueType  # 2
+"""Any JSON object (OpenAI's {"type": "json_object"})."""
+RESPONSE_FORMAT_KIND_JSON_SCHEMA: ResponseFormatKind.ValueType  # 3
+"""JSON valid against `json_schema` (OpenAI's {"type": "json_schema"})."""
+Global___ResponseFormatKind: _TypeAlias = ResponseFormatKind  # noqa: Y015
+
 class _FinishReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -348,6 +376,7 @@ class SamplingParams(_message.Message):
     STOP_FIELD_NUMBER: _builtins.int
     REPETITION_PENALTY_FIELD_NUMBER: _builtins.int
     IGNORE_EOS_FIELD_NUMBER: _builtins.int
+    RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
     max_tokens: _builtins.int
     """Maximum new tokens to generate; 0 means the server default."""
     temperature: _builtins.float
@@ -366,6 +395,13 @@ class SamplingParams(_message.Message):
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Generation stops before any of these strings; it is not emitted. At most 8."""
 
+    @_builtins.property
+    def response_format(self) -> Global___ResponseFormat:
+        """The shape the output must take; unset is free text. A constrained generation that completes
+        its grammar ends with FINISH_REASON_STOP; one cut by max_tokens (FINISH_REASON_LENGTH) or a
+        stop string may hold incomplete JSON.
+        """
+
     def __init__(
         self,
         *,
@@ -377,13 +413,16 @@ class SamplingParams(_message.Message):
         stop: _abc.Iterable[_builtins.str] | None = ...,
         repetition_penalty: _builtins.float | None = ...,
         ignore_eos: _builtins.bool = ...,
+        response_format: Global___ResponseFormat | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_repetition_penalty", b"_repetition_penalty", "_response_format", b"_response_format", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "repetition_penalty", b"repetition_penalty", "response_format", b"response_format", "seed", b"seed", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "ignore_eos", b"ignore_eos", "max_tokens", b"max_tokens", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_repetition_penalty", b"_repetition_penalty", "_response_format", b"_response_format", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "ignore_eos", b"ignore_eos", "max_tokens", b"max_tokens", "repetition_penalty", b"repetition_penalty", "response_format", b"response_format", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__repetition_penalty: _TypeAlias = _typing.Literal["repetition_penalty"]  # noqa: Y015
     _WhichOneofArgType__repetition_penalty: _TypeAlias = _typing.Literal["_repetition_penalty", b"_repetition_penalty"]  # noqa: Y015
+    _WhichOneofReturnType__response_format: _TypeAlias = _typing.Literal["response_format"]  # noqa: Y015
+    _WhichOneofArgType__response_format: _TypeAlias = _typing.Literal["_response_format", b"_response_format"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
     _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
@@ -395,6 +434,8 @@ class SamplingParams(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__repetition_penalty) -> _WhichOneofReturnType__repetition_penalty | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__response_format) -> _WhichOneofReturnType__response_format | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
@@ -404,6 +445,39 @@ class SamplingParams(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__top_p) -> _WhichOneofReturnType__top_p | None: ...
 
 Global___SamplingParams: _TypeAlias = SamplingParams  # noqa: Y015
+
+@_typing.final
+class ResponseFormat(_message.Message):
+    """Constrained decoding: the worker masks every token the grammar would not accept, so the output
+    always parses (and validates against the schema) unless max_tokens or a stop string cuts it.
+    The JSON is compact: ", " between items, ": " after keys, no other whitespace.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    JSON_SCHEMA_FIELD_NUMBER: _builtins.int
+    kind: Global___ResponseFormatKind.ValueType
+    """Which constraint applies."""
+    json_schema: _builtins.str
+    """For RESPONSE_FORMAT_KIND_JSON_SCHEMA: the JSON Schema as JSON text (OpenAI's
+    json_schema.schema), at most 64 KiB. Enforced strictly: a keyword the grammar library
+    cannot enforce (e.g. uniqueItems, remote $ref, look-around in a pattern) is INVALID_ARGUMENT,
+    never silently ignored. Must be empty for the other kinds.
+    """
+    def __init__(
+        self,
+        *,
+        kind: Global___ResponseFormatKind.ValueType = ...,
+        json_schema: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["json_schema", b"json_schema", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResponseFormat: _TypeAlias = ResponseFormat  # noqa: Y015
 
 @_typing.final
 class Usage(_message.Message):
