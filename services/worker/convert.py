@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from loraplex.v1 import common_pb2
 from services.worker.adapters import AdapterSpec, Tier
+from services.worker.engine.constrained import ResponseFormat
 from services.worker.engine.sampling import SamplingParams
 
 # The proto's documented limits; the engine accepts wider ranges, the public contract does not.
@@ -88,3 +89,26 @@ def adapter_version(ref: common_pb2.AdapterRef) -> common_pb2.AdapterVersion:
     return common_pb2.AdapterVersion(
         adapter_id=ref.adapter_id, name=ref.name, version=ref.version, digest=ref.digest
     )
+
+
+def response_format(pb: common_pb2.SamplingParams) -> ResponseFormat | None:
+    """None for free text; raises ValueError for a schema on a kind that takes none, or none on
+    JSON_SCHEMA. The schema itself is checked when it is compiled, off the event loop."""
+    if not pb.HasField("response_format"):
+        return None
+    fmt = pb.response_format
+    if fmt.kind in (common_pb2.RESPONSE_FORMAT_KIND_UNSPECIFIED, common_pb2.RESPONSE_FORMAT_KIND_TEXT):
+        if fmt.json_schema:
+            raise ValueError(
+                "response_format.json_schema is set but kind is not RESPONSE_FORMAT_KIND_JSON_SCHEMA"
+            )
+        return None
+    if fmt.kind == common_pb2.RESPONSE_FORMAT_KIND_JSON_OBJECT:
+        if fmt.json_schema:
+            raise ValueError("response_format.json_schema must be empty for RESPONSE_FORMAT_KIND_JSON_OBJECT")
+        return ResponseFormat("json_object")
+    if fmt.kind == common_pb2.RESPONSE_FORMAT_KIND_JSON_SCHEMA:
+        if not fmt.json_schema:
+            raise ValueError("response_format.kind is JSON_SCHEMA but response_format.json_schema is empty")
+        return ResponseFormat("json_schema", fmt.json_schema)
+    raise ValueError(f"response_format.kind {fmt.kind} is not one of TEXT, JSON_OBJECT, JSON_SCHEMA")

@@ -35,6 +35,7 @@ from services.worker.adapters import (
 from services.worker.async_engine import AsyncEngine, EngineFailed, EngineStopped
 from services.worker.engine.adapter_slots import AdapterMismatch
 from services.worker.engine.adapter_weights import AdapterFormatError
+from services.worker.engine.constrained import GrammarCompiler, RowGrammar
 from services.worker.engine.llm_engine import (
     AdapterSlotsFull,
     EngineRequest,
@@ -111,6 +112,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.max_prompt_bytes = max_prompt_bytes
         self.context_length: int = engine.engine.context_length
         self.vocab_size: int = engine.engine.model.config.vocab_size
+        # response_format schemas, compiled on the tokenizer threads and cached by schema text.
+        self.grammars = GrammarCompiler(self.vocab_size)
         self._draining = asyncio.Event()
         self._admitting = 0  # requests between arrival and engine admission (loading adapters)
 
@@ -127,6 +130,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         engine_id = convert.engine_request_id(request.tenant_id, request_id)
         job = self._prompt_job(request.prompt)
         sampling = convert.sampling_params(request.sampling, self.identity.default_max_tokens)
+        fmt = convert.response_format(request.sampling)
         has_adapter = request.HasField("adapter")
         spec = convert.adapter_spec(request.adapter) if has_adapter else None
         # Requests still loading their adapter count too, so a burst of cold ones stays bounded.
@@ -139,6 +143,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             try:
                 ids = job if isinstance(job, list) else await self.encoder.run(job)
                 prompts.check_length(ids, self.context_length)
+                grammar: RowGrammar | None = None
+                if fmt is not None:
+                    # An invalid or unenforceable schema is INVALID_ARGUMENT before the request is queued.
+                    grammar = await self.encoder.run(lambda tokenizer: self.grammars.compile(fmt, tokenizer))
                 if spec is not None:
                     try:
                         lease = await self.loader.acquire(spec, _wait_s(context))
@@ -146,7 +154,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                         await self._shed(context, str(exc))
                 admitted = time.monotonic()
                 engine_request = EngineRequest(
-                    engine_id, ids, sampling, spec.digest if spec else None, tenant_id=request.tenant_id
+                    engine_id,
+                    ids,
+                    sampling,
+                    spec.digest if spec else None,
+                    tenant_id=request.tenant_id,
+                    grammar=grammar,
                 )
                 submitted = True  # from here a cancellation may land after the engine took it
                 try:

@@ -11,6 +11,7 @@ from services.worker.engine.adapter_slots import AdapterMismatch, DeviceAdapter,
 from services.worker.engine.adapter_weights import AdapterWeights
 from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.config import EngineConfig
+from services.worker.engine.constrained import RowGrammar
 from services.worker.engine.detokenizer import Detokenizer
 from services.worker.engine.model_runner import ModelRunner
 from services.worker.engine.sampling import SamplingParams
@@ -56,6 +57,8 @@ class EngineRequest:
     # Whose request (the router's authenticated tenant): prefix reuse and admission fairness are
     # per tenant. "" for callers with no tenants (tests, benchmarks), which then share one.
     tenant_id: str = ""
+    # The response_format's matcher (GrammarCompiler.compile, off the step thread); None: free text.
+    grammar: RowGrammar | None = None
 
 
 @dataclass
@@ -175,6 +178,7 @@ class LLMEngine:
         if self.scheduler.num_waiting >= self.config.max_waiting:
             raise QueueFull(f"{self.config.max_waiting} requests are already waiting; retry later")
         seq = Sequence(req.request_id, req.prompt_token_ids, req.sampling, req.adapter_digest, req.tenant_id)
+        seq.grammar = req.grammar
         self.seqs[req.request_id] = seq
         self.detok[req.request_id] = Detokenizer(self.tokenizer, req.prompt_token_ids, req.sampling.stop)
         self.scheduler.add(seq)
@@ -211,8 +215,12 @@ class LLMEngine:
         seq.token_ids.append(token)
         text, stopped = self.detok[seq.request_id].add(token)
         p = seq.sampling
+        if seq.grammar is not None:
+            seq.grammar.advance(token)
         if stopped:
             reason: str | None = "stop"
+        elif seq.grammar is not None and seq.grammar.done:
+            reason = "stop"  # the JSON is complete; the detokenizer's held-back text is flushed below
         elif token in self.eos_token_ids and not p.ignore_eos:
             reason = "eos"
         elif seq.num_output_tokens >= p.max_tokens or len(seq) >= self.context_length:
@@ -220,7 +228,7 @@ class LLMEngine:
         else:
             reason = None
         if reason is not None:
-            if reason != "stop":
+            if not stopped:
                 text += self.detok[seq.request_id].flush()
             self.scheduler.remove(seq)
             self._finish(seq, reason)

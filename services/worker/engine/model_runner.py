@@ -11,6 +11,7 @@ import torch
 
 from services.worker.engine.adapter_slots import DeviceAdapter
 from services.worker.engine.config import EngineConfig
+from services.worker.engine.constrained import MaskJob
 from services.worker.engine.lora_batch import LoraBatchBuilder, long_tensor
 from services.worker.engine.scheduler import ScheduledBatch
 from services.worker.layers.attention import AttentionMetadata
@@ -69,11 +70,15 @@ class ModelRunner:
             offsets.append(offsets[-1] + n)
         attention, positions = self._attention(batch, starts)
         ctx = StepContext(positions, attention, self.lora.build(batch, offsets, adapters))
+        # Constrained rows' token masks are computed on other threads while the forward pass runs.
+        masks = MaskJob.start([seqs[i].grammar for i in sampling], self.model.config.vocab_size)
         hidden = self.model(long_tensor(tokens, self.device), ctx)
         if not sampling:
             return {}
         last = long_tensor([offsets[i + 1] - 1 for i in sampling], self.device)
         logits = self.model.compute_logits(hidden.index_select(0, last))
+        if masks is not None:
+            masks.apply(logits)
         # Kept for inspection (the PEFT oracle compares them); rows follow the sampling sequences.
         self.last_logits = (logits, [seqs[i].request_id for i in sampling])
         tokens = sample(logits, [seqs[i] for i in sampling])

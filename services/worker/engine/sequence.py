@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import random
 from enum import Enum, auto
+from typing import TYPE_CHECKING
 
 import torch
 
 from services.worker.engine.prefix_keys import root_key
 from services.worker.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from services.worker.engine.constrained import RowGrammar
 
 
 class SequenceStatus(Enum):
@@ -39,6 +43,7 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
         self.finish_reason: str | None = None
+        self.grammar: RowGrammar | None = None  # response_format's matcher; None for free text
         # Every request draws from its own generator, so its samples do not depend on its batch.
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator().manual_seed(seed)
