@@ -123,7 +123,7 @@ async def test_constrained_rows_validate_in_a_batch_with_free_and_adapter_rows(
         ask("Write one sentence about the sea."),
         ask("Name a fruit.", adapter=smol_ref),
     ]
-    constrained = [
+    constrained: list[tuple[worker_pb2.WorkerServiceGenerateRequest, dict[str, Any]]] = [
         (
             ask('Answer in JSON like {"capital": "..."}: the capital of Italy?', JSON_OBJECT),
             {"type": "object"},
