@@ -7,6 +7,8 @@ Workloads (one run, same machine, same prompts; bf16 by default):
 - prefill: N long prompts with the same adapters versus without;
 - scale: traffic spread over a large resident pool versus a small one, N distinct adapters per
   batch in both.
+- constrained (`--constrained`, on its own): a batch where half the rows follow a JSON schema
+  versus the same batch all free; `constrained_decode_ratio` = free tok/s / mixed tok/s (wall).
 Prints one JSON object as its last line and draws bench/results/engine.png.
 """
 
@@ -149,6 +151,83 @@ def peft_decode_tok_s(model, prompts: list[list[int]], names: list[str], new_tok
     return len(prompts) * (new_tokens - 1) / (total - prefill)
 
 
+# Long enough that no constrained row can finish its grammar inside the measured tokens, so the
+# mixed and the free batch decode the same number of tokens per row.
+BENCH_SCHEMA = json.dumps(
+    {
+        "type": "array",
+        "minItems": 64,
+        "items": {
+            "type": "object",
+            "properties": {
+                "id": {"type": "integer"},
+                "name": {"type": "string", "maxLength": 24},
+                "tags": {"type": "array", "items": {"enum": ["new", "used", "sale"]}},
+            },
+            "required": ["id", "name", "tags"],
+            "additionalProperties": False,
+        },
+    }
+)
+
+
+def _decode_with_grammars(
+    engine: LLMEngine, prompts: list[list[int]], constrained: list[bool], new_tokens: int
+):
+    """Decode tokens per second after every row's first token, on the wall and on this process's
+    CPU clock (which includes the grammar threads' work)."""
+    from services.worker.engine.constrained import GrammarCompiler, ResponseFormat
+
+    compiler = GrammarCompiler(engine.model.config.vocab_size)
+    fmt = ResponseFormat("json_schema", BENCH_SCHEMA)
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    for i, (prompt, c) in enumerate(zip(prompts, constrained, strict=True)):
+        grammar = compiler.compile(fmt, engine.tokenizer) if c else None
+        engine.add_request(EngineRequest(f"c{i}", prompt, params, grammar=grammar))
+    started: set[str] = set()
+    tokens = 0
+    wall0 = cpu0 = 0.0
+    while engine.has_unfinished():
+        outputs = engine.step()
+        if len(started) == len(prompts):
+            tokens += sum(len(o.new_token_ids) for o in outputs)
+        for o in outputs:
+            assert o.finish_reason in (None, "length"), o.finish_reason
+            started.add(o.request_id)
+        if len(started) == len(prompts) and not wall0:
+            wall0, cpu0 = time.perf_counter(), time.process_time()
+    return tokens / (time.perf_counter() - wall0), tokens / (time.process_time() - cpu0)
+
+
+def constrained_decode(
+    engine: LLMEngine, n: int, prompt_tokens: int, new_tokens: int, rounds: int = 3
+) -> dict:
+    """Half the batch constrained versus none, alternated `rounds` times; medians."""
+    half = [i % 2 == 0 for i in range(n)]
+    _decode_with_grammars(engine, _prompts(engine, 2, prompt_tokens, salt=90), [True, False], 4)  # warm-up
+    free: list[tuple[float, float]] = []
+    mixed: list[tuple[float, float]] = []
+    for r in range(rounds):
+        free.append(
+            _decode_with_grammars(
+                engine, _prompts(engine, n, prompt_tokens, 100 + r), [False] * n, new_tokens
+            )
+        )
+        mixed.append(
+            _decode_with_grammars(engine, _prompts(engine, n, prompt_tokens, 200 + r), half, new_tokens)
+        )
+    free_wall, free_cpu = _pct([f[0] for f in free], 0.5), _pct([f[1] for f in free], 0.5)
+    mixed_wall, mixed_cpu = _pct([m[0] for m in mixed], 0.5), _pct([m[1] for m in mixed], 0.5)
+    return {
+        "constrained_batch": n,
+        "constrained_rows": sum(half),
+        "constrained_free_tok_s": free_wall,
+        "constrained_mixed_tok_s": mixed_wall,
+        "constrained_decode_ratio": free_wall / mixed_wall,
+        "constrained_decode_cpu_ratio": free_cpu / mixed_cpu,
+    }
+
+
 def _prompts(engine: LLMEngine, n: int, length: int, salt: int) -> list[list[int]]:
     # Distinct token ids per request, so the prefix cache cannot make one workload cheaper.
     g = torch.Generator().manual_seed(salt)
@@ -206,6 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-peft", action="store_true")
     p.add_argument("--plot", type=Path, default=RESULTS / "engine.png")
     p.add_argument("--json", action="store_true", help="print only the JSON result line")
+    p.add_argument(
+        "--constrained",
+        action="store_true",
+        help="only the JSON-schema workload: half the batch constrained vs none (no adapters, no plot)",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -237,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "batch": n,
     }
+    if args.constrained:
+        result |= constrained_decode(engine, n, args.prompt_tokens, args.scale_new_tokens)
+        log(f"constrained rows: decode ratio {result['constrained_decode_ratio']:.3f} (free / mixed, wall)")
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+        return 0
 
     with tempfile.TemporaryDirectory() as tmp:
         peft_model, dirs = make_peft_adapters(model_dir, adapter_ranks, Path(tmp), dtype)
