@@ -95,8 +95,12 @@ def test_mask_allows_only_tokens_the_grammar_accepts_and_completion_stops_the_ro
         assert t in allowed_tokens(grammar).tolist()
         grammar.advance(t)
     assert grammar.done
-    with pytest.raises(RuntimeError, match="refused"):
-        compiler.compile(schema(PERSON), tokenizer).advance(tokenizer.encode("hello")[0])
+
+
+def test_a_refused_token_ends_only_that_row(compiler: GrammarCompiler, tokenizer: Any) -> None:
+    grammar = compiler.compile(schema(PERSON), tokenizer)
+    assert not grammar.advance(tokenizer.encode("hello")[0])
+    assert grammar.done
 
 
 def test_json_object_needs_an_object(compiler: GrammarCompiler, tokenizer: Any) -> None:

@@ -14,6 +14,7 @@ constrained rows with one vectorised masked_fill.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +27,8 @@ import torch
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "MAX_SCHEMA_BYTES",
@@ -70,15 +73,18 @@ class RowGrammar:
     def __init__(self, matcher: llguidance.LLMatcher) -> None:
         self.matcher = matcher
 
-    def advance(self, token: int) -> None:
-        # A masked row can only sample allowed tokens; a refused one means the mask was skipped.
-        if not self.matcher.consume_token(token):
-            raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
+    def advance(self, token: int) -> bool:
+        """False if the grammar refused the token (a masked row cannot sample one): the matcher is
+        then in its error state and `done`, so only this row ends, never the whole step."""
+        if self.matcher.consume_token(token):
+            return True
+        log.error("grammar refused token %d: %s; ending the row", token, self.matcher.get_error())
+        return False
 
     @property
     def done(self) -> bool:
         """The grammar is complete and accepts nothing more: the row finishes (reason "stop")."""
-        return bool(self.matcher.is_stopped())
+        return bool(self.matcher.is_stopped() or self.matcher.is_error())
 
 
 class GrammarCompiler:
