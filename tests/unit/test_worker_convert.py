@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from loraplex.v1 import common_pb2
-from services.worker.convert import adapter_spec, adapter_version, sampling_params
+from services.worker.convert import adapter_spec, adapter_version, response_format, sampling_params
+from services.worker.engine.constrained import ResponseFormat
 
 DIGEST = "sha256:" + "1f" * 32
 
@@ -59,3 +60,31 @@ def test_adapter_ref_becomes_a_spec_and_a_public_version() -> None:
 def test_incomplete_adapter_refs_are_refused(ref: common_pb2.AdapterRef, phrase: str) -> None:
     with pytest.raises(ValueError, match=phrase):
         adapter_spec(ref)
+
+
+def _fmt(kind: int, schema: str = "") -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(
+        response_format=common_pb2.ResponseFormat(kind=kind, json_schema=schema)  # type: ignore[arg-type]
+    )
+
+
+def test_response_format_maps_to_the_engine_value() -> None:
+    assert response_format(common_pb2.SamplingParams()) is None
+    assert response_format(_fmt(common_pb2.RESPONSE_FORMAT_KIND_TEXT)) is None
+    assert response_format(_fmt(common_pb2.RESPONSE_FORMAT_KIND_JSON_OBJECT)) == ResponseFormat("json_object")
+    got = response_format(_fmt(common_pb2.RESPONSE_FORMAT_KIND_JSON_SCHEMA, '{"type": "integer"}'))
+    assert got == ResponseFormat("json_schema", '{"type": "integer"}')
+
+
+@pytest.mark.parametrize(
+    ("pb", "phrase"),
+    [
+        (_fmt(common_pb2.RESPONSE_FORMAT_KIND_JSON_SCHEMA), "json_schema is empty"),
+        (_fmt(common_pb2.RESPONSE_FORMAT_KIND_JSON_OBJECT, "{}"), "must be empty"),
+        (_fmt(common_pb2.RESPONSE_FORMAT_KIND_TEXT, "{}"), "kind is not"),
+        (_fmt(7), "is not one of"),
+    ],
+)
+def test_inconsistent_response_formats_raise_a_sentence(pb: common_pb2.SamplingParams, phrase: str) -> None:
+    with pytest.raises(ValueError, match=phrase):
+        response_format(pb)
