@@ -424,5 +424,11 @@ async def start_http(listen: str, door: OpenAIDoor, tls: PublicTls | None) -> Ru
         await asyncio.sleep(0.01)
     bound = sock.getsockname()[1]
     scheme = "https" if tls is not None else "http"
+    if tls is None and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "the HTTP API on %s is plaintext: API keys cross the network in the clear; set "
+            "LORAPLEX_ROUTER_TLS_CERT and LORAPLEX_ROUTER_TLS_KEY, or put it behind a TLS proxy",
+            listen,
+        )
     log.info("serving the OpenAI-compatible API on %s://%s:%d/v1", scheme, host, bound)
     return RunningHttp(server, task, bound, scheme)

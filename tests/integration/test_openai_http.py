@@ -285,6 +285,28 @@ async def test_client_leaving_mid_stream_cancels_the_generation_and_bills_what_w
     await _until(lambda: door.router.servicer.inflight == 0, 5.0)
 
 
+async def test_client_leaving_before_a_whole_answer_cancels_it_too(door: Door) -> None:
+    rid = f"leave-whole-{uuid.uuid4().hex}"
+    client = door.async_client(door.a.secret)
+    call = asyncio.ensure_future(
+        client.completions.create(
+            model="bot",
+            prompt="Count with me:",
+            max_tokens=500,
+            extra_body={"ignore_eos": True},
+            extra_headers={"Idempotency-Key": rid},
+        )
+    )
+    await _until(lambda: door.router.servicer.inflight == 1, 5.0)
+    await asyncio.sleep(0.2)
+    call.cancel()  # the client hangs up while the router is still collecting the answer
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    row = await _billed(door, rid)
+    assert row["finish_reason"] == "cancelled" and row["output_tokens"] < 500
+    await _until(lambda: door.router.servicer.inflight == 0, 5.0)
+
+
 async def _until(cond: Callable[[], bool], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not cond():
