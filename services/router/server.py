@@ -129,16 +129,21 @@ async def start_router(settings: RouterSettings, *, fsync: Callable[[int], None]
     # Tenants authenticate with API keys, so the public endpoint asks for no client certificate.
     public = settings.public_tls
     credentials = None if public is None else public_server_credentials(public.cert, public.key)
-    running = await start_server(settings.listen, servicer.register, (SERVICE_NAME,), credentials=credentials)
     http = None
     if settings.http_listen:
-        # The OpenAI-compatible door: same servicer path, same certificate, this event loop.
+        # The OpenAI-compatible door: same servicer path, same certificate, this event loop. It
+        # serves before gRPC health says SERVING, so a ready router has both doors open.
         door = OpenAIDoor(servicer, view, max_prompt_bytes=settings.max_prompt_bytes)
-        try:
-            http = await start_http(settings.http_listen, door, public)
-        except BaseException:
-            await running.server.stop(0)
-            raise
+        http = await start_http(settings.http_listen, door, public)
+    try:
+        running = await start_server(
+            settings.listen, servicer.register, (SERVICE_NAME,), credentials=credentials
+        )
+    except BaseException:
+        if http is not None:
+            await http.stop(0.0)
+        raise
+    if http is not None:
         running.before_drain.append(http.begin_drain)
 
     async def close() -> None:

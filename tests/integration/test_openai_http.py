@@ -26,6 +26,7 @@ import pytest
 from services.common.config import RouterSettings
 from services.common.tls import Role
 from services.devtools.tiny_model import TINY_LLAMA
+from services.router.http_door import BODY_OVERHEAD_BYTES, BODY_PER_PROMPT_BYTE
 from services.router.server import Router, start_router
 from services.worker.server import RunningWorker
 from tests.fixtures.registry import RegistryProcess
@@ -410,7 +411,8 @@ async def test_oversized_and_malformed_bodies_are_refused_before_any_work(door: 
 
 
 def door_body_limit(door: Door) -> int:
-    return door.router.servicer._max_prompt_bytes * 6 + (64 << 10)
+    # LORAPLEX_MAX_PROMPT_BYTES is left at its default (1 MiB) here.
+    return BODY_PER_PROMPT_BYTE * (1 << 20) + BODY_OVERHEAD_BYTES
 
 
 # -- curl ----------------------------------------------------------------------------------------
