@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
 import httpx2
 import openai
 import psycopg
 import pytest
 
+from bench.synthetic_worker import RunningSyntheticWorker, start_synthetic_worker
 from services.common.config import RouterSettings
 from services.common.tls import Role
 from services.devtools.tiny_model import TINY_LLAMA
@@ -31,7 +33,8 @@ from services.router.server import Router, start_router
 from services.worker.server import RunningWorker
 from tests.fixtures.registry import RegistryProcess
 
-OTHER_MODEL = "smollm2-135m-instruct"  # in the catalog, with no worker behind this router
+# In the catalog too; served here by a synthetic worker that can be told to fail.
+OTHER_MODEL = "smollm2-135m-instruct"
 T = TypeVar("T")
 
 
@@ -50,6 +53,12 @@ class Door:
     ca: Path
     a: Tenant
     b: Tenant
+    synthetic: RunningSyntheticWorker
+
+    def reset_synthetic(self) -> None:
+        self.synthetic.worker.reset()
+        for handle in self.router.pool.handles():
+            handle.down_until = 0.0
 
     def client(self, secret: str) -> openai.OpenAI:
         return openai.OpenAI(
@@ -93,6 +102,7 @@ async def door(
         c.upload_adapter(
             worker_tiny_adapters["mlp"], tenant=b.name, name="secret-sauce", base_model=TINY_LLAMA
         )
+    synthetic = await start_synthetic_worker("syn-openai", OTHER_MODEL, tls=registry.certs.files(Role.WORKER))
     settings = RouterSettings.from_env(
         {
             "LORAPLEX_HOME": str(tmp_path_factory.mktemp("openai-router")),
@@ -101,7 +111,7 @@ async def door(
             "LORAPLEX_REGISTRY": registry.target,
             "LORAPLEX_ROUTER_LISTEN": "127.0.0.1:0",
             "LORAPLEX_HTTP_LISTEN": "127.0.0.1:0",
-            "LORAPLEX_WORKERS": f"127.0.0.1:{tiny_worker.port}",
+            "LORAPLEX_WORKERS": f"127.0.0.1:{tiny_worker.port},{synthetic.address}",
             "LORAPLEX_ROUTER_DISCOVER_WORKERS": "false",
             "LORAPLEX_ROUTER_SHIP_INTERVAL_S": "0.1",
         }
@@ -110,9 +120,10 @@ async def door(
     assert router.http is not None and router.http.scheme == "https"
     base_url = f"https://127.0.0.1:{router.http.port}/v1"
     try:
-        yield Door(registry, router, base_url, registry.certs.files(Role.ROUTER).ca, a, b)
+        yield Door(registry, router, base_url, registry.certs.files(Role.ROUTER).ca, a, b, synthetic)
     finally:
         await router.running.drain(1.0)
+        await synthetic.server.stop(0)
 
 
 async def _in_thread(fn: Callable[[], T]) -> T:
@@ -358,9 +369,43 @@ async def test_errors_are_openai_json_with_the_status_the_client_maps(door: Door
         await client.chat.completions.create(**{**chat, "model": "secret-sauce"})
     assert other.value.body == {**unknown.value.body, "message": "adapter 'secret-sauce' not found"}
 
-    with pytest.raises(openai.InternalServerError) as no_worker:
-        await client.chat.completions.create(**{**chat, "model": OTHER_MODEL})
-    assert no_worker.value.status_code == 503 and "no live worker" in no_worker.value.message
+    # Every worker for the model refuses before its first token: failover runs out, and the
+    # client gets a real 503 (the status line waits for the first token), for streams too.
+    door.synthetic.worker.refuse = grpc.StatusCode.UNAVAILABLE
+    try:
+        for stream in (False, True):
+            with pytest.raises(openai.InternalServerError) as no_worker:
+                await client.chat.completions.create(**{**chat, "model": OTHER_MODEL, "stream": stream})
+            assert no_worker.value.status_code == 503
+            assert no_worker.value.code == "service_unavailable"
+    finally:
+        door.reset_synthetic()
+
+
+async def test_a_worker_failing_mid_stream_ends_the_stream_with_an_error_event_and_bills_it(
+    door: Door,
+) -> None:
+    rid = f"midfail-{uuid.uuid4().hex}"
+    door.synthetic.worker.fail_after = 3
+    client = door.async_client(door.a.secret)
+    got: list[str] = []
+    try:
+        stream = await client.completions.create(
+            model=OTHER_MODEL,
+            prompt="a b c",
+            max_tokens=10,
+            stream=True,
+            extra_headers={"Idempotency-Key": rid},
+        )
+        with pytest.raises(openai.APIError) as failed:
+            async for chunk in stream:
+                got.append(chunk.choices[0].text)
+    finally:
+        door.reset_synthetic()
+    assert "after 3 tokens" in failed.value.message and "billed" in failed.value.message
+    assert len([t for t in got if t]) == 3  # the three tokens, then the error instead of [DONE]
+    row = await _billed(door, rid)
+    assert (row["output_tokens"], row["finish_reason"]) == (3, "error")
 
 
 async def test_a_replayed_idempotency_key_is_409_and_does_not_run_again(door: Door) -> None:
