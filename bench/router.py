@@ -226,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "LORAPLEX_WORKERS": f"127.0.0.1:{ports['worker']}",
                 "LORAPLEX_ROUTER_DISCOVER_WORKERS": "false",
                 "LORAPLEX_ROUTER_LISTEN": f"127.0.0.1:{router_port}",
+                "LORAPLEX_HTTP_LISTEN": "",  # measured: the gRPC proxy path only
             }
             router = subprocess.Popen(
                 [sys.executable, "-m", "services.cli.main", "router", "serve"],

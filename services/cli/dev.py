@@ -23,7 +23,7 @@ import grpc
 from loraplex.v1 import registry_pb2
 from services.client.registry import RegistryClient
 from services.common.certs import init_certs, role_files
-from services.common.config import DEFAULT_MODEL, ClientSettings, loraplex_home
+from services.common.config import DEFAULT_HTTP_LISTEN, DEFAULT_MODEL, ClientSettings, loraplex_home
 from services.common.private_files import read_secret, secret_file
 from services.common.tls import Role, TlsFiles, certs_dir
 
@@ -80,6 +80,13 @@ class Stack:
     procs: list[tuple[str, subprocess.Popen[bytes]]]
     # The operator identity this process uses on the stack (health checks, setup calls); None: plaintext.
     tls: TlsFiles | None = None
+    # host:port of the router's OpenAI-compatible HTTP API; "" leaves it off (benchmarks).
+    http: str = ""
+
+    @property
+    def http_base_url(self) -> str:
+        """What an OpenAI client takes as base_url: HTTPS (the router's certificate) unless plaintext."""
+        return f"{'https' if self.tls is not None else 'http'}://{self.http}/v1"
 
     def start(
         self, name: str, args: list[str], extra_env: Mapping[str, str], role: Role | None = None
@@ -133,7 +140,8 @@ def running_stack(home: Path, workers: int) -> Iterator[Stack]:
     router_port = int(client.router.rpartition(":")[2])
     worker_addrs = [f"127.0.0.1:{router_port + WORKER_PORT_OFFSET + i}" for i in range(workers)]
     env, tls = dev_env(home, token)
-    stack = Stack(home, env, client.registry, client.router, worker_addrs, logs, [], tls)
+    http = os.environ.get("LORAPLEX_HTTP_LISTEN", DEFAULT_HTTP_LISTEN).strip()
+    stack = Stack(home, env, client.registry, client.router, worker_addrs, logs, [], tls, http)
     try:
         registry = stack.start(
             "registry", ["registry", "serve"], {"LORAPLEX_REGISTRY_LISTEN": client.registry}, Role.REGISTRY
@@ -180,6 +188,7 @@ def start_router(stack: Stack, extra_env: Mapping[str, str] | None = None) -> su
         ["router", "serve"],
         {
             "LORAPLEX_ROUTER_LISTEN": stack.router,
+            "LORAPLEX_HTTP_LISTEN": stack.http,
             "LORAPLEX_REGISTRY": stack.registry,
             "LORAPLEX_WORKERS": ",".join(stack.workers),
             **(extra_env or {}),
@@ -234,6 +243,22 @@ def _key_works(client: RegistryClient, api_key: str) -> bool:
     return True
 
 
+def _curl_example(stack: Stack, adapter: str) -> str:
+    """The OpenAI-compatible API with curl, streaming; empty when the API is off."""
+    if not stack.http:
+        return ""
+    cacert = f" --cacert {certs_dir(stack.home) / 'ca.crt'}" if stack.tls is not None else ""
+    body = (
+        f'{{"model": "{adapter}", "stream": true, '
+        '"messages": [{"role": "user", "content": "How do I reset my password?"}]}'
+    )
+    return (
+        f"  curl -N{cacert} {stack.http_base_url}/chat/completions \\\n"
+        '    -H "Authorization: Bearer $LORAPLEX_API_KEY" -H "Content-Type: application/json" \\\n'
+        f"    -d '{body}'\n"
+    )
+
+
 def run_dev(workers: int = 1) -> int:
     home = loraplex_home()
     print(f"starting loraplex in {home} (logs in {home / 'logs'}) ...", flush=True)
@@ -250,11 +275,12 @@ def run_dev(workers: int = 1) -> int:
             if stack.tls is not None
             else "PLAINTEXT (LORAPLEX_INSECURE_PLAINTEXT=true): no service identities are checked"
         )
+        http = f"  http       {stack.http_base_url}   (OpenAI-compatible API)\n" if stack.http else ""
         print(
             f"""
 loraplex dev is up.
   router     {stack.router}   (public InferenceService)
-  registry   {stack.registry}   (database: {db})
+{http}  registry   {stack.registry}   (database: {db})
   workers    {", ".join(stack.workers)}   ({DEFAULT_MODEL})
   tenant     {DEMO_TENANT}, adapters: {", ".join(adapters)}
   security   {tls}
@@ -264,7 +290,7 @@ In another terminal:
   export LORAPLEX_HOME={home}
   export LORAPLEX_API_KEY=$(cat {home / "dev-api-key"})
   loraplex generate --adapter {adapters[0]} --chat "How do I reset my password?"
-
+{_curl_example(stack, adapters[0])}
 Admin commands need the admin token, kept in {home / "dev-admin-token"} (mode 0600):
   export LORAPLEX_ADMIN_TOKEN=$(cat {home / "dev-admin-token"})
 Ctrl-C stops everything.""",

@@ -56,6 +56,8 @@ def router_serve(args: argparse.Namespace) -> int:
 
     def ready(router: Router) -> None:
         print(f"router listening on port {router.port}", flush=True)
+        if router.http is not None:
+            print(f"OpenAI-compatible API on port {router.http.port} ({router.http.scheme})", flush=True)
 
     asyncio.run(serve(settings, ready))
     return 0

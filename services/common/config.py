@@ -57,6 +57,10 @@ class Env:
         value = self._env.get(PREFIX + key)
         return value if value not in (None, "") else None
 
+    def exact(self, key: str) -> str | None:
+        """The value as set, empty included (None: unset), for variables where empty means off."""
+        return self._env.get(PREFIX + key)
+
     def text(self, key: str, default: str) -> str:
         return self.raw(key) or default
 
@@ -427,6 +431,8 @@ class RouterSettings:
     tls: TlsFiles | None = None
     # TLS on the public endpoint (no client certificates: tenants send API keys); None: plaintext.
     public_tls: PublicTls | None = None
+    # host:port of the OpenAI-compatible HTTP API (HTTPS with public_tls); "" turns it off.
+    http_listen: str = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RouterSettings:
@@ -473,7 +479,20 @@ class RouterSettings:
             idempotency_window_s=_idempotency_window(env),
             tls=tls_files(environ, Role.ROUTER),
             public_tls=_public_tls(env),
+            http_listen=_http_listen(env),
         )
+
+
+DEFAULT_HTTP_LISTEN = "127.0.0.1:8080"
+
+
+def _http_listen(env: Env) -> str:
+    """LORAPLEX_HTTP_LISTEN: unset is the default, set but empty turns the HTTP API off."""
+    value = env.exact("HTTP_LISTEN")
+    if value is None:
+        return DEFAULT_HTTP_LISTEN
+    value = value.strip()
+    return _check_address("HTTP_LISTEN", value) if value else ""
 
 
 def _prompt_bytes(env: Env) -> int:

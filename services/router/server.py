@@ -14,6 +14,7 @@ from services.common.config import RouterSettings
 from services.common.grpc_server import RunningServer, run_until_signalled, start_metrics, start_server
 from services.common.tls import aio_channel, public_server_credentials, warn_plaintext
 from services.router import metrics
+from services.router.http_door import OpenAIDoor, RunningHttp, start_http
 from services.router.inflight import InflightJournal
 from services.router.limit_gate import LimitGate
 from services.router.limits import Limiter
@@ -41,6 +42,8 @@ class Router:
     spool: Spool
     shipper: Shipper
     warmer: KeepWarmScheduler
+    # The OpenAI-compatible HTTP API; None when LORAPLEX_HTTP_LISTEN is empty.
+    http: RunningHttp | None = None
 
     @property
     def port(self) -> int:
@@ -126,9 +129,26 @@ async def start_router(settings: RouterSettings, *, fsync: Callable[[int], None]
     # Tenants authenticate with API keys, so the public endpoint asks for no client certificate.
     public = settings.public_tls
     credentials = None if public is None else public_server_credentials(public.cert, public.key)
-    running = await start_server(settings.listen, servicer.register, (SERVICE_NAME,), credentials=credentials)
+    http = None
+    if settings.http_listen:
+        # The OpenAI-compatible door: same servicer path, same certificate, this event loop. It
+        # serves before gRPC health says SERVING, so a ready router has both doors open.
+        door = OpenAIDoor(servicer, view, max_prompt_bytes=settings.max_prompt_bytes)
+        http = await start_http(settings.http_listen, door, public)
+    try:
+        running = await start_server(
+            settings.listen, servicer.register, (SERVICE_NAME,), credentials=credentials
+        )
+    except BaseException:
+        if http is not None:
+            await http.stop(0.0)
+        raise
+    if http is not None:
+        running.before_drain.append(http.begin_drain)
 
     async def close() -> None:
+        if http is not None:
+            await http.stop()  # its requests in flight finish (or are cancelled) while the pool is up
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -149,7 +169,7 @@ async def start_router(settings: RouterSettings, *, fsync: Callable[[int], None]
         await registry_channel.close()
 
     running.on_stop.append(close)
-    return Router(running, servicer, view, pool, spool, shipper, warmer)
+    return Router(running, servicer, view, pool, spool, shipper, warmer, http)
 
 
 async def serve(settings: RouterSettings, on_ready: Callable[[Router], None] | None = None) -> None:

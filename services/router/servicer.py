@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -108,6 +108,10 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
+def _no_deadline() -> float | None:
+    return None
+
+
 class InferenceServicer:
     def __init__(
         self,
@@ -134,7 +138,7 @@ class InferenceServicer:
         # Client-chosen request ids in flight or finished here within the idempotency window.
         self.recent = recent if recent is not None else RecentRequests()
         self._max_inflight = max_inflight
-        self._pushback = (("grpc-retry-pushback-ms", str(retry_pushback_ms)),)
+        self._retry_pushback_ms = retry_pushback_ms
         self._eps = load_eps
         self._kv_full = kv_full
         self._policy = policy_kind
@@ -165,13 +169,9 @@ class InferenceServicer:
         self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.ListModelsResponse:
         try:
-            principal = await self._authenticate(context)
-            models = await self._registry.base_models()
-            adapters = await self._registry.list_ready_adapters(principal.tenant_id)
+            _, models, adapters = await self.visible_models(bearer_token(context.invocation_metadata()))
         except RpcError as exc:
             await context.abort(exc.code, exc.message)
-        except RegistryUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         response = inference_pb2.ListModelsResponse()
         for name in sorted(models):
             m = models[name]
@@ -184,19 +184,54 @@ class InferenceServicer:
             info.adapters.extend(_public(a) for a in adapters if a.ref.base_model == name)
         return response
 
+    async def visible_models(
+        self, secret: str | None
+    ) -> tuple[Principal, dict[str, registry_pb2.BaseModel], list[registry_pb2.Adapter]]:
+        """What the caller may call: every base model, and its tenant's READY adapters (latest
+        version of each name). Raises RpcError (UNAUTHENTICATED, UNAVAILABLE)."""
+        principal = await self.authenticate(secret)
+        try:
+            models = await self._registry.base_models()
+            adapters = await self._registry.list_ready_adapters(principal.tenant_id)
+        except RegistryUnavailable as exc:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        return principal, models, adapters
+
     # -- Generate ----------------------------------------------------------------------------
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
+        secret = bearer_token(context.invocation_metadata())
+        try:
+            # aclosing: a cancelled call closes the shared stream now, which bills and frees the slot.
+            async with contextlib.aclosing(self.generate(request, secret, context.time_remaining)) as events:
+                async for event in events:
+                    yield event
+        except RpcError as exc:
+            await context.abort(exc.code, exc.message, trailing_metadata=self._trailing(exc))
+
+    async def generate(
+        self,
+        request: inference_pb2.GenerateRequest,
+        secret: str | None,
+        time_remaining: Callable[[], float | None] = _no_deadline,
+    ) -> AsyncGenerator[bytes, None]:
+        """One request through admission, routing, the worker's stream and billing: the path both
+        doors (gRPC Generate, the OpenAI-compatible HTTP API) share.
+
+        Yields serialized GenerateResponse events (Started, Deltas, Finished). Every failure is an
+        RpcError (Overloaded carries the retry pushback), raised after whatever ran was billed.
+        Closing the generator (or cancelling its consumer) cancels the worker call and bills what
+        was forwarded. `time_remaining` gives the caller's deadline in seconds (None: none).
+        """
         arrived = time.perf_counter()
         adapter_label = ""
         try:
-            admitted = await self._admit(request, context, arrived)
+            admitted = await self._admit(request, secret, arrived)
         except RpcError as exc:
             metrics.REQUESTS.labels("", exc.code.name).inc()
-            trailing = self._trailing(exc)
-            await context.abort(exc.code, exc.message, trailing_metadata=trailing)
+            raise
         if admitted.adapter is not None:
             adapter_label = admitted.adapter.ref.adapter_id
         key = (admitted.principal.tenant_id, admitted.request_id)
@@ -207,18 +242,17 @@ class InferenceServicer:
         try:
             # aclosing: if this generator is closed at a yield, the worker call is cancelled now,
             # not whenever the inner generator is collected.
-            async with contextlib.aclosing(self._proxy(admitted, state, context)) as chunks:
+            async with contextlib.aclosing(self._proxy(admitted, state, time_remaining)) as chunks:
                 async for chunk in chunks:
                     yield chunk
         except RpcError as exc:
             code = exc.code
-            trailing = self._trailing(exc)
             await self._bill_quietly(admitted, state)
-            await context.abort(exc.code, exc.message, trailing_metadata=trailing)
+            raise
         except (asyncio.CancelledError, GeneratorExit):
             # Cancelled by the client or by the deadline: the worker call is already cancelled.
             code = grpc.StatusCode.CANCELLED
-            remaining = context.time_remaining()
+            remaining = time_remaining()
             expired = remaining is not None and remaining <= 0
             state.end = _FR.FINISH_REASON_DEADLINE_EXCEEDED if expired else _FR.FINISH_REASON_CANCELLED
             await self._bill_quietly(admitted, state)
@@ -228,7 +262,7 @@ class InferenceServicer:
             code = grpc.StatusCode.INTERNAL
             state.end = _FR.FINISH_REASON_ERROR
             await self._bill_quietly(admitted, state)
-            await context.abort(code, "internal error in the router; it logged the details")
+            raise RpcError(code, "internal error in the router; it logged the details") from None
         finally:
             self._release(admitted, state)
             if admitted.client_id:
@@ -244,7 +278,7 @@ class InferenceServicer:
             metrics.REQUESTS.labels(adapter_label, code.name).inc()
 
     async def _proxy(
-        self, admitted: Admitted, state: _Stream, context: grpc.aio.ServicerContext
+        self, admitted: Admitted, state: _Stream, time_remaining: Callable[[], float | None]
     ) -> AsyncGenerator[bytes, None]:
         adapter_key = admitted.adapter.ref.digest if admitted.adapter is not None else ""
         self._turn += 1
@@ -270,7 +304,7 @@ class InferenceServicer:
             handle = self._pool.get(worker_id)
             if handle is None:
                 continue
-            remaining = context.time_remaining()
+            remaining = time_remaining()
             if remaining is not None and remaining <= 0:
                 raise RpcError(
                     grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before a worker answered"
@@ -378,11 +412,14 @@ class InferenceServicer:
     # -- admission ---------------------------------------------------------------------------
 
     def _trailing(self, exc: RpcError) -> tuple[tuple[str, str], ...]:
+        pushback_ms = self.pushback_ms(exc)
+        return () if pushback_ms is None else (("grpc-retry-pushback-ms", str(pushback_ms)),)
+
+    def pushback_ms(self, exc: RpcError) -> int | None:
+        """How long an Overloaded caller should wait before retrying (ms); None for other errors."""
         if not isinstance(exc, Overloaded):
-            return ()
-        if exc.pushback_ms is None:
-            return self._pushback
-        return (("grpc-retry-pushback-ms", str(exc.pushback_ms)),)
+            return None
+        return self._retry_pushback_ms if exc.pushback_ms is None else exc.pushback_ms
 
     def _release(self, admitted: Admitted, state: _Stream) -> None:
         """The stream ended (however): free the tenant's slot, charge the tokens it consumed."""
@@ -391,8 +428,8 @@ class InferenceServicer:
         input_tokens = state.finished.usage.input_tokens if state.finished is not None else state.input_tokens
         self._limit_gate.release(admitted.ticket, input_tokens + state.tokens_out)
 
-    async def _authenticate(self, context: grpc.aio.ServicerContext) -> Principal:
-        secret = bearer_token(context.invocation_metadata())
+    async def authenticate(self, secret: str | None) -> Principal:
+        """The caller of an API key secret (None: none sent). Raises RpcError."""
         if secret is None:
             raise RpcError(
                 grpc.StatusCode.UNAUTHENTICATED, "missing credentials: send 'authorization: Bearer <API key>'"
@@ -405,10 +442,10 @@ class InferenceServicer:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
 
     async def _admit(
-        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext, arrived: float
+        self, request: inference_pb2.GenerateRequest, secret: str | None, arrived: float
     ) -> Admitted:
         arrived_wall = time.time()
-        principal = await self._authenticate(context)
+        principal = await self.authenticate(secret)
         try:
             # Sizes first: a huge prompt is refused before any lookup, and never reaches a worker.
             check_bounds(request, self._max_prompt_bytes)

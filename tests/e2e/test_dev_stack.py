@@ -67,6 +67,7 @@ def dev_stack(
         "LORAPLEX_DATABASE_URL": database_url,
         "LORAPLEX_REGISTRY": f"127.0.0.1:{free_port()}",
         "LORAPLEX_ROUTER": f"127.0.0.1:{router_port}",
+        "LORAPLEX_HTTP_LISTEN": f"127.0.0.1:{free_port()}",
     }
     env.pop("LORAPLEX_ADMIN_TOKEN", None)
     proc = subprocess.Popen(
@@ -225,3 +226,33 @@ def test_generate_streams_tokens_from_a_demo_adapter_and_they_are_billed(dev_sta
             " WHERE t.name = 'demo' ORDER BY finished_at"
         ).fetchall()
     assert [r[0] for r in rows] == [2, 2, 2, 12, 8]
+
+
+def test_the_readmes_openai_client_and_the_banners_curl_work_against_dev(dev_stack: DevStack) -> None:
+    """What a new user copies: the README's Python (its address aside) and the curl the banner prints."""
+    http = dev_stack.env["LORAPLEX_HTTP_LISTEN"]
+    assert f"https://{http}/v1" in dev_stack.banner
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## OpenAI-compatible API", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0].replace("127.0.0.1:8080", http)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=dev_stack.env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() and " in, " in done.stdout and " out]" in done.stdout, done.stdout
+
+    lines = dev_stack.banner.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("curl -N"))
+    curl = "\n".join(lines[start : start + 3])
+    api_key = (dev_stack.home / "dev-api-key").read_text().strip()
+    streamed = subprocess.run(
+        ["bash", "-c", curl + " --max-time 120 -sS --fail-with-body"],
+        env={**dev_stack.env, "LORAPLEX_API_KEY": api_key},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert streamed.returncode == 0, streamed.stderr + streamed.stdout
+    events = [e for e in streamed.stdout.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]" and len(events) > 3
+    assert json.loads(events[1].removeprefix("data: "))["object"] == "chat.completion.chunk"

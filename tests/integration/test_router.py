@@ -118,6 +118,7 @@ async def stack(
             **_router_tls(registry),
             "LORAPLEX_REGISTRY": registry.target,
             "LORAPLEX_ROUTER_LISTEN": "127.0.0.1:0",
+            "LORAPLEX_HTTP_LISTEN": "",  # the HTTP door has tests of its own
             "LORAPLEX_WORKERS": ",".join(w.address for w in workers),
             "LORAPLEX_ROUTER_DISCOVER_WORKERS": "false",
             "LORAPLEX_AUTH_CACHE_TTL_S": str(AUTH_TTL_S),
@@ -348,6 +349,7 @@ async def test_a_failed_spool_write_ends_the_stream_with_an_error_not_a_finished
             **_router_tls(s.registry),
             "LORAPLEX_REGISTRY": s.registry.target,
             "LORAPLEX_ROUTER_LISTEN": "127.0.0.1:0",
+            "LORAPLEX_HTTP_LISTEN": "",  # the HTTP door has tests of its own
             "LORAPLEX_WORKERS": ",".join(w.address for w in s.workers),
             "LORAPLEX_ROUTER_DISCOVER_WORKERS": "false",
         }
@@ -535,6 +537,7 @@ async def test_the_policy_setting_picks_the_routing_policy(
             **_router_tls(s.registry),
             "LORAPLEX_REGISTRY": s.registry.target,
             "LORAPLEX_ROUTER_LISTEN": "127.0.0.1:0",
+            "LORAPLEX_HTTP_LISTEN": "",  # the HTTP door has tests of its own
             "LORAPLEX_WORKERS": ",".join(w.address for w in s.workers),
             "LORAPLEX_ROUTER_DISCOVER_WORKERS": "false",
             "LORAPLEX_ROUTER_POLICY": policy,
@@ -660,6 +663,7 @@ async def test_workers_registered_in_the_registry_are_discovered_and_served(s: S
             **_router_tls(s.registry),
             "LORAPLEX_REGISTRY": s.registry.target,
             "LORAPLEX_ROUTER_LISTEN": "127.0.0.1:0",
+            "LORAPLEX_HTTP_LISTEN": "",  # the HTTP door has tests of its own
         }
     )
     router = await start_router(settings)
@@ -682,6 +686,7 @@ async def test_a_real_worker_serves_a_registered_adapter_through_the_router(
             **_router_tls(s.registry),
             "LORAPLEX_REGISTRY": s.registry.target,
             "LORAPLEX_ROUTER_LISTEN": "127.0.0.1:0",
+            "LORAPLEX_HTTP_LISTEN": "",  # the HTTP door has tests of its own
             "LORAPLEX_WORKERS": f"127.0.0.1:{tiny_worker.port}",
             "LORAPLEX_ROUTER_DISCOVER_WORKERS": "false",
             "LORAPLEX_ROUTER_SHIP_INTERVAL_S": "0.1",
@@ -750,6 +755,7 @@ async def _router_process(
         "LORAPLEX_ROUTER_CHECKPOINT_S": str(checkpoint_s),
         **s.registry.env,
         "LORAPLEX_ROUTER_LISTEN": f"127.0.0.1:{port}",
+        "LORAPLEX_HTTP_LISTEN": "",  # the HTTP door has tests of its own
         "LORAPLEX_SPOOL_DIR": str(spool_dir),
         "LORAPLEX_WORKERS": ",".join(w.address for w in s.workers),
         "LORAPLEX_ROUTER_DISCOVER_WORKERS": "false",
@@ -961,6 +967,7 @@ def test_router_serve_reports_health_and_drains_on_sigterm(registry: RegistryPro
     env = {
         **registry.env,
         "LORAPLEX_ROUTER_LISTEN": f"127.0.0.1:{port}",
+        "LORAPLEX_HTTP_LISTEN": "",  # the HTTP door has tests of its own
         "LORAPLEX_SPOOL_DIR": str(tmp_path / "spool"),
         **_router_tls(registry),
     }

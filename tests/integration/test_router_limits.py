@@ -72,6 +72,7 @@ def _settings(
             **s.certs.router_public_env(),
             "LORAPLEX_REGISTRY": s.target,
             "LORAPLEX_ROUTER_LISTEN": "127.0.0.1:0",
+            "LORAPLEX_HTTP_LISTEN": "",  # the HTTP door has tests of its own
             "LORAPLEX_WORKERS": ",".join(w.address for w in workers),
             "LORAPLEX_ROUTER_DISCOVER_WORKERS": "false",
             "LORAPLEX_AUTH_CACHE_TTL_S": str(AUTH_TTL_S),

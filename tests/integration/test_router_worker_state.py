@@ -112,6 +112,7 @@ async def stack(
                 **registry.certs.env(Role.ROUTER),
                 "LORAPLEX_REGISTRY": registry.target,
                 "LORAPLEX_ROUTER_LISTEN": "127.0.0.1:0",
+                "LORAPLEX_HTTP_LISTEN": "",  # the HTTP door has tests of its own
                 "LORAPLEX_WORKER_REFRESH_S": "0.2",
                 "LORAPLEX_ROUTER_WORKER_STALE_S": str(STALE_S),
                 "LORAPLEX_ROUTER_KEEP_WARM_S": "0.2",

@@ -128,3 +128,14 @@ def test_bad_prompt_bound_or_limit_share_names_the_variable(key: str, value: str
     with pytest.raises(ConfigError, match=phrase) as err:
         RouterSettings.from_env({**BASE, key: value})
     assert key in str(err.value)
+
+
+def test_http_api_listens_on_8080_by_default_and_empty_turns_it_off() -> None:
+    assert RouterSettings.from_env(BASE).http_listen == "127.0.0.1:8080"
+    assert (
+        RouterSettings.from_env({**BASE, "LORAPLEX_HTTP_LISTEN": "0.0.0.0:9000"}).http_listen
+        == "0.0.0.0:9000"
+    )
+    assert RouterSettings.from_env({**BASE, "LORAPLEX_HTTP_LISTEN": ""}).http_listen == ""
+    with pytest.raises(ConfigError, match="LORAPLEX_HTTP_LISTEN='8080' must be host:port"):
+        RouterSettings.from_env({**BASE, "LORAPLEX_HTTP_LISTEN": "8080"})
