@@ -25,7 +25,9 @@ PREFIX = "base_model.model.model.layers"
 
 def _write(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **config}))
+    # The tensors below adapt q_proj and v_proj; a config may say otherwise to test a mismatch.
+    full = {"peft_type": "LORA", "target_modules": ["q_proj", "v_proj"], **config}
+    (path / "adapter_config.json").write_text(json.dumps(full))
     save_file(tensors, str(path / "adapter_model.safetensors"))
     return path
 
