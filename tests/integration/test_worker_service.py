@@ -686,11 +686,12 @@ async def test_generate_records_latency_adapter_load_and_kv_metrics(
     def sample(name: str, labels: dict[str, str] | None = None) -> float:
         return REGISTRY.get_sample_value(f"loraplex_worker_{name}", labels or {}) or 0.0
 
-    # A copy no other test loaded (one more config key, so a new digest): truly cold on this worker.
+    # A copy no other test loaded (another revision string, which PEFT ignores, so a new digest):
+    # truly cold on this worker.
     unique = tmp_path / "unique"
     shutil.copytree(worker_tiny_adapters["attn_rs"], unique)
     config = json.loads((unique / "adapter_config.json").read_text())
-    (unique / "adapter_config.json").write_text(json.dumps({**config, "loraplex_test": "metrics"}))
+    (unique / "adapter_config.json").write_text(json.dumps({**config, "revision": "metrics"}))
     ref = AdapterStore(tmp_path / "store").publish(unique, base_model=TINY_LLAMA, name="m")
     assert tiny_worker.loader.current_tier(ref.digest) == Tier.OBJECT_STORE
     names = (
