@@ -367,7 +367,7 @@ async def test_device_budget_demotes_the_least_used_adapter_to_host(
             await generate(stub, gen_request(adapter=tiny_refs[kind], max_tokens=1))
         resident = set(await worker.engine.resident_adapters())
         assert resident == {tiny_refs["qv"].digest, tiny_refs["mlp"].digest}
-        assert worker.loader.current_tier(tiny_refs["attn_rs"].digest) == Tier.HOST
+        assert worker.loader.policy.tier_of(tiny_refs["attn_rs"].digest) == Tier.HOST
         again = await generate(stub, gen_request(adapter=tiny_refs["attn_rs"], max_tokens=1))
         assert again.finished is not None
         assert again.finished.timings.adapter_source_tier == common_pb2.ADAPTER_TIER_HOST
@@ -693,7 +693,7 @@ async def test_generate_records_latency_adapter_load_and_kv_metrics(
     config = json.loads((unique / "adapter_config.json").read_text())
     (unique / "adapter_config.json").write_text(json.dumps({**config, "revision": "metrics"}))
     ref = AdapterStore(tmp_path / "store").publish(unique, base_model=TINY_LLAMA, name="m")
-    assert tiny_worker.loader.current_tier(ref.digest) == Tier.OBJECT_STORE
+    assert tiny_worker.loader.policy.tier_of(ref.digest) == Tier.OBJECT_STORE
     names = (
         "ttft_seconds_count",
         "tpot_seconds_count",

@@ -224,9 +224,6 @@ class AdapterLoader:
             await self._run_evictions(evictions)
             self._notify()
 
-    def current_tier(self, digest: str) -> Tier:
-        return self.policy.tier_of(digest)
-
     # ------------------------------------------------------------------ state
 
     def view(self) -> tuple[list[HeldAdapter], list[str]]:

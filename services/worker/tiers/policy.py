@@ -125,10 +125,6 @@ class TierPolicy:
         e = self._entries.get(digest)
         return e.size_bytes if e is not None else None
 
-    def hit_ratio(self, tier: Tier = Tier.DEVICE) -> float:
-        total = sum(self.lookups.values())
-        return self.lookups[tier] / total if total else 0.0
-
     def snapshot(self) -> list[ResidentRow]:
         return [
             ResidentRow(
@@ -197,12 +193,6 @@ class TierPolicy:
         e.state = self.lifecycle.move(digest, e.state, _LOADING[chain[0].dst])
         self._use(e, now, pin)
         return Plan(digest, found, True, tuple(evictions), tuple(chain))
-
-    def pin(self, digest: str) -> None:
-        e = self._entries.get(digest)
-        if e is None:
-            raise KeyError(f"adapter {digest[:12]} is not known to this worker")
-        e.refs += 1
 
     def unpin(self, digest: str) -> None:
         e = self._entries.get(digest)
