@@ -10,7 +10,7 @@ The semantics are those of the PEFT version loraplex is tested against (peft 0.2
   entry), a regex string (`re.fullmatch` on the full name, `peft.utils.other.match_target_against_key`)
   or "all-linear" (every linear layer but the output layer, `_maybe_include_all_linear_layers`);
   `exclude_modules` the same way; `layers_to_transform`/`layers_pattern` (list targets only, and
-  only for entries matched by suffix, not by full name);
+  only for entries matched by suffix, not for an entry equal to the module's full name);
 - each module's rank and alpha: `peft.utils.other.get_pattern_key`, the first `rank_pattern` /
   `alpha_pattern` key (a regex) for which `re.match(rf"(.*\\.)?({key})$", full_name)` holds; so
   "q_proj", "self_attn.q_proj" and "model.layers.3.mlp.down_proj" all work as PEFT's docs write them;
@@ -36,6 +36,8 @@ from services.common.adapter_errors import AdapterRejected
 
 Variant = Literal["LORA", "RSLORA", "DORA"]
 ALL_LINEAR = "all-linear"  # PEFT's INCLUDE_LINEAR_LAYERS_SHORTHAND (compared lower-cased)
+# PEFT condenses target_modules lists this long into suffixes before matching (tuners_utils).
+MIN_TARGET_MODULES_FOR_OPTIMIZATION = 20
 
 # Fields of peft 0.21.2's LoraConfig that loraplex honours, or that do not change the served
 # model (training-only settings and bookkeeping). Anything else is refused below.
@@ -362,15 +364,21 @@ def _layers(
         )
     for p in pattern or ():
         _check_regex(p, "layers_pattern")
-    if layers is not None and not isinstance(targets, str) and any("." in t for t in targets):
-        # PEFT applies layers_to_transform to suffix matches only, and condenses lists of 20 or
-        # more names into suffixes first: whether a dotted entry is filtered by layer depends on
-        # the model's size. loraplex will not guess.
+    if (
+        layers is not None
+        and not isinstance(targets, str)
+        and len(targets) >= MIN_TARGET_MODULES_FOR_OPTIMIZATION
+        and any("." in t for t in targets)
+    ):
+        # PEFT applies layers_to_transform to suffix matches only, not to an entry equal to a
+        # module's full name; but it first condenses lists of 20 or more entries into suffixes
+        # (_find_minimal_target_modules), which the layer filter then applies to. What such a list
+        # targets depends on every module name of the model: loraplex will not guess.
         raise AdapterRejected(
-            "adapter_config.json combines layers_to_transform with dotted target_modules entries "
-            f"({', '.join(sorted(t for t in targets if '.' in t)[:3])}); PEFT filters such entries by "
-            "layer or not depending on the model's size, so list plain module names (q_proj) or "
-            "spell the layers in a regular expression."
+            f"adapter_config.json combines layers_to_transform with {len(targets)} target_modules "
+            "entries, some dotted; PEFT condenses such lists first and then filters them by layer or "
+            "not depending on the model, so list plain module names (q_proj) or spell the layers in "
+            "a regular expression."
         )
     return layers, pattern
 

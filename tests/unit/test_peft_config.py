@@ -108,6 +108,11 @@ FORMS: dict[str, dict[str, Any]] = {
     "regex": {"target_modules": r".*\.layers\.[13]\.(self_attn\.(q|k)_proj|mlp\.down_proj)"},
     "regex-excluded": {"target_modules": r".*_proj", "exclude_modules": r".*layers\.0\..*"},
     "layers": {"target_modules": ["q_proj", "gate_proj"], "layers_to_transform": [0, 2]},
+    "layers-dotted-and-full-names": {
+        # A full name escapes the layer filter (PEFT's `key in target_modules`); suffixes do not.
+        "target_modules": ["self_attn.q_proj", "mlp.down_proj", "model.layers.1.self_attn.v_proj"],
+        "layers_to_transform": [0, 2],
+    },
     "layer-int": {"target_modules": ["v_proj", "down_proj"], "layers_to_transform": 3},
     "layers-pattern": {
         "target_modules": ["k_proj", "up_proj"],

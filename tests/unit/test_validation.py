@@ -190,8 +190,11 @@ def test_magnitude_vectors_without_use_dora_are_rejected(adapters: dict[str, Any
         ({"target_modules": "all-linear", "layers_to_transform": [0]}, "PEFT refuses that combination"),
         ({"layers_pattern": "layers"}, "without layers_to_transform"),
         (
-            {"target_modules": ["self_attn.q_proj", "v_proj"], "layers_to_transform": [0]},
-            "dotted target_modules entries",
+            {
+                "target_modules": ["v_proj", *(f"model.layers.{i}.self_attn.q_proj" for i in range(20))],
+                "layers_to_transform": [0],
+            },
+            "PEFT condenses such lists first",
         ),
         ({"modules_to_save": ["lm_head"]}, "(modules_to_save)"),
         ({"layer_replication": [[0, 2]]}, "(layer_replication)"),
