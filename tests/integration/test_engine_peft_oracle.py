@@ -59,7 +59,8 @@ def oracle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     else:
         model_dir = request.getfixturevalue("smollm2_dir")
         adapters = request.getfixturevalue("smollm2_adapters")
-    return Oracle(model_dir, adapters, peft_reference(model_dir, adapters))
+    threads = 1 if request.param == "tiny-llama" else None
+    return Oracle(model_dir, adapters, peft_reference(model_dir, adapters, threads=threads))
 
 
 def peft_reference(
@@ -67,6 +68,7 @@ def peft_reference(
     adapters: dict[str, Path],
     dtype: torch.dtype = torch.float32,
     prompts: tuple[str, ...] = (*PROMPTS, EXTRA_PROMPT),
+    threads: int | None = None,
 ) -> Reference:
     """(adapter name or None, prompt) -> (greedy tokens, every step's logits)."""
     from peft import PeftModel
@@ -94,10 +96,10 @@ def peft_reference(
         )
         return out.sequences[0, ids.shape[1] :].tolist(), [step[0].float() for step in out.logits]
 
-    # One thread: these models are too small to gain from more, and on a busy CPU an OpenMP pool
-    # waiting for its threads made this reference 10-30x slower (measured: 25-70 s against 2 s).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    # threads=1 for the tiny model: too small to gain from more, and on a busy CPU an OpenMP pool
+    # waiting for its threads made its reference 10-30x slower (measured: 25-70 s against 2 s).
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
     try:
         with torch.no_grad():
             for name in names:
@@ -108,7 +110,7 @@ def peft_reference(
                 for prompt in prompts:
                     ref[(None, prompt)] = generate(prompt)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
     return ref
 
 
@@ -289,7 +291,7 @@ def _form_cases(forms: dict[str, Path]) -> dict[str, tuple[str | None, str]]:
 
 
 def test_every_peft_config_form_matches_peft_in_fp32(tiny_llama_dir: Path, forms: dict[str, Path]) -> None:
-    reference = peft_reference(tiny_llama_dir, forms, torch.float32, FORM_PROMPTS)
+    reference = peft_reference(tiny_llama_dir, forms, torch.float32, FORM_PROMPTS, threads=1)
     cases = _form_cases(forms)
     _assert_adapters_matter(reference, cases)
     tokens, logits = _run_mixed(_engine(tiny_llama_dir, forms, torch.float32), forms, cases)
@@ -297,7 +299,7 @@ def test_every_peft_config_form_matches_peft_in_fp32(tiny_llama_dir: Path, forms
 
 
 def test_every_peft_config_form_matches_peft_in_bf16(tiny_llama_dir: Path, forms: dict[str, Path]) -> None:
-    reference = peft_reference(tiny_llama_dir, forms, torch.bfloat16, FORM_PROMPTS)
+    reference = peft_reference(tiny_llama_dir, forms, torch.bfloat16, FORM_PROMPTS, threads=1)
     cases = _form_cases(forms)
     tokens, logits = _run_mixed(_engine(tiny_llama_dir, forms, torch.bfloat16), forms, cases)
     worst, ties = 0.0, 0
