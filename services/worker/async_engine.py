@@ -128,7 +128,7 @@ class AsyncEngine:
             self._inbox.append(command)
             self._cond.notify()
 
-    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+    async def _call(self, fn: Callable[[LLMEngine], T]) -> T:
         """Run fn(engine) on the step thread between two steps and return its result."""
         loop = self._running_loop()
         future: asyncio.Future[T] = loop.create_future()
@@ -152,7 +152,7 @@ class AsyncEngine:
             engine.add_request(request)
             self._streams[request.request_id] = stream
 
-        await self.call(admit)
+        await self._call(admit)
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -167,7 +167,7 @@ class AsyncEngine:
 
     async def stats(self) -> EngineStats:
         """Fresh counters, read between two steps (last_stats may be one command old)."""
-        return await self.call(lambda engine: engine.stats())
+        return await self._call(lambda engine: engine.stats())
 
     # What the engine is ------------------------------------------------------------------------
     @property
@@ -196,14 +196,14 @@ class AsyncEngine:
         return self._engine.to_host(adapter)
 
     async def install_adapter(self, adapter: DeviceAdapter) -> None:
-        await self.call(lambda engine: engine.install_adapter(adapter))
+        await self._call(lambda engine: engine.install_adapter(adapter))
 
     async def remove_adapter(self, digest: str) -> DeviceAdapter:
         """Take the adapter out of the engine (UnknownAdapter, AdapterInUse when it cannot)."""
-        return await self.call(lambda engine: engine.remove_adapter(digest))
+        return await self._call(lambda engine: engine.remove_adapter(digest))
 
     async def resident_adapters(self) -> list[str]:
-        return await self.call(lambda engine: engine.resident_adapters())
+        return await self._call(lambda engine: engine.resident_adapters())
 
     # The step thread --------------------------------------------------------------------------
     def _running_loop(self) -> asyncio.AbstractEventLoop:
