@@ -21,16 +21,26 @@ Full names are module paths in the base model as `named_modules()` spells them, 
 
 Every other field LoraConfig writes is either honoured (see FIELDS) or, where it changes what the
 weights mean and loraplex does not serve it, refused with a sentence naming the field.
+
+The patterns come from tenants. PEFT matches them with `re`, which backtracks without limit: a
+pattern such as "(.*)*x" takes minutes on a 32-character module name and holds the GIL while it
+does. So each pattern is compiled with `re` (what PEFT accepts, and the same syntax errors), but
+matched with the `regex` package (its default VERSION0 is `re`-compatible and it is already
+installed with transformers), under a time budget per config: past MATCH_BUDGET_S of matching, the
+adapter is refused with a sentence.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Literal
+
+import regex
 
 from services.common.adapter_errors import AdapterRejected
 
@@ -98,6 +108,38 @@ REFUSED_FIELDS: dict[str, str] = {
 }
 # Initialisations that subtract the adapter from the base weights: the adapter alone is not a delta.
 BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# Seconds of pattern matching one config may cost, all questions together (a real config needs
+# microseconds per module: a few hundred modules and a handful of patterns).
+MATCH_BUDGET_S = 2.0
+
+
+class _Matcher:
+    """Pattern matching with a time budget shared by every question asked of one config."""
+
+    def __init__(self, budget_s: float = MATCH_BUDGET_S) -> None:
+        self.left_s = budget_s
+
+    def match(self, pattern: str, text: str, *, full: bool, field: str) -> bool:
+        compiled = _compiled_bounded(pattern)
+        started = time.monotonic()
+        try:
+            if full:
+                found = compiled.fullmatch(text, timeout=max(self.left_s, 1e-3))
+            else:
+                found = compiled.match(text, timeout=max(self.left_s, 1e-3))
+        except TimeoutError:
+            self.left_s = 0.0
+            raise AdapterRejected(
+                f"matching {field} pattern {_brief(pattern)} against the model's module names takes "
+                f"too long (it backtracks exponentially); simplify the regular expression."
+            ) from None
+        self.left_s -= time.monotonic() - started
+        if self.left_s <= 0:
+            raise AdapterRejected(
+                f"matching adapter_config.json's patterns ({field}) against the model's module names "
+                f"takes over {MATCH_BUDGET_S:g} s; simplify the regular expressions."
+            )
+        return found is not None
 
 
 @dataclass(frozen=True)
@@ -123,6 +165,7 @@ class PeftLoraConfig:
     alpha_pattern: tuple[tuple[str, float], ...]
     use_rslora: bool
     use_dora: bool
+    _matcher: _Matcher = field(default_factory=_Matcher, compare=False, repr=False)
 
     @property
     def variant(self) -> Variant:
@@ -138,12 +181,12 @@ class PeftLoraConfig:
 
         `linear`/`output_layer` describe the module, for "all-linear" (which PEFT expands to every
         nn.Linear but the model's output embeddings)."""
-        if _excluded(self.exclude_modules, name):
+        if self._excluded(name):
             return False
         if self.all_linear:
             return linear and not output_layer
         if isinstance(self.target_modules, str):
-            return re.fullmatch(self.target_modules, name) is not None
+            return self._matcher.match(self.target_modules, name, full=True, field="target_modules")
         if name in self.target_modules:
             return True  # a full name: PEFT applies no layer filter to it
         if not any(name.endswith(f".{entry}") for entry in self.target_modules):
@@ -164,21 +207,21 @@ class PeftLoraConfig:
 
     def layer_index(self, name: str) -> int | None:
         """The layer index PEFT reads off a module name (the first numbered segment)."""
-        match: re.Match[str] | None = None
         if not self.layers_pattern:
-            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
-        else:
-            for pattern in self.layers_pattern:
-                match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
-                if match is not None:
-                    break
-        return int(match.group("idx")) if match else None
+            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)  # PEFT's, fixed: no tenant input
+            return int(match.group("idx")) if match else None
+        for pattern in self.layers_pattern:
+            composed = _layer_regex(pattern)
+            if self._matcher.match(composed, name, full=False, field="layers_pattern"):
+                found = _compiled_bounded(composed).match(name)
+                return int(found.group("idx")) if found else None
+        return None
 
     def rank(self, name: str) -> int:
-        return _pattern_value(self.rank_pattern, name, self.r)
+        return self._pattern_value(self.rank_pattern, name, self.r, "rank_pattern")
 
     def alpha(self, name: str) -> float:
-        return _pattern_value(self.alpha_pattern, name, self.lora_alpha)
+        return self._pattern_value(self.alpha_pattern, name, self.lora_alpha, "alpha_pattern")
 
     def scale(self, name: str) -> float:
         """PEFT's `scaling`: lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora."""
@@ -191,6 +234,24 @@ class PeftLoraConfig:
             return None
         return ModuleLora(self.rank(name), self.alpha(name), self.scale(name), self.use_dora)
 
+    def _pattern_value(
+        self, pattern: tuple[tuple[str, Any], ...], name: str, default: Any, field: str
+    ) -> Any:
+        # PEFT: pattern.get(get_pattern_key(pattern.keys(), name), default): the first key that
+        # matches; a key equal to the full name that matches nothing earlier is the same key.
+        for key, value in pattern:
+            if self._matcher.match(_suffix_regex(key), name, full=False, field=field):
+                return value
+        return next((value for key, value in pattern if key == name), default)
+
+    def _excluded(self, name: str) -> bool:
+        exclude = self.exclude_modules
+        if not exclude:
+            return False
+        if isinstance(exclude, str):
+            return self._matcher.match(exclude, name, full=True, field="exclude_modules")
+        return name in exclude or any(name.endswith(f".{entry}") for entry in exclude)
+
 
 def block_module_name(layers_prefix: str, layer: int, path: str) -> str:
     """The full name of the linear layer `path` ("self_attn.q_proj") of block `layer`."""
@@ -198,19 +259,21 @@ def block_module_name(layers_prefix: str, layer: int, path: str) -> str:
 
 
 def get_pattern_key(pattern_keys: Iterable[str], name: str) -> str:
-    """peft.utils.other.get_pattern_key (0.21.2), verbatim: the first key that matches a dotted
-    suffix of `name` as a regex, else `name` itself."""
+    """peft.utils.other.get_pattern_key (0.21.2): the first key that matches a dotted suffix of
+    `name` as a regex, else `name` itself (matched as PeftLoraConfig matches, within a budget)."""
+    matcher = _Matcher()
     for key in pattern_keys:
-        if _compiled(rf"(.*\.)?({key})$").match(name):
+        if matcher.match(_suffix_regex(key), name, full=False, field="pattern key"):
             return key
     return name
 
 
-def _pattern_value(pattern: tuple[tuple[str, Any], ...], name: str, default: Any) -> Any:
-    # PEFT: pattern.get(get_pattern_key(pattern.keys(), name), default); a key equal to the full
-    # name matches itself, so looking the returned key up is the same as taking the first match.
-    key = get_pattern_key((k for k, _ in pattern), name)
-    return next((value for k, value in pattern if k == key), default)
+def _suffix_regex(key: str) -> str:
+    return rf"(.*\.)?({key})$"  # get_pattern_key's
+
+
+def _layer_regex(pattern: str) -> str:
+    return rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\."  # check_target_module_exists'
 
 
 @lru_cache(maxsize=4096)
@@ -218,12 +281,10 @@ def _compiled(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern)
 
 
-def _excluded(exclude: frozenset[str] | str | None, name: str) -> bool:
-    if not exclude:
-        return False
-    if isinstance(exclude, str):
-        return re.fullmatch(exclude, name) is not None
-    return name in exclude or any(name.endswith(f".{entry}") for entry in exclude)
+@lru_cache(maxsize=4096)
+def _compiled_bounded(pattern: str) -> Any:
+    _compiled(pattern)  # re's verdict on the syntax first: what PEFT would refuse stays refused
+    return regex.compile(pattern)
 
 
 # ---------------------------------------------------------------------------------- parsing
@@ -363,7 +424,7 @@ def _layers(
             f'"layers" or a list of them.'
         )
     for p in pattern or ():
-        _check_regex(p, "layers_pattern")
+        _check_regex(_layer_regex(p), "layers_pattern", shown=p)
     if (
         layers is not None
         and not isinstance(targets, str)
@@ -389,7 +450,7 @@ def _pattern(doc: Mapping[str, Any], field: str, *, rank: bool) -> tuple[tuple[s
         raise AdapterRejected(f"{field} in adapter_config.json must be a JSON object.")
     out: list[tuple[str, Any]] = []
     for key, value in raw.items():
-        _check_regex(rf"(.*\.)?({key})$", field, shown=key)
+        _check_regex(_suffix_regex(key), field, shown=key)
         if rank and (not _is_int(value) or value <= 0):
             raise AdapterRejected(f"{field} gives {key!r} r={value!r}; it must be a positive integer.")
         if not rank and not _is_number(value):

@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -244,3 +245,28 @@ def test_every_field_peft_writes_by_default_is_accepted() -> None:
     # fan_in_fan_out: PEFT sets it back to False on nn.Linear, so it changes nothing.
     assert ours.module("model.layers.0.self_attn.q_proj") is not None
     assert ours.variant == "LORA"
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"target_modules": r"(.*)*x"},
+        {"exclude_modules": r"(.*)*x"},
+        {"rank_pattern": {r"(.*)*x": 4}},
+        {"alpha_pattern": {r"(\w|.)*\d{3}x": 4}},
+    ],
+)
+def test_a_pattern_that_backtracks_exponentially_is_refused_in_bounded_time(changes: dict[str, Any]) -> None:
+    """With `re`, as PEFT matches, "(.*)*x" takes ~0.5 s on 22 characters and doubles with each
+    one more: minutes on a module name, with the GIL held. The registry must not be made to hang."""
+    doc = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], **changes}
+    config = parse_peft_config(doc)
+    name = "model.layers.10.self_attn.q_proj.base_layer"  # 44 characters
+    started = time.monotonic()
+    try:
+        module = config.module(name)
+    except AdapterRejected as exc:
+        assert "simplify" in str(exc)
+    else:
+        assert module is None or module.rank == 4
+    assert time.monotonic() - started < 5.0
