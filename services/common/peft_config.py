@@ -120,7 +120,11 @@ class _Matcher:
         self.left_s = budget_s
 
     def match(self, pattern: str, text: str, *, full: bool, field: str) -> bool:
-        compiled = _compiled_bounded(pattern)
+        return self.find(pattern, text, full=full, field=field) is not None
+
+    def find(self, pattern: str, text: str, *, full: bool, field: str) -> Any:
+        """The match object (or None) of `pattern` at the start of `text` (all of it if `full`)."""
+        compiled = _compiled_bounded(pattern, field)
         started = time.monotonic()
         try:
             if full:
@@ -139,7 +143,7 @@ class _Matcher:
                 f"matching adapter_config.json's patterns ({field}) against the model's module names "
                 f"takes over {MATCH_BUDGET_S:g} s; simplify the regular expressions."
             )
-        return found is not None
+        return found
 
 
 @dataclass(frozen=True)
@@ -211,10 +215,9 @@ class PeftLoraConfig:
             match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)  # PEFT's, fixed: no tenant input
             return int(match.group("idx")) if match else None
         for pattern in self.layers_pattern:
-            composed = _layer_regex(pattern)
-            if self._matcher.match(composed, name, full=False, field="layers_pattern"):
-                found = _compiled_bounded(composed).match(name)
-                return int(found.group("idx")) if found else None
+            found = self._matcher.find(_layer_regex(pattern), name, full=False, field="layers_pattern")
+            if found is not None:
+                return int(found.group("idx"))
         return None
 
     def rank(self, name: str) -> int:
@@ -282,9 +285,15 @@ def _compiled(pattern: str) -> re.Pattern[str]:
 
 
 @lru_cache(maxsize=4096)
-def _compiled_bounded(pattern: str) -> Any:
-    _compiled(pattern)  # re's verdict on the syntax first: what PEFT would refuse stays refused
-    return regex.compile(pattern)
+def _compiled_bounded(pattern: str, field: str) -> Any:
+    _check_regex(pattern, field)  # re's verdict on the syntax first: what PEFT refuses stays refused
+    try:
+        return regex.compile(pattern)
+    except regex.error as exc:
+        raise AdapterRejected(
+            f"{field} entry {_brief(pattern)} in adapter_config.json is not a regular expression "
+            f"loraplex can match safely ({exc}); simplify it."
+        ) from None
 
 
 # ---------------------------------------------------------------------------------- parsing
