@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,9 +20,11 @@ class PeftAdapterSpec:
     name: str
     rank: int
     alpha: int
-    targets: tuple[str, ...] = ALL_TARGETS
+    targets: tuple[str, ...] | str = ALL_TARGETS  # a list of names, a regex, or "all-linear"
     use_dora: bool = False
     use_rslora: bool = False
+    # Further LoraConfig arguments (layers_to_transform, rank_pattern, ...), as (name, value) pairs.
+    extra: tuple[tuple[str, Any], ...] = ()
 
 
 # One of each variant and a spread of ranks, so a batch mixes rank buckets.
@@ -45,10 +48,11 @@ def build_peft_adapter(base_dir: Path, out: Path, spec: PeftAdapterSpec, seed: i
     config = LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,
-        target_modules=list(spec.targets),
+        target_modules=spec.targets if isinstance(spec.targets, str) else list(spec.targets),
         use_dora=spec.use_dora,
         use_rslora=spec.use_rslora,
         init_lora_weights=False,
+        **dict(spec.extra),
     )
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, config)

@@ -1,43 +1,24 @@
 """Decide whether a PEFT LoRA adapter can be served on a base model. Pure: data in, verdict out.
 
 Every refusal is an `AdapterRejected` whose message says what is wrong and what to do about it.
-The tensors are the ground truth: target modules and ranks come from their names and shapes,
-and the config must agree with them (PEFT itself refuses to load an adapter where it does not).
+The tensors say which layers are adapted and at what rank; adapter_config.json, read with PEFT's
+own semantics by services.common.peft_config (the module the worker's loader uses too), must say
+the same: the same layers targeted, the same ranks, and nothing loraplex does not serve.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from services.common.adapter_errors import AdapterRejected
 from services.common.adapter_files import DEFAULT_MAX_HEADER_BYTES, SafetensorsHeader, TensorInfo
 from services.common.model_spec import BaseModelSpec, TargetModule
-
-Variant = Literal["LORA", "RSLORA", "DORA"]
+from services.common.peft_config import PeftLoraConfig, Variant, block_module_name, parse_peft_config
 
 WEIGHT_DTYPES = ("F16", "BF16", "F32", "F64")
-# Config keys whose truthy values change what the weights mean; loraplex serves none of them.
-_UNSUPPORTED_FEATURES: dict[str, str] = {
-    "use_qalora": "QALoRA",
-    "use_bdlora": "block-diagonal LoRA",
-    "lora_bias": "LoRA bias terms (lora_bias)",
-    "layer_replication": "layer replication",
-    "trainable_token_indices": "trainable token embeddings",
-    "target_parameters": "LoRA on raw parameters (target_parameters)",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
-    "arrow_config": "Arrow routing",
-    "velora_config": "VeLoRA",
-    "kasa_config": "KaSA",
-    "monteclora_config": "MonteCLoRA",
-    "megatron_config": "Megatron-parallel layers",
-}
-_KNOWN_USE_FLAGS = {"use_dora", "use_rslora", *(k for k in _UNSUPPORTED_FEATURES if k.startswith("use_"))}
-# Initialisations that subtract the adapter from the base weights: the adapter alone is not a delta.
-_BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 _TENSOR_RE = re.compile(
     r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$"
@@ -61,12 +42,11 @@ class ValidatedAdapter:
     # Keyed by module path in the base model, e.g. "model.layers.0.self_attn.q_proj".
     module_ranks: dict[str, int]
     module_alphas: dict[str, float]
+    module_scales: dict[str, float]
 
     def scale(self, module: str) -> float:
         """The factor PEFT applies to B(A(x)) for `module`."""
-        r = self.module_ranks[module]
-        alpha = self.module_alphas[module]
-        return alpha / math.sqrt(r) if self.variant == "RSLORA" else alpha / r
+        return self.module_scales[module]
 
 
 @dataclass
@@ -80,11 +60,13 @@ class _Module:
 def validate_adapter(
     config: Mapping[str, Any], header: SafetensorsHeader, base: BaseModelSpec, limits: AdapterLimits
 ) -> ValidatedAdapter:
-    variant = _check_config(config, base)
+    peft = parse_peft_config(config)
+    _check_base_name(config.get("base_model_name_or_path"), base)
     modules = _collect_modules(config, header, base)
+    _check_targeting(peft, modules, base)
     ranks: dict[str, int] = {}
     for path, module in sorted(modules.items()):
-        ranks[path] = _check_module(path, module, variant, base)
+        ranks[path] = _check_module(path, module, peft.use_dora, base)
     rank = max(ranks.values())
     if rank > limits.max_rank:
         worst = max(ranks, key=lambda p: ranks[p])
@@ -92,60 +74,72 @@ def validate_adapter(
             f"the adapter has rank {rank} (at {worst}), over this registry's limit of {limits.max_rank}; "
             f"retrain it with r <= {limits.max_rank}."
         )
-    alphas = _check_config_ranks(config, ranks)
+    for path, tensor_rank in ranks.items():
+        expected = peft.rank(path)
+        if expected != tensor_rank:
+            raise AdapterRejected(
+                f"adapter_config.json gives {path} rank {expected} (r / rank_pattern) but its tensors "
+                f"have rank {tensor_rank}; the config does not match the weights."
+            )
     return ValidatedAdapter(
         rank=rank,
-        variant=variant,
-        lora_alpha=float(config["lora_alpha"]),
+        variant=peft.variant,
+        lora_alpha=peft.lora_alpha,
         target_modules=tuple(sorted({m.spec.name for m in modules.values()})),
         module_ranks=ranks,
-        module_alphas=alphas,
+        module_alphas={path: peft.alpha(path) for path in ranks},
+        module_scales={path: peft.scale(path) for path in ranks},
     )
 
 
-def _check_config(config: Mapping[str, Any], base: BaseModelSpec) -> Variant:
-    peft_type = config.get("peft_type")
-    if peft_type != "LORA":
-        raise AdapterRejected(
-            f"adapter_config.json has peft_type {peft_type!r}; loraplex serves only LoRA adapters "
-            f'(peft_type "LORA", including rsLoRA and DoRA).'
-        )
-    _check_base_name(config.get("base_model_name_or_path"), base)
-    for key, feature in _UNSUPPORTED_FEATURES.items():
-        if config.get(key):
+def _check_targeting(peft: PeftLoraConfig, modules: Mapping[str, _Module], base: BaseModelSpec) -> None:
+    """The config must target exactly the layers the tensors adapt, and nothing loraplex cannot
+    adapt: PEFT would silently drop tensors of untargeted layers and leave targeted layers without
+    tensors at their initial values, so either mismatch means the files do not say one thing."""
+    for name, linear, output_layer in _other_modules(base):
+        if peft.targets(name, linear=linear, output_layer=output_layer):
             raise AdapterRejected(
-                f"adapter_config.json enables {feature} ({key}), which loraplex does not serve; "
-                f"train a plain LoRA, rsLoRA or DoRA adapter instead."
+                f"adapter_config.json's target_modules match {name}, which loraplex does not adapt (it "
+                f"serves LoRA on the linear layers inside {base.layers_prefix}.N: "
+                f"{', '.join(t.name for t in base.target_modules)}); retrain without it."
             )
-    for key, value in config.items():
-        if key.startswith("use_") and key not in _KNOWN_USE_FLAGS and value:
-            raise AdapterRejected(
-                f"adapter_config.json sets {key}={value!r}, a variant loraplex does not know; "
-                f"it serves plain LoRA, rsLoRA (use_rslora) and DoRA (use_dora)."
-            )
-    bias = config.get("bias", "none")
-    if bias != "none":
-        raise AdapterRejected(
-            f"adapter_config.json has bias={bias!r}; loraplex serves adapters that leave the base "
-            f'model\'s biases frozen, so retrain with bias="none".'
-        )
-    init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(_BASE_MUTATING_INITS):
-        raise AdapterRejected(
-            f"the adapter was initialised with {init!r}, which also changes the base weights, so it is not "
-            f"a delta on the shared base; convert it to a plain LoRA with PEFT's "
-            f"save_pretrained(..., path_initial_model_for_weight_conversion=...)."
-        )
-    alpha = config.get("lora_alpha")
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise AdapterRejected(f"adapter_config.json has lora_alpha={alpha!r}; it must be a number.")
-    dora, rslora = bool(config.get("use_dora")), bool(config.get("use_rslora"))
-    if dora and rslora:
-        raise AdapterRejected(
-            "adapter_config.json sets both use_dora and use_rslora; loraplex serves one variant at a "
-            "time, so retrain with only one of them."
-        )
-    return "DORA" if dora else "RSLORA" if rslora else "LORA"
+    for layer in range(base.num_layers):
+        for target in base.target_modules:
+            path = block_module_name(base.layers_prefix, layer, target.path)
+            targeted = peft.targets(path)
+            if targeted and path not in modules:
+                raise AdapterRejected(
+                    f"adapter_config.json targets {path} (target_modules / exclude_modules / "
+                    f"layers_to_transform) but adapter_model.safetensors has no lora_A / lora_B for it; "
+                    f"the config does not match the weights."
+                )
+            if not targeted and path in modules:
+                raise AdapterRejected(
+                    f"adapter_model.safetensors adapts {path}, which adapter_config.json does not target "
+                    f"(target_modules / exclude_modules / layers_to_transform), so PEFT would ignore "
+                    f"those tensors; the config does not match the weights."
+                )
+
+
+def _other_modules(base: BaseModelSpec) -> list[tuple[str, bool, bool]]:
+    """(full name, is linear, is the output layer) of the modules around the targetable linears,
+    as a Llama-family model names them: the containers, the embeddings, the final norm, lm_head."""
+    parent = base.layers_prefix.rsplit(".", 1)[0] if "." in base.layers_prefix else ""
+    outer = f"{parent}." if parent else ""
+    names: list[tuple[str, bool, bool]] = [
+        (f"{outer}embed_tokens", False, False),
+        (f"{outer}norm", False, False),
+        ("lm_head", True, True),
+        (base.layers_prefix, False, False),
+    ]
+    if parent:
+        names.append((parent, False, False))
+    containers = sorted({t.path.rsplit(".", 1)[0] for t in base.target_modules if "." in t.path})
+    for layer in range(base.num_layers):
+        block = f"{base.layers_prefix}.{layer}"
+        names.append((block, False, False))
+        names.extend((f"{block}.{c}", False, False) for c in containers)
+    return names
 
 
 def _normalise(name: str) -> str:
@@ -241,7 +235,7 @@ def _shape(info: TensorInfo) -> str:
     return str(list(info.shape))
 
 
-def _check_module(path: str, module: _Module, variant: Variant, base: BaseModelSpec) -> int:
+def _check_module(path: str, module: _Module, dora: bool, base: BaseModelSpec) -> int:
     spec = module.spec
     prefix = f"base_model.model.{path}"
     if module.a is None or module.b is None:
@@ -275,7 +269,7 @@ def _check_module(path: str, module: _Module, variant: Variant, base: BaseModelS
             f"{path} has lora_A of rank {rank} but lora_B of rank {b.shape[1]}; the ranks of a pair "
             f"must match, so the file is inconsistent."
         )
-    if variant == "DORA":
+    if dora:
         mag = module.magnitude
         if mag is None:
             raise AdapterRejected(
@@ -294,38 +288,3 @@ def _check_module(path: str, module: _Module, variant: Variant, base: BaseModelS
             f"the config does not match the weights."
         )
     return rank
-
-
-def _pattern_value(patterns: Mapping[str, Any], module_path: str, default: Any, key: str) -> Any:
-    """PEFT's `get_pattern_key`: the first pattern that matches a dotted suffix of the path wins."""
-    for pattern, value in patterns.items():
-        try:
-            matched = re.match(rf"(.*\.)?({pattern})$", module_path)
-        except re.error as exc:
-            raise AdapterRejected(
-                f"{key} pattern {pattern!r} in adapter_config.json is not a valid regex ({exc})."
-            ) from None
-        if matched:
-            return value
-    return default
-
-
-def _check_config_ranks(config: Mapping[str, Any], ranks: Mapping[str, int]) -> dict[str, float]:
-    """The config's r / rank_pattern must describe the tensors; returns each module's lora_alpha."""
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    if not isinstance(rank_pattern, dict) or not isinstance(alpha_pattern, dict):
-        raise AdapterRejected("rank_pattern and alpha_pattern in adapter_config.json must be JSON objects.")
-    alphas: dict[str, float] = {}
-    for path, rank in ranks.items():
-        expected = _pattern_value(rank_pattern, path, config.get("r"), "rank_pattern")
-        if expected != rank:
-            raise AdapterRejected(
-                f"adapter_config.json gives {path} rank {expected!r} (r / rank_pattern) but its tensors "
-                f"have rank {rank}; the config does not match the weights."
-            )
-        alpha = _pattern_value(alpha_pattern, path, config["lora_alpha"], "alpha_pattern")
-        if not isinstance(alpha, int | float) or isinstance(alpha, bool):
-            raise AdapterRejected(f"alpha_pattern gives {path} lora_alpha={alpha!r}; it must be a number.")
-        alphas[path] = float(alpha)
-    return alphas

@@ -19,6 +19,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, TypeVar
 
+from services.worker.engine.adapter_slots import DeviceAdapter
+from services.worker.engine.adapter_weights import AdapterWeights
+from services.worker.engine.config import EngineConfig
 from services.worker.engine.llm_engine import EngineRequest, EngineStats, LLMEngine, RequestOutput
 
 log = logging.getLogger(__name__)
@@ -91,10 +94,11 @@ class RequestStream:
 
 
 class AsyncEngine:
-    """Owns an LLMEngine and the one thread that runs it."""
+    """Owns an LLMEngine and the one thread that runs it: the worker's only way to the engine
+    (requests, adapters, what it is configured with); nothing outside reaches the LLMEngine."""
 
     def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
+        self._engine = engine
         self._cond = threading.Condition()
         self._inbox: list[Callable[[], None]] = []
         self._stopping = False
@@ -124,14 +128,14 @@ class AsyncEngine:
             self._inbox.append(command)
             self._cond.notify()
 
-    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+    async def _call(self, fn: Callable[[LLMEngine], T]) -> T:
         """Run fn(engine) on the step thread between two steps and return its result."""
         loop = self._running_loop()
         future: asyncio.Future[T] = loop.create_future()
 
         def command() -> None:
             try:
-                result = fn(self.engine)
+                result = fn(self._engine)
             except BaseException as exc:  # handed to the awaiting coroutine
                 loop.call_soon_threadsafe(_set_exception, future, exc)
             else:
@@ -148,7 +152,7 @@ class AsyncEngine:
             engine.add_request(request)
             self._streams[request.request_id] = stream
 
-        await self.call(admit)
+        await self._call(admit)
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -156,13 +160,50 @@ class AsyncEngine:
 
         def command() -> None:
             self._streams.pop(request_id, None)
-            self.engine.abort_request(request_id)
+            self._engine.abort_request(request_id)
 
         with contextlib.suppress(EngineStopped):
             self._submit(command)
 
     async def stats(self) -> EngineStats:
-        return await self.call(lambda engine: engine.stats())
+        """Fresh counters, read between two steps (last_stats may be one command old)."""
+        return await self._call(lambda engine: engine.stats())
+
+    # What the engine is ------------------------------------------------------------------------
+    @property
+    def config(self) -> EngineConfig:
+        return self._engine.config
+
+    @property
+    def context_length(self) -> int:
+        return self._engine.context_length
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._engine.model.config.vocab_size)
+
+    # Adapters ----------------------------------------------------------------------------------
+    # prepare/to_engine_device/to_host only read the model's weights and build new tensors, so
+    # they run on the caller's (loader) threads, off the step thread; install and remove change
+    # what a step sees, so they run between two steps.
+    def prepare_adapter(self, weights: AdapterWeights) -> DeviceAdapter:
+        return self._engine.prepare_adapter(weights)
+
+    def to_engine_device(self, adapter: DeviceAdapter) -> DeviceAdapter:
+        return self._engine.to_engine_device(adapter)
+
+    def to_host(self, adapter: DeviceAdapter) -> DeviceAdapter:
+        return self._engine.to_host(adapter)
+
+    async def install_adapter(self, adapter: DeviceAdapter) -> None:
+        await self._call(lambda engine: engine.install_adapter(adapter))
+
+    async def remove_adapter(self, digest: str) -> DeviceAdapter:
+        """Take the adapter out of the engine (UnknownAdapter, AdapterInUse when it cannot)."""
+        return await self._call(lambda engine: engine.remove_adapter(digest))
+
+    async def resident_adapters(self) -> list[str]:
+        return await self._call(lambda engine: engine.resident_adapters())
 
     # The step thread --------------------------------------------------------------------------
     def _running_loop(self) -> asyncio.AbstractEventLoop:
@@ -173,7 +214,7 @@ class AsyncEngine:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._inbox and not self._stopping and not self.engine.has_unfinished():
+                while not self._inbox and not self._stopping and not self._engine.has_unfinished():
                     self._cond.wait()
                 commands, self._inbox = self._inbox, []
                 stopping = self._stopping
@@ -182,15 +223,15 @@ class AsyncEngine:
             if stopping:
                 self._fail_all(EngineStopped("the worker shut down before the request finished"))
                 return
-            if self.engine.has_unfinished():
+            if self._engine.has_unfinished():
                 self._step()
-            self.last_stats = self.engine.stats()
+            self.last_stats = self._engine.stats()
 
     def _step(self) -> None:
         started = time.monotonic()
         self.steps += 1
         try:
-            outputs = self.engine.step()
+            outputs = self._engine.step()
         except Exception as exc:
             log.exception("engine step failed; failing the requests in flight")
             self._fail_all(EngineFailed(f"the engine failed while generating: {exc}"))
@@ -198,7 +239,7 @@ class AsyncEngine:
         now = time.monotonic()
         for request_id, stream in self._streams.items():
             if stream.scheduled_at is None:
-                seq = self.engine.seqs.get(request_id)
+                seq = self._engine.seqs.get(request_id)
                 if seq is None or seq.num_computed_tokens > 0:
                     stream.scheduled_at = started
         deliveries: list[tuple[RequestStream, RequestOutput]] = []
@@ -216,7 +257,7 @@ class AsyncEngine:
         streams, self._streams = self._streams, {}
         for request_id in streams:
             try:
-                self.engine.abort_request(request_id)
+                self._engine.abort_request(request_id)
             except Exception:
                 log.exception("could not abort %s", request_id)
         if streams and self._loop is not None:

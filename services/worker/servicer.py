@@ -110,8 +110,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         # Tokenizers of its own, off the event loop: the engine's belongs to the step thread.
         self.encoder = encoder
         self.max_prompt_bytes = max_prompt_bytes
-        self.context_length: int = engine.engine.context_length
-        self.vocab_size: int = engine.engine.model.config.vocab_size
+        self.context_length: int = engine.context_length
+        self.vocab_size: int = engine.vocab_size
         # response_format schemas, compiled on the tokenizer threads and cached by schema text.
         self.grammars = GrammarCompiler(self.vocab_size)
         self._draining = asyncio.Event()
@@ -134,7 +134,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         has_adapter = request.HasField("adapter")
         spec = convert.adapter_spec(request.adapter) if has_adapter else None
         # Requests still loading their adapter count too, so a burst of cold ones stays bounded.
-        if self.engine.last_stats.waiting + self._admitting >= self.engine.engine.config.max_waiting:
+        if self.engine.last_stats.waiting + self._admitting >= self.engine.config.max_waiting:
             await self._shed(context, "the worker's queue is full; retry shortly or on another worker")
         lease: Lease | None = None
         submitted = done = False
@@ -285,7 +285,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def GetInfo(
         self, request: worker_pb2.GetInfoRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.GetInfoResponse:
-        config = self.engine.engine.config
+        config = self.engine.config
         return worker_pb2.GetInfoResponse(
             worker_id=self.identity.worker_id,
             base_model=self.identity.base_model,

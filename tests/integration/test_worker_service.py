@@ -200,7 +200,7 @@ async def test_concurrent_requests_for_one_cold_adapter_share_one_load(
     try:
         assert {lease.source_tier for lease in leases} == {Tier.OBJECT_STORE}
         assert all(lease.load_ms > 0 for lease in leases)
-        assert tiny_worker.engine.engine.resident_adapters().count(ref.digest) == 1
+        assert (await tiny_worker.engine.resident_adapters()).count(ref.digest) == 1
     finally:
         for lease in leases:
             tiny_worker.loader.release(lease)
@@ -365,9 +365,9 @@ async def test_device_budget_demotes_the_least_used_adapter_to_host(
     async with serving(settings) as (worker, stub):
         for kind in ["qv", "attn_rs", "qv", "mlp"]:
             await generate(stub, gen_request(adapter=tiny_refs[kind], max_tokens=1))
-        resident = set(worker.engine.engine.resident_adapters())
+        resident = set(await worker.engine.resident_adapters())
         assert resident == {tiny_refs["qv"].digest, tiny_refs["mlp"].digest}
-        assert worker.loader.current_tier(tiny_refs["attn_rs"].digest) == Tier.HOST
+        assert worker.loader.policy.tier_of(tiny_refs["attn_rs"].digest) == Tier.HOST
         again = await generate(stub, gen_request(adapter=tiny_refs["attn_rs"], max_tokens=1))
         assert again.finished is not None
         assert again.finished.timings.adapter_source_tier == common_pb2.ADAPTER_TIER_HOST
@@ -626,14 +626,14 @@ async def test_cold_adapter_is_shed_while_the_device_is_full_of_adapters_in_use(
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "cannot be loaded now" in (err.details() or "") and "retry" in (err.details() or "")
         assert "grpc-retry-pushback-ms" in dict(err.trailing_metadata() or ())
-        assert worker.engine.engine.resident_adapters() == [tiny_refs["qv"].digest]
+        assert (await worker.engine.resident_adapters()) == [tiny_refs["qv"].digest]
         busy.cancel()
         await wait_kv_used(worker, 0)
         # Once the request is gone, the same adapter loads by evicting the idle one.
         assert (
             await generate(stub, gen_request(adapter=tiny_refs["mlp"], max_tokens=2))
         ).finished is not None
-        assert worker.engine.engine.resident_adapters() == [tiny_refs["mlp"].digest]
+        assert (await worker.engine.resident_adapters()) == [tiny_refs["mlp"].digest]
 
 
 async def test_a_waiting_request_gets_the_device_when_the_holder_finishes(
@@ -668,10 +668,10 @@ async def test_prefetch_loads_toward_the_requested_tier(
         assert reply.current_tier == common_pb2.ADAPTER_TIER_OBJECT_STORE
         on_disk = worker.loader.cache_dir / digest_hex(to_disk.digest)
         deadline = time.monotonic() + 5
-        while to_device.digest not in worker.engine.engine.resident_adapters() or not on_disk.is_dir():
+        while to_device.digest not in (await worker.engine.resident_adapters()) or not on_disk.is_dir():
             assert time.monotonic() < deadline, "a prefetch never reached its tier"
             await asyncio.sleep(0.02)
-        assert to_disk.digest not in worker.engine.engine.resident_adapters()
+        assert to_disk.digest not in (await worker.engine.resident_adapters())
         again = await stub.PrefetchAdapter(worker_pb2.PrefetchAdapterRequest(adapter=to_device))
         assert again.current_tier == common_pb2.ADAPTER_TIER_DEVICE
         warm = await generate(stub, gen_request(adapter=to_device, max_tokens=1))
@@ -686,13 +686,14 @@ async def test_generate_records_latency_adapter_load_and_kv_metrics(
     def sample(name: str, labels: dict[str, str] | None = None) -> float:
         return REGISTRY.get_sample_value(f"loraplex_worker_{name}", labels or {}) or 0.0
 
-    # A copy no other test loaded (one more config key, so a new digest): truly cold on this worker.
+    # A copy no other test loaded (another revision string, which PEFT ignores, so a new digest):
+    # truly cold on this worker.
     unique = tmp_path / "unique"
     shutil.copytree(worker_tiny_adapters["attn_rs"], unique)
     config = json.loads((unique / "adapter_config.json").read_text())
-    (unique / "adapter_config.json").write_text(json.dumps({**config, "loraplex_test": "metrics"}))
+    (unique / "adapter_config.json").write_text(json.dumps({**config, "revision": "metrics"}))
     ref = AdapterStore(tmp_path / "store").publish(unique, base_model=TINY_LLAMA, name="m")
-    assert tiny_worker.loader.current_tier(ref.digest) == Tier.OBJECT_STORE
+    assert tiny_worker.loader.policy.tier_of(ref.digest) == Tier.OBJECT_STORE
     names = (
         "ttft_seconds_count",
         "tpot_seconds_count",

@@ -91,7 +91,7 @@ async def test_digest_mismatch_fails_only_that_adapter_and_leaves_nothing(
         cache = worker.loader.cache_dir
         assert sorted(p.name for p in cache.iterdir()) == [digest_hex(refs["mlp"].digest)]
         assert bad.digest not in worker.loader.host
-        assert bad.digest not in worker.engine.engine.resident_adapters()
+        assert bad.digest not in (await worker.engine.resident_adapters())
         # The good adapter is untouched and the bad one fails the same way again.
         assert (await status_of(stub, gen_request(adapter=bad))).code() == grpc.StatusCode.FAILED_PRECONDITION
         warm = await generate(stub, gen_request(adapter=refs["mlp"], max_tokens=1))

@@ -25,7 +25,9 @@ PREFIX = "base_model.model.model.layers"
 
 def _write(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **config}))
+    # The tensors below adapt q_proj and v_proj; a config may say otherwise to test a mismatch.
+    full = {"peft_type": "LORA", "target_modules": ["q_proj", "v_proj"], **config}
+    (path / "adapter_config.json").write_text(json.dumps(full))
     save_file(tensors, str(path / "adapter_model.safetensors"))
     return path
 
@@ -171,4 +173,30 @@ def test_worker_refuses_crafted_headers_with_the_registrys_caps(
     (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 1, "lora_alpha": 1}))
     (path / "adapter_model.safetensors").write_bytes(buf)
     with pytest.raises(AdapterFormatError, match=phrase):
+        load_adapter_weights(path, "d", torch.float32)
+
+
+def test_dotted_and_per_layer_pattern_keys_give_peft_scales(tmp_path: Path) -> None:
+    """Regression: keys were searched in "model.layers.0.q_proj" (no self_attn), so a dotted key
+    such as "self_attn.q_proj" never matched and the layer kept the default alpha."""
+    config = {
+        "r": 8,
+        "lora_alpha": 16,
+        "alpha_pattern": {"self_attn.q_proj": 4, "layers.1.self_attn.v_proj": 64},
+        "rank_pattern": {},
+    }
+    weights = load_adapter_weights(_write(tmp_path / "p", config, _qv(8)), "d", torch.float32)
+    assert weights.tensors[(0, "q_proj")].scale == 4 / 8
+    assert weights.tensors[(1, "v_proj")].scale == 64 / 8
+
+
+def test_tensors_the_config_does_not_target_are_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path / "t", {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}, _qv(8))
+    with pytest.raises(AdapterFormatError, match="does not target"):
+        load_adapter_weights(path, "d", torch.float32)
+
+
+def test_a_rank_the_config_does_not_give_is_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path / "k", {"r": 8, "lora_alpha": 16, "rank_pattern": {"v_proj": 4}}, _qv(8))
+    with pytest.raises(AdapterFormatError, match="rank 4"):
         load_adapter_weights(path, "d", torch.float32)

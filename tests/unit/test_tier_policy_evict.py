@@ -77,3 +77,49 @@ def test_known_size_is_the_size_the_adapter_was_accounted_with() -> None:
     assert p.known_size("a") is None
     on_device(p, "a", 7)
     assert p.known_size("a") == 7
+
+
+def test_reconcile_counts_a_device_copy_that_would_not_leave() -> None:
+    """The engine refused the removal (a request still ran on it): the device copy is counted
+    again, so the budget and the next plans see the bytes that are really there."""
+    p = make(device=10, host=20)
+    on_device(p, "a")
+    on_device(p, "b")  # a is demoted to HOST in the plan; its carry-out fails
+    assert p.tier_of("a") == HOST and p.resident_bytes(DEV) == 10
+    p.reconcile("a", 10, {DEV, DISK})  # still on the device, the host copy was never written
+    assert (p.tier_of("a"), p.state("a")) == (DEV, S.ON_DEVICE)
+    assert (p.resident_bytes(DEV), p.resident_bytes(HOST), p.resident_bytes(DISK)) == (20, 0, 20)
+    # Over budget until the next plan: it evicts to make room, the reconciled copy included.
+    plan = p.access("c", 10)
+    assert {ev.digest for ev in plan.evictions if ev.src == DEV} == {"a", "b"}
+    assert p.resident_bytes(DEV) == 10
+
+
+def test_reconcile_releases_a_demotion_copy_that_never_arrived() -> None:
+    p = make(device=10, host=20)
+    on_device(p, "a")
+    on_device(p, "b")
+    p.reconcile("a", 10, {DISK})  # removed from the device, but the copy to host failed
+    assert (p.tier_of("a"), p.state("a")) == (DISK, S.ON_DISK)
+    assert (p.resident_bytes(DEV), p.resident_bytes(HOST), p.resident_bytes(DISK)) == (10, 0, 20)
+
+
+def test_reconcile_brings_back_a_file_that_would_not_delete_and_forgets_a_vanished_one() -> None:
+    p = make(disk=10)
+    on_device(p, "a")
+    assert p.evict("a", (DEV, HOST, DISK)) and p.known_size("a") is None
+    p.reconcile("a", 10, {DISK})
+    assert (p.tier_of("a"), p.state("a"), p.resident_bytes(DISK)) == (DISK, S.ON_DISK, 10)
+    p.reconcile("a", 10, set())
+    assert p.known_size("a") is None and p.resident_bytes(DISK) == 0
+
+
+def test_reconcile_leaves_a_running_load_its_reservations() -> None:
+    p = make(device=10, host=20)
+    on_device(p, "a")
+    on_device(p, "b")  # a -> HOST planned
+    p.access("a", 10)  # and a request wants it back at once: HOST -> DEVICE, b -> HOST
+    p.reconcile("a", 10, {DISK})  # the demotion to host failed; the load will read the disk
+    assert p.state("a") == S.LOADING_DEVICE and p.resident_bytes(HOST) == 10  # b's copy only
+    p.on_loaded("a", DEV)  # releasing a's host copy again changes nothing
+    assert (p.resident_bytes(DEV), p.resident_bytes(HOST)) == (10, 10)

@@ -176,14 +176,29 @@ def test_magnitude_vectors_without_use_dora_are_rejected(adapters: dict[str, Any
     ("changes", "expected"),
     [
         ({"peft_type": "IA3"}, "serves only LoRA adapters"),
-        ({"use_foo": True}, "use_foo=True, a variant loraplex does not know"),
+        ({"use_foo": True}, "use_foo=True, a field loraplex does not know"),
+        ({"future_knob": {"on": 1}}, "future_knob={'on': 1}, a field loraplex does not know"),
         ({"use_qalora": True}, "QALoRA"),
-        ({"use_dora": True, "use_rslora": True}, "both use_dora and use_rslora"),
         ({"bias": "lora_only"}, 'retrain with bias="none"'),
         ({"lora_bias": True}, "lora_bias"),
         ({"init_lora_weights": "pissa_niter_4"}, "path_initial_model_for_weight_conversion"),
         ({"lora_alpha": "eight"}, "lora_alpha='eight'"),
-        ({"rank_pattern": {"(": 2}}, "not a valid regex"),
+        ({"rank_pattern": {"(": 2}}, "not a valid regular expression"),
+        ({"rank_pattern": {"q_proj": 0}}, "it must be a positive integer"),
+        ({"target_modules": None}, "has no target_modules"),
+        ({"target_modules": "(q_proj"}, "not a valid regular expression"),
+        ({"target_modules": "all-linear", "layers_to_transform": [0]}, "PEFT refuses that combination"),
+        ({"layers_pattern": "layers"}, "without layers_to_transform"),
+        (
+            {
+                "target_modules": ["v_proj", *(f"model.layers.{i}.self_attn.q_proj" for i in range(20))],
+                "layers_to_transform": [0],
+            },
+            "PEFT condenses such lists first",
+        ),
+        ({"modules_to_save": ["lm_head"]}, "(modules_to_save)"),
+        ({"layer_replication": [[0, 2]]}, "(layer_replication)"),
+        ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "(target_parameters)"),
         ({"base_model_name_or_path": "meta-llama/Llama-3.2-1B"}, "trained on 'meta-llama/Llama-3.2-1B'"),
     ],
 )
@@ -252,3 +267,63 @@ def test_integer_weights_are_rejected(adapters: dict[str, Any]) -> None:
 
 def test_adapter_without_lora_tensors_is_rejected(adapters: dict[str, Any]) -> None:
     assert "no LoRA tensors" in rejection(adapters["lora"][0], SafetensorsHeader(tensors={}))
+
+
+def test_a_targeted_layer_without_tensors_is_rejected(adapters: dict[str, Any]) -> None:
+    config, header = adapters["lora"]
+    missing = {k: v for k, v in header.tensors.items() if "layers.1.self_attn.v_proj" not in k}
+    message = rejection(config, SafetensorsHeader(tensors=missing))
+    assert "targets model.layers.1.self_attn.v_proj" in message and "no lora_A / lora_B" in message
+
+
+def test_tensors_of_a_layer_the_config_does_not_target_are_rejected(adapters: dict[str, Any]) -> None:
+    message = rejection(config_of(adapters, "lora", target_modules=["q_proj"]), adapters["lora"][1])
+    assert "adapts model.layers.0.self_attn.v_proj, which adapter_config.json does not target" in message
+
+
+def test_layers_to_transform_must_describe_the_tensors(adapters: dict[str, Any]) -> None:
+    message = rejection(config_of(adapters, "one_layer", layers_to_transform=[0]), adapters["one_layer"][1])
+    assert "targets model.layers.0.mlp.gate_proj" in message
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [["q_proj", "v_proj", "lm_head"], ["q_proj", "v_proj", "self_attn"], ".*(q_proj|v_proj|embed_tokens)"],
+)
+def test_a_config_targeting_a_layer_loraplex_does_not_adapt_is_rejected(
+    adapters: dict[str, Any], targets: object
+) -> None:
+    message = rejection(config_of(adapters, "lora", target_modules=targets), adapters["lora"][1])
+    assert "which loraplex does not adapt" in message
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [
+        r"model\.layers\.\d+\.self_attn\.(q|v)_proj",
+        ["self_attn.q_proj", "self_attn.v_proj"],
+        ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "v_proj"],
+    ],
+)
+def test_every_targeting_form_that_names_the_adapted_layers_is_accepted(
+    adapters: dict[str, Any], targets: object
+) -> None:
+    assert validate(adapters, "lora", target_modules=targets).target_modules == ("q_proj", "v_proj")
+
+
+def test_all_linear_means_every_block_linear(adapters: dict[str, Any]) -> None:
+    message = rejection(config_of(adapters, "lora", target_modules="all-linear"), adapters["lora"][1])
+    assert "targets model.layers.0.self_attn.k_proj" in message
+
+
+def test_dotted_pattern_keys_give_the_scale_peft_gives(adapters: dict[str, Any]) -> None:
+    v = validate(adapters, "lora", alpha_pattern={"self_attn.v_proj": 2, "layers.0.self_attn.q_proj": 12})
+    assert v.scale("model.layers.1.self_attn.v_proj") == 2 / 4
+    assert v.scale("model.layers.0.self_attn.q_proj") == 12 / 4
+    assert v.scale("model.layers.1.self_attn.q_proj") == 8 / 4
+
+
+def test_dora_with_rslora_is_served_as_peft_serves_it(adapters: dict[str, Any]) -> None:
+    v = validate(adapters, "dora", use_rslora=True)
+    assert v.variant == "DORA"
+    assert math.isclose(v.scale("model.layers.0.self_attn.q_proj"), 4 / math.sqrt(4))

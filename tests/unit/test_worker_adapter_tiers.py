@@ -107,16 +107,16 @@ async def test_budget_pressure_never_evicts_an_adapter_a_request_holds(
     held = await loader.acquire(qv)
     with pytest.raises(AdaptersBusy, match=r"adapter mlp@1 cannot be loaded now: .*retry shortly"):
         await loader.acquire(mlp, wait_s=0.05)
-    assert engine.engine.resident_adapters() == [qv.digest]
+    assert (await engine.resident_adapters()) == [qv.digest]
     # A request that may wait does, and gets the device once the holder lets go.
     waiting = asyncio.create_task(loader.acquire(mlp, wait_s=10))
     await asyncio.sleep(0.1)
-    assert not waiting.done() and engine.engine.resident_adapters() == [qv.digest]
+    assert not waiting.done() and (await engine.resident_adapters()) == [qv.digest]
     loader.release(held)
     lease = await asyncio.wait_for(waiting, 10)
     assert lease.source_tier == Tier.OBJECT_STORE and lease.load_ms >= 100
-    assert engine.engine.resident_adapters() == [mlp.digest]
-    assert loader.current_tier(qv.digest) == Tier.HOST  # demoted, not dropped
+    assert (await engine.resident_adapters()) == [mlp.digest]
+    assert loader.policy.tier_of(qv.digest) == Tier.HOST  # demoted, not dropped
     loader.release(lease)
 
 
@@ -130,8 +130,8 @@ async def test_host_demotion_and_reload_give_the_same_greedy_output_as_a_fresh_l
     loader.release(fresh)
     loader.release(await loader.acquire(mlp))  # no room for both: dora moves to host
     await loader.settle()
-    assert loader.current_tier(dora.digest) == Tier.HOST and dora.digest in loader.host
-    assert engine.engine.resident_adapters() == [mlp.digest]
+    assert loader.policy.tier_of(dora.digest) == Tier.HOST and dora.digest in loader.host
+    assert (await engine.resident_adapters()) == [mlp.digest]
     back = await loader.acquire(dora)
     assert back.source_tier == Tier.HOST and back.cold_start
     assert dora.digest not in loader.host  # moved to the device, not copied
@@ -139,7 +139,7 @@ async def test_host_demotion_and_reload_give_the_same_greedy_output_as_a_fresh_l
     loader.release(back)
     # And the same again from the disk copy alone (an eviction drops device and host copies).
     assert await loader.evict(dora.digest)
-    assert loader.current_tier(dora.digest) == Tier.DISK
+    assert loader.policy.tier_of(dora.digest) == Tier.DISK
     from_disk = await loader.acquire(dora)
     assert from_disk.source_tier == Tier.DISK
     assert await greedy(engine, dora.digest, "from-disk") == expected
@@ -153,7 +153,7 @@ async def test_a_cold_load_writes_its_disk_copy_behind_and_a_failed_write_only_c
     loader = await make_loader()
     cache = tmp_path / "worker-cache"
     lease = await loader.acquire(qv)
-    assert lease.source_tier == Tier.OBJECT_STORE and engine.engine.resident_adapters() == [qv.digest]
+    assert lease.source_tier == Tier.OBJECT_STORE and (await engine.resident_adapters()) == [qv.digest]
     await loader.settle()  # the disk copy follows the load; verified bytes, renamed into place
     assert adapter_digest(cache / qv.digest[7:]) == qv.digest
     loader.release(lease)
@@ -196,7 +196,7 @@ async def test_disk_budget_deletes_the_evicted_adapters_directory(
         assert loader.prefetch(specs[kind], Tier.DISK) == Tier.OBJECT_STORE
         await loader.settle()
     on_disk = {k for k in kinds if (tmp_path / "worker-cache" / specs[k].digest[7:]).is_dir()}
-    assert on_disk == {k for k in kinds if loader.current_tier(specs[k].digest) == Tier.DISK}
+    assert on_disk == {k for k in kinds if loader.policy.tier_of(specs[k].digest) == Tier.DISK}
     assert len(on_disk) == 2 and "attn_rs" in on_disk
     assert loader.policy.resident_bytes(Tier.DISK) <= budget
     assert not [p for p in (tmp_path / "worker-cache").iterdir() if p.name.startswith(".")]
@@ -214,9 +214,9 @@ async def test_restart_takes_over_the_disk_cache_within_budget_oldest_deleted(
     budget = specs["dora"].size_bytes + specs["attn_rs"].size_bytes
     loader = await make_loader(disk=budget)
     assert sorted(p.name for p in cache.iterdir()) == sorted(specs[k].digest[7:] for k in ["dora", "attn_rs"])
-    assert loader.current_tier(specs["dora"].digest) == Tier.DISK
-    assert loader.current_tier(specs["attn_rs"].digest) == Tier.DISK
-    assert loader.current_tier(specs["qv"].digest) == Tier.OBJECT_STORE
+    assert loader.policy.tier_of(specs["dora"].digest) == Tier.DISK
+    assert loader.policy.tier_of(specs["attn_rs"].digest) == Tier.DISK
+    assert loader.policy.tier_of(specs["qv"].digest) == Tier.OBJECT_STORE
     assert loader.policy.resident_bytes(Tier.DISK) == budget
     lease = await loader.acquire(specs["attn_rs"])
     assert lease.source_tier == Tier.DISK
@@ -234,11 +234,11 @@ async def test_keep_warm_adapter_survives_idle_expiry_while_another_is_demoted(
         loader.release(await loader.acquire(spec))
     clock.now += 59
     await loader.expire_idle()
-    assert set(engine.engine.resident_adapters()) == {warm.digest, cold.digest}
+    assert set(await engine.resident_adapters()) == {warm.digest, cold.digest}
     clock.now += 2
     await loader.expire_idle()
-    assert engine.engine.resident_adapters() == [warm.digest]
-    assert loader.current_tier(cold.digest) == Tier.HOST and cold.digest in loader.host
+    assert (await engine.resident_adapters()) == [warm.digest]
+    assert loader.policy.tier_of(cold.digest) == Tier.HOST and cold.digest in loader.host
     held, _ = loader.view()
     pinned = {h.digest: h.pinned for h in held}
     assert pinned == {warm.digest: True, cold.digest: False}
@@ -246,4 +246,25 @@ async def test_keep_warm_adapter_survives_idle_expiry_while_another_is_demoted(
     loader.release(await loader.acquire(specs["qv"]))
     clock.now += 61
     await loader.expire_idle()
-    assert engine.engine.resident_adapters() == []
+    assert (await engine.resident_adapters()) == []
+
+
+async def test_an_eviction_the_engine_refuses_leaves_the_accounting_matching_the_engine(
+    engine: AsyncEngine, make_loader: MakeLoader, specs: dict[str, AdapterSpec]
+) -> None:
+    """A request still runs on the adapter when its lease is gone (the real race: the servicer lets
+    go as the stream ends, the engine frees the sequence a step later). The engine refuses the
+    removal; the policy must count the device copy again, not plan on bytes that are in use."""
+    qv = specs["qv"]
+    loader = await make_loader()
+    loader.release(await loader.acquire(qv))
+    sampling = SamplingParams(max_tokens=480, temperature=0.0, ignore_eos=True)
+    await engine.add_request(EngineRequest("still-running", PROMPT, sampling, qv.digest))
+    assert await loader.evict(qv.digest) is False
+    assert loader.policy.tier_of(qv.digest) == Tier.DEVICE
+    assert loader.resident_bytes()["device"] == qv.size_bytes
+    assert await engine.resident_adapters() == [qv.digest]
+    engine.abort("still-running")
+    assert await loader.evict(qv.digest) is True
+    assert loader.policy.tier_of(qv.digest) == Tier.DISK and loader.resident_bytes()["device"] == 0
+    assert await engine.resident_adapters() == []

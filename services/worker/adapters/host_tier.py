@@ -26,12 +26,3 @@ class HostTier:
 
     def drop(self, digest: str) -> None:
         self._held.pop(digest, None)
-
-    def nbytes(self) -> int:
-        """Actual host bytes (padded layout), for logs; the budget counts file bytes."""
-        return sum(
-            t.numel() * t.element_size()
-            for a in self._held.values()
-            for part in (a.a_t, a.b_t, a.dora_scale)
-            for t in part.values()
-        )

@@ -16,6 +16,9 @@ Steps, each on its own threads so they overlap with decoding and with each other
                            engine.prepare_adapter on the parse threads
     HOST -> DEVICE         engine.to_engine_device (one copy), then install between two steps
     DEVICE -> HOST         remove between two steps, engine.to_host (keeps the device layout)
+An eviction whose carry-out fails (the engine refuses to remove an adapter a request still runs
+on, a host copy cannot be made, a file will not delete) reconciles: the policy is told which
+tiers really hold a copy (accounting.copies_of) and counts those again.
 Concurrent requests for one adapter share one load (the plan's `awaiting`); a load starts when the
 request arrives, before engine admission.
 
@@ -34,81 +37,34 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
-from services.common.adapter_files import ADAPTER_FILES, digest_hex
+from services.common.adapter_files import digest_hex
 from services.common.object_store import AllowedSources
-from services.worker import metrics
+from services.worker.adapters import telemetry
+from services.worker.adapters.accounting import (
+    HeldAdapter,
+    LoadEstimate,
+    copies_of,
+    held_adapters,
+    resident_bytes,
+)
 from services.worker.adapters.disk_tier import DiskTier
-from services.worker.adapters.fetch import (
-    FetchedAdapter,
-    fetch_to_cache,
-    fetch_to_memory,
-    s3_client,
-    write_to_cache,
-)
+from services.worker.adapters.fetcher import Fetcher
 from services.worker.adapters.host_tier import HostTier
-from services.worker.adapters.spec import (
-    AdaptersBusy,
-    AdapterSpec,
-    AdapterTooLarge,
-    AdapterUnreadable,
-    BaseModelMismatch,
-)
+from services.worker.adapters.planning import ADMIT_WAIT_S, check_fits, check_reference
+from services.worker.adapters.preparation import prepare_from_bytes, prepare_from_files
+from services.worker.adapters.spec import AdaptersBusy, AdapterSpec
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine.adapter_slots import DeviceAdapter
-from services.worker.engine.adapter_weights import (
-    AdapterWeights,
-    adapter_weights_from_bytes,
-    load_adapter_weights,
-)
 from services.worker.tiers import Eviction, Plan, Tier, TierBudgets, TierPolicy
-from services.worker.tiers.states import IN_PROGRESS
-
-if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-# Fetched bytes waiting for the disk writer, at most: past this, cold fetches stream to disk.
-WRITE_BEHIND_MAX_BYTES = 1 << 30
-
-# The longest a request waits for room on the device before it is shed (its deadline may be sooner).
-ADMIT_WAIT_S = 10.0
-DOWNLOAD_THREADS = 8  # one hung object-store fetch holds one thread, never the others' loads
 PARSE_THREADS = 2
-
-
-def tier_label(tier: Tier) -> str:
-    return tier.name.lower()
-
-
-@dataclass(frozen=True)
-class HeldAdapter:
-    """One adapter the worker holds, at its fastest complete tier (what WatchState reports)."""
-
-    digest: str
-    adapter_id: str
-    tier: Tier
-    size_bytes: int
-    last_used_at: float  # wall clock seconds
-    in_flight: int
-    pinned: bool  # in use or keep_warm
-
-
-@dataclass
-class LoadEstimate:
-    """Exponentially weighted typical time to bring an adapter onto the device from one tier."""
-
-    ms: float = 0.0
-    samples: int = 0
-
-    def observe(self, ms: float, weight: float = 0.2) -> None:
-        self.ms = ms if self.samples == 0 else (1 - weight) * self.ms + weight * ms
-        self.samples += 1
 
 
 @dataclass
@@ -145,29 +101,21 @@ class AdapterLoader:
         self.cache_dir = cache_dir
         self.base_model = base_model
         self.dtype = dtype
-        self.max_adapter_bytes = max_adapter_bytes
-        self.object_store_timeout_s = object_store_timeout_s
         # None: any location (tests of the loader alone); the worker passes the registry's allow-list.
         self.sources = sources
         self.clock = clock
         self.admit_wait_s = ADMIT_WAIT_S  # the longest a request waits for room before it is shed
         self.policy = TierPolicy(budgets, idle_ttl_s, clock)
         self.disk = DiskTier(cache_dir)
-        # Digests whose disk copy this process hashed (or fetched and hashed) already.
-        self._verified: set[str] = set()
         self.host = HostTier()
+        self.fetcher = Fetcher(
+            self.disk, max_adapter_bytes=max_adapter_bytes, object_store_timeout_s=object_store_timeout_s
+        )
         self.estimates: dict[Tier, LoadEstimate] = {
             t: LoadEstimate() for t in (Tier.HOST, Tier.DISK, Tier.OBJECT_STORE)
         }
         self.expire_every_s = expire_every_s if expire_every_s is not None else min(5.0, idle_ttl_s / 4)
-        self._downloads = ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="adapter-fetch")
         self._parsing = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="adapter-parse")
-        # Disk-cache writes behind cold loads: one thread, so they queue on the disk, not on us.
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="adapter-write")
-        self._fetched: dict[str, FetchedAdapter] = {}  # cold bytes between a plan's two steps
-        self._writes: dict[str, asyncio.Future[Path]] = {}  # disk copies being written behind
-        self._write_behind_bytes = 0  # held in memory for them (bounded by WRITE_BEHIND_MAX_BYTES)
-        self._s3: S3Client | None = None
         self._tails: dict[str, asyncio.Task[Any]] = {}  # last physical step queued per digest
         self._loads: dict[str, asyncio.Task[Tier]] = {}  # the running plan's loads per digest
         self._sizing: dict[str, asyncio.Task[int]] = {}  # fetches run to learn an adapter's size
@@ -197,7 +145,7 @@ class AdapterLoader:
         while True:
             busy = [
                 t
-                for t in (*self._tasks, *self._tails.values(), *self._writes.values())
+                for t in (*self._tasks, *self._tails.values(), *self.fetcher.pending_writes())
                 if t is not self._expire_task and not t.done()
             ]
             if not busy:
@@ -208,9 +156,8 @@ class AdapterLoader:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._downloads.shutdown(wait=False, cancel_futures=True)
+        self.fetcher.close()
         self._parsing.shutdown(wait=False, cancel_futures=True)
-        self._writer.shutdown(wait=False, cancel_futures=True)  # a staging dir left is swept at start
 
     # ------------------------------------------------------------------ requests
 
@@ -228,8 +175,7 @@ class AdapterLoader:
         except Exception:
             await self._drop_unaccounted(spec.digest)
             raise
-        metrics.ADAPTER_LOOKUPS.labels(result="hit" if plan.hit else "miss").inc()
-        metrics.ADAPTER_LOOKUPS_BY_TIER.labels(tier=tier_label(plan.found_in)).inc()
+        telemetry.record_lookup(plan)
         if plan.hit and plan.awaiting is None:
             return Lease(spec.digest, Tier.DEVICE, 0.0)
         try:
@@ -267,7 +213,8 @@ class AdapterLoader:
             return False
         await self._run_evictions(evictions)
         self._notify()
-        return True
+        # False when a copy stayed (the engine refused to remove it; the policy counts it again).
+        return self.policy.tier_of(digest) > Tier.HOST
 
     async def expire_idle(self) -> None:
         """Scale to zero: carry out the policy's evictions of adapters idle past the TTL."""
@@ -277,52 +224,20 @@ class AdapterLoader:
             await self._run_evictions(evictions)
             self._notify()
 
-    def current_tier(self, digest: str) -> Tier:
-        return self.policy.tier_of(digest)
-
     # ------------------------------------------------------------------ state
 
     def view(self) -> tuple[list[HeldAdapter], list[str]]:
         """Adapters at their fastest complete tier, and the digests being loaded."""
-        now_wall, now = time.time(), self.clock()
-        held: list[HeldAdapter] = []
-        loading: list[str] = []
-        for row in self.policy.snapshot():
-            if row.state in IN_PROGRESS:
-                loading.append(row.digest)
-            tier = self.policy.tier_of(row.digest)
-            if tier == Tier.OBJECT_STORE:
-                continue  # only being loaded, or a failed load still held by a request
-            held.append(
-                HeldAdapter(
-                    digest=row.digest,
-                    adapter_id=self._adapter_ids.get(row.digest, ""),
-                    tier=tier,
-                    size_bytes=row.size_bytes,
-                    last_used_at=now_wall - max(now - row.last_used, 0.0),
-                    in_flight=row.in_flight,
-                    pinned=row.pinned or row.keep_warm,
-                )
-            )
-        return held, loading
+        return held_adapters(self.policy, self._adapter_ids, self.clock)
 
     def resident_bytes(self) -> dict[str, int]:
         """Bytes held or reserved per budgeted tier (DISK is inclusive of the faster tiers)."""
-        return {tier_label(t): self.policy.resident_bytes(t) for t in (Tier.DEVICE, Tier.HOST, Tier.DISK)}
+        return resident_bytes(self.policy)
 
     # ------------------------------------------------------------------ planning
 
     def _check(self, spec: AdapterSpec) -> None:
-        digest_hex(spec.digest)  # ValueError for a malformed digest, before any I/O
-        if self.sources is not None:
-            # Only the registry's store and allowed buckets: a reference naming anything else (another
-            # bucket, a local file) is refused before anything is fetched or counted.
-            self.sources.check(spec.uri, reader="worker")
-        if spec.base_model and spec.base_model != self.base_model:
-            raise BaseModelMismatch(
-                f"adapter {spec.name} was trained for base model {spec.base_model!r}, "
-                f"but this worker serves {self.base_model!r}; route it to a {spec.base_model} worker"
-            )
+        check_reference(spec, self.sources, self.base_model)
 
     async def _prepare_request(self, spec: AdapterSpec) -> int:
         self._check(spec)
@@ -351,19 +266,19 @@ class AdapterLoader:
         return await asyncio.shield(task)
 
     async def _fetch_for_size(self, spec: AdapterSpec) -> int:
-        await self._fetch(spec)
+        await self.fetcher.fetch(spec)
         return await asyncio.to_thread(self.disk.size, spec.digest)
 
     async def _drop_unaccounted(self, digest: str) -> None:
         """A copy fetched only to learn its size, for a request that was then refused, is outside
         the disk budget: delete it (no row in the policy means no plan is using it)."""
         if self.policy.known_size(digest) is None and digest not in self._sizing:
-            self._verified.discard(digest)
+            self.fetcher.verified.discard(digest)
             await asyncio.to_thread(self.disk.delete, digest)
 
     async def _admit(self, spec: AdapterSpec, size: int, target: Tier, *, pin: bool, until: float) -> Plan:
         """policy.access, retried while the tiers are full of pinned or loading adapters."""
-        self._check_fits(spec, size, target)
+        check_fits(self.policy, spec, size, target)
         while True:
             plan = self.policy.access(spec.digest, size, target=target, pin=pin)
             if plan.admitted:
@@ -377,21 +292,6 @@ class AdapterLoader:
             changed = self._changed
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), remaining)
-
-    def _check_fits(self, spec: AdapterSpec, size: int, target: Tier) -> None:
-        """An adapter larger than a whole tier it must pass through can never load: say so now."""
-        found = self.policy.tier_of(spec.digest)
-        if found <= target:
-            return
-        needed = [target] + ([Tier.DISK] if found == Tier.OBJECT_STORE and target != Tier.DISK else [])
-        for tier in needed:
-            budget = self.policy.budgets.of(tier)
-            if size > budget:
-                raise AdapterTooLarge(
-                    f"adapter {spec.name} is {size} bytes, more than this worker's whole {tier.name} "
-                    f"budget of {budget} bytes; raise LORAPLEX_{tier.name}_ADAPTER_BYTES or serve it "
-                    f"on another worker"
-                )
 
     def _unpin(self, digest: str) -> None:
         self.policy.unpin(digest)
@@ -466,22 +366,34 @@ class AdapterLoader:
         digest = ev.digest
         try:
             if ev.src == Tier.DEVICE:
-                adapter = await self.engine.call(lambda e: e.remove_adapter(digest))
+                adapter = await self.engine.remove_adapter(digest)
                 if ev.dst == Tier.HOST:
-                    self.host.put(await self._in(self._parsing, self.engine.engine.to_host, adapter))
+                    self.host.put(await self._in(self._parsing, self.engine.to_host, adapter))
             elif ev.src == Tier.HOST:
                 self.host.drop(digest)
             elif ev.src == Tier.DISK:
-                await self._written(digest)
-                self._verified.discard(digest)
+                await self.fetcher.written(digest)
+                self.fetcher.verified.discard(digest)
                 await self._in(self._parsing, self.disk.delete, digest)
-            metrics.ADAPTER_EVICTIONS.labels(
-                tier=tier_label(ev.src), to=tier_label(ev.dst) if ev.dst else "none"
-            ).inc()
+            telemetry.record_eviction(ev)
             log.info("adapter %s left %s%s", digest, ev.src.name, f" for {ev.dst.name}" if ev.dst else "")
         except Exception:
-            # The policy already counts it gone; a later load falls back to a slower copy.
-            log.exception("evicting adapter %s from %s failed", digest, ev.src.name)
+            # The policy counted the eviction done when it planned it: make it count what is
+            # really there again, or it would plan on bytes that are (or are not) in use.
+            log.exception(
+                "evicting adapter %s from %s failed; reconciling the accounting", digest, ev.src.name
+            )
+            await self._reconcile(digest, ev.size_bytes)
+
+    async def _reconcile(self, digest: str, size: int) -> None:
+        try:
+            on_device = await self.engine.resident_adapters()
+            present = await asyncio.to_thread(copies_of, digest, on_device, self.host, self.disk)
+        except Exception:
+            log.exception("could not tell where adapter %s is; its accounting stays as planned", digest)
+            return
+        self.policy.reconcile(digest, size, present)
+        self._notify()
 
     async def _run_loads(self, spec: AdapterSpec, plan: Plan) -> Tier:
         digest = spec.digest
@@ -500,15 +412,14 @@ class AdapterLoader:
             log.warning("adapter %s failed to load toward %s: %s", digest, plan.loads[-1].dst.name, exc)
             raise
         finally:
-            self._fetched.pop(digest, None)
+            self.fetcher.take_fetched(digest)
             if self._loads.get(digest) is asyncio.current_task():
                 del self._loads[digest]
             self._notify()
         load_ms = (time.monotonic() - started) * 1000
         if plan.loads[-1].dst == Tier.DEVICE:
             self.estimates[source].observe(load_ms)
-            metrics.ADAPTER_LOADS.labels(tier=tier_label(source)).inc()
-            metrics.ADAPTER_LOAD_SECONDS.labels(tier=tier_label(source)).observe(load_ms / 1000)
+            telemetry.record_device_load(source, load_ms / 1000)
         log.info(
             "adapter %s in %s from %s in %.1f ms (%s ms)",
             digest,
@@ -525,8 +436,9 @@ class AdapterLoader:
         behind)."""
         if dst == Tier.DISK:
             if src == Tier.OBJECT_STORE and then:
-                return await self._fetch_write_behind(spec)
-            got, _ = await self._fetch(spec)
+                size = self.policy.known_size(spec.digest) or spec.size_bytes
+                return await self.fetcher.fetch_write_behind(spec, size)
+            got, _ = await self.fetcher.fetch(spec)
             return max(src, got)
         prepared: DeviceAdapter | None = self.host.take(spec.digest) if src == Tier.HOST else None
         got = src
@@ -537,96 +449,26 @@ class AdapterLoader:
             self.host.put(prepared)
             return got
         try:
-            on_device = await self._in(self._parsing, self.engine.engine.to_engine_device, prepared)
-            await self.engine.call(lambda e: e.install_adapter(on_device))
+            on_device = await self._in(self._parsing, self.engine.to_engine_device, prepared)
+            await self.engine.install_adapter(on_device)
         except BaseException:
             if src == Tier.HOST:
                 self.host.put(prepared)  # the policy still counts the host copy
             raise
         return got
 
-    async def _fetch_write_behind(self, spec: AdapterSpec) -> Tier:
-        """A cold fetch into memory (verified) for the plan's next step; the disk copy follows."""
-        await self._written(spec.digest)
-        if self.disk.path(spec.digest).is_dir():
-            got, _ = await self._fetch(spec)
-            return got
-        size = self.policy.known_size(spec.digest) or spec.size_bytes
-        if self._write_behind_bytes + size > WRITE_BEHIND_MAX_BYTES:
-            # The disk is behind: stream this one straight to disk rather than hold more in memory.
-            got, _ = await self._fetch(spec)
-            return got
-        s3 = self._s3_client() if spec.uri.startswith("s3://") else None
-        fetched = await self._in(
-            self._downloads, fetch_to_memory, spec, max_bytes=self._read_limit(spec), s3=s3
-        )
-        self._fetched[spec.digest] = fetched
-        self._write_behind_bytes += fetched.size_bytes
-        write = asyncio.get_running_loop().run_in_executor(
-            self._writer, write_to_cache, fetched, self.cache_dir, self._verified
-        )
-        self._writes[spec.digest] = write
-
-        def written(f: asyncio.Future[Path]) -> None:
-            self._write_behind_bytes -= fetched.size_bytes
-            if self._writes.get(spec.digest) is f:
-                del self._writes[spec.digest]
-            if not f.cancelled() and f.exception() is not None:
-                # The policy counts a disk copy that is not there; the next load fetches again.
-                log.warning("writing adapter %s to the disk cache failed: %s", spec.digest, f.exception())
-
-        write.add_done_callback(written)
-        return Tier.OBJECT_STORE
-
-    async def _written(self, digest: str) -> None:
-        """Wait for a disk copy being written behind (its failure is logged, not raised here)."""
-        write = self._writes.get(digest)
-        if write is not None:
-            await asyncio.wait([write])
-
-    async def _fetch(self, spec: AdapterSpec) -> tuple[Tier, Path]:
-        await self._written(spec.digest)
-        s3 = self._s3_client() if spec.uri.startswith("s3://") else None
-        return await self._in(
-            self._downloads,
-            fetch_to_cache,
-            spec,
-            self.cache_dir,
-            max_bytes=self._read_limit(spec),
-            s3=s3,
-            verified=self._verified,
-        )
-
-    def _read_limit(self, spec: AdapterSpec) -> int:
-        """The most bytes a fetch may read: the registry's size for the reference, within the cap."""
-        if spec.size_bytes > 0:
-            return min(spec.size_bytes, self.max_adapter_bytes)
-        return self.max_adapter_bytes
-
     async def _prepare_from_disk(self, spec: AdapterSpec) -> tuple[Tier, DeviceAdapter]:
         """Verified files (fetched again if the copy vanished) -> the device layout in host memory.
 
         Right after a cold fetch the files are still in memory: parsed from there."""
-        fetched = self._fetched.pop(spec.digest, None)
+        fetched = self.fetcher.take_fetched(spec.digest)
         if fetched is not None:
-            return Tier.DISK, await self._in(self._parsing, self._parse_bytes_and_prepare, spec, fetched)
-        got, path = await self._fetch(spec)
-        prepared = await self._in(self._parsing, self._parse_and_prepare, spec, path)
-        return got, prepared
-
-    def _parse_and_prepare(self, spec: AdapterSpec, path: Path) -> DeviceAdapter:
-        weights = _parse(spec, lambda: load_adapter_weights(path, spec.digest, self.dtype))
-        return self.engine.engine.prepare_adapter(weights)
-
-    def _parse_bytes_and_prepare(self, spec: AdapterSpec, fetched: FetchedAdapter) -> DeviceAdapter:
-        config, weights = (fetched.files[name] for name in ADAPTER_FILES)
-        parsed = _parse(spec, lambda: adapter_weights_from_bytes(config, weights, spec.digest, self.dtype))
-        return self.engine.engine.prepare_adapter(parsed)
-
-    def _s3_client(self) -> S3Client:
-        if self._s3 is None:  # built on the event loop: boto3 sessions are not thread-safe
-            self._s3 = s3_client(self.object_store_timeout_s)
-        return self._s3
+            prepared = await self._in(
+                self._parsing, prepare_from_bytes, self.engine, spec, fetched, self.dtype
+            )
+            return Tier.DISK, prepared
+        got, path = await self.fetcher.fetch(spec)
+        return got, await self._in(self._parsing, prepare_from_files, self.engine, spec, path, self.dtype)
 
     async def _in(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -659,15 +501,6 @@ class AdapterLoader:
         """Adapter ids of adapters the policy no longer holds (keeps the map bounded)."""
         for digest in [d for d in self._adapter_ids if self.policy.known_size(d) is None]:
             del self._adapter_ids[digest]
-
-
-def _parse(spec: AdapterSpec, read: Callable[[], AdapterWeights]) -> AdapterWeights:
-    try:
-        return read()
-    except Exception as exc:  # safetensors, JSON and format errors alike: the files are unusable
-        raise AdapterUnreadable(
-            f"adapter {spec.name} cannot be read: {exc}; re-register it from a PEFT save_pretrained output"
-        ) from exc
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors.torch import load_file
 
-from services.common.adapter_errors import InvalidSafetensors
+from services.common.adapter_errors import AdapterRejected, InvalidSafetensors
 from services.common.adapter_files import ADAPTER_WEIGHTS, read_safetensors_header, split_safetensors
+from services.common.peft_config import Variant, parse_peft_config
 
-Variant = Literal["LORA", "RSLORA", "DORA"]
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight
+# base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight; group "module" is the layer's
+# full name in the base model ("model.layers.3.self_attn.q_proj"), which is what PEFT matches
+# target_modules and rank/alpha_pattern keys against.
 _KEY = re.compile(
-    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\."
-    r"(lora_A|lora_B|lora_magnitude_vector)(?:\.weight)?$"
+    r"^(?:base_model\.model\.)?(?P<module>model\.layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<name>\w+))\."
+    r"(?P<kind>lora_A|lora_B|lora_magnitude_vector)(?:\.weight)?$"
 )
 
 
@@ -51,13 +51,6 @@ class AdapterWeights:
     @property
     def max_rank(self) -> int:
         return max(self.ranks.values(), default=0)
-
-
-def _alpha_for(name: str, config: dict) -> float:
-    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
-        if re.search(pattern, name):
-            return float(alpha)
-    return float(config.get("lora_alpha", 8))
 
 
 def load_adapter_weights(adapter_dir: Path, digest: str, dtype: torch.dtype) -> AdapterWeights:
@@ -111,18 +104,22 @@ def tensors_in(buf: bytearray) -> dict[str, torch.Tensor]:
 def adapter_weights_from(
     config_bytes: bytes, raw: dict[str, torch.Tensor], digest: str, dtype: torch.dtype
 ) -> AdapterWeights:
-    config = json.loads(config_bytes)
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterFormatError(f"peft_type {config.get('peft_type')!r} is not supported; only LORA")
-    if config.get("modules_to_save"):
-        raise AdapterFormatError("adapters with modules_to_save are not supported")
-    variant: Variant = "DORA" if config.get("use_dora") else "RSLORA" if config.get("use_rslora") else "LORA"
+    try:
+        config = json.loads(config_bytes)
+        peft = parse_peft_config(config if isinstance(config, dict) else {})
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFormatError(f"adapter_config.json is not valid JSON ({exc})") from None
+    except AdapterRejected as exc:
+        raise AdapterFormatError(str(exc)) from None
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    names: dict[tuple[int, str], str] = {}
     for key, tensor in raw.items():
         m = _KEY.match(key)
-        if m is None or m.group(2) not in TARGETS:
+        if m is None or m.group("name") not in TARGETS:
             raise AdapterFormatError(f"tensor {key!r} does not map to a supported linear layer")
-        parts.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = tensor
+        where = (int(m.group("layer")), m.group("name"))
+        parts.setdefault(where, {})[m.group("kind")] = tensor
+        names[where] = m.group("module")
     tensors: dict[tuple[int, str], LoraModuleWeights] = {}
     ranks: dict[str, int] = {}
     for (layer, name), p in sorted(parts.items()):
@@ -134,15 +131,30 @@ def adapter_weights_from(
             raise AdapterFormatError(
                 f"layer {layer} {name}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}"
             )
-        alpha = _alpha_for(f"model.layers.{layer}.{name}", config)
-        scale = alpha / math.sqrt(r) if variant == "RSLORA" or config.get("use_rslora") else alpha / r
+        # PEFT's own targeting, rank and scale for this layer (the registry checked the same).
+        module = peft.module(names[(layer, name)])
+        if module is None:
+            raise AdapterFormatError(
+                f"the weights adapt {names[(layer, name)]}, which adapter_config.json does not target; "
+                f"the config does not match the weights"
+            )
+        if module.rank != r:
+            raise AdapterFormatError(
+                f"adapter_config.json gives {names[(layer, name)]} rank {module.rank} (r / rank_pattern) "
+                f"but its tensors have rank {r}"
+            )
         magnitude = p.get("lora_magnitude_vector")
-        if variant == "DORA" and magnitude is None:
+        if module.dora and magnitude is None:
             raise AdapterFormatError(f"DoRA adapter lacks the magnitude vector for layer {layer} {name}")
+        if not module.dora and magnitude is not None:
+            raise AdapterFormatError(
+                f"layer {layer} {name} has a DoRA magnitude vector but adapter_config.json does not "
+                f"set use_dora"
+            )
         tensors[(layer, name)] = LoraModuleWeights(
             a=a.to(dtype).contiguous(),
             b=b.to(dtype).contiguous(),
-            scale=scale,
+            scale=module.scale,
             magnitude=None if magnitude is None else magnitude.to(dtype).reshape(-1),
         )
         ranks[name] = max(ranks.get(name, 0), r)
@@ -150,4 +162,4 @@ def adapter_weights_from(
         raise AdapterFormatError("adapter_model.safetensors holds no LoRA tensors")
     # Bytes as resident in the engine's dtype, which is what a step reads.
     size = sum(t.numel() for t in raw.values()) * torch.empty(0, dtype=dtype).element_size()
-    return AdapterWeights(digest=digest, variant=variant, tensors=tensors, ranks=ranks, size_bytes=size)
+    return AdapterWeights(digest=digest, variant=peft.variant, tensors=tensors, ranks=ranks, size_bytes=size)

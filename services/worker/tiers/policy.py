@@ -19,6 +19,7 @@ Calls, for the worker that wires this in (times are `clock()` seconds unless pas
     ... the request finishes: policy.unpin(digest)
     policy.expire_idle() periodically -> evictions to execute (scale to zero)
     policy.set_keep_warm(digest, True); policy.snapshot(); policy.resident_bytes(Tier.DEVICE)
+    an eviction's carry-out failed: policy.reconcile(digest, size, tiers that really hold a copy)
 
 `access(..., target=Tier.DISK or Tier.HOST, pin=False)` prefetches. Pinned adapters (a running
 or waiting request holds them) and keep_warm adapters on DEVICE are never evicted; an idle
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from services.worker.tiers.orders import Item, Order, make_order
@@ -124,10 +125,6 @@ class TierPolicy:
         e = self._entries.get(digest)
         return e.size_bytes if e is not None else None
 
-    def hit_ratio(self, tier: Tier = Tier.DEVICE) -> float:
-        total = sum(self.lookups.values())
-        return self.lookups[tier] / total if total else 0.0
-
     def snapshot(self) -> list[ResidentRow]:
         return [
             ResidentRow(
@@ -197,12 +194,6 @@ class TierPolicy:
         self._use(e, now, pin)
         return Plan(digest, found, True, tuple(evictions), tuple(chain))
 
-    def pin(self, digest: str) -> None:
-        e = self._entries.get(digest)
-        if e is None:
-            raise KeyError(f"adapter {digest[:12]} is not known to this worker")
-        e.refs += 1
-
     def unpin(self, digest: str) -> None:
         e = self._entries.get(digest)
         if e is None or e.refs == 0:
@@ -244,6 +235,41 @@ class TierPolicy:
                 e.state = self.lifecycle.move(digest, e.state, _AT_REST[rest])
         self._drop_if_failed_and_unused(e)
         return out
+
+    def reconcile(
+        self, digest: str, size_bytes: int, present: Collection[Tier], now: float | None = None
+    ) -> None:
+        """Make the accounting match where copies of `digest` really are, after an eviction whose
+        carry-out failed (the policy committed it when it planned it).
+
+        A copy the policy let go of that is still there (the engine refused to remove it, a file
+        would not delete) is counted again, over budget if it must be: the next plans evict to
+        make room. A copy it counts that is not there (a demotion's copy failed) is released.
+        Reservations of loads in progress stay theirs."""
+        present = {t for t in present if t in BUDGETED}
+        e = self._entries.get(digest)
+        if e is None:
+            if not present:
+                return
+            e = self._new_entry(digest, size_bytes, self.clock() if now is None else now)
+        planned = {ld.dst for ld in e.pending}
+        for tier in sorted(e.held - present - planned):
+            self._release(e, tier)
+        for tier in sorted(present - e.held):
+            e.held.add(tier)
+            self._used[tier] += e.size_bytes
+            self._orders[tier].touch(e)
+        if e.state in IN_PROGRESS:
+            return
+        if e.state == S.FAILED:
+            self._drop_if_failed_and_unused(e)
+            return
+        rest = e.complete()
+        want = _AT_REST[rest] if rest != Tier.OBJECT_STORE else S.FAILED if e.refs else S.ABSENT
+        if want != e.state:
+            e.state = self.lifecycle.correct(digest, e.state, want)
+        if e.state == S.ABSENT:
+            del self._entries[digest]
 
     # ---------------------------------------------------------------- load outcomes
 
@@ -361,6 +387,8 @@ class TierPolicy:
         self._orders[tier].touch(e)
 
     def _release(self, e: _Entry, tier: Tier, *, evicted: bool = False) -> None:
+        if tier not in e.held:
+            return  # already released (reconcile found the copy gone before its load moved it)
         e.held.discard(tier)
         self._used[tier] -= e.size_bytes
         self._orders[tier].discard(e.digest, evicted=evicted)

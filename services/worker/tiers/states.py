@@ -73,6 +73,13 @@ class Lifecycle:
             log.debug("adapter %s: %s -> %s", digest[:12], src.value, dst.value)
         return dst
 
+    def correct(self, digest: str, src: AdapterState, dst: AdapterState) -> AdapterState:
+        """A state set to match reality after a physical step failed (see TierPolicy.reconcile):
+        not a transition of the table, so not checked against it, but counted like one."""
+        self.counts[(src, dst)] += 1
+        log.warning("adapter %s: state corrected %s -> %s", digest[:12], src.value, dst.value)
+        return dst
+
     def as_dict(self) -> dict[str, int]:
         """Counts keyed "from->to", for logs, metrics and benchmark output."""
         return {f"{a.value}->{b.value}": n for (a, b), n in sorted(self.counts.items(), key=str)}
