@@ -410,6 +410,10 @@ class RouterSettings:
     policy: str = "affinity"
     # A worker whose state stream is silent this long is out of routing (workers heartbeat every 2s).
     worker_stale_s: float = 3.0
+    # A worker that started a stream and then sends nothing for this long is treated as failed:
+    # before the first token the request moves to another worker, after it the client gets
+    # UNAVAILABLE and is billed for the tokens it received.
+    token_timeout_s: float = 30.0
     # A worker with more than this fraction of its KV cache in use counts as over the load bound.
     route_kv_full: float = 0.9
     # How often keep-warm adapters are checked (and prefetched where no worker has them on device).
@@ -465,6 +469,8 @@ class RouterSettings:
             # Workers heartbeat every 2 s (services.worker.state.HEARTBEAT_S): any less and idle
             # workers would drop out of routing between two heartbeats.
             worker_stale_s=env.number("ROUTER_WORKER_STALE_S", 3.0, minimum=2.5),
+            # Below a second, an ordinary scheduling hiccup (a long prefill batch) would cut streams.
+            token_timeout_s=env.number("ROUTER_TOKEN_TIMEOUT_S", 30.0, minimum=1.0),
             route_kv_full=_fraction(env, "ROUTE_KV_FULL", 0.9),
             keep_warm_s=env.number("ROUTER_KEEP_WARM_S", 2.0, minimum=0.05),
             max_prompt_bytes=_prompt_bytes(env),

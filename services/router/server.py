@@ -112,6 +112,7 @@ async def start_router(settings: RouterSettings, *, fsync: Callable[[int], None]
         recent=recent,
         limit_gate=limits,
         max_prompt_bytes=settings.max_prompt_bytes,
+        token_timeout_s=settings.token_timeout_s,
     )
     await pool.refresh()
     # Workers are routable once they have pushed their first snapshot: give the known ones a moment,

@@ -51,6 +51,7 @@ SERVICE_NAME = "loraplex.v1.InferenceService"
 _STARTED, _DELTA, _FINISHED = b"\x0a", b"\x12", b"\x1a"
 _FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 _FR = common_pb2.FinishReason
+DEFAULT_TOKEN_TIMEOUT_S = 30.0
 
 
 class Overloaded(RpcError):
@@ -125,6 +126,7 @@ class InferenceServicer:
         recent: RecentRequests | None = None,
         limit_gate: LimitGate | None = None,
         max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
+        token_timeout_s: float = DEFAULT_TOKEN_TIMEOUT_S,
     ) -> None:
         self._registry = registry
         self._pool = pool
@@ -143,6 +145,7 @@ class InferenceServicer:
         self._spool_was_full = False
         self._limit_gate = limit_gate
         self._max_prompt_bytes = max_prompt_bytes
+        self._token_timeout_s = token_timeout_s
 
     def register(self, server: grpc.aio.Server) -> None:
         handlers = {
@@ -278,19 +281,24 @@ class InferenceServicer:
             call = handle.generate(admitted.worker_request, timeout=remaining)
             pump: StreamPump | None = None
             token = handle.dispatched()
+            # Until the worker's first message the deadline alone bounds the wait (an adapter may
+            # be loading); after it, silence longer than the token timeout means a hung worker.
+            silence: float | None = None
             try:
                 while not finished_event:
-                    if pump is None:
-                        # Until the first token, read directly: nothing stands between the worker's
-                        # first delta and the client. Then read ahead, so a backlog is merged.
-                        message = await call.read()
-                        batch = [] if message is grpc.aio.EOF else [message]
-                        if state.tokens_out:
-                            pump = StreamPump(call.read, grpc.aio.EOF)
-                    else:
-                        batch = await pump.take()
+                    async with asyncio.timeout(silence):
+                        if pump is None:
+                            # Until the first token, read directly: nothing stands between the worker's
+                            # first delta and the client. Then read ahead, so a backlog is merged.
+                            message = await call.read()
+                            batch = [] if message is grpc.aio.EOF else [message]
+                            if state.tokens_out:
+                                pump = StreamPump(call.read, grpc.aio.EOF)
+                        else:
+                            batch = await pump.take()
                     if not batch:
                         break
+                    silence = self._token_timeout_s
                     if not state.worker_started:
                         state.worker_started = True
                         if batch[0][:1] == _STARTED:
@@ -328,6 +336,23 @@ class InferenceServicer:
                             # The client sees the count it is billed for: what the router forwarded.
                             scratch.finished.usage.output_tokens = state.tokens_out
                             finished_event = scratch.SerializeToString()
+            except TimeoutError:
+                # The worker went silent mid-stream (hung, stopped, partitioned): out of routing
+                # until its state stream speaks again, and this stream does not wait for it.
+                self._pool.mark_down(handle)
+                metrics.FAILOVERS.labels("TOKEN_TIMEOUT").inc()
+                silent = f"worker {handle.worker_id} sent nothing for {self._token_timeout_s:g}s"
+                if state.tokens_out == 0:
+                    last_error = silent
+                    continue
+                state.worker_id = handle.worker_id
+                state.end = _FR.FINISH_REASON_ERROR
+                raise RpcError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"{silent} after {state.tokens_out} tokens, so the router ended the stream; the "
+                    f"{state.tokens_out} tokens you received are billed; send a new request_id to "
+                    "generate again",
+                ) from None
             except grpc.aio.AioRpcError as exc:
                 err = exc.code()
                 if state.tokens_out == 0 and err in _FAILOVER_CODES:

@@ -377,6 +377,51 @@ async def test_a_failed_spool_write_ends_the_stream_with_an_error_not_a_finished
         await router.running.drain(1.0)
 
 
+async def test_a_worker_silent_mid_stream_past_the_token_timeout_fails_the_stream_and_bills_the_tokens(
+    s: Stack, tmp_path: Path
+) -> None:
+    settings = RouterSettings.from_env(
+        {
+            "LORAPLEX_HOME": str(tmp_path),
+            **_router_tls(s.registry),
+            "LORAPLEX_REGISTRY": s.registry.target,
+            "LORAPLEX_ROUTER_LISTEN": "127.0.0.1:0",
+            "LORAPLEX_WORKERS": ",".join(w.address for w in s.workers),
+            "LORAPLEX_ROUTER_DISCOVER_WORKERS": "false",
+            "LORAPLEX_ROUTER_SHIP_INTERVAL_S": "0.1",
+            "LORAPLEX_ROUTER_TOKEN_TIMEOUT_S": "1",
+        }
+    )
+    router = await start_router(settings)
+    for w in s.workers:
+        w.worker.hang_after = 3  # three tokens, then nothing (a hung or SIGSTOPped worker)
+    rid = f"silent-{uuid.uuid4().hex}"
+    try:
+        async with _public(f"127.0.0.1:{router.port}", s.registry.certs) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            call = stub.Generate(
+                _request(request_id=rid, adapter="bot", max_tokens=10), metadata=_md(s.a.secret), timeout=60
+            )
+            tokens: list[int] = []
+            began = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for e in call:
+                    tokens.extend(e.delta.token_ids)
+            waited = time.monotonic() - began
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "sent nothing for 1s after 3 tokens" in (err.value.details() or "")
+            assert "billed" in (err.value.details() or "")
+            assert tokens == expected_token_ids(3)
+            assert waited < 10, "the client waited for its deadline instead of the token timeout"
+        row = await _billed(s, rid)
+        assert row["output_tokens"] == 3
+        assert row["finish_reason"] == "error"
+        assert sum(w.worker.cancelled for w in s.workers) == 1  # the hung call was cancelled
+    finally:
+        s.reset()
+        await router.running.drain(1.0)
+
+
 async def test_long_fast_stream_arrives_whole_and_in_order(s: Stack) -> None:
     call = s.stub.Generate(_request(adapter="bot", max_tokens=500), metadata=_md(s.a.secret))
     ids: list[int] = []
