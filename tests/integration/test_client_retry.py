@@ -48,6 +48,12 @@ class ScriptedRouter(inference_pb2_grpc.InferenceServiceServicer):
         )
 
 
+    def ListModels(
+        self, request: inference_pb2.ListModelsRequest, context: grpc.ServicerContext
+    ) -> inference_pb2.ListModelsResponse:
+        return inference_pb2.ListModelsResponse()
+
+
 @pytest.fixture
 def router() -> Iterator[tuple[ScriptedRouter, str]]:
     servicer = ScriptedRouter()
