@@ -52,6 +52,8 @@ _STARTED, _DELTA, _FINISHED = b"\x0a", b"\x12", b"\x1a"
 _FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 _FR = common_pb2.FinishReason
 DEFAULT_TOKEN_TIMEOUT_S = 30.0
+# While the spool's disk fails, admission probes it at most this often.
+SPOOL_PROBE_S = 0.5
 
 
 class Overloaded(RpcError):
@@ -146,6 +148,7 @@ class InferenceServicer:
         self._limit_gate = limit_gate
         self._max_prompt_bytes = max_prompt_bytes
         self._token_timeout_s = token_timeout_s
+        self._spool_probed_at = 0.0  # monotonic time of the last probe of a failing spool
 
     def register(self, server: grpc.aio.Server) -> None:
         handlers = {
@@ -458,6 +461,13 @@ class InferenceServicer:
             raise RpcError(
                 grpc.StatusCode.UNAVAILABLE, "the router cannot record usage right now; retry later"
             )
+        if self._spool.failing and not await self._spool_writable_again():
+            metrics.REJECTED.labels("spool_failing").inc()
+            raise RpcError(
+                grpc.StatusCode.UNAVAILABLE,
+                "the router cannot write usage records to its disk right now, so it takes no new "
+                "requests until it can; retry later (or through another router)",
+            )
         if self._spool_was_full:
             self._spool_was_full = False
             metrics.SPOOL_FULL.set(0)
@@ -535,6 +545,18 @@ class InferenceServicer:
             arrived_wall,
             ticket,
         )
+
+    async def _spool_writable_again(self) -> bool:
+        """After a failed spool write: probes the disk at most once per SPOOL_PROBE_S (off the
+        event loop); True once a write succeeds again."""
+        now = time.monotonic()
+        if now - self._spool_probed_at < SPOOL_PROBE_S:
+            return False
+        self._spool_probed_at = now
+        if not await asyncio.to_thread(self._spool.probe):
+            return False
+        log.warning("usage spool %s is writable again: accepting requests", self._spool.directory)
+        return True
 
     async def _claim(self, tenant_id: str, request_id: str) -> None:
         """Marks a client-chosen id in flight, or refuses it: a request id this tenant already ran

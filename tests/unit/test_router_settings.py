@@ -128,3 +128,12 @@ def test_bad_prompt_bound_or_limit_share_names_the_variable(key: str, value: str
     with pytest.raises(ConfigError, match=phrase) as err:
         RouterSettings.from_env({**BASE, key: value})
     assert key in str(err.value)
+
+
+def test_token_timeout_defaults_to_30s_and_refuses_values_that_would_cut_healthy_streams() -> None:
+    assert RouterSettings.from_env(BASE).token_timeout_s == 30.0
+    s = RouterSettings.from_env({**BASE, "LORAPLEX_ROUTER_TOKEN_TIMEOUT_S": "2.5"})
+    assert s.token_timeout_s == 2.5
+    for bad in ("0.2", "soon"):
+        with pytest.raises(ConfigError, match="LORAPLEX_ROUTER_TOKEN_TIMEOUT_S"):
+            RouterSettings.from_env({**BASE, "LORAPLEX_ROUTER_TOKEN_TIMEOUT_S": bad})
