@@ -53,7 +53,7 @@ def test_explicit_values_are_parsed() -> None:
         ({"LORAPLEX_ROUTER_LISTEN": "nowhere"}, "LORAPLEX_ROUTER_LISTEN"),
         ({"LORAPLEX_MAX_INFLIGHT": "0"}, "LORAPLEX_MAX_INFLIGHT"),
         ({"LORAPLEX_ROUTER_SHIP_BATCH": "20000"}, "10000"),
-        ({"LORAPLEX_ROUTER_SPOOL_MAX_BYTES": "10k"}, "at least 1MiB"),
+        ({"LORAPLEX_ROUTER_SPOOL_MAX_BYTES": "10k"}, "at least 64KiB"),
         ({"LORAPLEX_AUTH_CACHE_TTL_S": "soon"}, "LORAPLEX_AUTH_CACHE_TTL_S"),
     ],
 )
