@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.pg_keeper import PgKeeper
 from bench.routing import REPO, build_adapters, tiny_model_dir
 from services.cli.dev import Stack, dev_admin_token, dev_env
 from services.common.health import wait_serving
@@ -285,16 +286,16 @@ def recovery(faults: list[Fault], log: list[Request]) -> dict[str, dict[str, flo
     per: dict[str, list[float]] = {}
     for f in faults:
         after = [end for start, end in ok if start >= f.at]
-        # A fault the run never recovered from counts as the whole rest of the run.
+        # A fault the run never recovered from counts as 60 s past the run's last success.
         last = max((end for _, end in ok), default=f.at)
         per.setdefault(f.kind, []).append(round((min(after) if after else last + 60) - f.at, 2))
-    return {
-        kind: {
-            "p50": sorted(v)[len(v) // 2] if len(v) % 2 else sum(sorted(v)[len(v) // 2 - 1 :][:2]) / 2,
-            "max": max(v),
-        }
-        for kind, v in per.items()
-    }
+    out = {}
+    for kind, v in per.items():
+        v = sorted(v)
+        mid = len(v) // 2
+        p50 = v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
+        out[kind] = {"p50": round(p50, 2), "max": round(v[-1], 2)}
+    return out
 
 
 def plot(log: list[Request], faults: list[Fault], path: Path, title: str) -> None:
@@ -353,7 +354,6 @@ async def run_chaos(args: argparse.Namespace, say: Callable[..., None]) -> dict[
     from services.client.usage import UsageClient
     from services.common.base_models import describe_model
     from services.devtools.tiny_model import TINY_LLAMA
-    from services.registry import db
     from services.registry.convert import base_model_pb
 
     home: Path = args.home.resolve()
@@ -372,8 +372,8 @@ async def run_chaos(args: argparse.Namespace, say: Callable[..., None]) -> dict[
     os.environ.update({**AWS_ENV, "AWS_ENDPOINT_URL": endpoint})
     bucket = "chaos-adapters"
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
-    pg_home = scratch / "pg"
-    url = await asyncio.to_thread(db.start_embedded_postgres, pg_home)
+    pg = PgKeeper(scratch / "pg", log=scratch / "pg-keeper.log")
+    url = await asyncio.to_thread(pg.open)
     token = dev_admin_token(home)
     env, tls = dev_env(home, token)
     env = {
@@ -520,9 +520,9 @@ async def run_chaos(args: argparse.Namespace, say: Callable[..., None]) -> dict[
                 await asyncio.sleep(2)
                 cs.restart("registry")
             elif kind == "postgres_restart":
-                await asyncio.to_thread(db.stop_embedded_postgres, pg_home)
+                await asyncio.to_thread(pg.command, "stop")
                 await asyncio.sleep(3)
-                await asyncio.to_thread(db.start_embedded_postgres, pg_home)
+                await asyncio.to_thread(pg.command, "start")
             elif kind == "s3_outage":
                 s3.stop()
                 # Cold adapters now: no worker has them, so serving them needs the store.
@@ -596,7 +596,7 @@ async def run_chaos(args: argparse.Namespace, say: Callable[..., None]) -> dict[
     finally:
         stack.stop()
         s3.stop()
-        await asyncio.to_thread(db.stop_embedded_postgres, pg_home)
+        await asyncio.to_thread(pg.close)
         shutil.rmtree(scratch, ignore_errors=True)
 
 

