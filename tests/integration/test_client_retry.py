@@ -47,7 +47,6 @@ class ScriptedRouter(inference_pb2_grpc.InferenceServiceServicer):
             finished=common_pb2.GenerationFinished(usage=common_pb2.Usage(output_tokens=tokens))
         )
 
-
     def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: grpc.ServicerContext
     ) -> inference_pb2.ListModelsResponse:
