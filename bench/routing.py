@@ -220,6 +220,7 @@ async def replay(
     import grpc
 
     from services.client.inference import AsyncInferenceClient, GenerateOptions, Sampling
+    from services.client.retry import NO_RETRY
 
     sampling = Sampling(max_tokens=max_tokens, ignore_eos=True)
     next_index = 0
@@ -260,7 +261,11 @@ async def replay(
             run.off_home += off_home
 
     # One channel per client: a shared HTTP/2 connection would serialise the streams' first bytes.
-    conns = [AsyncInferenceClient(router, api_key, ca=ca, timeout_s=120) for _ in range(concurrency)]
+    # No client retries: the benchmark counts what the router did to each first attempt.
+    conns = [
+        AsyncInferenceClient(router, api_key, ca=ca, timeout_s=120, retry=NO_RETRY)
+        for _ in range(concurrency)
+    ]
     try:
         await asyncio.gather(*(client(c) for c in conns))
     finally:

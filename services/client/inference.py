@@ -1,19 +1,27 @@
 """Python client for the public InferenceService (the router): sync and asyncio, streaming.
 
 with InferenceClient("127.0.0.1:50050", api_key) as client:
-    for event in client.generate("Tell me a joke", adapter="support-bot"):
+    for event in client.generate("Tell me a joke", GenerateOptions(adapter="support-bot")):
         print(event.delta.text, end="", flush=True)
+
+A call that fails with UNAVAILABLE or RESOURCE_EXHAUSTED before its first token is retried with the
+same request id (one is chosen here when the caller gave none), so it runs at most once; see
+services.client.retry for the policy (LORAPLEX_CLIENT_RETRIES, LORAPLEX_CLIENT_MAX_BACKOFF_S).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
 
 from loraplex.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from services.client.retry import RetryPolicy, pushback_ms
 from services.common.tls import ca_channel_credentials
 
 PromptInput = str | Sequence[int] | Sequence[tuple[str, str]]
@@ -79,6 +87,14 @@ def generate_request(prompt: PromptInput, options: GenerateOptions) -> inference
     )
 
 
+def _with_request_id(options: GenerateOptions | None, policy: RetryPolicy) -> GenerateOptions:
+    """A retried call must carry the id of the first attempt, so a retrying client picks one."""
+    options = options or GenerateOptions()
+    if options.request_id or policy.retries == 0:
+        return options
+    return replace(options, request_id=str(uuid.uuid4()))
+
+
 def _metadata(api_key: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {api_key}"),)
 
@@ -88,16 +104,26 @@ def _router_credentials(ca: Path | None) -> grpc.ChannelCredentials | None:
 
 
 class InferenceClient:
-    """ca: the CA that signed the router's certificate (LORAPLEX_TLS_CA); None: plaintext."""
+    """ca: the CA that signed the router's certificate (LORAPLEX_TLS_CA); None: plaintext.
+    retry: when to retry before the first token; None: RetryPolicy.from_env(). sleep: for tests."""
 
     def __init__(
-        self, target: str, api_key: str, *, ca: Path | None = None, timeout_s: float | None = 300.0
+        self,
+        target: str,
+        api_key: str,
+        *,
+        ca: Path | None = None,
+        timeout_s: float | None = 300.0,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         creds = _router_credentials(ca)
         self._channel = grpc.insecure_channel(target) if creds is None else grpc.secure_channel(target, creds)
         self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self._metadata = _metadata(api_key)
         self._timeout = timeout_s
+        self.retry = retry if retry is not None else RetryPolicy.from_env()
+        self._sleep = sleep
 
     def __enter__(self) -> InferenceClient:
         return self
@@ -111,13 +137,40 @@ class InferenceClient:
     def generate(
         self, prompt: PromptInput, options: GenerateOptions | None = None
     ) -> Iterator[inference_pb2.GenerateResponse]:
-        """Streams Started, Deltas, Finished. Breaking out of the loop cancels the request."""
-        request = generate_request(prompt, options or GenerateOptions())
-        call = self._stub.Generate(request, metadata=self._metadata, timeout=self._timeout)
-        try:
-            yield from call
-        finally:
-            call.cancel()
+        """Streams Started, Deltas, Finished. Breaking out of the loop cancels the request.
+
+        Retries (same request id) while no token has arrived; Started is yielded once.
+        """
+        request = generate_request(prompt, _with_request_id(options, self.retry))
+        started = False
+        attempt = 0
+        while True:
+            generated = False
+            call = self._stub.Generate(request, metadata=self._metadata, timeout=self._timeout)
+            try:
+                for event in call:
+                    if event.HasField("started"):
+                        if started:
+                            continue  # a retry's Started: the caller has seen one already
+                        started = True
+                    elif event.HasField("delta"):
+                        generated = True
+                    yield event
+                return
+            except grpc.RpcError as exc:
+                code = exc.code()  # type: ignore[attr-defined]
+                wait = self.retry.delay_s(
+                    attempt,
+                    code.name if code is not None else "",
+                    generated=generated,
+                    pushback_ms=pushback_ms(exc.trailing_metadata()),  # type: ignore[attr-defined]
+                )
+                if wait is None:
+                    raise
+            finally:
+                call.cancel()
+            self._sleep(wait)
+            attempt += 1
 
     def list_models(self) -> list[inference_pb2.ModelInfo]:
         resp = self._stub.ListModels(inference_pb2.ListModelsRequest(), metadata=self._metadata, timeout=30)
@@ -125,10 +178,17 @@ class InferenceClient:
 
 
 class AsyncInferenceClient:
-    """ca: the CA that signed the router's certificate (LORAPLEX_TLS_CA); None: plaintext."""
+    """ca: the CA that signed the router's certificate (LORAPLEX_TLS_CA); None: plaintext.
+    retry: when to retry before the first token; None: RetryPolicy.from_env()."""
 
     def __init__(
-        self, target: str, api_key: str, *, ca: Path | None = None, timeout_s: float | None = 300.0
+        self,
+        target: str,
+        api_key: str,
+        *,
+        ca: Path | None = None,
+        timeout_s: float | None = 300.0,
+        retry: RetryPolicy | None = None,
     ) -> None:
         creds = _router_credentials(ca)
         self._channel = (
@@ -137,6 +197,7 @@ class AsyncInferenceClient:
         self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self._metadata = _metadata(api_key)
         self._timeout = timeout_s
+        self.retry = retry if retry is not None else RetryPolicy.from_env()
 
     async def __aenter__(self) -> AsyncInferenceClient:
         return self
@@ -150,13 +211,36 @@ class AsyncInferenceClient:
     async def generate(
         self, prompt: PromptInput, options: GenerateOptions | None = None
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        request = generate_request(prompt, options or GenerateOptions())
-        call = self._stub.Generate(request, metadata=self._metadata, timeout=self._timeout)
-        try:
-            async for event in call:
-                yield event
-        finally:
-            call.cancel()
+        """Streams Started, Deltas, Finished; retries like InferenceClient.generate."""
+        request = generate_request(prompt, _with_request_id(options, self.retry))
+        started = False
+        attempt = 0
+        while True:
+            generated = False
+            call = self._stub.Generate(request, metadata=self._metadata, timeout=self._timeout)
+            try:
+                async for event in call:
+                    if event.HasField("started"):
+                        if started:
+                            continue
+                        started = True
+                    elif event.HasField("delta"):
+                        generated = True
+                    yield event
+                return
+            except grpc.aio.AioRpcError as exc:
+                wait = self.retry.delay_s(
+                    attempt,
+                    exc.code().name,
+                    generated=generated,
+                    pushback_ms=pushback_ms(exc.trailing_metadata()),
+                )
+                if wait is None:
+                    raise
+            finally:
+                call.cancel()
+            await asyncio.sleep(wait)
+            attempt += 1
 
     async def list_models(self) -> list[inference_pb2.ModelInfo]:
         request = inference_pb2.ListModelsRequest()

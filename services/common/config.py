@@ -414,6 +414,10 @@ class RouterSettings:
     policy: str = "affinity"
     # A worker whose state stream is silent this long is out of routing (workers heartbeat every 2s).
     worker_stale_s: float = 3.0
+    # A worker that started a stream and then sends nothing for this long is treated as failed:
+    # before the first token the request moves to another worker, after it the client gets
+    # UNAVAILABLE and is billed for the tokens it received.
+    token_timeout_s: float = 30.0
     # A worker with more than this fraction of its KV cache in use counts as over the load bound.
     route_kv_full: float = 0.9
     # How often keep-warm adapters are checked (and prefetched where no worker has them on device).
@@ -445,8 +449,10 @@ class RouterSettings:
         if ship_batch > 10_000:
             raise ConfigError(f"{PREFIX}ROUTER_SHIP_BATCH={ship_batch} must be <= 10000 (RecordUsage limit)")
         spool_max = env.size("ROUTER_SPOOL_MAX_BYTES", 1 << 30)
-        if spool_max < 1 << 20:
-            raise ConfigError(f"{PREFIX}ROUTER_SPOOL_MAX_BYTES must be at least 1MiB")
+        # Small caps are for drills (bench/chaos.py fills one on purpose); below this one a
+        # handful of records would already refuse traffic.
+        if spool_max < 64 << 10:
+            raise ConfigError(f"{PREFIX}ROUTER_SPOOL_MAX_BYTES must be at least 64KiB")
         return cls(
             home=home,
             listen=_check_address("ROUTER_LISTEN", env.text("ROUTER_LISTEN", "127.0.0.1:50050")),
@@ -471,6 +477,8 @@ class RouterSettings:
             # Workers heartbeat every 2 s (services.worker.state.HEARTBEAT_S): any less and idle
             # workers would drop out of routing between two heartbeats.
             worker_stale_s=env.number("ROUTER_WORKER_STALE_S", 3.0, minimum=2.5),
+            # Below a second, an ordinary scheduling hiccup (a long prefill batch) would cut streams.
+            token_timeout_s=env.number("ROUTER_TOKEN_TIMEOUT_S", 30.0, minimum=1.0),
             route_kv_full=_fraction(env, "ROUTE_KV_FULL", 0.9),
             keep_warm_s=env.number("ROUTER_KEEP_WARM_S", 2.0, minimum=0.05),
             max_prompt_bytes=_prompt_bytes(env),

@@ -10,15 +10,17 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import threading
 import warnings
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import psutil
 import psycopg
+import sqlalchemy
 from alembic import command
 from alembic.config import Config
 from psycopg import sql
@@ -186,30 +188,46 @@ def run_migrations(sync_url: str) -> None:
 
 # -- change notifications ----------------------------------------------------------------------
 
+# Reopening a lost LISTEN connection: first retry after LISTEN_BACKOFF_S, doubling up to the cap.
+LISTEN_BACKOFF_S = 0.5
+LISTEN_MAX_BACKOFF_S = 10.0
+# A LISTEN connection is also pinged this often: a server that vanished without closing the
+# socket (a partition, a SIGKILLed host) is found within a ping, not at the next TCP timeout.
+LISTEN_PING_S = 5.0
+
 
 class AdapterChanges:
     """Wakes a watcher when a transaction that changed adapters commits (PostgreSQL NOTIFY).
 
     `wait` always returns within its timeout, so a watcher that re-reads on every return keeps
-    working (by polling) if the LISTEN connection cannot be opened or is lost.
+    working (by polling) while the LISTEN connection is down. A lost connection is reopened with
+    backoff; each reopening wakes watchers once (`on_change("")`), so they re-read from their last
+    revision and catch up on whatever was committed while nobody listened.
     """
 
     def __init__(self, on_change: Callable[[str], None] | None) -> None:
         self._event = asyncio.Event()
         self._on_change = on_change
+        self._lost_event = asyncio.Event()
         self.listening = False
         self.latest_revision = 0
+        self.reopened = 0  # how many times a lost LISTEN connection was opened again
+        self.backend_pid: int | None = None  # the server process of the LISTEN connection (tests)
 
     def _notified(self, conn: object, pid: int, channel: str, payload: str) -> None:
         with contextlib.suppress(ValueError):
             self.latest_revision = max(self.latest_revision, int(payload))
+        self._wake(payload)
+
+    def _wake(self, payload: str) -> None:
         self._event.set()
         if self._on_change is not None:
             self._on_change(payload)
 
     def _lost(self, conn: object) -> None:
-        log.warning("lost the LISTEN connection; adapter changes are now found by polling")
+        log.warning("lost the LISTEN connection; polling until it is reopened")
         self.listening = False
+        self._lost_event.set()
 
     async def wait(self, timeout_s: float) -> bool:
         """True when a change was committed since the last wait; False after `timeout_s` without one."""
@@ -220,6 +238,56 @@ class AdapterChanges:
         self._event.clear()
         return True
 
+    async def keep_listening(self, url: str, *, first: asyncio.Event | None = None) -> None:
+        """LISTENs until cancelled, reopening the connection with backoff whenever it is lost.
+
+        `first` is set after the first attempt (successful or not), so a caller can start reading
+        the change feed only once listening has begun.
+        """
+        backoff = LISTEN_BACKOFF_S
+        opened_before = False
+        while True:
+            conn: Any = None
+            try:
+                conn = await asyncpg.connect(libpq_url(url), timeout=LISTEN_PING_S)
+                await conn.add_listener(ADAPTER_CHANGES_CHANNEL, self._notified)
+                conn.add_termination_listener(self._lost)
+                self.backend_pid = conn.get_server_pid()
+                self._lost_event.clear()
+                self.listening = True
+                backoff = LISTEN_BACKOFF_S
+                if opened_before:
+                    self.reopened += 1
+                    log.warning("LISTEN connection reopened; watchers catch up from their last revision")
+                    self._wake("")
+                opened_before = True
+                if first is not None:
+                    first.set()
+                await self._until_lost(conn)
+            except Exception as exc:  # whatever broke the connection, the answer is to reopen it
+                log.warning(
+                    "cannot LISTEN for adapter changes (%s); polling, next try in %.1fs", exc, backoff
+                )
+            finally:
+                self.listening = False
+                if first is not None:
+                    first.set()
+                if conn is not None:
+                    conn.remove_termination_listener(self._lost)
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(conn.close(timeout=2), 3)
+            # Jitter: several replicas that lost the same server do not reconnect in lockstep.
+            await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+            backoff = min(LISTEN_MAX_BACKOFF_S, backoff * 2)
+
+    async def _until_lost(self, conn: Any) -> None:
+        while not self._lost_event.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lost_event.wait(), LISTEN_PING_S)
+                return
+            # Raises (and so reconnects) when the server is gone but the socket never said so.
+            await conn.fetchval("SELECT 1", timeout=LISTEN_PING_S)
+
 
 @contextlib.asynccontextmanager
 async def listen_adapter_changes(
@@ -227,22 +295,49 @@ async def listen_adapter_changes(
 ) -> AsyncIterator[AdapterChanges]:
     """LISTEN on adapter_changes for the duration of the block; `on_change(payload)` per notification.
 
-    The payload is the committed revision. Start listening before the first read of the change
-    feed so that nothing committed in between is missed.
+    The payload is the committed revision (empty after a reopened connection: re-read everything
+    since your last revision). Start listening before the first read of the change feed so that
+    nothing committed in between is missed; this returns after the first attempt to listen.
     """
     changes = AdapterChanges(on_change)
-    conn: Any = None
+    first = asyncio.Event()
+    task = asyncio.get_running_loop().create_task(changes.keep_listening(url, first=first))
     try:
-        conn = await asyncpg.connect(libpq_url(url))
-        await conn.add_listener(ADAPTER_CHANGES_CHANNEL, changes._notified)
-        conn.add_termination_listener(changes._lost)
-        changes.listening = True
-    except (OSError, asyncpg.PostgresError) as exc:
-        log.warning("cannot LISTEN for adapter changes (%s); falling back to polling", exc)
-    try:
+        await first.wait()
         yield changes
     finally:
-        if conn is not None:
-            conn.remove_termination_listener(changes._lost)
-            with contextlib.suppress(Exception):
-                await conn.close(timeout=5)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+# -- health ------------------------------------------------------------------------------------
+
+DATABASE_CHECK_S = 1.0
+
+
+async def database_answers(engine: AsyncEngine, timeout_s: float = 2.0) -> bool:
+    """Whether PostgreSQL answers a trivial query within `timeout_s` (through the engine's pool)."""
+    try:
+        async with asyncio.timeout(timeout_s), engine.connect() as conn:
+            await conn.execute(sqlalchemy.text("SELECT 1"))
+    except Exception:  # any failure at all means: not serving
+        return False
+    return True
+
+
+async def watch_database(
+    engine: AsyncEngine, report: Callable[[bool], Awaitable[None]], *, interval_s: float = DATABASE_CHECK_S
+) -> None:
+    """Calls `report(up)` whenever the database goes from answering to not answering or back."""
+    up = True
+    while True:
+        now_up = await database_answers(engine)
+        if now_up != up:
+            up = now_up
+            if up:
+                log.warning("PostgreSQL answers again: serving")
+            else:
+                log.error("PostgreSQL does not answer: reporting NOT_SERVING until it does")
+            await report(up)
+        await asyncio.sleep(interval_s)

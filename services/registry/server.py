@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from loraplex.v1 import registry_pb2, registry_pb2_grpc, usage_pb2, usage_pb2_grpc
 from services.common.config import RegistrySettings
@@ -61,7 +62,19 @@ async def start_registry(settings: RegistrySettings) -> RunningServer:
         )
     running.before_drain.append(servicer.begin_drain)
 
+    async def report(up: bool) -> None:
+        # A registry without its database can answer nothing useful: load balancers and
+        # `loraplex dev` see NOT_SERVING until PostgreSQL answers again (set() is a no-op once draining).
+        status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *SERVICE_NAMES):
+            await running.health.set(name, status)
+
+    database_watch = asyncio.get_running_loop().create_task(db.watch_database(engine, report))
+
     async def close() -> None:
+        database_watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await database_watch
         await resources.aclose()
         await engine.dispose()
 

@@ -31,6 +31,13 @@ from services.router.worker_pool import WorkerPool
 log = logging.getLogger(__name__)
 
 FINAL_SHIP_TIMEOUT_S = 15.0
+# gRPC's default reconnect backoff grows to 120 s: a registry back after a 20 s outage would go
+# unnoticed for as long again, while the spool fills and client-chosen ids cannot be checked.
+REGISTRY_CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
 
 
 @dataclass
@@ -55,7 +62,7 @@ async def start_router(settings: RouterSettings, *, fsync: Callable[[int], None]
     if settings.tls is None:
         warn_plaintext("the router's links to workers and the registry")
     # The router's certificate is its credential at the registry (no admin token) and at workers.
-    registry_channel = aio_channel(settings.registry, settings.tls)
+    registry_channel = aio_channel(settings.registry, settings.tls, REGISTRY_CHANNEL_OPTIONS)
     view = RegistryView(
         registry_channel,
         auth_ttl_s=settings.auth_cache_ttl_s,
@@ -115,6 +122,7 @@ async def start_router(settings: RouterSettings, *, fsync: Callable[[int], None]
         recent=recent,
         limit_gate=limits,
         max_prompt_bytes=settings.max_prompt_bytes,
+        token_timeout_s=settings.token_timeout_s,
     )
     await pool.refresh()
     # Workers are routable once they have pushed their first snapshot: give the known ones a moment,

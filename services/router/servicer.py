@@ -51,6 +51,9 @@ SERVICE_NAME = "loraplex.v1.InferenceService"
 _STARTED, _DELTA, _FINISHED = b"\x0a", b"\x12", b"\x1a"
 _FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 _FR = common_pb2.FinishReason
+DEFAULT_TOKEN_TIMEOUT_S = 30.0
+# While the spool's disk fails, admission probes it at most this often.
+SPOOL_PROBE_S = 0.5
 
 
 class Overloaded(RpcError):
@@ -129,6 +132,7 @@ class InferenceServicer:
         recent: RecentRequests | None = None,
         limit_gate: LimitGate | None = None,
         max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
+        token_timeout_s: float = DEFAULT_TOKEN_TIMEOUT_S,
     ) -> None:
         self._registry = registry
         self._pool = pool
@@ -147,6 +151,8 @@ class InferenceServicer:
         self._spool_was_full = False
         self._limit_gate = limit_gate
         self._max_prompt_bytes = max_prompt_bytes
+        self._token_timeout_s = token_timeout_s
+        self._spool_probed_at = 0.0  # monotonic time of the last probe of a failing spool
 
     def register(self, server: grpc.aio.Server) -> None:
         handlers = {
@@ -312,19 +318,24 @@ class InferenceServicer:
             call = handle.generate(admitted.worker_request, timeout=remaining)
             pump: StreamPump | None = None
             token = handle.dispatched()
+            # Until the worker's first message the deadline alone bounds the wait (an adapter may
+            # be loading); after it, silence longer than the token timeout means a hung worker.
+            silence: float | None = None
             try:
                 while not finished_event:
-                    if pump is None:
-                        # Until the first token, read directly: nothing stands between the worker's
-                        # first delta and the client. Then read ahead, so a backlog is merged.
-                        message = await call.read()
-                        batch = [] if message is grpc.aio.EOF else [message]
-                        if state.tokens_out:
-                            pump = StreamPump(call.read, grpc.aio.EOF)
-                    else:
-                        batch = await pump.take()
+                    async with asyncio.timeout(silence):
+                        if pump is None:
+                            # Until the first token, read directly: nothing stands between the worker's
+                            # first delta and the client. Then read ahead, so a backlog is merged.
+                            message = await call.read()
+                            batch = [] if message is grpc.aio.EOF else [message]
+                            if state.tokens_out:
+                                pump = StreamPump(call.read, grpc.aio.EOF)
+                        else:
+                            batch = await pump.take()
                     if not batch:
                         break
+                    silence = self._token_timeout_s
                     if not state.worker_started:
                         state.worker_started = True
                         if batch[0][:1] == _STARTED:
@@ -362,6 +373,23 @@ class InferenceServicer:
                             # The client sees the count it is billed for: what the router forwarded.
                             scratch.finished.usage.output_tokens = state.tokens_out
                             finished_event = scratch.SerializeToString()
+            except TimeoutError:
+                # The worker went silent mid-stream (hung, stopped, partitioned): out of routing
+                # until its state stream speaks again, and this stream does not wait for it.
+                self._pool.mark_down(handle)
+                metrics.FAILOVERS.labels("TOKEN_TIMEOUT").inc()
+                silent = f"worker {handle.worker_id} sent nothing for {self._token_timeout_s:g}s"
+                if state.tokens_out == 0:
+                    last_error = silent
+                    continue
+                state.worker_id = handle.worker_id
+                state.end = _FR.FINISH_REASON_ERROR
+                raise RpcError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"{silent} after {state.tokens_out} tokens, so the router ended the stream; the "
+                    f"{state.tokens_out} tokens you received are billed; send a new request_id to "
+                    "generate again",
+                ) from None
             except grpc.aio.AioRpcError as exc:
                 err = exc.code()
                 if state.tokens_out == 0 and err in _FAILOVER_CODES:
@@ -470,6 +498,13 @@ class InferenceServicer:
             raise RpcError(
                 grpc.StatusCode.UNAVAILABLE, "the router cannot record usage right now; retry later"
             )
+        if self._spool.failing and not await self._spool_writable_again():
+            metrics.REJECTED.labels("spool_failing").inc()
+            raise RpcError(
+                grpc.StatusCode.UNAVAILABLE,
+                "the router cannot write usage records to its disk right now, so it takes no new "
+                "requests until it can; retry later (or through another router)",
+            )
         if self._spool_was_full:
             self._spool_was_full = False
             metrics.SPOOL_FULL.set(0)
@@ -547,6 +582,18 @@ class InferenceServicer:
             arrived_wall,
             ticket,
         )
+
+    async def _spool_writable_again(self) -> bool:
+        """After a failed spool write: probes the disk at most once per SPOOL_PROBE_S (off the
+        event loop); True once a write succeeds again."""
+        now = time.monotonic()
+        if now - self._spool_probed_at < SPOOL_PROBE_S:
+            return False
+        self._spool_probed_at = now
+        if not await asyncio.to_thread(self._spool.probe):
+            return False
+        log.warning("usage spool %s is writable again: accepting requests", self._spool.directory)
+        return True
 
     async def _claim(self, tenant_id: str, request_id: str) -> None:
         """Marks a client-chosen id in flight, or refuses it: a request id this tenant already ran

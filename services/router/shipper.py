@@ -32,7 +32,9 @@ class Shipper:
         *,
         batch: int = 500,
         interval_s: float = 1.0,
-        max_backoff_s: float = 30.0,
+        # Short: a full spool refuses traffic until a round succeeds, so after a registry outage
+        # the next try must come within seconds (one small RPC per router per try is cheap).
+        max_backoff_s: float = 5.0,
     ) -> None:
         self._spool = spool
         self._stub = usage_pb2_grpc.UsageServiceStub(channel)

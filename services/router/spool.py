@@ -6,9 +6,11 @@ Layout: `<dir>/seg-<20-digit sequence>.log`, each a run of records framed as
 
 where the payload is a serialized `UsageRecord` (protobuf bytes; nothing is ever pickled). A record
 counts as written only once `append_many` returned, i.e. after the segment's fsync. A process
-killed mid-write leaves at most one torn record at the tail of its last segment; readers stop at
-the first frame whose length or CRC does not check out, and a restarted writer always starts a new
-segment, so the torn bytes are never followed by good ones.
+killed mid-write leaves at most one torn record at the tail of its last segment: on start the
+spool truncates every segment to its last good record (so a torn frame is never followed by
+anything), and a restarted writer always starts a new segment. A write that fails in a running
+process (disk full, I/O error) is cut off the segment the same way before anything else is
+appended, and the spool reports `failing` until a write succeeds again.
 
 The shipper `seal()`s the active segment, ships the sealed ones oldest first and `delete()`s a
 segment only after the registry acknowledged every record in it. A crash between the ack and the
@@ -113,16 +115,34 @@ class Spool:
         self._lock = threading.Lock()
         private_dir(directory)
         existing = self._segments_on_disk()
+        for segment in existing:
+            self._truncate_torn_tail(segment)
         self._sealed: list[Path] = existing
         self._size = sum(p.stat().st_size for p in existing)
         self._next_seq = (_segment_seq(existing[-1]) or 0) + 1 if existing else 1
         self._active: Path | None = None
         self._active_fd: int | None = None
         self._active_size = 0
+        # A write failed and none has succeeded since: the router takes no new requests.
+        self.failing = False
         if existing:
             log.info(
                 "spool %s: %d segment(s), %d bytes left from before", directory, len(existing), self._size
             )
+
+    def _truncate_torn_tail(self, segment: Path) -> None:
+        """Cuts a torn or corrupt tail (a crash mid-write) off a segment left from before."""
+        contents = read_segment(segment)
+        if not contents.torn_bytes:
+            return
+        good = segment.stat().st_size - contents.torn_bytes
+        fd = os.open(segment, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, good)
+            self._fsync(fd)
+        finally:
+            os.close(fd)
+        log.warning("spool segment %s: truncated to its last good record (%d bytes)", segment.name, good)
 
     def _segments_on_disk(self) -> list[Path]:
         found = [(seq, p) for p in self.directory.iterdir() if (seq := _segment_seq(p)) is not None]
@@ -146,15 +166,50 @@ class Spool:
         if not blob:
             return
         with self._lock:
-            fd = self._active_fd if self._active_fd is not None else self._open_active()
-            written = 0
-            while written < len(blob):
-                written += os.write(fd, blob[written:])
-            self._fsync(fd)
+            try:
+                fd = self._active_fd if self._active_fd is not None else self._open_active()
+                written = 0
+                while written < len(blob):
+                    written += os.write(fd, blob[written:])
+                self._fsync(fd)
+            except OSError:
+                self.failing = True
+                self._cut_failed_write()
+                raise
+            self.failing = False
             self._active_size += len(blob)
             self._size += len(blob)
             if self._active_size >= self._segment_bytes:
                 self._seal_locked()
+
+    def _cut_failed_write(self) -> None:
+        """After a failed append: the active segment back to its last acknowledged record, or, if
+        even that fails, sealed as it is (its torn tail then ends it, and is cut on the next start)."""
+        if self._active_fd is None:
+            return
+        try:
+            os.ftruncate(self._active_fd, self._active_size)
+        except OSError:
+            log.exception("cannot cut a failed write off %s; sealing it", self._active)
+            self._seal_locked()
+
+    def probe(self) -> bool:
+        """Whether a small write into the spool's directory succeeds now (fsynced); clears
+        `failing` when it does. For a router that stopped admitting requests after a failed write."""
+        path = self.directory / "probe.tmp"
+        try:
+            fd = open_private(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            try:
+                os.write(fd, b"\0" * 4096)
+                self._fsync(fd)
+            finally:
+                os.close(fd)
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("usage spool %s is still not writable: %s", self.directory, exc)
+            return False
+        self.failing = False
+        return True
 
     def _open_active(self) -> int:
         path = self.directory / _segment_name(self._next_seq)

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import subprocess
 import sys
+import time
 import uuid
 from decimal import Decimal
 from pathlib import Path
@@ -362,6 +363,30 @@ async def test_committed_adapter_change_wakes_a_listener(
         assert await changes.wait(5) is True
         assert str(adapter.revision) in payloads
         assert changes.latest_revision >= adapter.revision
+
+
+async def test_a_lost_listen_connection_is_reopened_and_wakes_watchers_to_catch_up(
+    session_factory: Sessions, database_url: str, postgres_admin_url: str
+) -> None:
+    tenant, model = await _tenant_and_model(session_factory)
+    payloads: list[str] = []
+    async with db.listen_adapter_changes(database_url, payloads.append) as changes:
+        assert changes.listening and changes.backend_pid is not None
+        # The server drops the connection (what a PostgreSQL restart or failover does to it).
+        with psycopg.connect(db.libpq_url(postgres_admin_url), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (changes.backend_pid,))
+        deadline = time.monotonic() + 10
+        while changes.reopened == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert changes.reopened == 1 and changes.listening
+        # Reopening woke watchers with an empty payload: re-read from your last revision.
+        assert "" in payloads
+        await changes.wait(0)
+        async with session_factory() as s, s.begin():
+            adapter = await _register(s, tenant.id, "after-reopen", model)
+        # Woken by NOTIFY on the new connection, well before the polling timeout would.
+        assert await changes.wait(5) is True
+        assert str(adapter.revision) in payloads
 
 
 async def test_listener_falls_back_to_polling_when_it_cannot_connect() -> None:

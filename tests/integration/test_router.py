@@ -45,6 +45,7 @@ from services.common.tls import Role
 from services.devtools.tiny_model import TINY_LLAMA
 from services.router.registry_view import RegistryUnavailable, RegistryView
 from services.router.server import Router, start_router
+from services.router.servicer import SPOOL_PROBE_S
 from services.router.shipper import Shipper
 from services.router.spool import Spool, read_segment
 from services.worker.server import RunningWorker
@@ -369,13 +370,61 @@ async def test_a_failed_spool_write_ends_the_stream_with_an_error_not_a_finished
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "could not record usage" in (err.value.details() or "")
             assert not any(e.HasField("finished") for e in events)
-            # Tokens did run under the id: it is not generated again.
+            # Once the disk works again (the router refuses everything until then), the id is
+            # still spent: tokens did run under it, so it is not generated again.
+            failing = False
+            await asyncio.sleep(SPOOL_PROBE_S * 1.5)
             again = stub.Generate(_request(request_id=rid, adapter="bot"), metadata=_md(s.a.secret))
             with pytest.raises(grpc.aio.AioRpcError) as replay:
                 _ = [e async for e in again]
             assert replay.value.code() == grpc.StatusCode.ALREADY_EXISTS
     finally:
         failing = False
+        await router.running.drain(1.0)
+
+
+async def test_a_worker_silent_mid_stream_past_the_token_timeout_fails_the_stream_and_bills_the_tokens(
+    s: Stack, tmp_path: Path
+) -> None:
+    settings = RouterSettings.from_env(
+        {
+            "LORAPLEX_HOME": str(tmp_path),
+            **_router_tls(s.registry),
+            "LORAPLEX_REGISTRY": s.registry.target,
+            "LORAPLEX_ROUTER_LISTEN": "127.0.0.1:0",
+            "LORAPLEX_WORKERS": ",".join(w.address for w in s.workers),
+            "LORAPLEX_ROUTER_DISCOVER_WORKERS": "false",
+            "LORAPLEX_ROUTER_SHIP_INTERVAL_S": "0.1",
+            "LORAPLEX_ROUTER_TOKEN_TIMEOUT_S": "1",
+        }
+    )
+    router = await start_router(settings)
+    for w in s.workers:
+        w.worker.hang_after = 3  # three tokens, then nothing (a hung or SIGSTOPped worker)
+    rid = f"silent-{uuid.uuid4().hex}"
+    try:
+        async with _public(f"127.0.0.1:{router.port}", s.registry.certs) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            call = stub.Generate(
+                _request(request_id=rid, adapter="bot", max_tokens=10), metadata=_md(s.a.secret), timeout=60
+            )
+            tokens: list[int] = []
+            began = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for e in call:
+                    tokens.extend(e.delta.token_ids)
+            waited = time.monotonic() - began
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "sent nothing for 1s after 3 tokens" in (err.value.details() or "")
+            assert "billed" in (err.value.details() or "")
+            assert tokens == expected_token_ids(3)
+            assert waited < 10, "the client waited for its deadline instead of the token timeout"
+        row = await _billed(s, rid)
+        assert row["output_tokens"] == 3
+        assert row["finish_reason"] == "error"
+        assert sum(w.worker.cancelled for w in s.workers) == 1  # the hung call was cancelled
+    finally:
+        s.reset()
         await router.running.drain(1.0)
 
 
@@ -745,6 +794,69 @@ async def test_full_spool_refuses_new_requests_rather_than_lose_billing(s: Stack
     finally:
         spool.max_bytes = cap
     assert (await _generate(s, s.a.secret, _request(adapter="bot"))).code == grpc.StatusCode.OK
+
+
+async def test_a_failing_spool_disk_refuses_new_streams_until_it_can_write_again(
+    s: Stack, tmp_path: Path
+) -> None:
+    disk_full = False
+
+    def fsync(fd: int) -> None:
+        if disk_full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        os.fsync(fd)
+
+    settings = RouterSettings.from_env(
+        {
+            "LORAPLEX_HOME": str(tmp_path),
+            **_router_tls(s.registry),
+            "LORAPLEX_REGISTRY": s.registry.target,
+            "LORAPLEX_ROUTER_LISTEN": "127.0.0.1:0",
+            "LORAPLEX_WORKERS": ",".join(w.address for w in s.workers),
+            "LORAPLEX_ROUTER_DISCOVER_WORKERS": "false",
+            "LORAPLEX_ROUTER_SHIP_INTERVAL_S": "0.1",
+        }
+    )
+    router = await start_router(settings, fsync=fsync)
+    try:
+        async with _public(f"127.0.0.1:{router.port}", s.registry.certs) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+
+            async def generate(request_id: str) -> tuple[grpc.StatusCode, str, list[Any]]:
+                call = stub.Generate(_request(request_id=request_id, adapter="bot"), metadata=_md(s.a.secret))
+                events: list[Any] = []
+                try:
+                    async for e in call:
+                        events.append(e)
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code(), exc.details() or "", events
+                return grpc.StatusCode.OK, "", events
+
+            disk_full = True
+            # The stream whose record hits the full disk ends with an error, never an unbilled Finished.
+            code, details, events = await generate(f"full-{uuid.uuid4().hex}")
+            assert code == grpc.StatusCode.UNAVAILABLE and "could not record usage" in details
+            assert not any(e.HasField("finished") for e in events)
+            # From then on nothing new starts: refused before reaching a worker, with a sentence.
+            before = sum(len(w.worker.requests) for w in s.workers)
+            for _ in range(3):
+                code, details, _ = await generate(f"refused-{uuid.uuid4().hex}")
+                assert code == grpc.StatusCode.UNAVAILABLE
+                assert "cannot write usage records to its disk" in details
+                await asyncio.sleep(0.3)
+            assert sum(len(w.worker.requests) for w in s.workers) == before
+            assert router.spool.failing
+
+            disk_full = False  # space again: the next probe finds it and requests run and bill
+            rid = f"healed-{uuid.uuid4().hex}"
+            deadline = time.monotonic() + 5
+            while (code := (await generate(rid))[0]) != grpc.StatusCode.OK and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            assert code == grpc.StatusCode.OK
+            assert (await _billed(s, rid))["output_tokens"] == 5
+    finally:
+        disk_full = False
+        await router.running.drain(1.0)
 
 
 async def _router_process(

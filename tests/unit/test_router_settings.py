@@ -53,7 +53,7 @@ def test_explicit_values_are_parsed() -> None:
         ({"LORAPLEX_ROUTER_LISTEN": "nowhere"}, "LORAPLEX_ROUTER_LISTEN"),
         ({"LORAPLEX_MAX_INFLIGHT": "0"}, "LORAPLEX_MAX_INFLIGHT"),
         ({"LORAPLEX_ROUTER_SHIP_BATCH": "20000"}, "10000"),
-        ({"LORAPLEX_ROUTER_SPOOL_MAX_BYTES": "10k"}, "at least 1MiB"),
+        ({"LORAPLEX_ROUTER_SPOOL_MAX_BYTES": "10k"}, "at least 64KiB"),
         ({"LORAPLEX_AUTH_CACHE_TTL_S": "soon"}, "LORAPLEX_AUTH_CACHE_TTL_S"),
     ],
 )
@@ -139,3 +139,12 @@ def test_http_api_listens_on_8080_by_default_and_empty_turns_it_off() -> None:
     assert RouterSettings.from_env({**BASE, "LORAPLEX_HTTP_LISTEN": ""}).http_listen == ""
     with pytest.raises(ConfigError, match="LORAPLEX_HTTP_LISTEN='8080' must be host:port"):
         RouterSettings.from_env({**BASE, "LORAPLEX_HTTP_LISTEN": "8080"})
+
+
+def test_token_timeout_defaults_to_30s_and_refuses_values_that_would_cut_healthy_streams() -> None:
+    assert RouterSettings.from_env(BASE).token_timeout_s == 30.0
+    s = RouterSettings.from_env({**BASE, "LORAPLEX_ROUTER_TOKEN_TIMEOUT_S": "2.5"})
+    assert s.token_timeout_s == 2.5
+    for bad in ("0.2", "soon"):
+        with pytest.raises(ConfigError, match="LORAPLEX_ROUTER_TOKEN_TIMEOUT_S"):
+            RouterSettings.from_env({**BASE, "LORAPLEX_ROUTER_TOKEN_TIMEOUT_S": bad})

@@ -4,6 +4,7 @@ ignored, and only acknowledged segments disappear."""
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -157,3 +158,55 @@ def test_records_survive_sigkill_of_the_writer(tmp_path: Path) -> None:
     assert len(records) >= acknowledged + 1
     for i, payload in enumerate(records):
         assert payload == b"x" * (i % 300) + str(i).encode()
+
+
+def test_a_torn_segment_is_truncated_to_its_last_good_record_on_start(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=1 << 30)
+    spool.append_many([record(1), record(2)])
+    (segment,) = spool.seal()
+    good = segment.stat().st_size
+    segment.write_bytes(segment.read_bytes() + encode_frame(record(3))[:-4])  # killed mid-write
+    Spool(tmp_path, max_bytes=1 << 30)
+    assert segment.stat().st_size == good
+    assert read_segment(segment).torn_bytes == 0
+
+
+def test_a_failed_write_is_cut_off_before_the_next_append_so_later_records_stay_readable(
+    tmp_path: Path,
+) -> None:
+    frame = len(encode_frame(record(1)))
+    spool = Spool(tmp_path, max_bytes=1 << 30)
+    spool.append_many([record(1)])
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        # The disk fills up halfway through the next write: part of a frame lands in the segment.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (frame + frame // 2, hard))
+        with pytest.raises(OSError):
+            spool.append_many([record(2), record(3)])
+        assert spool.failing
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    spool.append_many([record(4)])  # space again
+    assert not spool.failing
+    # The torn bytes were cut off: record 4 follows record 1 and is readable.
+    assert replay(tmp_path) == [record(1), record(4)]
+
+
+def test_probe_reports_whether_the_spool_can_write_again(tmp_path: Path) -> None:
+    broken = True
+
+    def fsync(fd: int) -> None:
+        if broken:
+            raise OSError(28, "No space left on device")
+
+    spool = Spool(tmp_path, max_bytes=1 << 30, fsync=fsync)
+    with pytest.raises(OSError):
+        spool.append_many([record(1)])
+    assert spool.failing and not spool.probe() and spool.failing
+    broken = False
+    assert spool.probe() and not spool.failing
+    assert not (tmp_path / "probe.tmp").exists()
+    spool.append_many([record(2)])
+    assert replay(tmp_path) == [record(2)]
