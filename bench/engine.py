@@ -296,7 +296,8 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4), squeeze=False)
     for ax, (title, keys) in zip(axes[0], panels, strict=True):
         keys = [k for k in keys if k in result]
-        ax.bar(range(len(keys)), [result[k] for k in keys], color="tab:blue")
+        colours = ["tab:orange" if k.startswith("vllm") else "tab:blue" for k in keys]
+        ax.bar(range(len(keys)), [result[k] for k in keys], color=colours)
         ax.set_xticks(range(len(keys)), [k.replace("_tok_s", "") for k in keys], rotation=20, fontsize=8)
         ax.set_title(title)
     fig.suptitle(f"loraplex engine on {result['device']} ({result['dtype']})")
