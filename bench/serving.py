@@ -293,9 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     ranks = [int(r) for r in args.ranks.split(",")]
 
     templates = build_templates(model_dir, ranks, cache, dtype)
-    engine = LLMEngine(
-        EngineConfig(model_dir=model_dir, dtype=dtype, max_adapter_slots=max(args.resident, 1) + 1)
-    )
+    base_config = EngineConfig(model_dir=model_dir, dtype=dtype)
+    # Requests in flight or queued pin their adapters, so the resident set may pass --resident
+    # while every resident adapter is busy; the slots leave room for one per such request.
+    slots = args.resident + base_config.max_batch_size + base_config.max_waiting
+    engine = LLMEngine(EngineConfig(model_dir=model_dir, dtype=dtype, max_adapter_slots=slots))
     pool = AdapterPool(engine, templates, ranks, args.resident)
     vocab = (10, engine.model.config.vocab_size)
     # Warm-up: one request without and one with an adapter, untimed.
