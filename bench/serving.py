@@ -17,7 +17,9 @@ Per rate and trace: throughput (generated tokens / seconds from the first arriva
 token), TTFT and TPOT p50/p99. Key: throughput_ratio_vs_base at the highest offered rate
 (saturation: `saturated` says whether the base trace fell behind its offered rate there).
 Prints one JSON object as its last line; writes bench/results/serving.json and serving.png.
-A default run takes about 5 minutes on a 2-core machine; --quick is a smoke test.
+A default run (16 requests per rate and trace, rates 0.5/1/2/4 req/s) spends at least 60 s per trace
+in arrivals alone and about 5 minutes in all on a quiet 2-core machine, far longer on a loaded one
+(scale it with --requests, --prompt-mean, --output-mean, --rates); --quick is a smoke test.
 """
 
 from __future__ import annotations
@@ -258,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: leave torch's default)")
     p.add_argument("--rates", default="0.5,1,2,4", help="offered request rates (req/s), at least 4")
-    p.add_argument("--requests", type=int, default=24, help="requests per rate and trace")
+    p.add_argument("--requests", type=int, default=16, help="requests per rate and trace")
     p.add_argument("--adapters", type=int, default=1000, help="adapter population")
     p.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of adapter popularity")
     p.add_argument("--ranks", default="8,16,32,64")
