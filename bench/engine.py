@@ -1,12 +1,19 @@
 """Does multi-LoRA batching run near the base model's speed?  `python -m bench.engine --json`
 
-Workloads (one run, same machine, same prompts; bf16 by default):
+Workloads (one run, same machine, same prompts; bf16 where the CPU computes it natively):
 - decode: N concurrent requests over N distinct adapters (mixed ranks, all linear layers) versus
   the same batch without adapters, versus PEFT's mixed-adapter generate(adapter_names=...);
-  the ceiling is base speed scaled by W / (W + A), the bytes a decode step must read;
+- roofline: the step time the hardware allows for the adapter batch is the measured bare-model
+  step plus max(LoRA FLOPs / the FLOP rate the bare step achieved, adapter bytes read / memory
+  bandwidth measured in this run by summing a tensor far larger than the caches);
+  ratio_vs_roofline = that time / the measured multi-LoRA step (1.0: as fast as the hardware allows);
 - prefill: N long prompts with the same adapters versus without;
-- scale: traffic spread over a large resident pool versus a small one, N distinct adapters per
-  batch in both.
+- scale: traffic spread over a large resident pool (2,000) versus a small one (N), N distinct
+  adapters per batch in both;
+- --vs-vllm: vLLM's CPU build (an isolated venv under $LORAPLEX_HOME/bench-venvs/, installed on first
+  use) on the same model, adapter files, prompts and thread count, bare and with the N adapters,
+  each engine alone in turn; both timed on the wall clock as generated tokens / seconds for the
+  whole batch, prefill included (base_vs_vllm, lora_vs_vllm).
 - constrained (`--constrained`, on its own): a batch where half the rows follow a JSON schema
   versus the same batch all free; `constrained_decode_ratio` = free tok/s / mixed tok/s on the
   process's CPU clock (which counts the grammar threads' work too), `_wall_ratio` on the wall.
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -42,6 +50,19 @@ class RunTimes:
     prefill_tok_s: float  # prompt tokens per second until every first token
     ttft: list[float]
     tpot: list[float]
+    decode_s: float = 0.0  # CLOCK seconds of the steps after every request's first token
+    decode_steps: int = 0
+    wall_s: float = 0.0  # wall seconds from the first add_request to the last token
+    output_tokens: int = 0
+
+    @property
+    def step_s(self) -> float:
+        return self.decode_s / self.decode_steps if self.decode_steps else 0.0
+
+    @property
+    def wall_tok_s(self) -> float:
+        """Every generated token over the whole run's wall time, prefill included (vLLM's measure)."""
+        return self.output_tokens / self.wall_s if self.wall_s else 0.0
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -71,16 +92,19 @@ def run_engine(
     last: dict[str, float] = {}
     counts: dict[str, int] = {}
     cpu_all_first: float | None = None  # when the last request got its first token
+    decode_steps = 0
     while engine.has_unfinished():
         outputs = engine.step()
         now, cpu_now = time.perf_counter(), CLOCK()
+        if cpu_all_first is not None:
+            decode_steps += 1
         for out in outputs:
             first.setdefault(out.request_id, now)
             last[out.request_id] = now
             counts[out.request_id] = out.num_output_tokens
         if cpu_all_first is None and len(first) == len(prompts):
             cpu_all_first = cpu_now
-    cpu_end = CLOCK()
+    cpu_end, end = CLOCK(), time.perf_counter()
     assert cpu_all_first is not None
     decode_tokens = sum(n - 1 for n in counts.values())
     return RunTimes(
@@ -88,7 +112,101 @@ def run_engine(
         prefill_tok_s=sum(len(p) for p in prompts) / (cpu_all_first - cpu_start),
         ttft=[first[r] - start for r in first],
         tpot=[(last[r] - first[r]) / (counts[r] - 1) for r in first if counts[r] > 1],
+        decode_s=cpu_end - cpu_all_first,
+        decode_steps=decode_steps,
+        wall_s=end - start,
+        output_tokens=sum(counts.values()),
     )
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    """The linear layers' shapes, read from the model's config.json (not the engine's layout, which
+    may fuse projections): module name -> (in_features, out_features)."""
+
+    num_layers: int
+    modules: dict[str, tuple[int, int]]
+    vocab_size: int
+    hidden: int
+    kv_dim: int
+
+    @classmethod
+    def of(cls, model_dir: Path) -> ModelShapes:
+        c = json.loads((model_dir / "config.json").read_text())
+        hidden, inter = c["hidden_size"], c["intermediate_size"]
+        heads = c["num_attention_heads"]
+        head_dim = c.get("head_dim") or hidden // heads
+        kv = c.get("num_key_value_heads", heads) * head_dim
+        q = heads * head_dim
+        modules = {
+            "q_proj": (hidden, q),
+            "k_proj": (hidden, kv),
+            "v_proj": (hidden, kv),
+            "o_proj": (q, hidden),
+            "gate_proj": (hidden, inter),
+            "up_proj": (hidden, inter),
+            "down_proj": (inter, hidden),
+        }
+        return cls(c["num_hidden_layers"], modules, c["vocab_size"], hidden, kv)
+
+    def linear_params(self) -> int:
+        """Weights every token multiplies by: the decoder's linear layers and the LM head."""
+        per_layer = sum(i * o for i, o in self.modules.values())
+        return self.num_layers * per_layer + self.hidden * self.vocab_size
+
+    def step_flops(self, tokens: int, context: int) -> float:
+        """A decode step's matmul FLOPs: 2 per weight per token, plus attention's QK^T and PV over
+        `context` positions (per token, per layer: 2 * 2 * context * q_dim)."""
+        q_dim = self.modules["q_proj"][1]
+        return tokens * (2.0 * self.linear_params() + 4.0 * self.num_layers * context * q_dim)
+
+
+def lora_flops_per_token(weights: AdapterWeights) -> float:
+    """x @ A^T then @ B^T at every targeted module: 2 * r * (in + out) FLOPs per token."""
+    return sum(2.0 * (t.a.numel() + t.b.numel()) for t in weights.tensors.values())
+
+
+def measure_bandwidth(dtype: torch.dtype, mib: int = 512, repeats: int = 5) -> float:
+    """Bytes per second this process reads from memory: the best of a few sums over a tensor far
+    larger than the caches (what reading each adapter once per step costs at best). Timed on CLOCK,
+    the clock the step times it is compared with use."""
+    x = torch.ones(mib * 2**20 // torch.tensor([], dtype=dtype).element_size(), dtype=dtype)
+    x.sum()  # touch every page before timing
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = CLOCK()
+        x.sum()
+        best = min(best, CLOCK() - t0)
+    return x.numel() * x.element_size() / best
+
+
+def roofline(
+    shapes: ModelShapes,
+    base: RunTimes,
+    multi: RunTimes,
+    batch: int,
+    context: int,
+    weights: list[AdapterWeights],
+    bandwidth: float,
+) -> dict[str, float]:
+    """The adapter batch's step time the hardware allows, its terms, and the measured step."""
+    bare_step = base.step_s
+    achieved = shapes.step_flops(batch, context) / bare_step  # FLOP/s the bare step reached
+    lora_flops = sum(lora_flops_per_token(w) for w in weights)  # one token per row per step
+    adapter_bytes = sum(w.size_bytes for w in weights)  # each distinct adapter read once
+    roof = bare_step + max(lora_flops / achieved, adapter_bytes / bandwidth)
+    return {
+        "roofline_bare_step_ms": 1000 * bare_step,
+        "roofline_lora_flops": lora_flops,
+        "roofline_achieved_flop_s": achieved,
+        "roofline_adapter_bytes": adapter_bytes,
+        "roofline_bandwidth_bytes_s": bandwidth,
+        "roofline_compute_ms": 1000 * lora_flops / achieved,
+        "roofline_memory_ms": 1000 * adapter_bytes / bandwidth,
+        "roofline_step_ms": 1000 * roof,
+        "multilora_step_ms": 1000 * multi.step_s,
+        "ratio_vs_roofline": roof / multi.step_s,
+    }
 
 
 def make_peft_adapters(model_dir: Path, ranks: list[int], out: Path, dtype: torch.dtype):
@@ -118,19 +236,23 @@ def make_peft_adapters(model_dir: Path, ranks: list[int], out: Path, dtype: torc
 
 
 def random_weights(
-    engine: LLMEngine, digest: str, rank: int, seed: int, dtype: torch.dtype
+    shapes: ModelShapes,
+    digest: str,
+    rank: int,
+    seed: int,
+    dtype: torch.dtype,
+    targets: tuple[str, ...] = TARGETS,
 ) -> AdapterWeights:
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
-    for layer in range(engine.model.config.num_layers):
-        for name in TARGETS:
-            linear = engine.model.linear((layer, name))
-            assert linear is not None
-            a = (torch.randn(rank, linear.in_features, generator=gen) * 0.02).to(dtype)
-            b = (torch.randn(linear.out_features, rank, generator=gen) * 0.02).to(dtype)
+    for layer in range(shapes.num_layers):
+        for name in targets:
+            fan_in, fan_out = shapes.modules[name]
+            a = (torch.randn(rank, fan_in, generator=gen) * 0.02).to(dtype)
+            b = (torch.randn(fan_out, rank, generator=gen) * 0.02).to(dtype)
             tensors[(layer, name)] = LoraModuleWeights(a=a, b=b, scale=2.0)
     size = sum((t.a.numel() + t.b.numel()) * t.a.element_size() for t in tensors.values())
-    return AdapterWeights(digest, "LORA", tensors, dict.fromkeys(TARGETS, rank), size)
+    return AdapterWeights(digest, "LORA", tensors, dict.fromkeys(targets, rank), size)
 
 
 def peft_decode_tok_s(model, prompts: list[list[int]], names: list[str], new_tokens: int) -> float:
@@ -241,21 +363,69 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     panels = [
-        ("decode tok/s", ["base_tok_s", "decode_ceiling_tok_s", "multilora_tok_s", "peft_mixed_tok_s"]),
+        (
+            "wall tok/s: loraplex vs vLLM",
+            ["wall_base_tok_s", "vllm_base_tok_s", "wall_multilora_tok_s", "vllm_lora_tok_s"],
+        ),
+        ("decode tok/s", ["base_tok_s", "multilora_tok_s", "peft_mixed_tok_s"]),
         ("prefill tok/s", ["prefill_base_tok_s", "prefill_multilora_tok_s"]),
         ("scale: decode tok/s", ["scale_small_pool_tok_s", "scale_large_pool_tok_s"]),
     ]
-    for ax, (title, keys) in zip(axes, panels, strict=True):
+    panels = [(title, keys) for title, keys in panels if any(k in result for k in keys)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels, strict=True):
         keys = [k for k in keys if k in result]
-        ax.bar(range(len(keys)), [result[k] for k in keys], color="tab:blue")
+        colours = ["tab:orange" if k.startswith("vllm") else "tab:blue" for k in keys]
+        ax.bar(range(len(keys)), [result[k] for k in keys], color=colours)
         ax.set_xticks(range(len(keys)), [k.replace("_tok_s", "") for k in keys], rotation=20, fontsize=8)
         ax.set_title(title)
     fig.suptitle(f"loraplex engine on {result['device']} ({result['dtype']})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
+
+
+def vs_vllm(
+    args: argparse.Namespace,
+    model_dir: Path,
+    dtype: torch.dtype,
+    prompts: tuple[list[list[int]], list[list[int]]],
+    adapter_dirs: list[Path],
+    ours: tuple[RunTimes, RunTimes],
+    tmp: Path,
+    log,
+) -> dict:
+    """vLLM bare and with the same adapters, each in its own process after ours finished."""
+    from bench.vllm_env import ensure_vllm, run_driver
+    from services.common.config import loraplex_home
+
+    python = ensure_vllm(loraplex_home(), log=log)
+    ours_base, ours_lora = ours
+    spec = {
+        "model_dir": str(model_dir),
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "new_tokens": args.new_tokens,
+        "max_lora_rank": max(64, max(int(r) for r in args.ranks.split(","))),
+    }
+    base = run_driver(python, spec | {"prompts": prompts[0], "adapters": []}, tmp / "vllm-base.json")
+    log(f"vLLM bare {base['tok_s']:.1f} tok/s (ours {ours_base.wall_tok_s:.1f})")
+    lora_spec = spec | {"prompts": prompts[1], "adapters": [str(d) for d in adapter_dirs]}
+    lora = run_driver(python, lora_spec, tmp / "vllm-lora.json")
+    log(f"vLLM {len(set(adapter_dirs))} adapters {lora['tok_s']:.1f} tok/s (ours {ours_lora.wall_tok_s:.1f})")
+    return {
+        "vllm_version": base["vllm_version"],
+        "vllm_base_tok_s": base["tok_s"],
+        "vllm_lora_tok_s": lora["tok_s"],
+        # Engine construction (model load, KV cache, warm-up compile), not counted in tok/s.
+        "vllm_base_load_s": base["load_s"],
+        "vllm_lora_load_s": lora["load_s"],
+        "wall_base_tok_s": ours_base.wall_tok_s,
+        "wall_multilora_tok_s": ours_lora.wall_tok_s,
+        "base_vs_vllm": ours_base.wall_tok_s / base["tok_s"],
+        "lora_vs_vllm": ours_lora.wall_tok_s / lora["tok_s"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,12 +448,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peft-new-tokens", type=int, default=16)
     p.add_argument("--prefill-tokens", type=int, default=256)
     p.add_argument("--prefill-requests", type=int, default=32)
-    p.add_argument("--scale-pool", type=int, default=500)
+    p.add_argument("--scale-pool", type=int, default=2000)
     p.add_argument("--scale-rank", type=int, default=8)
+    # q/v by default: 2,000 all-linear rank-8 adapters take ~10 GB in bf16 (20 GB in fp32), more
+    # than a small machine has; the ratio compares the same adapter shape at both pool sizes.
+    p.add_argument("--scale-targets", default="q_proj,v_proj", help="modules the pool's adapters target")
     p.add_argument("--scale-waves", type=int, default=2)
     p.add_argument("--scale-new-tokens", type=int, default=32)
+    p.add_argument("--bandwidth-mib", type=int, default=512, help="tensor summed to measure memory bandwidth")
     p.add_argument("--clock", default="cpu", choices=["cpu", "wall"], help="clock for throughput")
     p.add_argument("--skip-peft", action="store_true")
+    p.add_argument("--skip-prefill", action="store_true")
+    p.add_argument("--skip-scale", action="store_true")
+    p.add_argument(
+        "--vs-vllm",
+        action="store_true",
+        help="also run vLLM's CPU build (installed on first use under $LORAPLEX_HOME/bench-venvs/)",
+    )
     p.add_argument("--plot", type=Path, default=RESULTS / "engine.png")
     p.add_argument("--json", action="store_true", help="print only the JSON result line")
     p.add_argument(
@@ -305,8 +486,13 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = pull_model(DEFAULT_MODEL, loraplex_home())
     log = (lambda *a: None) if args.json else print
     ranks = [int(r) for r in args.ranks.split(",")]
+    scale_targets = tuple(args.scale_targets.split(","))
+    unknown = set(scale_targets) - set(TARGETS)
+    if unknown:
+        p.error(f"--scale-targets: unknown modules {sorted(unknown)}; choose from {','.join(TARGETS)}")
     n = args.batch
     adapter_ranks = [ranks[i % len(ranks)] for i in range(n)]
+    shapes = ModelShapes.of(model_dir)
     config = EngineConfig(
         model_dir=model_dir,
         dtype=dtype,
@@ -327,39 +513,41 @@ def main(argv: list[str] | None = None) -> int:
         log(f"constrained rows: decode ratio {result['constrained_decode_ratio']:.3f} (free / mixed, CPU)")
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
         return 0
+    # The adapter files outlive the decode phase: vLLM reads the same ones.
+    tmp = Path(tempfile.mkdtemp(prefix="bench-engine-"))
+    try:
+        return _run(args, engine, shapes, model_dir, dtype, adapter_ranks, scale_targets, result, tmp, log)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        peft_model, dirs = make_peft_adapters(model_dir, adapter_ranks, Path(tmp), dtype)
-        weights = [load_adapter_weights(d, f"bench-{i}", dtype) for i, d in enumerate(dirs)]
+
+def _run(args, engine, shapes, model_dir, dtype, adapter_ranks, scale_targets, result, tmp, log) -> int:
+    n = args.batch
+    peft_model, dirs = make_peft_adapters(model_dir, adapter_ranks, tmp, dtype)
+    weights = [load_adapter_weights(d, f"bench-{i}", dtype) for i, d in enumerate(dirs)]
     for w in weights:
         engine.load_adapter(w)
     digests: list[str | None] = [w.digest for w in weights]
-    base_bytes = (
-        sum(
-            t.numel() * t.element_size()
-            for name, t in engine.model.named_parameters()
-            if "embed_tokens" not in name
-        )
-        + engine.model.lm_head.weight.numel() * engine.model.lm_head.weight.element_size()
-    )
-    adapter_bytes = sum(w.size_bytes for w in weights)
 
     # Decode.
     prompts = _prompts(engine, n, args.prompt_tokens, salt=1)
     run_engine(engine, prompts[:2], digests[:2], 4)  # warm-up
     base = run_engine(engine, prompts, [None] * n, args.new_tokens)
     log(f"base decode {base.tok_s:.1f} tok/s")
-    multi = run_engine(engine, _prompts(engine, n, args.prompt_tokens, salt=2), digests, args.new_tokens)
+    # Other prompts, so the prefix cache cannot make this run cheaper; vLLM gets the same two sets.
+    lora_prompts = _prompts(engine, n, args.prompt_tokens, salt=2)
+    multi = run_engine(engine, lora_prompts, digests, args.new_tokens)
     log(f"multi-LoRA decode {multi.tok_s:.1f} tok/s")
-    ceiling = base.tok_s * base_bytes / (base_bytes + adapter_bytes)
+    bandwidth = measure_bandwidth(dtype, args.bandwidth_mib)
+    # Mean context over the decode steps: the prompt plus half the generated tokens.
+    context = args.prompt_tokens + args.new_tokens // 2
+    roof = roofline(shapes, base, multi, n, context, weights, bandwidth)
+    log(f"roofline step {roof['roofline_step_ms']:.2f} ms, measured {roof['multilora_step_ms']:.2f} ms")
     result |= {
         "multilora_tok_s": multi.tok_s,
         "base_tok_s": base.tok_s,
-        "W_bytes": base_bytes,
-        "A_bytes": adapter_bytes,
-        "decode_ceiling_tok_s": ceiling,
-        "ratio_vs_ceiling": multi.tok_s / ceiling,
         "multilora_vs_base": multi.tok_s / base.tok_s,
+        **roof,
     }
     result |= _latency("decode_base", base) | _latency("decode_multilora", multi)
     if not args.skip_peft:
@@ -369,30 +557,54 @@ def main(argv: list[str] | None = None) -> int:
     del peft_model
 
     # Prefill.
-    m = args.prefill_requests
-    long_prompts = _prompts(engine, m, args.prefill_tokens, salt=3)
-    pre_base = run_engine(engine, long_prompts, [None] * m, 1)
-    pre_multi = run_engine(engine, _prompts(engine, m, args.prefill_tokens, salt=4), digests[:m] * 1, 1)
-    log(f"prefill base {pre_base.prefill_tok_s:.1f} tok/s, multi-LoRA {pre_multi.prefill_tok_s:.1f} tok/s")
-    result |= {
-        "prefill_base_tok_s": pre_base.prefill_tok_s,
-        "prefill_multilora_tok_s": pre_multi.prefill_tok_s,
-        "prefill_ratio_vs_base": pre_multi.prefill_tok_s / pre_base.prefill_tok_s,
-    }
-    result |= _latency("prefill_base", pre_base) | _latency("prefill_multilora", pre_multi)
+    if not args.skip_prefill:
+        m = args.prefill_requests
+        long_prompts = _prompts(engine, m, args.prefill_tokens, salt=3)
+        pre_base = run_engine(engine, long_prompts, [None] * m, 1)
+        pre_multi = run_engine(engine, _prompts(engine, m, args.prefill_tokens, salt=4), digests[:m] * 1, 1)
+        log(
+            f"prefill base {pre_base.prefill_tok_s:.1f} tok/s, multi-LoRA {pre_multi.prefill_tok_s:.1f} tok/s"
+        )
+        result |= {
+            "prefill_base_tok_s": pre_base.prefill_tok_s,
+            "prefill_multilora_tok_s": pre_multi.prefill_tok_s,
+            "prefill_ratio_vs_base": pre_multi.prefill_tok_s / pre_base.prefill_tok_s,
+        }
+        result |= _latency("prefill_base", pre_base) | _latency("prefill_multilora", pre_multi)
 
     # Scale: the same traffic shape over a small and a large resident pool.
     for d in list(engine.resident_adapters()):
         engine.unload_adapter(d)
     del weights
-    # Scale: the same traffic shape (waves of n requests over n distinct adapters) with n adapters
-    # resident, then with the whole pool resident and the traffic spread over all of it.
+    if not args.skip_scale:
+        result |= scale(args, engine, shapes, dtype, scale_targets, log)
+
+    if args.vs_vllm:
+        result |= vs_vllm(args, model_dir, dtype, (prompts, lora_prompts), dirs, (base, multi), tmp, log)
+
+    result = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
+    plot(result, args.plot)
+    result["plot"] = str(args.plot)
+    args.plot.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result))
+    return 0
+
+
+def scale(args, engine, shapes, dtype, targets, log) -> dict:
+    """Waves of n requests over n distinct adapters, with n adapters resident, then with the whole
+    pool resident and the traffic spread over all of it."""
+    n = args.batch
     pool: list[str] = []
-    scale: dict[str, RunTimes] = {}
+    runs_by: dict[str, RunTimes] = {}
     for label, size in (("small", n), ("large", args.scale_pool)):
         while len(pool) < size:
             w = random_weights(
-                engine, f"pool-{len(pool)}", args.scale_rank, seed=1000 + len(pool), dtype=dtype
+                shapes,
+                f"pool-{len(pool)}",
+                args.scale_rank,
+                seed=1000 + len(pool),
+                dtype=dtype,
+                targets=targets,
             )
             engine.load_adapter(w)
             pool.append(w.digest)
@@ -407,26 +619,23 @@ def main(argv: list[str] | None = None) -> int:
             )
             for w, wave in enumerate(waves)
         ]
-        scale[label] = RunTimes(
+        runs_by[label] = RunTimes(
             tok_s=len(runs) / sum(1 / r.tok_s for r in runs),  # equal tokens per wave
             prefill_tok_s=len(runs) / sum(1 / r.prefill_tok_s for r in runs),
             ttft=[t for r in runs for t in r.ttft],
             tpot=[t for r in runs for t in r.tpot],
         )
-        log(f"scale: {size} resident, {scale[label].tok_s:.1f} tok/s")
-    result |= {
+        log(f"scale: {size} resident, {runs_by[label].tok_s:.1f} tok/s")
+    for d in pool:
+        engine.unload_adapter(d)
+    out = {
         "scale_pool": args.scale_pool,
-        "scale_small_pool_tok_s": scale["small"].tok_s,
-        "scale_large_pool_tok_s": scale["large"].tok_s,
-        "scaling_ratio": scale["large"].tok_s / scale["small"].tok_s,
+        "scale_targets": ",".join(targets),
+        "scale_small_pool_tok_s": runs_by["small"].tok_s,
+        "scale_large_pool_tok_s": runs_by["large"].tok_s,
+        "scaling_ratio": runs_by["large"].tok_s / runs_by["small"].tok_s,
     }
-    result |= _latency("scale_small", scale["small"]) | _latency("scale_large", scale["large"])
-    result = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
-    plot(result, args.plot)
-    result["plot"] = str(args.plot)
-    args.plot.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result))
-    return 0
+    return out | _latency("scale_small", runs_by["small"]) | _latency("scale_large", runs_by["large"])
 
 
 if __name__ == "__main__":

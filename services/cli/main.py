@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant", required=True)
 
     p = sub.add_parser("bench", help="run a benchmark from bench/ (prints one JSON object last)")
-    p.add_argument("name", help="engine, router, usage, ...")
+    p.add_argument("name", help="engine, serving, router, usage, ...")
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark, e.g. --json")
     p.set_defaults(fn=local.bench)
 
