@@ -98,9 +98,12 @@ def certs_show(args: argparse.Namespace) -> int:
 
 
 def models_pull(args: argparse.Namespace) -> int:
+    from services.cli.progress import quiet_libraries, working
     from services.common.base_models import pull_model
 
-    path = pull_model(args.name, loraplex_home())
+    quiet_libraries()
+    with working(f"pulling {args.name} (download and convert)"):
+        path = pull_model(args.name, loraplex_home())
     if args.json:
         print(json.dumps({"name": args.name, "path": str(path)}))
     else:
@@ -141,5 +144,9 @@ def bench(args: argparse.Namespace) -> int:
         module = importlib.import_module(f"bench.{args.name}")
     except ModuleNotFoundError:
         raise ValueError(f"unknown benchmark {args.name!r}: see the bench/ directory") from None
-    code: int = module.main(args.args) or 0
+    from services.cli.progress import working
+
+    # The benchmark prints its own lines; the spinner only shows it is still running.
+    with working(f"bench {args.name}"):
+        code: int = module.main(args.args) or 0
     return code
