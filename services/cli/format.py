@@ -66,4 +66,4 @@ def money(amount: float | Decimal | str) -> str:
     if isinstance(amount, float):
         amount = repr(amount)
     value = amount if isinstance(amount, Decimal) else Decimal(amount)
-    return str(value.quantize(MONEY_PLACES, rounding=ROUND_HALF_EVEN))
+    return format(value.quantize(MONEY_PLACES, rounding=ROUND_HALF_EVEN), "f")
