@@ -120,15 +120,20 @@ def models_list(args: argparse.Namespace) -> int:
         return 0
     if not models:
         print("no models pulled yet: run 'loraplex models pull smollm2-135m-instruct'")
-    for m in models:
-        print(f"{m.name}  {m.path}")
+        return 0
+    from services.cli.format import table
+
+    print(table(["MODEL", "PATH"], [[m.name, m.path] for m in models]))
     return 0
 
 
 def dev(args: argparse.Namespace) -> int:
     from services.cli.dev import run_dev
+    from services.cli.progress import quiet_libraries
 
     _logging()
+    # The demo adapters are trained in this process on first run: no progress bars or warnings.
+    quiet_libraries()
     if args.workers < 1:
         raise ValueError("--workers must be at least 1")
     return run_dev(args.workers)
