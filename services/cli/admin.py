@@ -13,7 +13,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from loraplex.v1 import common_pb2, registry_pb2
-from services.cli.format import enum_name, table
+from services.cli.format import decimal_text, enum_name, table
 from services.client.adapter_dir import check_adapter_dir
 from services.client.registry import RegistryClient
 from services.common.config import ClientSettings, loraplex_home
@@ -64,7 +64,12 @@ def models_register(args: argparse.Namespace) -> int:
     with _client() as c:
         stored = c.upsert_base_model(base_model_pb(spec, args.input_price, args.output_price))
     if args.json:
-        return _emit_one(args, stored)
+        model = _as_dict(stored)
+        # Prices are money: decimal strings in machine-readable output, never floats.
+        for field in ("input_price_per_mtok", "output_price_per_mtok"):
+            model[field] = decimal_text(getattr(stored, field))
+        print(json.dumps(model, indent=2))
+        return 0
     print(
         f"registered base model {stored.name}: {stored.num_layers} layers, "
         f"{len(stored.target_modules)} target modules, context {stored.context_length}"

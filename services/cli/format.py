@@ -58,6 +58,11 @@ def enum_arg(enum: Any, prefix: str) -> Callable[[str], int]:
     return parse
 
 
+def decimal_text(value: float) -> str:
+    """A float price as the shortest exact decimal string: 0.05 -> '0.05', 1e-07 -> '0.0000001'."""
+    return format(Decimal(repr(value)), "f")
+
+
 def money(amount: float | Decimal | str) -> str:
     """A USD amount as a decimal string with 8 places: 5.305e-05 -> '0.00005305'.
 

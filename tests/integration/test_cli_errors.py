@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from loraplex.v1 import common_pb2, usage_pb2
+from loraplex.v1 import common_pb2, registry_pb2, usage_pb2
+from services.client.adapter_dir import AdapterDirError
 from services.client.usage import UsageClient, timestamp
 from services.common.model_spec import BaseModelSpec
 from services.common.private_files import write_private
@@ -301,3 +302,20 @@ def test_completion_scripts_load_in_bash(registry: RegistryProcess, shell: str) 
     assert "complete -o default -F _loraplex_complete loraplex" in script
     if shell == "bash":
         subprocess.run(["bash", "-n", "-c", script], check=True)
+
+
+def test_a_file_failing_mid_upload_is_named_not_unknown(
+    registry: RegistryProcess, tmp_path: Path, tiny_adapters: dict[str, Path], tiny_llama_spec: BaseModelSpec
+) -> None:
+    """A request iterator that raises surfaces from grpc as UNKNOWN 'Exception iterating requests!';
+    the client turns it back into the file and the reason, and nothing is registered."""
+    tenant = _tenant(registry)
+    good = tiny_adapters[sorted(tiny_adapters)[0]]
+    vanished = tmp_path / "adapter_model.safetensors"  # never created: open() fails inside the stream
+    meta = registry_pb2.UploadAdapterMetadata(tenant=tenant, name="x", base_model=tiny_llama_spec.name)
+    with registry.admin() as c, pytest.raises(AdapterDirError) as err:
+        c.upload_files(meta, [good / "adapter_config.json", vanished])
+    assert str(vanished) in str(err.value) and "nothing was registered" in str(err.value)
+    assert "UNKNOWN" not in str(err.value) and "iterating" not in str(err.value)
+    with registry.admin() as c:
+        assert list(c.list_adapters(tenant=tenant)) == []

@@ -14,7 +14,7 @@ from loraplex.v1 import common_pb2, usage_pb2
 from services.cli.admin import STATUS_PREFIX, UsageError, check_archive_reference
 from services.cli.completion import bash_script, command_words
 from services.cli.dev import client_exports
-from services.cli.format import enum_arg, enum_choices, enum_name, money, table
+from services.cli.format import decimal_text, enum_arg, enum_choices, enum_name, money, table
 from services.cli.main import build_parser
 from services.cli.usage import summary_record
 
@@ -74,6 +74,12 @@ def test_adapters_list_parses_the_word_the_table_prints() -> None:
 )
 def test_money_is_a_fixed_point_decimal_string(amount: float | Decimal | str, text: str) -> None:
     assert money(amount) == text
+
+
+def test_prices_are_plain_decimal_strings() -> None:
+    assert decimal_text(0.05) == "0.05"
+    assert decimal_text(1e-07) == "0.0000001"
+    assert decimal_text(2.0) == "2.0"
 
 
 def test_summary_record_has_names_and_a_decimal_string_amount() -> None:
