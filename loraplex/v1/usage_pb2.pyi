@@ -398,6 +398,7 @@ class UsageSummaryRow(_message.Message):
     CACHED_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     AMOUNT_USD_FIELD_NUMBER: _builtins.int
+    AMOUNT_USD_DECIMAL_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """Tenant id."""
     base_model: _builtins.str
@@ -418,6 +419,10 @@ class UsageSummaryRow(_message.Message):
     """Amount in USD from the prices stored with each record (those in force when
     it finished).
     """
+    amount_usd_decimal: _builtins.str
+    """amount_usd as an exact decimal string, e.g. "0.00005305" (the ledger's
+    numeric value, never rounded through a float); machine-readable outputs use it.
+    """
     def __init__(
         self,
         *,
@@ -430,10 +435,11 @@ class UsageSummaryRow(_message.Message):
         cached_input_tokens: _builtins.int = ...,
         output_tokens: _builtins.int = ...,
         amount_usd: _builtins.float = ...,
+        amount_usd_decimal: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "amount_usd", b"amount_usd", "base_model", b"base_model", "cached_input_tokens", b"cached_input_tokens", "day", b"day", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "requests", b"requests", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "amount_usd", b"amount_usd", "amount_usd_decimal", b"amount_usd_decimal", "base_model", b"base_model", "cached_input_tokens", b"cached_input_tokens", "day", b"day", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "requests", b"requests", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

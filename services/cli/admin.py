@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,12 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from loraplex.v1 import common_pb2, registry_pb2
+from services.cli.format import decimal_text, enum_name, table
+from services.client.adapter_dir import check_adapter_dir
 from services.client.registry import RegistryClient
 from services.common.config import ClientSettings, loraplex_home
+
+STATUS_PREFIX = "ADAPTER_STATUS_"
 
 
 class UsageError(Exception):
@@ -37,10 +42,7 @@ def _emit(
     if args.json:
         print(json.dumps([_as_dict(m) for m in messages], indent=2))
         return 0
-    table = [header, *[[str(c) for c in r] for r in rows]]
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    for r in table:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    print(table(header, [list(r) for r in rows]))
     return 0
 
 
@@ -62,7 +64,12 @@ def models_register(args: argparse.Namespace) -> int:
     with _client() as c:
         stored = c.upsert_base_model(base_model_pb(spec, args.input_price, args.output_price))
     if args.json:
-        return _emit_one(args, stored)
+        model = _as_dict(stored)
+        # Prices are money: decimal strings in machine-readable output, never floats.
+        for field in ("input_price_per_mtok", "output_price_per_mtok"):
+            model[field] = decimal_text(getattr(stored, field))
+        print(json.dumps(model, indent=2))
+        return 0
     print(
         f"registered base model {stored.name}: {stored.num_layers} layers, "
         f"{len(stored.target_modules)} target modules, context {stored.context_length}"
@@ -137,16 +144,23 @@ def keys_revoke(args: argparse.Namespace) -> int:
 
 
 def _status(a: registry_pb2.Adapter) -> str:
-    return common_pb2.AdapterStatus.Name(a.status).removeprefix("ADAPTER_STATUS_")
+    return enum_name(common_pb2.AdapterStatus, a.status, STATUS_PREFIX)
 
 
 def _variant(a: registry_pb2.Adapter) -> str:
-    return common_pb2.AdapterVariant.Name(a.ref.variant).removeprefix("ADAPTER_VARIANT_")
+    return enum_name(common_pb2.AdapterVariant, a.ref.variant, "ADAPTER_VARIANT_")
 
 
-def _adapter_rows(adapters: list[registry_pb2.Adapter]) -> list[list[object]]:
-    return [
-        [
+ADAPTER_HEADER = ["ADAPTER", "STATUS", "BASE_MODEL", "VARIANT", "RANK", "BYTES", "DIGEST", "ADAPTER_ID"]
+
+
+def _adapter_rows(
+    adapters: list[registry_pb2.Adapter], tenant_names: dict[str, str] | None = None
+) -> list[list[object]]:
+    """One row per version; with tenant_names, a TENANT column (by name) comes first."""
+    rows: list[list[object]] = []
+    for a in adapters:
+        row: list[object] = [
             f"{a.ref.name}@{a.ref.version}",
             _status(a),
             a.ref.base_model,
@@ -156,27 +170,39 @@ def _adapter_rows(adapters: list[registry_pb2.Adapter]) -> list[list[object]]:
             a.ref.digest[:19],
             a.ref.adapter_id,
         ]
-        for a in adapters
-    ]
+        if tenant_names is not None:
+            row.insert(0, tenant_names.get(a.ref.tenant_id, a.ref.tenant_id))
+        rows.append(row)
+    return rows
 
 
-ADAPTER_HEADER = ["ADAPTER", "STATUS", "BASE_MODEL", "VARIANT", "RANK", "BYTES", "DIGEST", "ADAPTER_ID"]
+def _tenant_names(c: RegistryClient) -> dict[str, str]:
+    return {t.tenant_id: t.name for t in c.list_tenants()}
+
+
+def _upload_progress(total: int, label: str) -> Any:
+    """A rich progress bar (bytes, rate) on a terminal; nothing when stdout is not one."""
+    from services.cli.progress import transfer
+
+    return transfer(total, label)
 
 
 def adapters_register(args: argparse.Namespace) -> int:
     with _client() as c:
         if args.path:
             directory = Path(args.path)
-            if not directory.is_dir():
-                raise UsageError(f"{directory} is not a directory holding adapter_config.json")
-            a = c.upload_adapter(
-                directory,
-                tenant=args.tenant,
-                name=args.name,
-                base_model=args.base_model,
-                keep_warm=args.keep_warm,
-                description=args.description,
-            )
+            files = check_adapter_dir(directory)
+            total = sum(f.stat().st_size for f in files)
+            with _upload_progress(total, f"uploading {args.name}") as advance:
+                a = c.upload_adapter(
+                    directory,
+                    tenant=args.tenant,
+                    name=args.name,
+                    base_model=args.base_model,
+                    keep_warm=args.keep_warm,
+                    description=args.description,
+                    progress=advance,
+                )
         else:
             a = c.register_adapter(
                 tenant=args.tenant,
@@ -190,19 +216,64 @@ def adapters_register(args: argparse.Namespace) -> int:
 
 
 def adapters_list(args: argparse.Namespace) -> int:
-    status = common_pb2.AdapterStatus.Value(f"ADAPTER_STATUS_{(args.status or 'unspecified').upper()}")
     with _client() as c:
-        adapters = list(c.list_adapters(tenant=args.tenant, base_model=args.base_model, status=status))
-    return _emit(args, adapters, _adapter_rows(adapters), ADAPTER_HEADER)
+        adapters = list(c.list_adapters(tenant=args.tenant, base_model=args.base_model, status=args.status))
+        # Without --tenant the admin sees every tenant's versions: the same name can appear twice.
+        names = None if args.tenant or args.json else _tenant_names(c)
+    header = ADAPTER_HEADER if names is None else ["TENANT", *ADAPTER_HEADER]
+    return _emit(args, adapters, _adapter_rows(adapters, names), header)
 
 
 def adapters_show(args: argparse.Namespace) -> int:
     with _client() as c:
         a = c.get_adapter(args.adapter, args.tenant)
-    return _emit_one(args, a)
+        tenant = "" if args.json else _tenant_names(c).get(a.ref.tenant_id, a.ref.tenant_id)
+    if args.json:
+        return _emit_one(args, a)
+    print(table(["TENANT", *ADAPTER_HEADER], _adapter_rows([a], {a.ref.tenant_id: tenant})))
+    details = [
+        ("uri", a.ref.uri),
+        ("target modules", ", ".join(a.target_modules)),
+        ("lora_alpha", f"{a.lora_alpha:g}"),
+        ("keep warm", "yes" if a.ref.keep_warm else "no"),
+        ("created", a.created_at.ToDatetime().isoformat(timespec="seconds") + "Z"),
+        ("description", a.description),
+        ("failure", a.failure_reason),
+    ]
+    print()
+    print("\n".join(f"{k + ':':<16}{v}" for k, v in details if v))
+    return 0
 
 
 def adapters_archive(args: argparse.Namespace) -> int:
+    reference = check_archive_reference(args.adapter, args.latest)
     with _client() as c:
-        a = c.archive_adapter(args.adapter, args.tenant)
-    return _emit(args, [a], _adapter_rows([a]), ADAPTER_HEADER)
+        a = c.archive_adapter(reference, args.tenant)
+    if args.json:
+        return _emit_one(args, a)
+    print(
+        f"archived {a.ref.name}@{a.ref.version} ({a.ref.adapter_id}) of tenant {args.tenant}: "
+        "it is no longer served; its files stay in the store"
+    )
+    return 0
+
+
+def check_archive_reference(reference: str, latest: bool) -> str:
+    """Archiving is destructive: the version must be named, or --latest asked for explicitly."""
+    explicit = "@" in reference or _is_uuid(reference)
+    if latest and explicit:
+        raise UsageError(f"give either {reference!r} or --latest, not both")
+    if not latest and not explicit:
+        raise UsageError(
+            f"say which version to archive: {reference}@VERSION (see 'loraplex adapters list "
+            f"--tenant ...'), or --latest for its latest READY version"
+        )
+    return reference
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True

@@ -9,6 +9,7 @@ Ctrl-C drains and stops everything.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -259,6 +260,35 @@ def _curl_example(stack: Stack, adapter: str) -> str:
     )
 
 
+def client_exports(home: Path, router: str, registry: str, *, plaintext: bool) -> dict[str, str]:
+    """The settings a CLI in another shell needs to reach this stack: LORAPLEX_HOME always, and
+    every address or mode that is not the CLI's default (else copying the banner talks to the
+    wrong ports)."""
+    defaults = ClientSettings.from_env({})
+    exports = {"LORAPLEX_HOME": str(home)}
+    if router != defaults.router:
+        exports["LORAPLEX_ROUTER"] = router
+    if registry != defaults.registry:
+        exports["LORAPLEX_REGISTRY"] = registry
+    if plaintext:
+        exports["LORAPLEX_INSECURE_PLAINTEXT"] = "true"
+    return exports
+
+
+def _exports(exports: Mapping[str, str]) -> str:
+    return "\n".join(f"  export {k}={shlex.quote(v)}" for k, v in exports.items())
+
+
+def _admin_hint(home: Path) -> str:
+    if os.environ.get("LORAPLEX_ADMIN_TOKEN"):
+        return "Admin commands use the LORAPLEX_ADMIN_TOKEN set in this shell (export it there too)."
+    token_file = home / "dev-admin-token"
+    return (
+        f"Admin commands need the admin token, kept in {token_file} (mode 0600):\n"
+        f"  export LORAPLEX_ADMIN_TOKEN=$(cat {shlex.quote(str(token_file))})"
+    )
+
+
 def run_dev(workers: int = 1) -> int:
     home = loraplex_home()
     print(f"starting loraplex in {home} (logs in {home / 'logs'}) ...", flush=True)
@@ -287,12 +317,11 @@ loraplex dev is up.
 
 In another terminal:
   source .venv/bin/activate
-  export LORAPLEX_HOME={home}
+{_exports(client_exports(home, stack.router, stack.registry, plaintext=stack.tls is None))}
   export LORAPLEX_API_KEY=$(cat {home / "dev-api-key"})
   loraplex generate --adapter {adapters[0]} --chat "How do I reset my password?"
 {_curl_example(stack, adapters[0])}
-Admin commands need the admin token, kept in {home / "dev-admin-token"} (mode 0600):
-  export LORAPLEX_ADMIN_TOKEN=$(cat {home / "dev-admin-token"})
+{_admin_hint(home)}
 Ctrl-C stops everything.""",
             flush=True,
         )

@@ -5,17 +5,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from google.protobuf.json_format import MessageToDict
 
 from loraplex.v1 import common_pb2
 from services.cli.admin import UsageError
 from services.client.inference import GenerateOptions, InferenceClient, PromptInput, Sampling
-from services.common.config import ClientSettings
+from services.common.config import ClientSettings, loraplex_home
+from services.common.private_files import read_secret
+
+# Where `loraplex dev` keeps the demo tenant's key (services.cli.dev writes it).
+DEV_API_KEY_FILE = "dev-api-key"
 
 
 def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("generate", help="stream a completion through the router (needs LORAPLEX_API_KEY)")
+    p = sub.add_parser(
+        "generate", help="stream a completion through the router (LORAPLEX_API_KEY, else the dev key)"
+    )
     p.add_argument("prompt")
     p.add_argument("--adapter", default="", help="name or name@version; omit for the bare base model")
     p.add_argument("--model", default="", help="base model (implied by the adapter when omitted)")
@@ -36,10 +43,22 @@ def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.set_defaults(fn=generate)
 
 
+def dev_api_key(home: Path) -> str:
+    """The key `loraplex dev` wrote to $LORAPLEX_HOME/dev-api-key, said once on stderr; else UsageError."""
+    key_file = home / DEV_API_KEY_FILE
+    if not key_file.is_file():
+        raise UsageError(
+            f"set LORAPLEX_API_KEY to an API key: 'loraplex keys create --tenant NAME' makes one, "
+            f"and 'loraplex dev' writes one to {key_file} (none there now; is LORAPLEX_HOME right?)"
+        )
+    key = read_secret(key_file)
+    print(f"using the dev API key in {key_file} (LORAPLEX_API_KEY is not set)", file=sys.stderr)
+    return key
+
+
 def generate(args: argparse.Namespace) -> int:
     settings = ClientSettings.from_env()
-    if not settings.api_key:
-        raise UsageError("set LORAPLEX_API_KEY to an API key (loraplex keys create --tenant ...)")
+    api_key = settings.api_key or dev_api_key(loraplex_home())
     prompt: PromptInput = args.prompt
     if args.chat:
         turns = [("system", args.system)] if args.system else []
@@ -57,7 +76,7 @@ def generate(args: argparse.Namespace) -> int:
             stop=tuple(args.stop),
         ),
     )
-    with InferenceClient(settings.router, settings.api_key, ca=settings.router_ca) as client:
+    with InferenceClient(settings.router, api_key, ca=settings.router_ca) as client:
         for event in client.generate(prompt, options):
             kind = event.WhichOneof("event")
             if args.json:

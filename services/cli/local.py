@@ -98,9 +98,12 @@ def certs_show(args: argparse.Namespace) -> int:
 
 
 def models_pull(args: argparse.Namespace) -> int:
+    from services.cli.progress import quiet_libraries, working
     from services.common.base_models import pull_model
 
-    path = pull_model(args.name, loraplex_home())
+    quiet_libraries()
+    with working(f"pulling {args.name} (download and convert)"):
+        path = pull_model(args.name, loraplex_home())
     if args.json:
         print(json.dumps({"name": args.name, "path": str(path)}))
     else:
@@ -117,15 +120,20 @@ def models_list(args: argparse.Namespace) -> int:
         return 0
     if not models:
         print("no models pulled yet: run 'loraplex models pull smollm2-135m-instruct'")
-    for m in models:
-        print(f"{m.name}  {m.path}")
+        return 0
+    from services.cli.format import table
+
+    print(table(["MODEL", "PATH"], [[m.name, m.path] for m in models]))
     return 0
 
 
 def dev(args: argparse.Namespace) -> int:
     from services.cli.dev import run_dev
+    from services.cli.progress import quiet_libraries
 
     _logging()
+    # The demo adapters are trained in this process on first run: no progress bars or warnings.
+    quiet_libraries()
     if args.workers < 1:
         raise ValueError("--workers must be at least 1")
     return run_dev(args.workers)
@@ -141,5 +149,9 @@ def bench(args: argparse.Namespace) -> int:
         module = importlib.import_module(f"bench.{args.name}")
     except ModuleNotFoundError:
         raise ValueError(f"unknown benchmark {args.name!r}: see the bench/ directory") from None
-    code: int = module.main(args.args) or 0
+    from services.cli.progress import working
+
+    # The benchmark prints its own lines; the spinner only shows it is still running.
+    with working(f"bench {args.name}"):
+        code: int = module.main(args.args) or 0
     return code

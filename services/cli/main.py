@@ -8,7 +8,9 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from services.cli import admin, generate, local, usage
+from loraplex.v1 import common_pb2
+from services.cli import admin, completion, generate, local, usage
+from services.cli.format import enum_arg, enum_choices
 from services.common.config import ConfigError
 
 
@@ -116,13 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd(adapters, "list", admin.adapters_list, "list adapter versions")
     p.add_argument("--tenant", default="", help="tenant id or name (admin: empty lists all)")
     p.add_argument("--base-model", default="")
-    p.add_argument("--status", default="", choices=["", "validating", "ready", "failed", "archived"])
-    p = cmd(adapters, "show", admin.adapters_show, "show one adapter version")
+    p.add_argument(
+        "--status",
+        type=enum_arg(common_pb2.AdapterStatus, admin.STATUS_PREFIX),
+        default=common_pb2.ADAPTER_STATUS_UNSPECIFIED,
+        metavar="|".join(enum_choices(common_pb2.AdapterStatus, admin.STATUS_PREFIX)),
+        help="only versions in this status (any case)",
+    )
+    p = cmd(adapters, "show", admin.adapters_show, "show one adapter version (name: its latest READY one)")
     p.add_argument("adapter", help="name, name@version or adapter id")
-    p.add_argument("--tenant", default="")
-    p = cmd(adapters, "archive", admin.adapters_archive, "archive an adapter version")
-    p.add_argument("adapter", help="name@version or adapter id")
-    p.add_argument("--tenant", required=True)
+    p.add_argument("--tenant", default="", help="tenant id or name (needed for a name)")
+    p = cmd(adapters, "archive", admin.adapters_archive, "archive an adapter version (no longer served)")
+    p.add_argument("adapter", help="name@version or adapter id (or a name with --latest)")
+    p.add_argument("--tenant", required=True, help="tenant id or name")
+    p.add_argument("--latest", action="store_true", help="archive the name's latest READY version")
 
     p = sub.add_parser("bench", help="run a benchmark from bench/ (prints one JSON object last)")
     p.add_argument("name", help="engine, serving, router, usage, ...")
@@ -136,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dev", help="run the whole stack locally: registry, workers, router, demo tenant")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.set_defaults(fn=local.dev)
+
+    p = sub.add_parser(
+        "completion", help='print a shell completion script: eval "$(loraplex completion bash)"'
+    )
+    p.add_argument("shell", choices=["bash", "zsh"])
+    p.set_defaults(fn=lambda a: completion.print_script(build_parser(), a.shell))
     return parser
 
 
@@ -149,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         details = exc.details() if hasattr(exc, "details") else str(exc)
         print(f"error ({status}): {details}", file=sys.stderr)
         return 1
-    except (ConfigError, admin.UsageError, ValueError, LookupError) as exc:
+    except (ConfigError, admin.UsageError, ValueError, LookupError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,7 +11,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
+from loraplex.v1 import usage_pb2
 from services.cli.admin import UsageError
+from services.cli.format import money, table
+from services.client.registry import RegistryClient
 from services.client.usage import FORMATS, UsageClient
 from services.common.config import ClientSettings
 
@@ -60,33 +63,74 @@ def usage_export(args: argparse.Namespace) -> int:
     return 0
 
 
+SUMMARY_HEADER = [
+    "TENANT", "DAY", "BASE_MODEL", "ADAPTER", "REQUESTS", "INPUT", "CACHED", "OUTPUT", "USD",
+]  # fmt: skip
+
+
 def usage_summary(args: argparse.Namespace) -> int:
     start, end = parse_time(args.start), parse_time(args.end)
     with _client() as c:
         rows = c.summarize(start, end, args.tenant)
+    names = _names(rows)
+    records = [summary_record(r, names) for r in rows]
     if args.json:
-        fields = [f.name for f in rows[0].DESCRIPTOR.fields] if rows else []
-        print(json.dumps([{f: getattr(r, f) for f in fields} for r in rows], indent=2))
+        print(json.dumps(records, indent=2))
         return 0
-    header = ["tenant_id", "day", "base_model", "adapter_id", "requests", "input", "cached", "output", "usd"]
-    table = [header] + [
-        [
-            r.tenant_id,
-            r.day,
-            r.base_model,
-            r.adapter_id or "-",
-            str(r.requests),
-            str(r.input_tokens),
-            str(r.cached_input_tokens),
-            str(r.output_tokens),
-            f"{r.amount_usd:.6f}",
-        ]
-        for r in rows
-    ]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    print(
+        table(
+            SUMMARY_HEADER,
+            [
+                [
+                    r["tenant"],
+                    r["day"],
+                    r["base_model"],
+                    r["adapter"] or "-",
+                    r["requests"],
+                    r["input_tokens"],
+                    r["cached_input_tokens"],
+                    r["output_tokens"],
+                    r["amount_usd"],
+                ]
+                for r in records
+            ],
+        )
+    )
     return 0
+
+
+def summary_record(row: usage_pb2.UsageSummaryRow, names: dict[str, str]) -> dict[str, object]:
+    """One summary row for people and machines: names beside ids, money as a decimal string."""
+    return {
+        "tenant": names.get(row.tenant_id, row.tenant_id),
+        "tenant_id": row.tenant_id,
+        "day": row.day,
+        "base_model": row.base_model,
+        "adapter": names.get(row.adapter_id, row.adapter_id) if row.adapter_id else "",
+        "adapter_id": row.adapter_id,
+        "requests": row.requests,
+        "input_tokens": row.input_tokens,
+        "cached_input_tokens": row.cached_input_tokens,
+        "output_tokens": row.output_tokens,
+        # The exact ledger value when the registry sends it (older registries: the float).
+        "amount_usd": money(row.amount_usd_decimal or row.amount_usd),
+    }
+
+
+def _names(rows: list[usage_pb2.UsageSummaryRow]) -> dict[str, str]:
+    """Tenant id -> name and adapter id -> name@version, from the registry (admin list calls)."""
+    if not rows:
+        return {}
+    settings = ClientSettings.from_env()
+    with RegistryClient(settings.registry, settings.admin_token, tls=settings.registry_tls()) as c:
+        names = {t.tenant_id: t.name for t in c.list_tenants()}
+        wanted = {r.adapter_id for r in rows if r.adapter_id}
+        if wanted:
+            for tenant_id in {r.tenant_id for r in rows if r.adapter_id}:
+                for a in c.list_adapters(tenant=tenant_id):
+                    if a.ref.adapter_id in wanted:
+                        names[a.ref.adapter_id] = f"{a.ref.name}@{a.ref.version}"
+    return names
 
 
 def add_commands(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
+
 from loraplex.v1 import common_pb2, registry_pb2, registry_pb2_grpc
-from services.common.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from services.client.adapter_dir import AdapterDirError, check_adapter_dir
 from services.common.tls import TlsFiles, sync_channel
 
 UPLOAD_CHUNK_BYTES = 1 << 20
@@ -115,26 +117,57 @@ class RegistryClient:
         base_model: str,
         keep_warm: bool = False,
         description: str = "",
+        progress: Callable[[int], None] | None = None,
     ) -> registry_pb2.Adapter:
-        """Streams adapter_config.json and adapter_model.safetensors from `directory`."""
+        """Streams adapter_config.json and adapter_model.safetensors from `directory`.
+
+        The directory is checked here first (AdapterDirError names the problem) so a wrong one
+        never reaches the registry as a half-sent stream.
+        """
+        files = check_adapter_dir(directory)
         meta = registry_pb2.UploadAdapterMetadata(
             tenant=tenant, name=name, base_model=base_model, keep_warm=keep_warm, description=description
         )
-        return self.upload_files(meta, [directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS])
+        return self.upload_files(meta, files, progress=progress)
 
     def upload_files(
-        self, meta: registry_pb2.UploadAdapterMetadata, files: list[Path]
+        self,
+        meta: registry_pb2.UploadAdapterMetadata,
+        files: list[Path],
+        *,
+        progress: Callable[[int], None] | None = None,
     ) -> registry_pb2.Adapter:
+        """progress: called with the bytes of each chunk as it is handed to gRPC."""
+        # An exception inside a request iterator reaches the caller as grpc's
+        # UNKNOWN "Exception iterating requests!", which says nothing; keep it and raise it instead.
+        failed: list[BaseException] = []
+
         def parts() -> Iterator[registry_pb2.UploadAdapterRequest]:
             yield registry_pb2.UploadAdapterRequest(metadata=meta)
-            for path in files:
-                with path.open("rb") as f:
-                    while chunk := f.read(UPLOAD_CHUNK_BYTES):
-                        yield registry_pb2.UploadAdapterRequest(
-                            chunk=registry_pb2.AdapterFileChunk(file_name=path.name, data=chunk)
-                        )
+            try:
+                for path in files:
+                    with path.open("rb") as f:
+                        while chunk := f.read(UPLOAD_CHUNK_BYTES):
+                            yield registry_pb2.UploadAdapterRequest(
+                                chunk=registry_pb2.AdapterFileChunk(file_name=path.name, data=chunk)
+                            )
+                            if progress is not None:
+                                progress(len(chunk))
+            except OSError as exc:
+                failed.append(exc)
+                raise
 
-        return self._stub.UploadAdapter(parts(), metadata=self._metadata, timeout=self._timeout).adapter
+        try:
+            return self._stub.UploadAdapter(parts(), metadata=self._metadata, timeout=self._timeout).adapter
+        except grpc.RpcError:
+            if failed:
+                exc = failed[0]
+                detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                name = getattr(exc, "filename", None) or "a file"
+                raise AdapterDirError(
+                    f"reading {name} failed during the upload ({detail}); nothing was registered"
+                ) from exc
+            raise
 
     def get_adapter(self, reference: str, tenant: str = "") -> registry_pb2.Adapter:
         req = registry_pb2.GetAdapterRequest(tenant=tenant, adapter=reference)

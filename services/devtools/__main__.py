@@ -11,6 +11,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from services.cli.progress import quiet_libraries, working
 from services.common.base_models import pull_model
 from services.common.config import DEFAULT_MODEL, loraplex_home
 from services.devtools.adapters import SMOLLM2_TEST_ADAPTERS, build_adapter
@@ -22,11 +23,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("adapters", help=f"train the {DEFAULT_MODEL} test adapters")
     p.add_argument("--out", required=True, type=Path, help="directory to copy the adapters into")
     args = parser.parse_args(argv)
+    quiet_libraries()
     home = loraplex_home()
-    model_dir = pull_model(DEFAULT_MODEL, home)
+    with working(f"pulling {DEFAULT_MODEL}"):
+        model_dir = pull_model(DEFAULT_MODEL, home)
     args.out.mkdir(parents=True, exist_ok=True)
     for spec in SMOLLM2_TEST_ADAPTERS:
-        built = build_adapter(model_dir, spec, home / "test-adapters")
+        with working(f"training {spec.name}"):
+            built = build_adapter(model_dir, spec, home / "test-adapters")
         dest = args.out / spec.name
         if not dest.exists():
             shutil.copytree(built, dest)

@@ -391,6 +391,14 @@ async def get_adapter(
     return await s.scalar(stmt)
 
 
+async def adapter_versions(s: AsyncSession, tenant_id: uuid.UUID, name: str) -> list[Adapter]:
+    """Every version of the tenant's adapter `name`, oldest first (any status)."""
+    stmt = (
+        select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name).order_by(Adapter.version)
+    )
+    return list(await s.scalars(stmt))
+
+
 async def get_adapter_by_id(
     s: AsyncSession, adapter_id: uuid.UUID, tenant_id: uuid.UUID | None = None
 ) -> Adapter | None:

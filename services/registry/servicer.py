@@ -51,6 +51,8 @@ ERRORS = {
 }
 
 MAX_PAGE_SIZE = 1000
+# How many versions a "no READY version" message lists.
+MAX_LISTED_VERSIONS = 10
 WATCH_BATCH = 500
 
 
@@ -374,6 +376,11 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServiceServicer):
             name, _, version_text = reference.partition("@")
             version = _parse_version(version_text) if version_text else None
             row = await queries.get_adapter(s, tenant_id, name, version)
+            if row is None and version is None:
+                versions = await queries.adapter_versions(s, tenant_id, name)
+                if versions:
+                    # It exists (in the caller's own tenant) but nothing is servable: say so.
+                    raise errors.Conflict(not_servable_message(name, versions))
         if row is None:
             raise errors.NotFound(f"adapter {reference!r} not found")
         return row
@@ -381,6 +388,18 @@ class AdapterRegistryServicer(registry_pb2_grpc.AdapterRegistryServiceServicer):
     def _staging_dir(self) -> Any:
         self._staging_root.mkdir(parents=True, exist_ok=True)
         return _TempDir(self._staging_root)
+
+
+def not_servable_message(name: str, versions: list[Any]) -> str:
+    """FAILED_PRECONDITION text for a name with versions but none READY."""
+    listed = ", ".join(f"@{v.version} {v.status}" for v in versions[-MAX_LISTED_VERSIONS:])
+    more = (
+        f" (latest {MAX_LISTED_VERSIONS} of {len(versions)})" if len(versions) > MAX_LISTED_VERSIONS else ""
+    )
+    return (
+        f"adapter {name!r} has no READY version to serve; its versions: {listed}{more}. "
+        f"Register a new version, or name one with {name}@VERSION"
+    )
 
 
 class _TempDir:

@@ -235,6 +235,7 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
                     cached_input_tokens=r.cached_input_tokens,
                     output_tokens=r.output_tokens,
                     amount_usd=float(r.amount_usd or 0),
+                    amount_usd_decimal=str(r.amount_usd or 0),
                 )
                 for r in rows
             ]

@@ -267,6 +267,9 @@ class RegistryView:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 raise AdapterNotFound(f"adapter {reference!r} not found") from None
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                # The tenant's own name with no READY version: the registry lists its versions.
+                raise AdapterNotServable(exc.details() or f"adapter {reference!r} is not ready") from None
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise BadReference(exc.details() or f"bad adapter reference {reference!r}") from None
             raise _unavailable("resolve the adapter", exc) from exc

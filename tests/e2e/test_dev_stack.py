@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,13 @@ class DevStack:
 def dev_stack(
     tmp_path_factory: pytest.TempPathFactory, database_url: str, smollm2_dir: Path
 ) -> Iterator[DevStack]:
-    home = tmp_path_factory.mktemp("dev-home")
+    with running_dev(tmp_path_factory.mktemp("dev-home"), database_url, smollm2_dir, workers=2) as stack:
+        yield stack
+
+
+@contextmanager
+def running_dev(home: Path, database_url: str, smollm2_dir: Path, *, workers: int) -> Iterator[DevStack]:
+    """`loraplex dev --workers N` on a fresh home (the session's converted model linked in)."""
     # Reuse the session's converted model instead of converting the GGUF again.
     (home / "models").mkdir()
     (home / "models" / smollm2_dir.name).symlink_to(smollm2_dir)
@@ -71,7 +78,7 @@ def dev_stack(
     }
     env.pop("LORAPLEX_ADMIN_TOKEN", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli.main", "dev", "--workers", "2"],
+        [sys.executable, "-m", "services.cli.main", "dev", "--workers", str(workers)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -110,6 +110,9 @@ async def stack(
         c.upload_adapter(adapter_dir, tenant=a.name, name="bot", base_model=TINY_LLAMA)
         c.upload_adapter(worker_tiny_adapters["mlp"], tenant=a.name, name="bot", base_model=TINY_LLAMA)
         c.archive_adapter("bot@2", tenant=a.name)
+        # Exists, but no version is servable: every one archived.
+        c.upload_adapter(adapter_dir, tenant=a.name, name="retired", base_model=TINY_LLAMA)
+        c.archive_adapter("retired@1", tenant=a.name)
         c.upload_adapter(adapter_dir, tenant=b.name, name="secret-sauce", base_model=TINY_LLAMA)
     worker_tls = registry.certs.files(Role.WORKER)
     workers = [await start_synthetic_worker(f"syn-{i}", TINY_LLAMA, tls=worker_tls) for i in range(2)]
@@ -484,12 +487,20 @@ async def test_another_tenants_adapter_is_reported_exactly_like_a_missing_one(s:
     foreign_id = by_id.events[0].started.adapter.adapter_id
     r = await _generate(s, s.a.secret, _request(adapter=foreign_id))
     assert r.code == grpc.StatusCode.NOT_FOUND
+    # A's name with no READY version is FAILED_PRECONDITION for A, and still NOT_FOUND for B.
+    retired = await _generate(s, s.b.secret, _request(adapter="retired"))
+    assert retired.code == grpc.StatusCode.NOT_FOUND and "ARCHIVED" not in retired.details
 
 
 @pytest.mark.parametrize(
     ("fields", "code", "phrase"),
     [
         ({"adapter": "bot@2"}, grpc.StatusCode.FAILED_PRECONDITION, "archived"),
+        (
+            {"adapter": "retired"},
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "no READY version to serve; its versions: @1 ARCHIVED",
+        ),
         ({"adapter": "bot", "model": OTHER_MODEL}, grpc.StatusCode.FAILED_PRECONDITION, "base model"),
         ({"adapter": "bot@zero"}, grpc.StatusCode.INVALID_ARGUMENT, "version"),
         ({"adapter": "bot", "request_id": "x" * 129}, grpc.StatusCode.INVALID_ARGUMENT, "request_id"),
