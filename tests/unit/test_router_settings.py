@@ -139,3 +139,14 @@ def test_http_api_listens_on_8080_by_default_and_empty_turns_it_off() -> None:
     assert RouterSettings.from_env({**BASE, "LORAPLEX_HTTP_LISTEN": ""}).http_listen == ""
     with pytest.raises(ConfigError, match="LORAPLEX_HTTP_LISTEN='8080' must be host:port"):
         RouterSettings.from_env({**BASE, "LORAPLEX_HTTP_LISTEN": "8080"})
+
+
+def test_cold_queue_defaults_and_overrides() -> None:
+    s = RouterSettings.from_env(BASE)
+    assert (s.cold_queue, s.cold_wait_s) == (256, 120.0)
+    s = RouterSettings.from_env(
+        {**BASE, "LORAPLEX_ROUTER_COLD_QUEUE": "0", "LORAPLEX_ROUTER_COLD_WAIT_S": "2.5"}
+    )
+    assert (s.cold_queue, s.cold_wait_s) == (0, 2.5)
+    with pytest.raises(ConfigError, match="LORAPLEX_ROUTER_COLD_WAIT_S"):
+        RouterSettings.from_env({**BASE, "LORAPLEX_ROUTER_COLD_WAIT_S": "-1"})
