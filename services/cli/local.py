@@ -124,11 +124,12 @@ def models_list(args: argparse.Namespace) -> int:
 
 def dev(args: argparse.Namespace) -> int:
     from services.cli.dev import run_dev
+    from services.cli.pools import parse_pools
+    from services.common.config import DEFAULT_MODEL
 
     _logging()
-    if args.workers < 1:
-        raise ValueError("--workers must be at least 1")
-    return run_dev(args.workers)
+    pools = parse_pools(args.models, args.workers, DEFAULT_MODEL)
+    return run_dev(args.workers, pools)
 
 
 def bench(args: argparse.Namespace) -> int:
