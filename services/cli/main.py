@@ -76,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     cmd(models, "list", local.models_list, "local models, and the registry catalog when it answers")
     p = cmd(
+        models,
+        "import",
+        admin.models_import,
+        "validate a Hugging Face safetensors directory and copy it into $LORAPLEX_HOME/models",
+    )
+    p.add_argument("name", help="catalog name for it, e.g. my-llama-1b")
+    p.add_argument(
+        "--from", dest="source", required=True, help="the model directory (config.json, *.safetensors)"
+    )
+    p.add_argument("--input-price", type=float, help="USD per million input tokens (also registers it)")
+    p.add_argument("--output-price", type=float, help="USD per million output tokens")
+    p = cmd(
         models, "register", admin.models_register, "add a pulled model to the registry catalog with prices"
     )
     p.add_argument("name")
@@ -143,7 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_command(sub)
 
     p = sub.add_parser("dev", help="run the whole stack locally: registry, workers, router, demo tenant")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes per model (default 1)")
+    p.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        default=[],
+        metavar="NAME[:WORKERS]",
+        help="a base model to serve, with its own worker count (default --workers); repeatable, one"
+        " worker pool per model (default: smollm2-135m-instruct)",
+    )
     p.set_defaults(fn=local.dev)
 
     p = sub.add_parser(

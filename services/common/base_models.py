@@ -81,7 +81,10 @@ def models_dir(home: Path) -> Path:
 
 
 def is_complete(model_dir: Path) -> bool:
-    return all((model_dir / f).is_file() for f in MODEL_FILES)
+    if all((model_dir / f).is_file() for f in MODEL_FILES):
+        return True
+    # A sharded checkpoint (`loraplex models import` of a larger model): config plus the shard index.
+    return (model_dir / "config.json").is_file() and (model_dir / "model.safetensors.index.json").is_file()
 
 
 @contextmanager

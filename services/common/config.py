@@ -437,6 +437,10 @@ class RouterSettings:
     public_tls: PublicTls | None = None
     # host:port of the OpenAI-compatible HTTP API (HTTPS with public_tls); "" turns it off.
     http_listen: str = ""
+    # Requests for a base model with no live worker wait for one (the router as activator): at most
+    # this many per model, each at most cold_wait_s and never past its deadline. 0 turns it off.
+    cold_queue: int = 256
+    cold_wait_s: float = 120.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RouterSettings:
@@ -488,6 +492,8 @@ class RouterSettings:
             tls=tls_files(environ, Role.ROUTER),
             public_tls=_public_tls(env),
             http_listen=_http_listen(env),
+            cold_queue=env.integer("ROUTER_COLD_QUEUE", 256, minimum=0),
+            cold_wait_s=env.number("ROUTER_COLD_WAIT_S", 120.0, minimum=0.0),
         )
 
 

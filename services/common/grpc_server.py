@@ -93,8 +93,17 @@ async def run_until_signalled(running: RunningServer, grace_s: float = 30.0) -> 
 
 
 def start_metrics(port: int | None) -> None:
-    """Prometheus /metrics on `port` (None or 0: off)."""
+    """Prometheus /metrics on `port` (None or 0: off), on loopback unless LORAPLEX_METRICS_HOST names
+    another address (0.0.0.0 in a pod, so Prometheus can scrape it; NetworkPolicies limit who may)."""
     if port:
+        import ipaddress
+        import os
+
         from prometheus_client import start_http_server
 
-        start_http_server(port, addr="127.0.0.1")
+        host = os.environ.get("LORAPLEX_METRICS_HOST", "127.0.0.1").strip()
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"LORAPLEX_METRICS_HOST={host!r} must be an IP address, e.g. 0.0.0.0") from None
+        start_http_server(port, addr=host)

@@ -19,7 +19,24 @@ FAILOVERS = Counter(
     "Requests moved to another worker before their first token, by the worker's status code.",
     ["code"],
 )
-INFLIGHT = Gauge("loraplex_router_inflight_requests", "Generate streams in progress.")
+# The three per-base-model gauges an autoscaler scales a model's workers on (KEDA sums them over
+# routers): requests held for want of a worker, requests past that point, and the workers serving.
+INFLIGHT = Gauge(
+    "loraplex_router_inflight_requests",
+    "Generate requests in progress at this router, by base model (not counting pending ones).",
+    ["base_model"],
+)
+PENDING = Gauge(
+    "loraplex_router_pending_requests",
+    "Generate requests held because their base model has no live worker (the cold queue).",
+    ["base_model"],
+)
+COLD_WAIT = Histogram(
+    "loraplex_router_cold_wait_seconds",
+    "How long requests waited in the cold queue for their base model's first worker.",
+    ["base_model"],
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120),
+)
 REJECTED = Counter(
     "loraplex_router_rejected_total",
     "Requests refused before reaching a worker, by reason.",
@@ -49,7 +66,9 @@ QUARANTINED = Counter(
 )
 LIVE_WORKERS = Gauge(
     "loraplex_router_live_workers",
-    "Workers in routing: state stream synced, heard from recently, accepting, not cooling down.",
+    "Workers in routing by base model: state stream synced, heard from recently, accepting, not"
+    " cooling down.",
+    ["base_model"],
 )
 STATE_RECONNECTS = Counter(
     "loraplex_router_worker_state_reconnects_total",

@@ -14,6 +14,7 @@ from services.common.config import RouterSettings
 from services.common.grpc_server import RunningServer, run_until_signalled, start_metrics, start_server
 from services.common.tls import aio_channel, public_server_credentials, warn_plaintext
 from services.router import metrics
+from services.router.cold_queue import ColdQueue
 from services.router.http_door import OpenAIDoor, RunningHttp, start_http
 from services.router.inflight import InflightJournal
 from services.router.limit_gate import LimitGate
@@ -51,6 +52,8 @@ class Router:
     warmer: KeepWarmScheduler
     # The OpenAI-compatible HTTP API; None when LORAPLEX_HTTP_LISTEN is empty.
     http: RunningHttp | None = None
+    # Requests held for base models with no live worker.
+    cold: ColdQueue | None = None
 
     @property
     def port(self) -> int:
@@ -108,6 +111,11 @@ async def start_router(settings: RouterSettings, *, fsync: Callable[[int], None]
         lambda: shipper.confirmed_through,
         refresh_s=settings.quota_refresh_s,
     )
+    cold = ColdQueue(
+        settings.cold_queue,
+        settings.cold_wait_s,
+        on_pending=lambda model, n: metrics.PENDING.labels(model).set(n),
+    )
     servicer = InferenceServicer(
         view,
         pool,
@@ -123,7 +131,9 @@ async def start_router(settings: RouterSettings, *, fsync: Callable[[int], None]
         limit_gate=limits,
         max_prompt_bytes=settings.max_prompt_bytes,
         token_timeout_s=settings.token_timeout_s,
+        cold=cold,
     )
+    pool.on_routable = cold.wake
     await pool.refresh()
     # Workers are routable once they have pushed their first snapshot: give the known ones a moment,
     # so the first requests do not find an empty pool.
@@ -177,7 +187,7 @@ async def start_router(settings: RouterSettings, *, fsync: Callable[[int], None]
         await registry_channel.close()
 
     running.on_stop.append(close)
-    return Router(running, servicer, view, pool, spool, shipper, warmer, http)
+    return Router(running, servicer, view, pool, spool, shipper, warmer, http, cold)
 
 
 async def serve(settings: RouterSettings, on_ready: Callable[[Router], None] | None = None) -> None:

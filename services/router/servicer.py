@@ -20,6 +20,7 @@ from loraplex.v1 import common_pb2, inference_pb2, registry_pb2, usage_pb2, work
 from services.common.auth import bearer_token
 from services.common.grpc_errors import RpcError
 from services.router import metrics, policy
+from services.router.cold_queue import ColdQueue, ColdQueueFull
 from services.router.inflight import InflightJournal
 from services.router.limit_gate import LimitGate, OverLimit, Ticket
 from services.router.metering import SpoolWriter, usage_record
@@ -54,6 +55,9 @@ _FR = common_pb2.FinishReason
 DEFAULT_TOKEN_TIMEOUT_S = 30.0
 # While the spool's disk fails, admission probes it at most this often.
 SPOOL_PROBE_S = 0.5
+# A held request re-routes at least this often even without a wake-up: a worker that stops
+# draining or ends its cool-down becomes routable without sending a fresh snapshot.
+_COLD_RECHECK_S = 0.5
 
 
 class Overloaded(RpcError):
@@ -133,6 +137,7 @@ class InferenceServicer:
         limit_gate: LimitGate | None = None,
         max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
         token_timeout_s: float = DEFAULT_TOKEN_TIMEOUT_S,
+        cold: ColdQueue | None = None,
     ) -> None:
         self._registry = registry
         self._pool = pool
@@ -153,6 +158,8 @@ class InferenceServicer:
         self._max_prompt_bytes = max_prompt_bytes
         self._token_timeout_s = token_timeout_s
         self._spool_probed_at = 0.0  # monotonic time of the last probe of a failing spool
+        # Requests for a base model with no live worker wait here (None: refused at once).
+        self._cold = cold
 
     def register(self, server: grpc.aio.Server) -> None:
         handlers = {
@@ -242,7 +249,7 @@ class InferenceServicer:
             adapter_label = admitted.adapter.ref.adapter_id
         key = (admitted.principal.tenant_id, admitted.request_id)
         self.inflight += 1
-        metrics.INFLIGHT.inc()
+        metrics.INFLIGHT.labels(admitted.base_model).inc()
         state = _Stream()
         code = grpc.StatusCode.OK
         try:
@@ -280,28 +287,17 @@ class InferenceServicer:
                 else:
                     self.recent.release(key)  # nothing ran: the client may retry the same id
             self.inflight -= 1
-            metrics.INFLIGHT.dec()
+            metrics.INFLIGHT.labels(admitted.base_model).dec()
             metrics.REQUESTS.labels(adapter_label, code.name).inc()
 
     async def _proxy(
         self, admitted: Admitted, state: _Stream, time_remaining: Callable[[], float | None]
     ) -> AsyncGenerator[bytes, None]:
         adapter_key = admitted.adapter.ref.digest if admitted.adapter is not None else ""
-        self._turn += 1
-        decision = policy.route(
-            self._policy,
-            self._pool.views(),
-            admitted.base_model,
-            adapter_key,
-            turn=self._turn,
-            eps=self._eps,
-            kv_full=self._kv_full,
-        )
-        metrics.ROUTING.labels(decision.reason.value).inc()
+        decision = self._route(admitted.base_model, adapter_key)
         if not decision.candidates:
-            raise RpcError(
-                grpc.StatusCode.UNAVAILABLE, f"no live worker serves base model {admitted.base_model!r}"
-            )
+            decision = await self._await_worker(admitted.base_model, adapter_key, time_remaining)
+        metrics.ROUTING.labels(decision.reason.value).inc()
         exhausted = 0
         last_error = ""
         scratch = worker_pb2.WorkerServiceGenerateResponse()
@@ -435,6 +431,71 @@ class InferenceServicer:
             raise Overloaded(f"every worker for {admitted.base_model!r} is at capacity; retry later")
         raise RpcError(
             grpc.StatusCode.UNAVAILABLE, f"no worker could take the request ({last_error or 'none left'})"
+        )
+
+    def _route(self, base_model: str, adapter_key: str) -> policy.Decision:
+        self._turn += 1
+        return policy.route(
+            self._policy,
+            self._pool.views(),
+            base_model,
+            adapter_key,
+            turn=self._turn,
+            eps=self._eps,
+            kv_full=self._kv_full,
+        )
+
+    async def _await_worker(
+        self, base_model: str, adapter_key: str, time_remaining: Callable[[], float | None]
+    ) -> policy.Decision:
+        """No live worker serves `base_model`: hold the request in the cold queue until one comes
+        up (an autoscaler is starting it), the wait cap or the caller's deadline. Returns a routing
+        decision with candidates, or raises UNAVAILABLE / DEADLINE_EXCEEDED naming the model."""
+        cold = self._cold
+        caller_left = time_remaining()
+        budget = cold.budget(caller_left) if cold is not None else 0.0
+        if budget <= 0:
+            if caller_left is not None and caller_left <= 0:
+                raise RpcError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"the deadline passed before a worker for base model {base_model!r} was found",
+                )
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, f"no live worker serves base model {base_model!r}")
+        assert cold is not None
+        try:
+            waiter = cold.enter(base_model)
+        except ColdQueueFull as exc:
+            metrics.REJECTED.labels("cold_queue_full").inc()
+            raise RpcError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"base model {base_model!r} has no live worker yet and {exc.waiting} requests already "
+                "wait for one (LORAPLEX_ROUTER_COLD_QUEUE); retry in a few seconds",
+            ) from None
+        # Held, not in flight: the two gauges stay disjoint so an autoscaler can sum them.
+        metrics.INFLIGHT.labels(base_model).dec()
+        start = time.monotonic()
+        deadline = start + budget
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                await waiter.wait(min(left, _COLD_RECHECK_S))
+                decision = self._route(base_model, adapter_key)
+                if decision.candidates:
+                    return decision
+        finally:
+            cold.leave(waiter)
+            metrics.INFLIGHT.labels(base_model).inc()
+            metrics.COLD_WAIT.labels(base_model).observe(time.monotonic() - start)
+        waited = time.monotonic() - start
+        if caller_left is not None and caller_left <= cold.max_wait_s:
+            raise RpcError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the deadline passed after {waited:.1f}s waiting for a worker of base model "
+                f"{base_model!r} to start",
+            )
+        raise RpcError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"no worker for base model {base_model!r} came up within {cold.max_wait_s:g}s "
+            "(LORAPLEX_ROUTER_COLD_WAIT_S); is its autoscaler or worker pool running?",
         )
 
     # -- admission ---------------------------------------------------------------------------

@@ -134,14 +134,28 @@ class WorkerPool:
         # Set whenever a worker's stream (re)syncs; waiters clear it.
         self._synced = asyncio.Event()
         self.changed = asyncio.Event()
+        # Called with a base model when one of its workers becomes routable (first snapshot after
+        # joining or after its stream broke): the cold queue dispatches that model's held requests.
+        self.on_routable: Callable[[str], object] | None = None
+        # Base models the live-workers gauge has a series for (reset to 0 when the last one goes).
+        self._gauged_models: set[str] = set()
 
     # -- what the router reads per request ---------------------------------------------------
 
     def views(self) -> list[WorkerView]:
         now = self._clock()
         views = [h.view(now, self.stale_s) for h in self._by_id.values()]
-        metrics.LIVE_WORKERS.set(sum(v.accepting for v in views))
+        live: dict[str, int] = dict.fromkeys(self._gauged_models, 0)
+        for v in views:
+            live[v.base_model] = live.get(v.base_model, 0) + int(v.accepting)
+        for model, n in live.items():
+            metrics.LIVE_WORKERS.labels(model).set(n)
+        self._gauged_models = set(live)
         return views
+
+    def live_count(self, base_model: str) -> int:
+        """Workers of `base_model` in routing now."""
+        return sum(1 for v in self.views() if v.accepting and v.base_model == base_model)
 
     def live_ids(self) -> set[str]:
         return {v.worker_id for v in self.views() if v.accepting}
@@ -278,6 +292,8 @@ class WorkerPool:
                         handle.down_until = 0.0  # a fresh snapshot proves it answers again
                         self._synced.set()
                         self.changed.set()
+                        if self.on_routable is not None and handle.state.accepting:
+                            self.on_routable(handle.base_model)
             except StateOutOfSync as exc:
                 reason, detail = "out_of_sync", str(exc)
             except grpc.aio.AioRpcError as exc:

@@ -784,10 +784,14 @@ async def test_a_real_worker_serves_a_registered_adapter_through_the_router(
     assert row["input_tokens"] > 0 and row["worker_id"] == finished.worker_id
 
 
-async def test_no_worker_for_the_base_model_is_unavailable(s: Stack) -> None:
-    r = await _generate(s, s.a.secret, _request(model=OTHER_MODEL))
-    assert r.code == grpc.StatusCode.UNAVAILABLE
-    assert "no live worker" in r.details
+async def test_no_worker_for_the_base_model_waits_until_the_callers_deadline(s: Stack) -> None:
+    # The router holds the request for a worker to come up (tests/integration/test_router_activator.py),
+    # but never past the caller's deadline.
+    started = time.monotonic()
+    r = await _generate(s, s.a.secret, _request(model=OTHER_MODEL), timeout=0.8)
+    assert r.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 0.7 < time.monotonic() - started < 5.0
+    assert s.router.cold is not None and s.router.cold.pending(OTHER_MODEL) == 0
 
 
 # -- the spool and the shipper against the real ledger -------------------------------------------

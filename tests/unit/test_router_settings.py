@@ -148,3 +148,14 @@ def test_token_timeout_defaults_to_30s_and_refuses_values_that_would_cut_healthy
     for bad in ("0.2", "soon"):
         with pytest.raises(ConfigError, match="LORAPLEX_ROUTER_TOKEN_TIMEOUT_S"):
             RouterSettings.from_env({**BASE, "LORAPLEX_ROUTER_TOKEN_TIMEOUT_S": bad})
+
+
+def test_cold_queue_defaults_and_overrides() -> None:
+    s = RouterSettings.from_env(BASE)
+    assert (s.cold_queue, s.cold_wait_s) == (256, 120.0)
+    s = RouterSettings.from_env(
+        {**BASE, "LORAPLEX_ROUTER_COLD_QUEUE": "0", "LORAPLEX_ROUTER_COLD_WAIT_S": "2.5"}
+    )
+    assert (s.cold_queue, s.cold_wait_s) == (0, 2.5)
+    with pytest.raises(ConfigError, match="LORAPLEX_ROUTER_COLD_WAIT_S"):
+        RouterSettings.from_env({**BASE, "LORAPLEX_ROUTER_COLD_WAIT_S": "-1"})
