@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 
@@ -45,6 +46,19 @@ class DeviceAdapter:
     b_t: dict[ModuleKey, torch.Tensor]  # [bucket, out], scale folded in
     dora_scale: dict[ModuleKey, torch.Tensor]  # [out]
     size_bytes: int
+
+    @cached_property
+    def group(self) -> tuple[int, tuple[ModuleKey, ...]]:
+        """Adapters with the same rank bucket and the same target modules are computed together,
+        so an adapter pays only at the modules it targets (a q/v-only adapter is never stacked
+        with zeros at the MLP next to an all-linear one)."""
+        return self.bucket, tuple(sorted(self.a_t))
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes its tensors occupy in the step layout: rank padded to the bucket, the engine's dtype."""
+        tensors = (*self.a_t.values(), *self.b_t.values(), *self.dora_scale.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def to_device(

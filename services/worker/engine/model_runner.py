@@ -49,11 +49,12 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch, adapters: dict[str, DeviceAdapter]) -> dict[str, int]:
         """Compute this step's tokens; returns request id -> sampled token for every sequence that
         reached its end (prompt chunks that are not the last sample nothing)."""
-        # Rows of one adapter side by side, adapters of one rank bucket side by side: then most
-        # LoRA segments are plain slices of the activations, with no gather or scatter.
+        # Rows of one adapter side by side, adapters of one group (rank bucket and target modules)
+        # side by side: then most LoRA segments are plain slices of the activations, with no
+        # gather or scatter.
         order = sorted(
             range(len(batch.seqs)),
-            key=lambda i: (self._bucket_of(batch.seqs[i].adapter, adapters), batch.seqs[i].adapter or "", i),
+            key=lambda i: (self._group_of(batch.seqs[i].adapter, adapters), batch.seqs[i].adapter or "", i),
         )
         batch = ScheduledBatch([batch.seqs[i] for i in order], [batch.num_tokens[i] for i in order])
         seqs, counts = batch.seqs, batch.num_tokens
@@ -79,8 +80,8 @@ class ModelRunner:
         return {seqs[i].request_id: t for i, t in zip(sampling, tokens, strict=True)}
 
     @staticmethod
-    def _bucket_of(adapter: str | None, adapters: dict[str, DeviceAdapter]) -> int:
-        return 0 if adapter is None else adapters[adapter].bucket
+    def _group_of(adapter: str | None, adapters: dict[str, DeviceAdapter]) -> tuple[int, tuple]:
+        return (0, ()) if adapter is None else adapters[adapter].group
 
     def _metadata(
         self, batch: ScheduledBatch, starts: list[int], last: list[int]
