@@ -22,8 +22,9 @@ from services.worker.models.llama import LlamaForCausalLM
 StackedWeights = dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]]
 
 
-def long_tensor(values: list[int], device: str) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long).to(device)
+def long_tensor(values: list[int]) -> torch.Tensor:
+    """A host index tensor; the runner sends a step's index tensors to the device in one copy."""
+    return torch.tensor(values, dtype=torch.long)
 
 
 class LoraBatchBuilder:
@@ -50,8 +51,8 @@ class LoraBatchBuilder:
         lora = LoraBatch(groups)
         dora = [adapters[d] for d in sorted(rows) if adapters[d].is_dora]
         if dora:
-            lora.dora_tokens = long_tensor([t for a in dora for t in rows[a.digest]], self.device)
-            lora.dora_rows = long_tensor([j for j, a in enumerate(dora) for _ in rows[a.digest]], self.device)
+            lora.dora_tokens = long_tensor([t for a in dora for t in rows[a.digest]])
+            lora.dora_rows = long_tensor([j for j, a in enumerate(dora) for _ in rows[a.digest]])
             lora.dora_scales = self._dora_scales(dora)
         return lora
 
@@ -72,9 +73,9 @@ class LoraBatchBuilder:
         return LoraGroup(
             num_adapters=len(members),
             seg_len=seg_len,
-            gather_index=long_tensor(gather, self.device),
-            valid=long_tensor(valid, self.device) if padded else None,
-            dest=long_tensor(dest, self.device),
+            gather_index=long_tensor(gather),
+            valid=long_tensor(valid) if padded else None,
+            dest=long_tensor(dest),
             weights=self._stacked(members, stacks),
             span=(dest[0], dest[0] + len(dest)) if contiguous else None,
         )

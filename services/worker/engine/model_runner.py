@@ -68,9 +68,17 @@ class ModelRunner:
         offsets = [0]
         for n in counts:
             offsets.append(offsets[-1] + n)
-        attention, positions, last = self._metadata(batch, starts, [offsets[i + 1] - 1 for i in sampling])
-        ctx = StepContext(positions, attention, self.lora.build(batch, offsets, adapters))
-        hidden = self.model(long_tensor(tokens, self.device), ctx)
+        lora = self.lora.build(batch, offsets, adapters)
+        extra = [long_tensor(tokens), *(lora.index_tensors() if lora is not None else [])]
+        attention, positions, last, extra = self._metadata(
+            batch, starts, [offsets[i + 1] - 1 for i in sampling], extra
+        )
+        if lora is not None:
+            lora.place(extra[1:])
+        input_ids = extra[0]
+        assert input_ids is not None
+        ctx = StepContext(positions, attention, lora)
+        hidden = self.model(input_ids, ctx)
         if not sampling:
             return {}
         logits = self.model.compute_logits(hidden.index_select(0, last))
@@ -84,12 +92,13 @@ class ModelRunner:
         return (0, ()) if adapter is None else adapters[adapter].group
 
     def _metadata(
-        self, batch: ScheduledBatch, starts: list[int], last: list[int]
-    ) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor]:
-        """Attention metadata, positions [T] and the sampled rows' last tokens, on the device.
+        self, batch: ScheduledBatch, starts: list[int], last: list[int], extra: list[torch.Tensor | None]
+    ) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+        """Attention metadata, positions [T], the sampled rows' last tokens and `extra` (the
+        token ids and LoRA indices), on the device.
 
         Built on the host from small per-row vectors (nothing of size B x context), sent in one
-        copy; the masks are then derived on the device.
+        copy with `extra`; the masks are then derived on the device.
         """
         bs = self.block_size
         counts = batch.num_tokens
@@ -131,7 +140,9 @@ class ModelRunner:
                 None if len(pre_rows) == b else first[idx][prow] + poff,
                 start[idx],
             ]
-        dev = upload(host, self.device)
+        dev = upload(host + extra, self.device)
+        extra_d = dev[len(host) :]
+        dev = dev[: len(host)]
         slot_mapping_d, positions_d, last_d = dev[0], dev[1], dev[2]
         decode = prefill = None
         rest = dev[3:]
@@ -154,7 +165,7 @@ class ModelRunner:
             )
         assert slot_mapping_d is not None and positions_d is not None and last_d is not None
         meta = AttentionMetadata(slot_mapping=slot_mapping_d, block_size=bs, decode=decode, prefill=prefill)
-        return meta, positions_d, last_d
+        return meta, positions_d, last_d, extra_d
 
 
 def upload(tensors: list[torch.Tensor | None], device: str) -> list[torch.Tensor | None]:

@@ -44,6 +44,22 @@ class LoraBatch:
     dora_rows: torch.Tensor | None = None  # [Td] row of each in dora_scales
     dora_scales: dict[ModuleKey, torch.Tensor] = field(default_factory=dict)  # [n_dora, out]
 
+    def index_tensors(self) -> list[torch.Tensor | None]:
+        """The step's token index tensors, in a fixed order (built on the host, sent in one copy)."""
+        out: list[torch.Tensor | None] = []
+        for g in self.groups:
+            out += [g.gather_index, g.valid, g.dest]
+        return [*out, self.dora_tokens, self.dora_rows]
+
+    def place(self, tensors: list[torch.Tensor | None]) -> None:
+        """Take index_tensors()'s tensors back, now on the device."""
+        it = iter(tensors)
+        for g in self.groups:
+            gather, g.valid, dest = next(it), next(it), next(it)
+            assert gather is not None and dest is not None
+            g.gather_index, g.dest = gather, dest
+        self.dora_tokens, self.dora_rows = next(it), next(it)
+
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, key: ModuleKey, batch: LoraBatch) -> None:
     """y [T, out] += each row's low-rank correction of x [T, in]; DoRA rows rescaled, in place."""
