@@ -358,7 +358,10 @@ def _prompts(engine: LLMEngine, n: int, length: int, salt: int) -> list[list[int
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # a bare GPU machine (scripts/gpu-check): the JSON line is the result
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -243,6 +243,16 @@ _WORKER_DTYPES = ("auto", "bfloat16", "float32")
 DEFAULT_MAX_PROMPT_BYTES = 1 << 20
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask), not the machine's count."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS)
+        return os.cpu_count() or 1
+
+
 def _default_device() -> str:
     import torch
 
@@ -258,6 +268,8 @@ class WorkerSettings:
     LORAPLEX_HOST_ADAPTER_BYTES (default 2GiB, 0 turns the tier off) adapters kept in host memory
     already in the device layout (pinned on CUDA), so coming back is one copy;
     LORAPLEX_DISK_ADAPTER_BYTES (default 20GiB) verified files under <home>/worker-cache.
+    LORAPLEX_WORKER_THREADS (default 0: every core this process may run on): the engine's torch
+    threads, set once at start.
     LORAPLEX_MAX_PROMPT_BYTES (default 1MiB): prompt text (or chat contents) over this is refused
     with INVALID_ARGUMENT before it is tokenized.
     Every adapter counts with one size in every tier: the file bytes its AdapterRef names
@@ -292,6 +304,9 @@ class WorkerSettings:
     advertise: str = ""
     metrics_port: int = 0  # Prometheus /metrics; 0: off
     max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES
+    # torch intra-op threads for the engine; from_env resolves 0 (the default) to every core this
+    # process may run on (its CPU affinity, which a container's cpuset narrows).
+    worker_threads: int = 1
     # Where adapters may be fetched from; the default allows nothing (see worker_adapter_sources).
     adapter_sources: AllowedSources = field(default_factory=lambda: _no_sources())
     # This service's mTLS identity; None: plaintext (LORAPLEX_INSECURE_PLAINTEXT, trusted networks only).
@@ -344,6 +359,7 @@ class WorkerSettings:
             advertise=_check_address("WORKER_ADVERTISE", env.text("WORKER_ADVERTISE", listen)),
             metrics_port=env.integer("WORKER_METRICS_PORT", 0, minimum=0),
             max_prompt_bytes=_max_prompt_bytes(env),
+            worker_threads=env.integer("WORKER_THREADS", 0, minimum=0) or available_cores(),
             adapter_sources=worker_adapter_sources(env, home),
             tls=tls_files(environ, Role.WORKER),
         )

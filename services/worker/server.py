@@ -75,6 +75,8 @@ def engine_config(settings: WorkerSettings, model_dir: Path) -> EngineConfig:
 async def start_worker(settings: WorkerSettings) -> RunningWorker:
     """Loads the model, starts the step thread and the server; returns once it serves."""
     model_dir = await asyncio.to_thread(model_path, settings)
+    # Process-wide: the step thread's ops use this pool (tokenizer threads are separate).
+    torch.set_num_threads(settings.worker_threads)
     config = engine_config(settings, model_dir)
     llm = await asyncio.to_thread(LLMEngine, config)
     load_tokenizer = functools.partial(AutoTokenizer.from_pretrained, str(model_dir))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -28,6 +29,7 @@ def test_defaults_serve_smollm2_on_50052_with_an_id_from_host_and_port() -> None
         20 << 30,
     )
     assert s.adapter_idle_ttl_s == 300.0
+    assert s.worker_threads == len(os.sched_getaffinity(0))  # every core this process may use
     assert s.max_prompt_bytes == 1 << 20
     assert not hasattr(s, "max_adapter_slots")  # the device byte budget governs
 
@@ -52,6 +54,7 @@ def test_every_variable_is_read() -> None:
             "LORAPLEX_ADAPTER_IDLE_TTL_S": "30",
             "LORAPLEX_OBJECT_STORE_TIMEOUT_S": "2.5",
             "LORAPLEX_MAX_PROMPT_BYTES": "64KiB",
+            "LORAPLEX_WORKER_THREADS": "3",
         }
     )
     assert (s.listen, s.worker_id, s.model, s.device, s.dtype) == (
@@ -66,6 +69,7 @@ def test_every_variable_is_read() -> None:
     assert (s.device_adapter_bytes, s.host_adapter_bytes, s.disk_adapter_bytes) == (64 << 20, 0, 1 << 30)
     assert (s.adapter_idle_ttl_s, s.object_store_timeout_s) == (30.0, 2.5)
     assert s.max_prompt_bytes == 64 << 10
+    assert s.worker_threads == 3
 
 
 @pytest.mark.parametrize(
@@ -85,6 +89,8 @@ def test_every_variable_is_read() -> None:
         ("LORAPLEX_DEFAULT_MAX_TOKENS", "0", ">= 1"),
         ("LORAPLEX_MAX_PROMPT_BYTES", "0", "more than 0 bytes"),
         ("LORAPLEX_MAX_PROMPT_BYTES", "huge", "not a size"),
+        ("LORAPLEX_WORKER_THREADS", "-1", ">= 0"),
+        ("LORAPLEX_WORKER_THREADS", "all", "not an integer"),
     ],
 )
 def test_bad_values_name_the_variable(variable: str, value: str, phrase: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 
@@ -45,6 +46,19 @@ class DeviceAdapter:
     b_t: dict[ModuleKey, torch.Tensor]  # [bucket, out], scale folded in
     dora_scale: dict[ModuleKey, torch.Tensor]  # [out]
     size_bytes: int
+
+    @cached_property
+    def group(self) -> tuple[int, tuple[ModuleKey, ...]]:
+        """Adapters with the same rank bucket and the same target modules are computed together,
+        so an adapter pays only at the modules it targets (a q/v-only adapter is never stacked
+        with zeros at the MLP next to an all-linear one)."""
+        return self.bucket, tuple(sorted(self.a_t))
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes its tensors occupy in the step layout: rank padded to the bucket, the engine's dtype."""
+        tensors = (*self.a_t.values(), *self.b_t.values(), *self.dora_scale.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def to_device(
@@ -108,14 +122,52 @@ def move(adapter: DeviceAdapter, device: str, *, pin: bool = False) -> DeviceAda
                 out[key] = t.to(device, non_blocking=True)
         return out
 
-    moved = replace(
-        adapter, uid=next(_uids), a_t=to(adapter.a_t), b_t=to(adapter.b_t), dora_scale=to(adapter.dora_scale)
-    )
-    # Non-blocking copies: wait for them here, on the loader's thread, not in the next step.
-    cuda = [t.device for t in (*adapter.a_t.values(), *moved.a_t.values()) if t.is_cuda]
-    if cuda:
-        torch.cuda.synchronize(cuda[0])
+    stream = _copy_stream(device, adapter)
+    if stream is None:
+        return replace(
+            adapter,
+            uid=next(_uids),
+            a_t=to(adapter.a_t),
+            b_t=to(adapter.b_t),
+            dora_scale=to(adapter.dora_scale),
+        )
+    # On CUDA: the copies run on a stream of their own, so they overlap the steps' kernels, and
+    # this (loader) thread waits on that stream's event only, never on the step's work.
+    with torch.cuda.stream(stream):
+        moved = replace(
+            adapter,
+            uid=next(_uids),
+            a_t=to(adapter.a_t),
+            b_t=to(adapter.b_t),
+            dora_scale=to(adapter.dora_scale),
+        )
+        done = torch.cuda.Event()
+        done.record(stream)
+    done.synchronize()
+    if device != "cpu":
+        # Allocated on the copy stream, read by the step's stream: tell the caching allocator, so
+        # their memory is not reused while a step may still read it.
+        consumer = torch.cuda.default_stream(torch.device(device))
+        for t in (*moved.a_t.values(), *moved.b_t.values(), *moved.dora_scale.values()):
+            t.record_stream(consumer)
     return moved
+
+
+_copy_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _copy_stream(device: str, adapter: DeviceAdapter) -> torch.cuda.Stream | None:
+    """The CUDA device a move involves (either side), or None when both sides are host memory."""
+    at = torch.device(device)
+    if at.type != "cuda":
+        at = next((t.device for t in adapter.a_t.values() if t.is_cuda), at)
+    if at.type != "cuda":
+        return None
+    if at.index is None:
+        at = torch.device("cuda", torch.cuda.current_device())
+    if at not in _copy_streams:
+        _copy_streams[at] = torch.cuda.Stream(at)
+    return _copy_streams[at]
 
 
 def _pinned(tensors: dict[ModuleKey, torch.Tensor]) -> dict[ModuleKey, torch.Tensor]:

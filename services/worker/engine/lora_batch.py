@@ -1,4 +1,7 @@
-"""Per step: which tokens belong to which adapter, and the step's adapters stacked per rank bucket.
+"""Per step: which tokens belong to which adapter, and the step's adapters stacked per group.
+
+A group is a rank bucket and a set of target modules (DeviceAdapter.group): adapters that target
+different modules are stacked apart, so none is padded with zeros at a module it does not target.
 
 Built once per step and shared by every layer. Stacked weights are kept while the step's set of
 adapters is unchanged, which in steady decoding is almost every step, so decoding never copies
@@ -19,15 +22,16 @@ from services.worker.models.llama import LlamaForCausalLM
 StackedWeights = dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]]
 
 
-def long_tensor(values: list[int], device: str) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long).to(device)
+def long_tensor(values: list[int]) -> torch.Tensor:
+    """A host index tensor; the runner sends a step's index tensors to the device in one copy."""
+    return torch.tensor(values, dtype=torch.long)
 
 
 class LoraBatchBuilder:
     def __init__(self, model: LlamaForCausalLM, device: str) -> None:
         self.model = model
         self.device = device
-        self._stacks: dict[int, tuple[tuple[int, ...], StackedWeights]] = {}
+        self._stacks: dict[tuple, tuple[tuple[int, ...], StackedWeights]] = {}
         self._dora: tuple[tuple[int, ...], dict[ModuleKey, torch.Tensor]] = ((), {})
 
     def build(
@@ -39,19 +43,22 @@ class LoraBatchBuilder:
                 rows[s.adapter].extend(range(offsets[i], offsets[i + 1]))
         if not rows:
             return None
-        by_bucket: dict[int, list[DeviceAdapter]] = defaultdict(list)
+        by_group: dict[tuple, list[DeviceAdapter]] = defaultdict(list)
         for digest in sorted(rows):
-            by_bucket[adapters[digest].bucket].append(adapters[digest])
-        groups = [self._group(members, rows) for _, members in sorted(by_bucket.items())]
+            by_group[adapters[digest].group].append(adapters[digest])
+        stacks, self._stacks = self._stacks, {}  # keep only the groups this step uses
+        groups = [self._group(members, rows, stacks) for _, members in sorted(by_group.items())]
         lora = LoraBatch(groups)
         dora = [adapters[d] for d in sorted(rows) if adapters[d].is_dora]
         if dora:
-            lora.dora_tokens = long_tensor([t for a in dora for t in rows[a.digest]], self.device)
-            lora.dora_rows = long_tensor([j for j, a in enumerate(dora) for _ in rows[a.digest]], self.device)
+            lora.dora_tokens = long_tensor([t for a in dora for t in rows[a.digest]])
+            lora.dora_rows = long_tensor([j for j, a in enumerate(dora) for _ in rows[a.digest]])
             lora.dora_scales = self._dora_scales(dora)
         return lora
 
-    def _group(self, members: list[DeviceAdapter], rows: dict[str, list[int]]) -> LoraGroup:
+    def _group(
+        self, members: list[DeviceAdapter], rows: dict[str, list[int]], stacks: dict[tuple, tuple]
+    ) -> LoraGroup:
         seg_len = max(len(rows[a.digest]) for a in members)
         gather: list[int] = []
         valid: list[int] = []
@@ -66,17 +73,18 @@ class LoraBatchBuilder:
         return LoraGroup(
             num_adapters=len(members),
             seg_len=seg_len,
-            gather_index=long_tensor(gather, self.device),
-            valid=long_tensor(valid, self.device) if padded else None,
-            dest=long_tensor(dest, self.device),
-            weights=self._stacked(members),
+            gather_index=long_tensor(gather),
+            valid=long_tensor(valid) if padded else None,
+            dest=long_tensor(dest),
+            weights=self._stacked(members, stacks),
             span=(dest[0], dest[0] + len(dest)) if contiguous else None,
         )
 
-    def _stacked(self, members: list[DeviceAdapter]) -> StackedWeights:
-        bucket, uids = members[0].bucket, tuple(a.uid for a in members)
-        cached = self._stacks.get(bucket)
+    def _stacked(self, members: list[DeviceAdapter], stacks: dict[tuple, tuple]) -> StackedWeights:
+        group, bucket, uids = members[0].group, members[0].bucket, tuple(a.uid for a in members)
+        cached = stacks.get(group)
         if cached is not None and cached[0] == uids:
+            self._stacks[group] = cached
             return cached[1]
         weights: StackedWeights = {}
         if len(members) == 1:
@@ -84,7 +92,7 @@ class LoraBatchBuilder:
             # cold load) costs its first step nothing extra.
             (only,) = members
             weights = {k: (only.a_t[k].unsqueeze(0), only.b_t[k].unsqueeze(0)) for k in sorted(only.a_t)}
-            self._stacks[bucket] = (uids, weights)
+            self._stacks[group] = (uids, weights)
             return weights
         keys = sorted({k for a in members for k in a.a_t})
         for key in keys:
@@ -97,7 +105,7 @@ class LoraBatchBuilder:
                 torch.stack([a.a_t.get(key, za) for a in members]),
                 torch.stack([a.b_t.get(key, zb) for a in members]),
             )
-        self._stacks[bucket] = (uids, weights)
+        self._stacks[group] = (uids, weights)
         return weights
 
     def _dora_scales(self, dora: list[DeviceAdapter]) -> dict[ModuleKey, torch.Tensor]:

@@ -1,6 +1,6 @@
 """Turns a scheduled batch into flat tensors, runs the model once, and samples.
 
-Everything a layer needs besides its input (positions, cache slots, block tables and mask, and
+Everything a layer needs besides its input (positions, cache slots, block tables and masks, and
 the rows' adapter segments from LoraBatchBuilder) is built here once per step and shared by all
 layers.
 """
@@ -14,7 +14,7 @@ from services.worker.engine.config import EngineConfig
 from services.worker.engine.constrained import MaskJob
 from services.worker.engine.lora_batch import LoraBatchBuilder, long_tensor
 from services.worker.engine.scheduler import ScheduledBatch
-from services.worker.layers.attention import AttentionMetadata
+from services.worker.layers.attention import AttentionMetadata, DecodeGroup, PrefillGroup
 from services.worker.layers.sampler import sample
 from services.worker.models.llama import LlamaForCausalLM, StepContext
 
@@ -50,11 +50,12 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch, adapters: dict[str, DeviceAdapter]) -> dict[str, int]:
         """Compute this step's tokens; returns request id -> sampled token for every sequence that
         reached its end (prompt chunks that are not the last sample nothing)."""
-        # Rows of one adapter side by side, adapters of one rank bucket side by side: then most
-        # LoRA segments are plain slices of the activations, with no gather or scatter.
+        # Rows of one adapter side by side, adapters of one group (rank bucket and target modules)
+        # side by side: then most LoRA segments are plain slices of the activations, with no
+        # gather or scatter.
         order = sorted(
             range(len(batch.seqs)),
-            key=lambda i: (self._bucket_of(batch.seqs[i].adapter, adapters), batch.seqs[i].adapter or "", i),
+            key=lambda i: (self._group_of(batch.seqs[i].adapter, adapters), batch.seqs[i].adapter or "", i),
         )
         batch = ScheduledBatch([batch.seqs[i] for i in order], [batch.num_tokens[i] for i in order])
         seqs, counts = batch.seqs, batch.num_tokens
@@ -68,14 +69,21 @@ class ModelRunner:
         offsets = [0]
         for n in counts:
             offsets.append(offsets[-1] + n)
-        attention, positions = self._attention(batch, starts)
-        ctx = StepContext(positions, attention, self.lora.build(batch, offsets, adapters))
+        lora = self.lora.build(batch, offsets, adapters)
+        extra = [long_tensor(tokens), *(lora.index_tensors() if lora is not None else [])]
+        attention, positions, last, extra = self._metadata(
+            batch, starts, [offsets[i + 1] - 1 for i in sampling], extra
+        )
+        if lora is not None:
+            lora.place(extra[1:])
+        input_ids = extra[0]
+        assert input_ids is not None
+        ctx = StepContext(positions, attention, lora)
         # Constrained rows' token masks are computed on other threads while the forward pass runs.
         masks = MaskJob.start([seqs[i].grammar for i in sampling], self.model.config.vocab_size)
-        hidden = self.model(long_tensor(tokens, self.device), ctx)
+        hidden = self.model(input_ids, ctx)
         if not sampling:
             return {}
-        last = long_tensor([offsets[i + 1] - 1 for i in sampling], self.device)
         logits = self.model.compute_logits(hidden.index_select(0, last))
         if masks is not None:
             masks.apply(logits)
@@ -85,40 +93,105 @@ class ModelRunner:
         return {seqs[i].request_id: t for i, t in zip(sampling, tokens, strict=True)}
 
     @staticmethod
-    def _bucket_of(adapter: str | None, adapters: dict[str, DeviceAdapter]) -> int:
-        return 0 if adapter is None else adapters[adapter].bucket
+    def _group_of(adapter: str | None, adapters: dict[str, DeviceAdapter]) -> tuple[int, tuple]:
+        return (0, ()) if adapter is None else adapters[adapter].group
 
-    def _attention(self, batch: ScheduledBatch, starts: list[int]) -> tuple[AttentionMetadata, torch.Tensor]:
+    def _metadata(
+        self, batch: ScheduledBatch, starts: list[int], last: list[int], extra: list[torch.Tensor | None]
+    ) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+        """Attention metadata, positions [T], the sampled rows' last tokens and `extra` (the
+        token ids and LoRA indices), on the device.
+
+        Built on the host from small per-row vectors (nothing of size B x context), sent in one
+        copy with `extra`; the masks are then derived on the device.
+        """
         bs = self.block_size
-        q_lens = torch.tensor(batch.num_tokens)
+        counts = batch.num_tokens
+        b = len(counts)
+        q_lens = torch.tensor(counts)
         start = torch.tensor(starts)
         ctx_lens = start + q_lens
-        b, max_q, max_ctx = len(starts), int(q_lens.max()), int(ctx_lens.max())
-        max_blocks = -(-max_ctx // bs)
+        first = torch.cumsum(q_lens, 0) - q_lens
+        row = torch.repeat_interleave(torch.arange(b), q_lens)
+        offset_in_seq = torch.arange(len(row)) - first[row]
+        positions = start[row] + offset_in_seq
+        max_blocks = -(-int(ctx_lens.max()) // bs)
         tables = torch.zeros(b, max_blocks, dtype=torch.long)
         for i, s in enumerate(batch.seqs):
             table = s.block_table[:max_blocks]
             tables[i, : len(table)] = torch.tensor(table)
-        row = torch.repeat_interleave(torch.arange(b), q_lens)
-        first = torch.cumsum(q_lens, 0) - q_lens
-        offset_in_seq = torch.arange(len(row)) - first[row]
-        positions = start[row] + offset_in_seq
         slot_mapping = tables[row, positions // bs] * bs + positions % bs
-        key_pos = torch.arange(max_blocks * bs)
-        q_pos = start.unsqueeze(1) + torch.arange(max_q)  # [B, max_q]
-        mask = (key_pos < ctx_lens.view(b, 1, 1)) & (key_pos <= q_pos.unsqueeze(2))
-        pad_index = unpad_index = None
-        if max_q > 1:
-            clamped = torch.minimum(torch.arange(max_q), (q_lens - 1).unsqueeze(1))
-            pad_index = (first.unsqueeze(1) + clamped).view(-1).to(self.device)
-            unpad_index = (row * max_q + offset_in_seq).to(self.device)
-        meta = AttentionMetadata(
-            slot_mapping=slot_mapping.to(self.device),
-            block_tables=tables.to(self.device),
-            mask=mask.unsqueeze(1).to(self.device),
-            pad_index=pad_index,
-            unpad_index=unpad_index,
-            max_q=max_q,
-            block_size=bs,
-        )
-        return meta, positions.to(self.device)
+        host: list[torch.Tensor | None] = [slot_mapping, positions, torch.tensor(last, dtype=torch.long)]
+        dec_rows = [i for i, n in enumerate(counts) if n == 1]
+        pre_rows = [i for i, n in enumerate(counts) if n > 1]
+        dec_blocks = max_q = pre_blocks = 0
+        if dec_rows:
+            idx = torch.tensor(dec_rows)
+            lens = ctx_lens[idx]
+            dec_blocks = -(-int(lens.max()) // bs)
+            host += [tables[idx, :dec_blocks], lens, None if len(dec_rows) == b else first[idx]]
+        if pre_rows:
+            idx = torch.tensor(pre_rows)
+            q_p = q_lens[idx]
+            max_q = int(q_p.max())
+            pre_blocks = -(-int(ctx_lens[idx].max()) // bs)
+            clamped = torch.minimum(torch.arange(max_q), (q_p - 1).unsqueeze(1))
+            prow = torch.repeat_interleave(torch.arange(len(pre_rows)), q_p)
+            poff = torch.arange(len(prow)) - (torch.cumsum(q_p, 0) - q_p)[prow]
+            host += [
+                tables[idx, :pre_blocks],
+                (first[idx].unsqueeze(1) + clamped).view(-1),
+                prow * max_q + poff,
+                None if len(pre_rows) == b else first[idx][prow] + poff,
+                start[idx],
+            ]
+        dev = upload(host + extra, self.device)
+        extra_d = dev[len(host) :]
+        dev = dev[: len(host)]
+        slot_mapping_d, positions_d, last_d = dev[0], dev[1], dev[2]
+        decode = prefill = None
+        rest = dev[3:]
+        if dec_rows:
+            tables_d, lens_d, tokens_d = rest[0], rest[1], rest[2]
+            rest = rest[3:]
+            assert tables_d is not None and lens_d is not None
+            key_pos = torch.arange(dec_blocks * bs, device=self.device)
+            bias = torch.zeros(len(dec_rows), 1, 1, dec_blocks * bs, device=self.device)
+            bias.masked_fill_(key_pos >= lens_d.view(-1, 1, 1, 1), float("-inf"))
+            decode = DecodeGroup(tokens=tokens_d, block_tables=tables_d, bias=bias)
+        if pre_rows:
+            tables_p, tokens_p, unpad, dest, start_p = rest
+            assert tables_p is not None and tokens_p is not None and unpad is not None and start_p is not None
+            key_pos = torch.arange(pre_blocks * bs, device=self.device)
+            q_pos = start_p.unsqueeze(1) + torch.arange(max_q, device=self.device)  # [B, max_q]
+            mask = key_pos.view(1, 1, 1, -1) <= q_pos.view(len(pre_rows), 1, max_q, 1)
+            prefill = PrefillGroup(
+                tokens=tokens_p, unpad_index=unpad, dest=dest, block_tables=tables_p, mask=mask, max_q=max_q
+            )
+        assert slot_mapping_d is not None and positions_d is not None and last_d is not None
+        meta = AttentionMetadata(slot_mapping=slot_mapping_d, block_size=bs, decode=decode, prefill=prefill)
+        return meta, positions_d, last_d, extra_d
+
+
+def upload(tensors: list[torch.Tensor | None], device: str) -> list[torch.Tensor | None]:
+    """Integer step metadata onto the device in one copy (pinned, asynchronous on CUDA).
+
+    On the CPU the tensors are used where they are. On CUDA a step's many small index tensors
+    would otherwise be as many synchronous copies; here they travel as one buffer, sliced on the
+    device, and the copy overlaps the host's remaining work.
+    """
+    if device == "cpu":
+        return tensors
+    present = [t.reshape(-1).long() for t in tensors if t is not None]
+    if not present:
+        return tensors
+    flat = torch.cat(present).pin_memory().to(device, non_blocking=True)
+    out: list[torch.Tensor | None] = []
+    offset = 0
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        out.append(flat[offset : offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    return out

@@ -1,9 +1,25 @@
 """Attention over the paged KV cache, for a flat batch mixing prompt chunks and decodes.
 
-Per step the runner builds, once for all layers: the cache slot of every new token, each
-sequence's block table padded to the longest, and the causal mask. Each layer writes the new
-keys/values into the cache first, then gathers every sequence's context from it whole blocks at a
-time (a few large copies rather than one small copy per token).
+Each layer first writes the step's new keys/values into the cache, then attends in two groups
+whose metadata the runner builds once per step for all layers:
+
+- Decode rows (one query each): each row's own blocks are gathered, only up to the longest
+  context among the decode rows, and attention is two grouped matmuls: the query heads that share
+  a KV head are stacked, so q [B, kv, g, d] @ K^T [B, kv, d, L] needs no repeated keys. Keys past
+  a row's length are cut by an additive 0/-inf bias [B, 1, 1, L] built on the device from the
+  lengths (no host mask). Measured on this CPU (2 cores, AVX512-BF16, torch 2.13, SmolLM2 shapes:
+  32 rows, 9 heads over 3 KV heads, d 64), per layer:
+      SDPA over the padded gather with a dense bool mask (the old path)   3.0 ms equal lengths, 11.7 ms mixed
+      grouped matmuls over the padded gather (this path)                  0.5 ms,                 2.6 ms
+      packed real tokens, segment softmax (index_add / scatter_reduce)    2.4 ms,                 6.7 ms
+      one SDPA per sequence over its real blocks                          6.2 ms,                 8.6 ms
+      flex_attention with a block mask, eager (no compile on this box)   12.5 ms,                12.0 ms
+  SDPA's CPU flash kernel with a mask is tuned for long query blocks; with one query per row the
+  two batched matmuls win even against packing, whose gathers of q per key cost more than the
+  padding saves. On CUDA the same two matmuls run as batched GEMMs.
+- Prompt-chunk rows (several queries each): padded to the longest chunk, SDPA with a causal bool
+  mask built on the device from each row's first position (key j is visible to the query at
+  position p when j <= p; later keys in a row's padding are never visible).
 """
 
 from __future__ import annotations
@@ -15,14 +31,66 @@ import torch.nn.functional as F
 
 
 @dataclass
+class DecodeGroup:
+    """The rows with one new token each."""
+
+    tokens: torch.Tensor | None  # [B] flat token of each row (None: the step's tokens, in order)
+    block_tables: torch.Tensor  # [B, max_blocks] (padded with block 0, masked out)
+    bias: torch.Tensor  # [B, 1, 1, max_blocks * block_size] fp32: 0 for real keys, -inf past the end
+
+
+@dataclass
+class PrefillGroup:
+    """The rows with a prompt chunk (more than one new token)."""
+
+    tokens: torch.Tensor  # [B * max_q] flat token for each padded query (clamped to the row's last)
+    unpad_index: torch.Tensor  # [T_p] padded position of each of the group's real tokens
+    dest: torch.Tensor | None  # [T_p] flat token each real query writes (None: all tokens, in order)
+    block_tables: torch.Tensor  # [B, max_blocks]
+    mask: torch.Tensor  # [B, 1, max_q, max_blocks * block_size] bool, built on the device
+    max_q: int
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot for each new token
-    block_tables: torch.Tensor  # [B, max_blocks] (padded with block 0, masked out)
-    mask: torch.Tensor  # [B, 1, max_q, max_blocks * block_size] bool, True where a query may attend
-    pad_index: torch.Tensor | None  # [B * max_q] flat token for each padded query (None: max_q == 1)
-    unpad_index: torch.Tensor | None  # [T] padded position of each flat token
-    max_q: int
     block_size: int
+    decode: DecodeGroup | None
+    prefill: PrefillGroup | None
+
+
+def _gather(cache: torch.Tensor, tables: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[B, max_blocks * block_size, kv_heads, d]: each row's blocks, whole blocks at a time."""
+    num_blocks = cache.shape[0] // block_size
+    b = tables.shape[0]
+    return cache.view(num_blocks, -1).index_select(0, tables.view(-1)).view(b, -1, *cache.shape[1:])
+
+
+def _decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: DecodeGroup, bs: int, scale: float
+) -> torch.Tensor:
+    b, heads, d = q.shape
+    kv_heads = k_cache.shape[1]
+    keys = _gather(k_cache, g.block_tables, bs).permute(0, 2, 3, 1)  # [B, kv, d, L]
+    values = _gather(v_cache, g.block_tables, bs).transpose(1, 2)  # [B, kv, L, d]
+    scores = torch.matmul(q.view(b, kv_heads, heads // kv_heads, d), keys)  # [B, kv, g, L]
+    probs = (scores.float() * scale + g.bias).softmax(dim=-1).to(q.dtype)
+    return torch.matmul(probs, values).view(b, heads, d)
+
+
+def _prefill(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: PrefillGroup, bs: int, scale: float
+) -> torch.Tensor:
+    heads, d = q.shape[1], q.shape[2]
+    kv_heads = k_cache.shape[1]
+    b = g.block_tables.shape[0]
+    keys = _gather(k_cache, g.block_tables, bs).transpose(1, 2)
+    values = _gather(v_cache, g.block_tables, bs).transpose(1, 2)
+    queries = q.index_select(0, g.tokens).view(b, g.max_q, heads, d).transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        queries, keys, values, attn_mask=g.mask, scale=scale, enable_gqa=kv_heads != heads
+    )
+    return out.transpose(1, 2).reshape(b * g.max_q, heads, d).index_select(0, g.unpad_index)
 
 
 def paged_attention(
@@ -36,19 +104,18 @@ def paged_attention(
 ) -> torch.Tensor:  # [T, heads, d]
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
-    b = meta.block_tables.shape[0]
-    heads, d, kv_heads = q.shape[1], q.shape[2], k.shape[1]
-    blocks = meta.block_tables.view(-1)
-    num_blocks = k_cache.shape[0] // meta.block_size
-    keys = k_cache.view(num_blocks, -1).index_select(0, blocks).view(b, -1, kv_heads, d).transpose(1, 2)
-    values = v_cache.view(num_blocks, -1).index_select(0, blocks).view(b, -1, kv_heads, d).transpose(1, 2)
-    if meta.pad_index is not None:
-        q = q[meta.pad_index]
-    queries = q.view(b, meta.max_q, heads, d).transpose(1, 2)  # [B, heads, max_q, d]
-    out = F.scaled_dot_product_attention(
-        queries, keys, values, attn_mask=meta.mask, scale=scale, enable_gqa=kv_heads != heads
-    )
-    out = out.transpose(1, 2).reshape(b * meta.max_q, heads, d)
-    if meta.unpad_index is not None:
-        out = out[meta.unpad_index]
+    bs = meta.block_size
+    dec, pre = meta.decode, meta.prefill
+    if pre is None and dec is not None and dec.tokens is None:
+        return _decode(q, k_cache, v_cache, dec, bs, scale)
+    if dec is None and pre is not None and pre.dest is None:
+        return _prefill(q, k_cache, v_cache, pre, bs, scale)
+    out = torch.empty_like(q)
+    if dec is not None:
+        assert dec.tokens is not None
+        rows = _decode(q.index_select(0, dec.tokens), k_cache, v_cache, dec, bs, scale)
+        out.index_copy_(0, dec.tokens, rows)
+    if pre is not None:
+        assert pre.dest is not None
+        out.index_copy_(0, pre.dest, _prefill(q, k_cache, v_cache, pre, bs, scale))
     return out

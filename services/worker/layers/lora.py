@@ -15,6 +15,7 @@ DoRA rows are then rescaled by m_i / ||W + s_i B_i A_i||_row (precomputed when t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,22 @@ class LoraBatch:
     dora_tokens: torch.Tensor | None = None  # [Td] flat tokens whose adapter is DoRA
     dora_rows: torch.Tensor | None = None  # [Td] row of each in dora_scales
     dora_scales: dict[ModuleKey, torch.Tensor] = field(default_factory=dict)  # [n_dora, out]
+
+    def index_tensors(self) -> list[torch.Tensor | None]:
+        """The step's token index tensors, in a fixed order (built on the host, sent in one copy)."""
+        out: list[torch.Tensor | None] = []
+        for g in self.groups:
+            out += [g.gather_index, g.valid, g.dest]
+        return [*out, self.dora_tokens, self.dora_rows]
+
+    def place(self, tensors: list[torch.Tensor | None]) -> None:
+        """Take index_tensors()'s tensors back, now on the device."""
+        it = iter(tensors)
+        for g in self.groups:
+            gather, g.valid, dest = next(it), next(it), next(it)
+            assert gather is not None and dest is not None
+            g.gather_index, g.dest = gather, dest
+        self.dora_tokens, self.dora_rows = next(it), next(it)
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, key: ModuleKey, batch: LoraBatch) -> None:
@@ -86,3 +103,54 @@ class LoRALinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y
+
+
+class FusedLoRALinear(nn.Module):
+    """Several LoRALinears reading the same input (q/k/v, gate/up) as one matmul.
+
+    The base weights are concatenated once, after loading, and each part's weight becomes a view
+    of its rows, so memory is not doubled and everything that reads a part (adapter shape checks,
+    DoRA norms) sees the same numbers. LoRA stays per original module: each part's low-rank delta
+    (and DoRA rescale) is added to its own column slice of the fused output, then the biases, so
+    adapters trained on split modules apply unchanged and a module no adapter targets costs
+    nothing beyond the shared matmul.
+    """
+
+    weight: torch.Tensor
+
+    def __init__(self, parts: Sequence[LoRALinear]) -> None:
+        super().__init__()
+        self.parts = tuple(parts)  # owned (and registered) by the parent module
+        self.sizes = [p.out_features for p in parts]
+        self.register_buffer("weight", torch.empty(0), persistent=False)
+        self.register_buffer("bias", None, persistent=False)
+
+    def fuse(self) -> None:
+        """Concatenate the parts' loaded weights; each part then holds a view of its rows."""
+        weight = torch.cat([p.weight.detach() for p in self.parts])
+        bias = None
+        if any(p.bias is not None for p in self.parts):
+            bias = torch.cat(
+                [
+                    p.bias.detach() if p.bias is not None else weight.new_zeros(p.out_features)
+                    for p in self.parts
+                ]
+            )
+        offset = 0
+        for p in self.parts:
+            p.weight.data = weight[offset : offset + p.out_features]
+            if p.bias is not None and bias is not None:
+                p.bias.data = bias[offset : offset + p.out_features]
+            offset += p.out_features
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> tuple[torch.Tensor, ...]:
+        y = x @ self.weight.T
+        if lora is not None:
+            offset = 0
+            for p in self.parts:
+                add_lora(y[:, offset : offset + p.out_features], x, p.key, lora)
+                offset += p.out_features
+        if self.bias is not None:
+            y += self.bias
+        return y.split(self.sizes, dim=1)

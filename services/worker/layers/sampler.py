@@ -33,20 +33,25 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     """logits [N, V] fp32, one row per sequence -> one token id per sequence."""
-    apply_repetition_penalty(logits, seqs)
+    params = [s.sampling for s in seqs]
+    if any(p.repetition_penalty != 1.0 for p in params):
+        apply_repetition_penalty(logits, seqs)
     chosen = logits.argmax(dim=-1)
-    rows = [i for i, s in enumerate(seqs) if not s.sampling.greedy]
-    if rows:
-        idx = torch.tensor(rows, device=logits.device)
-        sub = [seqs[i].sampling for i in rows]
-        temp = torch.tensor([p.temperature for p in sub], device=logits.device).unsqueeze(1)
-        top_k = torch.tensor([p.top_k for p in sub], device=logits.device)
-        top_p = torch.tensor([p.top_p for p in sub], device=logits.device)
-        probs = _filter_top_k_top_p(logits[idx] / temp, top_k, top_p).softmax(dim=-1)
-        # Exponential race (equivalent to a multinomial draw); the noise comes from each
-        # request's own generator so its draws do not depend on who else is in the batch.
-        noise = torch.stack(
-            [torch.empty(logits.shape[1]).exponential_(generator=seqs[i].generator) for i in rows]
-        )
-        chosen[idx] = (probs / noise.to(logits.device)).argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return chosen.tolist()  # all greedy: one argmax, one read
+    # The step's sampling parameters as one host tensor, sent in one copy.
+    table = torch.tensor(
+        [(i, params[i].temperature, params[i].top_k, params[i].top_p) for i in rows], dtype=torch.float64
+    ).to(logits.device)
+    idx = table[:, 0].long()
+    temp = table[:, 1:2].to(logits.dtype)
+    top_k, top_p = table[:, 2].long(), table[:, 3].to(logits.dtype)
+    probs = _filter_top_k_top_p(logits.index_select(0, idx) / temp, top_k, top_p).softmax(dim=-1)
+    # Exponential race (equivalent to a multinomial draw); the noise comes from each request's
+    # own generator so its draws do not depend on who else is in the batch.
+    noise = torch.empty(len(rows), logits.shape[1])
+    for j, i in enumerate(rows):
+        noise[j].exponential_(generator=seqs[i].generator)
+    chosen[idx] = (probs / noise.to(logits.device)).argmax(dim=-1)
     return chosen.tolist()

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from torch import nn
 
 from services.worker.layers.attention import AttentionMetadata, paged_attention
-from services.worker.layers.lora import LoraBatch, LoRALinear
+from services.worker.layers.lora import FusedLoRALinear, LoraBatch, LoRALinear
 from services.worker.layers.norm import RMSNorm
 from services.worker.layers.rotary import apply_rotary, rope_cache
 
@@ -89,14 +89,16 @@ class Attention(nn.Module):
         self.k_proj = LoRALinear((layer, "k_proj"), h, self.kv_heads * self.head_dim, bias)
         self.v_proj = LoRALinear((layer, "v_proj"), h, self.kv_heads * self.head_dim, bias)
         self.o_proj = LoRALinear((layer, "o_proj"), self.heads * self.head_dim, h, False)
+        self.qkv = FusedLoRALinear((self.q_proj, self.k_proj, self.v_proj))
         self.k_cache = torch.empty(0)  # [slots, kv_heads, d], assigned by the runner
         self.v_cache = torch.empty(0)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x, ctx.lora).view(t, self.heads, self.head_dim)
-        k = self.k_proj(x, ctx.lora).view(t, self.kv_heads, self.head_dim)
-        v = self.v_proj(x, ctx.lora).view(t, self.kv_heads, self.head_dim)
+        q, k, v = self.qkv(x, ctx.lora)
+        q = q.view(t, self.heads, self.head_dim)
+        k = k.view(t, self.kv_heads, self.head_dim)
+        v = v.view(t, self.kv_heads, self.head_dim)
         assert ctx.cos is not None and ctx.sin is not None
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
         out = paged_attention(q, k, v, self.k_cache, self.v_cache, ctx.attention, self.head_dim**-0.5)
@@ -110,9 +112,11 @@ class MLP(nn.Module):
         self.gate_proj = LoRALinear((layer, "gate_proj"), h, i, False)
         self.up_proj = LoRALinear((layer, "up_proj"), h, i, False)
         self.down_proj = LoRALinear((layer, "down_proj"), i, h, False)
+        self.gate_up = FusedLoRALinear((self.gate_proj, self.up_proj))
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, ctx.lora)) * self.up_proj(x, ctx.lora), ctx.lora)
+        gate, up = self.gate_up(x, ctx.lora)
+        return self.down_proj(F.silu(gate) * up, ctx.lora)
 
 
 class DecoderLayer(nn.Module):
@@ -164,6 +168,12 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
+    def fuse_projections(self) -> None:
+        """One matmul for q/k/v and one for gate/up in every layer (after the weights load)."""
+        for module in self.modules():
+            if isinstance(module, FusedLoRALinear):
+                module.fuse()
+
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn for layer in self.model.layers if isinstance(layer, DecoderLayer)]
 
@@ -205,4 +215,5 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: str) -> LlamaForCaus
     missing = set(params) - loaded
     if missing:
         raise ValueError(f"{model_dir} lacks weights for {sorted(missing)[:5]}")
+    model.fuse_projections()
     return model.eval()
