@@ -210,7 +210,7 @@ async def test_keep_warm_adapter_reaches_a_device_without_any_request_and_leaves
     # worker's keep_warm pin; the disk copy stays.
     with stack.registry.admin() as c:
         c.archive_adapter("always-on@1", tenant=stack.tenant)
-    await _until(lambda: not _on_device(stack, digest), 10, "archived keep-warm adapter evicted")
+    await _until(lambda: not _on_device(stack, digest), 30, "archived keep-warm adapter evicted")
     assert digest not in stack.router.warmer.book.warm_refs()
 
 
@@ -232,7 +232,7 @@ async def test_an_archived_adapter_is_evicted_from_the_workers_holding_it(
     with stack.registry.admin() as c:
         c.archive_adapter("short-lived@1", tenant=stack.tenant)
     # The worker drops it from memory on the router's hint; the disk copy stays.
-    await _until(lambda: not _on_device(stack, digest), 10, "archived adapter evicted")
+    await _until(lambda: not _on_device(stack, digest), 30, "archived adapter evicted")
     assert _views(stack)[worker].residency.get(digest) is Residency.DISK
 
 
