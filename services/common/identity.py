@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
 from cryptography import x509
 
-from services.common.tls import Role, role_of_common_name
+from services.common.grpc_server import RunningServer, start_server
+from services.common.tls import Role, TlsFiles, role_of_common_name, server_credentials, warn_plaintext
 
 log = logging.getLogger(__name__)
 
@@ -181,3 +182,27 @@ def _gated(handler: grpc.RpcMethodHandler, method: str, allowed: frozenset[Role]
             await result
 
     return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
+
+
+async def start_internal_server(
+    listen: str,
+    register: Callable[[grpc.aio.Server], None],
+    service_names: Sequence[str],
+    *,
+    tls: TlsFiles | None,
+    allow: AllowTable,
+    what: str,
+) -> RunningServer:
+    """A service only other services call (registry, worker): mutual TLS with every RPC checked
+    against `allow`, or, without TLS material (LORAPLEX_INSECURE_PLAINTEXT), plaintext with a
+    warning naming `what`."""
+    if tls is None:
+        warn_plaintext(what)
+        return await start_server(listen, register, service_names)
+    return await start_server(
+        listen,
+        register,
+        service_names,
+        interceptors=[RoleGate(allow)],
+        credentials=server_credentials(tls),
+    )

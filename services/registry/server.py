@@ -12,10 +12,9 @@ from grpc_health.v1 import health_pb2
 
 from loraplex.v1 import registry_pb2, registry_pb2_grpc, usage_pb2, usage_pb2_grpc
 from services.common.config import RegistrySettings
-from services.common.grpc_server import RunningServer, run_until_signalled, start_server
-from services.common.identity import REGISTRY_ALLOW, RoleGate
+from services.common.grpc_server import RunningServer, run_until_signalled
+from services.common.identity import REGISTRY_ALLOW, start_internal_server
 from services.common.object_store import open_store
-from services.common.tls import server_credentials, warn_plaintext
 from services.registry import db
 from services.registry.change_feed import ChangeFeed
 from services.registry.servicer import AdapterRegistryServicer
@@ -49,17 +48,9 @@ async def start_registry(settings: RegistrySettings) -> RunningServer:
         registry_pb2_grpc.add_AdapterRegistryServiceServicer_to_server(servicer, server)
         usage_pb2_grpc.add_UsageServiceServicer_to_server(usage, server)
 
-    if settings.tls is None:
-        warn_plaintext("the registry")
-        running = await start_server(settings.listen, register, SERVICE_NAMES)
-    else:
-        running = await start_server(
-            settings.listen,
-            register,
-            SERVICE_NAMES,
-            interceptors=[RoleGate(REGISTRY_ALLOW)],
-            credentials=server_credentials(settings.tls),
-        )
+    running = await start_internal_server(
+        settings.listen, register, SERVICE_NAMES, tls=settings.tls, allow=REGISTRY_ALLOW, what="the registry"
+    )
     running.before_drain.append(servicer.begin_drain)
 
     async def report(up: bool) -> None:

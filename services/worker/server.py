@@ -16,9 +16,8 @@ from transformers import AutoTokenizer
 from loraplex.v1 import registry_pb2, worker_pb2, worker_pb2_grpc
 from services.common.base_models import is_complete, models_dir, pull_model
 from services.common.config import WorkerSettings
-from services.common.grpc_server import RunningServer, run_until_signalled, start_metrics, start_server
-from services.common.identity import WORKER_ALLOW, RoleGate
-from services.common.tls import server_credentials, warn_plaintext
+from services.common.grpc_server import RunningServer, run_until_signalled, start_metrics
+from services.common.identity import WORKER_ALLOW, start_internal_server
 from services.worker import metrics
 from services.worker.adapters import AdapterLoader
 from services.worker.async_engine import AsyncEngine
@@ -120,17 +119,9 @@ async def start_worker(settings: WorkerSettings) -> RunningWorker:
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
 
     try:
-        if settings.tls is None:
-            warn_plaintext("the worker")
-            running = await start_server(settings.listen, register, SERVICE_NAMES)
-        else:
-            running = await start_server(
-                settings.listen,
-                register,
-                SERVICE_NAMES,
-                interceptors=[RoleGate(WORKER_ALLOW)],
-                credentials=server_credentials(settings.tls),
-            )
+        running = await start_internal_server(
+            settings.listen, register, SERVICE_NAMES, tls=settings.tls, allow=WORKER_ALLOW, what="the worker"
+        )
     except BaseException:
         await loader.close()
         await engine.shutdown()

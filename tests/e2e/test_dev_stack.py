@@ -77,8 +77,18 @@ def running_dev(home: Path, database_url: str, smollm2_dir: Path, *, workers: in
         "LORAPLEX_HTTP_LISTEN": f"127.0.0.1:{free_port()}",
     }
     env.pop("LORAPLEX_ADMIN_TOKEN", None)
+    with start_dev(["--workers", str(workers)], env, home) as (proc, banner):
+        yield DevStack(env, home, proc, banner)
+
+
+@contextmanager
+def start_dev(
+    args: list[str], env: dict[str, str], home: Path
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`loraplex <args>` started and its banner read; stopped as a user would (Ctrl-C), so the
+    stack's own processes (they run in sessions of their own) are drained, never orphaned."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli.main", "dev", "--workers", str(workers)],
+        [sys.executable, "-m", "services.cli.main", "dev", *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -95,15 +105,19 @@ def running_dev(home: Path, database_url: str, smollm2_dir: Path, *, workers: in
         if line.startswith("Ctrl-C stops everything"):
             break
     text = "".join(banner)
-    if "loraplex dev is up" not in text:
-        proc.kill()
-        logs = "".join(p.read_text()[-2000:] for p in (home / "logs").glob("*.log"))
-        pytest.fail(f"loraplex dev did not come up:\n{text[-3000:]}\n{logs}")
     try:
-        yield DevStack(env, home, proc, text)
+        if "loraplex dev is up" not in text:
+            logs = "".join(p.read_text()[-2000:] for p in (home / "logs").glob("*.log"))
+            pytest.fail(f"loraplex dev did not come up:\n{text[-3000:]}\n{logs}")
+        yield proc, text
     finally:
         if proc.poll() is None:
-            proc.kill()
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def _generate_json(dev_stack: DevStack, api_key: str, adapter: str, max_tokens: int) -> list[dict[str, Any]]:

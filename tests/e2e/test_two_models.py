@@ -27,8 +27,8 @@ import pytest
 from services.common.config import DEFAULT_MODEL
 from services.common.net import free_port
 from services.devtools.tiny_model import TINY_LLAMA
+from tests.e2e.test_dev_stack import start_dev
 
-STARTUP_TIMEOUT_S = 420
 TINY_PRICES = ("2", "8")  # USD per million input / output tokens; the demo prices are 0.05 / 0.20
 
 
@@ -95,45 +95,8 @@ def two_models(
         timeout=300,
     )
     assert imported.returncode == 0, imported.stderr
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "services.cli.main",
-            "dev",
-            "--model",
-            DEFAULT_MODEL,
-            "--model",
-            f"{TINY_LLAMA}:1",
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    banner: list[str] = []
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        banner.append(line)
-        if line.startswith("Ctrl-C stops everything"):
-            break
-    text = "".join(banner)
-    if "loraplex dev is up" not in text:
-        proc.kill()
-        logs = "".join(p.read_text()[-2000:] for p in (home / "logs").glob("*.log"))
-        pytest.fail(f"loraplex dev did not come up:\n{text[-3000:]}\n{logs}")
-    try:
-        yield TwoModelStack(env, home, proc, text)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with start_dev(["--model", DEFAULT_MODEL, "--model", f"{TINY_LLAMA}:1"], env, home) as (proc, banner):
+        yield TwoModelStack(env, home, proc, banner)
 
 
 def _generate(stack: TwoModelStack, api_key: str, adapter: str) -> dict[str, Any]:
