@@ -54,9 +54,10 @@ class DevStack:
 
 @pytest.fixture(scope="module")
 def dev_stack(
-    tmp_path_factory: pytest.TempPathFactory, database_url: str, smollm2_dir: Path
+    tmp_path_factory: pytest.TempPathFactory, stack_database_url: str, smollm2_dir: Path
 ) -> Iterator[DevStack]:
-    with running_dev(tmp_path_factory.mktemp("dev-home"), database_url, smollm2_dir, workers=2) as stack:
+    home = tmp_path_factory.mktemp("dev-home")
+    with running_dev(home, stack_database_url, smollm2_dir, workers=2) as stack:
         yield stack
 
 

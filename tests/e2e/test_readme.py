@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.test_dev_stack import DevStack, running_dev
-from tests.fixtures.postgres import create_database, drop_database
 
 REPO = Path(__file__).resolve().parents[2]
 README_HOME = "~/.cache/loraplex"
@@ -47,17 +46,11 @@ def commands(block: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def dev(
-    tmp_path_factory: pytest.TempPathFactory, postgres_admin_url: str, smollm2_dir: Path
+    tmp_path_factory: pytest.TempPathFactory, stack_database_url: str, smollm2_dir: Path
 ) -> Iterator[DevStack]:
-    # A database of its own, as a new user has: the session's holds other stacks' demo adapters,
-    # stored in their homes, which this stack's worker may not read.
-    database_url = create_database(postgres_admin_url, prefix="loraplex_readme")
-    try:
-        home = tmp_path_factory.mktemp("readme-home")
-        with running_dev(home, database_url, smollm2_dir, workers=1) as stack:
-            yield stack
-    finally:
-        drop_database(postgres_admin_url, database_url)
+    home = tmp_path_factory.mktemp("readme-home")
+    with running_dev(home, stack_database_url, smollm2_dir, workers=1) as stack:
+        yield stack
 
 
 def test_the_readmes_try_it_commands_run_in_order_and_print_what_it_shows(

@@ -57,7 +57,7 @@ class TwoModelStack:
 @pytest.fixture(scope="module")
 def two_models(
     tmp_path_factory: pytest.TempPathFactory,
-    database_url: str,
+    stack_database_url: str,
     smollm2_dir: Path,
     tiny_llama_dir: Path,
     smollm2_adapters: dict[str, Path],
@@ -72,7 +72,7 @@ def two_models(
         **os.environ,
         "PYTHONUNBUFFERED": "1",
         "LORAPLEX_HOME": str(home),
-        "LORAPLEX_DATABASE_URL": database_url,
+        "LORAPLEX_DATABASE_URL": stack_database_url,
         "LORAPLEX_REGISTRY": f"127.0.0.1:{free_port()}",
         "LORAPLEX_ROUTER": f"127.0.0.1:{free_port()}",
         "LORAPLEX_HTTP_LISTEN": "",
