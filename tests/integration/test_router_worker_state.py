@@ -194,11 +194,20 @@ def _upload(s: Stack, kind: str, name: str, **kw: Any) -> registry_pb2.Adapter:
 
 
 async def test_keep_warm_adapter_reaches_a_device_without_any_request_and_leaves_when_archived(
-    stack: Stack,
+    stack: Stack, loraplex_home: Path, tiny_llama_dir: Path
 ) -> None:
-    digest = adapter_digest(stack.adapters["mlp"])
+    # Bytes no other test registers: a READY adapter of another tenant with the same digest (the
+    # session's registry holds every module's adapters) would rightly keep it on the device.
+    stack.adapters["always-on"] = build_adapter(
+        tiny_llama_dir,
+        TINY_KINDS["mlp"],
+        loraplex_home / "worker-test-adapters" / TINY_LLAMA / "mlp-router-keep-warm",
+        b_scale=TINY_B_SCALE,
+        seed=98,
+    )
+    digest = adapter_digest(stack.adapters["always-on"])
     assert not _on_device(stack, digest)
-    _upload(stack, "mlp", "always-on", keep_warm=True)
+    _upload(stack, "always-on", "always-on", keep_warm=True)
     await _until(lambda: bool(_on_device(stack, digest)), 20, "keep-warm adapter on a device")
     # On one worker: its rendezvous home, where its requests go (nobody held it before).
     live = [v for v in _views(stack).values() if v.accepting]
@@ -210,7 +219,7 @@ async def test_keep_warm_adapter_reaches_a_device_without_any_request_and_leaves
     # worker's keep_warm pin; the disk copy stays.
     with stack.registry.admin() as c:
         c.archive_adapter("always-on@1", tenant=stack.tenant)
-    await _until(lambda: not _on_device(stack, digest), 30, "archived keep-warm adapter evicted")
+    await _until(lambda: not _on_device(stack, digest), 10, "archived keep-warm adapter evicted")
     assert digest not in stack.router.warmer.book.warm_refs()
 
 
@@ -232,7 +241,7 @@ async def test_an_archived_adapter_is_evicted_from_the_workers_holding_it(
     with stack.registry.admin() as c:
         c.archive_adapter("short-lived@1", tenant=stack.tenant)
     # The worker drops it from memory on the router's hint; the disk copy stays.
-    await _until(lambda: not _on_device(stack, digest), 30, "archived adapter evicted")
+    await _until(lambda: not _on_device(stack, digest), 10, "archived adapter evicted")
     assert _views(stack)[worker].residency.get(digest) is Residency.DISK
 
 
