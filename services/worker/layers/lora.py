@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from services.worker.layers.packed import matmul, pack
+
 ModuleKey = tuple[int, str]  # (layer index, module name)
 
 
@@ -95,9 +97,13 @@ class LoRALinear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.packed: torch.Tensor | None = None  # the weight in oneDNN's layout (layers/packed.py)
+
+    def pack(self) -> None:
+        self.packed = pack(self.weight)
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
-        y = x @ self.weight.T
+        y = matmul(x, self.weight, self.packed)
         if lora is not None:
             add_lora(y, x, self.key, lora)
         if self.bias is not None:
@@ -124,6 +130,10 @@ class FusedLoRALinear(nn.Module):
         self.sizes = [p.out_features for p in parts]
         self.register_buffer("weight", torch.empty(0), persistent=False)
         self.register_buffer("bias", None, persistent=False)
+        self.packed: torch.Tensor | None = None
+
+    def pack(self) -> None:
+        self.packed = pack(self.weight)
 
     def fuse(self) -> None:
         """Concatenate the parts' loaded weights; each part then holds a view of its rows."""
@@ -145,7 +155,7 @@ class FusedLoRALinear(nn.Module):
         self.weight, self.bias = weight, bias
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> tuple[torch.Tensor, ...]:
-        y = x @ self.weight.T
+        y = matmul(x, self.weight, self.packed)
         if lora is not None:
             offset = 0
             for p in self.parts:

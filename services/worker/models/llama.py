@@ -17,6 +17,7 @@ from torch import nn
 from services.worker.layers.attention import AttentionMetadata, paged_attention
 from services.worker.layers.lora import FusedLoRALinear, LoraBatch, LoRALinear
 from services.worker.layers.norm import RMSNorm
+from services.worker.layers.packed import can_pack, matmul, pack
 from services.worker.layers.rotary import apply_rotary, rope_cache
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -154,6 +155,7 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = rope_cache(cfg.head_dim, cfg.max_positions, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.lm_head_packed: torch.Tensor | None = None
         self.requires_grad_(False)
 
     def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
@@ -166,13 +168,26 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return matmul(hidden, self.lm_head.weight, self.lm_head_packed).float()
 
     def fuse_projections(self) -> None:
         """One matmul for q/k/v and one for gate/up in every layer (after the weights load)."""
         for module in self.modules():
             if isinstance(module, FusedLoRALinear):
                 module.fuse()
+
+    def pack_weights(self) -> None:
+        """Every matrix a step multiplies by, in oneDNN's layout (CPU bf16 only, see layers/packed.py).
+
+        The parts of a fused projection are never multiplied on their own, so only the fused
+        weight is packed."""
+        fused_parts = {id(p) for m in self.modules() if isinstance(m, FusedLoRALinear) for p in m.parts}
+        for module in self.modules():
+            if isinstance(module, FusedLoRALinear) or (
+                isinstance(module, LoRALinear) and id(module) not in fused_parts
+            ):
+                module.pack()
+        self.lm_head_packed = pack(self.lm_head.weight)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn for layer in self.model.layers if isinstance(layer, DecoderLayer)]
@@ -216,4 +231,6 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: str) -> LlamaForCaus
     if missing:
         raise ValueError(f"{model_dir} lacks weights for {sorted(missing)[:5]}")
     model.fuse_projections()
+    if can_pack(device, dtype):
+        model.pack_weights()
     return model.eval()
