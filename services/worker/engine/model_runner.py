@@ -31,7 +31,7 @@ class ModelRunner:
         self.num_blocks = config.kv_cache_blocks or self._blocks_from_budget(config, dtype)
         slots = self.num_blocks * self.block_size
         for attn in model.attention_layers():
-            shape = (slots, cfg.num_kv_heads, cfg.head_dim)
+            shape = (cfg.num_kv_heads, slots, cfg.head_dim)  # head-major: see layers/attention.py
             attn.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
             attn.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self.lora = LoraBatchBuilder(model, self.device)

@@ -91,7 +91,7 @@ class Attention(nn.Module):
         self.v_proj = LoRALinear((layer, "v_proj"), h, self.kv_heads * self.head_dim, bias)
         self.o_proj = LoRALinear((layer, "o_proj"), self.heads * self.head_dim, h, False)
         self.qkv = FusedLoRALinear((self.q_proj, self.k_proj, self.v_proj))
-        self.k_cache = torch.empty(0)  # [slots, kv_heads, d], assigned by the runner
+        self.k_cache = torch.empty(0)  # [kv_heads, slots, d], assigned by the runner
         self.v_cache = torch.empty(0)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
