@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from services.worker.engine import host_memory
 from services.worker.engine.adapter_slots import DeviceAdapter
 from services.worker.engine.config import EngineConfig
 from services.worker.engine.constrained import MaskJob
@@ -32,8 +33,8 @@ class ModelRunner:
         slots = self.num_blocks * self.block_size
         for attn in model.attention_layers():
             shape = (cfg.num_kv_heads, slots, cfg.head_dim)  # head-major: see layers/attention.py
-            attn.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-            attn.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+            attn.k_cache = host_memory.zeros(shape, dtype, self.device)
+            attn.v_cache = host_memory.zeros(shape, dtype, self.device)
         self.lora = LoraBatchBuilder(model, self.device)
         self.last_logits: tuple[torch.Tensor, list[str]] = (torch.empty(0), [])
 

@@ -1,6 +1,6 @@
 """The Llama family (Llama, Mistral, Qwen2, SmolLM) over a paged KV cache, loading HF safetensors.
 
-Parameter names mirror the HF checkpoints, so loading is a name-by-name copy.
+Parameter names mirror the HF checkpoints; models/weights.py loads them by name.
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
 from services.worker.layers.attention import AttentionMetadata, paged_attention
 from services.worker.layers.lora import FusedLoRALinear, LoraBatch, LoRALinear
 from services.worker.layers.norm import RMSNorm
-from services.worker.layers.packed import can_pack, matmul, pack
+from services.worker.layers.packed import matmul, pack
 from services.worker.layers.rotary import apply_rotary, rope_cache
+from services.worker.models.weights import load_weights
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -207,30 +207,8 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: str) -> LlamaForCaus
     cfg = LlamaConfig.from_dir(model_dir)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
-    model = model.to_empty(device=device).to(dtype)
+    load_weights(model, model_dir, dtype, device)
     cos, sin = rope_cache(cfg.head_dim, cfg.max_positions, cfg.rope_theta)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    params = dict(model.named_parameters(remove_duplicate=False))
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
-    loaded: set[str] = set()
-    for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                if name not in params:
-                    continue  # e.g. rotary inv_freq buffers in older checkpoints
-                with torch.no_grad():
-                    params[name].copy_(f.get_tensor(name).to(dtype))
-                loaded.add(name)
-    if cfg.tie_word_embeddings:
-        loaded.add("lm_head.weight")
-    missing = set(params) - loaded
-    if missing:
-        raise ValueError(f"{model_dir} lacks weights for {sorted(missing)[:5]}")
     model.fuse_projections()
-    if can_pack(device, dtype):
-        model.pack_weights()
     return model.eval()
