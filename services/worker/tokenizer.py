@@ -1,33 +1,42 @@
-"""The model's Hugging Face tokenizer, built as AutoTokenizer builds it but without its detour.
+"""The model's Hugging Face tokenizer: AutoTokenizer's choice, remembered.
 
-AutoTokenizer first builds the model's config (config.json) to choose a class, and building a
-config imports much of transformers' modelling stack (torch.distributed.tensor, accelerate): about
-1.3 s, a quarter of a worker's cold start, for a class the tokenizer files usually name. When
-tokenizer_config.json names the generic `TokenizersBackend`, brings no custom code (`auto_map`)
-and the model type is not one AutoTokenizer overrides the declared class for, AutoTokenizer's
-choice is that class (transformers 5's `AutoTokenizer.from_pretrained`), so it is built directly.
-Anything else goes through AutoTokenizer. tests/unit/test_worker_tokenizer.py holds the two
-equal on the test models, so a transformers upgrade that changes the choice fails there.
+AutoTokenizer first builds the model's config (config.json) to choose a tokenizer class, and
+building a config imports much of transformers' modelling stack (torch.distributed.tensor,
+accelerate): ~1.3 s, a quarter of a worker's cold start, to arrive at a class that rarely changes.
+So the first load asks AutoTokenizer and records the class it built (keyed by the model's small
+files and the transformers version, in the model's serving cache); later loads of a tokenizer
+recorded as the generic `TokenizersBackend` build that class directly (the same object:
+tests/unit/test_worker_tokenizer.py). Other classes go through AutoTokenizer every time.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
-GENERIC_CLASS = "TokenizersBackend"
+from services.worker import serving_cache
+
+log = logging.getLogger(__name__)
+
+GENERIC_CLASS = "transformers.tokenization_utils_tokenizers.TokenizersBackend"
 
 
 def load_tokenizer(model_dir: Path) -> Any:
-    if _declares_generic_class(model_dir):
+    record = _record_path(model_dir)
+    if _recorded_class(record) == GENERIC_CLASS:
         from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
         return TokenizersBackend.from_pretrained(str(model_dir))
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    _record(record, f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}")
+    return tokenizer
 
 
 def copies(tokenizer: Any, n: int) -> list[Any]:
@@ -36,14 +45,34 @@ def copies(tokenizer: Any, n: int) -> list[Any]:
     return [copy.deepcopy(tokenizer) for _ in range(n)]
 
 
-def _declares_generic_class(model_dir: Path) -> bool:
+def _record_path(model_dir: Path) -> Path:
+    import transformers
+
+    # Everything but the weights: config.json, tokenizer files, chat template.
+    files = sorted(p for p in model_dir.iterdir() if p.is_file() and p.suffix != ".safetensors")
+    version = serving_cache.key(transformers.__version__, serving_cache.file_stats(files))
+    return serving_cache.cache_dir(model_dir) / f"tokenizer-{version}.json"
+
+
+def _recorded_class(record: Path) -> str | None:
     try:
-        declared = json.loads((model_dir / "tokenizer_config.json").read_text())
-        config = json.loads((model_dir / "config.json").read_text())
-        from transformers.models.auto.tokenization_auto import MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS
-    except (OSError, ValueError, ImportError):
-        return False
-    if declared.get("tokenizer_class") != GENERIC_CLASS or "auto_map" in declared:
-        return False
-    overridden = MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS
-    return config.get("model_type") not in overridden and config.get("model_name") not in overridden
+        value = json.loads(record.read_text()).get("class")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _record(record: Path, class_name: str) -> None:
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=record.parent, prefix=".tokenizer-", suffix=".tmp")
+    except OSError as exc:  # a read-only model directory: AutoTokenizer on every start
+        log.warning("cannot record the tokenizer class of %s: %s", record.parent.parent, exc)
+        return
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"class": class_name}, f)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, record)  # atomic: a concurrent start reads the old state or the new one
+    finally:
+        Path(tmp).unlink(missing_ok=True)

@@ -136,7 +136,11 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Given a weight, Embedding skips its random init: on the meta device that init imports
+        # torch._dynamo (~1.3 s of a cold start), and the checkpoint overwrites it anyway.
+        self.embed_tokens = nn.Embedding(
+            cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size)
+        )
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -208,7 +212,6 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: str) -> LlamaForCaus
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     load_weights(model, model_dir, dtype, device)
-    cos, sin = rope_cache(cfg.head_dim, cfg.max_positions, cfg.rope_theta)
-    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    model.rope_cos, model.rope_sin = model.rope_cos.to(device), model.rope_sin.to(device)
     model.fuse_projections()
     return model.eval()

@@ -17,8 +17,6 @@ each group's parts already side by side and adopts them without a copy.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 from collections.abc import Iterator
@@ -31,13 +29,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from services.common.base_models import build_atomically
+from services.worker import serving_cache
 from services.worker.layers.lora import FusedLoRALinear
 
 log = logging.getLogger(__name__)
 
 # Bump when the serving copy's contents change meaning (names, fusion, padding).
 LAYOUT_VERSION = 1
-SERVING_DIR = ".serving"
 SERVING_FILE = "model.safetensors"
 
 
@@ -111,7 +109,9 @@ def serving_tensors(layout: ServingLayout, model_dir: Path, dtype: torch.dtype) 
     """The serving layout's tensors on the host: mapped from the serving copy (built on first use),
     or built in memory where the copy cannot be written."""
     sources = checkpoint_files(model_dir)
-    dest = model_dir / SERVING_DIR / f"{_dtype_name(dtype)}-{_key(layout, sources, dtype)}"
+    shapes = sorted(layout.serving_shapes().items())
+    version = serving_cache.key(LAYOUT_VERSION, str(dtype), serving_cache.file_stats(sources), shapes)
+    dest = serving_cache.cache_dir(model_dir) / f"{_dtype_name(dtype)}-{version}"
     try:
         build_atomically(
             dest, lambda tmp: _write_serving_copy(layout, sources, dtype, tmp), done=_has_serving_file
@@ -197,13 +197,6 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
     # safe_open maps the file privately: the tensors are views of the page cache until written.
     with safe_open(str(path), framework="pt", device="cpu") as f:
         return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - not a mapping
-
-
-def _key(layout: ServingLayout, sources: list[Path], dtype: torch.dtype) -> str:
-    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sources]
-    shapes = sorted(layout.serving_shapes().items())
-    blob = json.dumps([LAYOUT_VERSION, str(dtype), stats, shapes])
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
