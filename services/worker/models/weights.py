@@ -92,7 +92,7 @@ def load_weights(model: nn.Module, model_dir: Path, dtype: torch.dtype, device: 
     `device` (tied parameters stay tied). The parts of each FusedLoRALinear become consecutive row
     blocks of one tensor, so its fuse() copies nothing."""
     layout = ServingLayout.of(model)
-    tensors = serving_tensors(layout, model_dir, dtype)
+    tensors = _serving_tensors(layout, model_dir, dtype)
     if device != "cpu":
         tensors = {name: t.to(device) for name, t in tensors.items()}
     loaded = {name: tensors[name] for name in layout.plain}
@@ -105,10 +105,10 @@ def load_weights(model: nn.Module, model_dir: Path, dtype: torch.dtype, device: 
     _install(model, loaded)
 
 
-def serving_tensors(layout: ServingLayout, model_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _serving_tensors(layout: ServingLayout, model_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The serving layout's tensors on the host: mapped from the serving copy (built on first use),
     or built in memory where the copy cannot be written."""
-    sources = checkpoint_files(model_dir)
+    sources = _checkpoint_files(model_dir)
     shapes = sorted(layout.serving_shapes().items())
     version = serving_cache.key(LAYOUT_VERSION, str(dtype), serving_cache.file_stats(sources), shapes)
     dest = serving_cache.cache_dir(model_dir) / f"{_dtype_name(dtype)}-{version}"
@@ -118,7 +118,7 @@ def serving_tensors(layout: ServingLayout, model_dir: Path, dtype: torch.dtype) 
         )
     except OSError as exc:
         log.warning("no serving copy of %s (%s): casting in memory on every start", model_dir, exc)
-        return build_serving_tensors(layout, sources, dtype)
+        return _build_serving_tensors(layout, sources, dtype)
     _drop_stale_copies(dest)
     tensors = _read(dest / SERVING_FILE)
     found = {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
@@ -127,7 +127,7 @@ def serving_tensors(layout: ServingLayout, model_dir: Path, dtype: torch.dtype) 
     return tensors
 
 
-def build_serving_tensors(
+def _build_serving_tensors(
     layout: ServingLayout, sources: list[Path], dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
     """Cast and fuse the checkpoint: one pass, each weight written once into its final place."""
@@ -147,7 +147,7 @@ def build_serving_tensors(
     return out
 
 
-def checkpoint_files(model_dir: Path) -> list[Path]:
+def _checkpoint_files(model_dir: Path) -> list[Path]:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {model_dir}")
@@ -176,7 +176,7 @@ def _checkpoint_tensors(layout: ServingLayout, sources: list[Path]) -> dict[str,
 
 
 def _write_serving_copy(layout: ServingLayout, sources: list[Path], dtype: torch.dtype, out: Path) -> None:
-    tensors = build_serving_tensors(layout, sources, dtype)
+    tensors = _build_serving_tensors(layout, sources, dtype)
     save_file(tensors, str(out / SERVING_FILE), metadata={"layout": str(LAYOUT_VERSION)})
 
 
@@ -191,6 +191,7 @@ def _drop_stale_copies(current: Path) -> None:
     for entry in current.parent.iterdir():
         if entry.is_dir() and entry.name.startswith(prefix) and entry != current:
             shutil.rmtree(entry, ignore_errors=True)
+            (current.parent / f".{entry.name}.lock").unlink(missing_ok=True)
 
 
 def _read(path: Path) -> dict[str, torch.Tensor]:
