@@ -62,7 +62,8 @@ def build_peft_adapter(base_dir: Path, out: Path, spec: PeftAdapterSpec, seed: i
                 p.normal_(0.0, 0.5 / spec.rank**0.5)
             elif "magnitude" in name:
                 p.mul_(1.0 + 0.1 * torch.randn_like(p))
-    peft_model.save_pretrained(str(out))
+    # Without full copies of embed_tokens / lm_head, which PEFT adds when they are targeted.
+    peft_model.save_pretrained(str(out), save_embedding_layers=False)
     return out
 
 
