@@ -5,13 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
-from services.common.base_models import build_atomically
-from services.devtools.adapters import is_adapter_dir
 from services.worker.engine.adapter_slots import to_device
-from tests.engine_support import PeftAdapterSpec, build_peft_adapter, load_weights
+from tests.engine_support import load_weights
 from tests.integration.test_engine_peft_oracle import (
     PROMPTS,
     _assert_adapters_matter,
@@ -21,59 +18,31 @@ from tests.integration.test_engine_peft_oracle import (
     peft_reference,
 )
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-EDGE_ADAPTERS = (
-    PeftAdapterSpec("embed", 8, 16, ("embed_tokens",)),
-    PeftAdapterSpec("head-rslora", 16, 8, ("lm_head",), use_rslora=True),
-    PeftAdapterSpec("edges-attn", 8, 16, ("embed_tokens", "lm_head", *ATTENTION)),
-    PeftAdapterSpec("embed-dora", 8, 16, ("embed_tokens", "v_proj"), use_dora=True),
-    PeftAdapterSpec("head-dora", 4, 8, ("lm_head",), use_dora=True),
-    PeftAdapterSpec("ordinary", 8, 16, ("q_proj", "v_proj")),  # no edges, in the same batch
-)
-# Bump when the specs or build_peft_adapter change, so cached adapters are rebuilt.
-RECIPE = 1
-
-
-@pytest.fixture(scope="module")
-def edge_adapters(tiny_llama_dir: Path, adapter_cache: Path) -> dict[str, Path]:
-    """PEFT adapters with random A and B, built once per test home (well under a second each)."""
-    import peft
-
-    out: dict[str, Path] = {}
-    for i, spec in enumerate(EDGE_ADAPTERS):
-        dest = adapter_cache / f"tiny-llama--edges-{spec.name}--r{RECIPE}-peft{peft.__version__}"
-        out[spec.name] = build_atomically(
-            dest,
-            lambda tmp, spec=spec, i=i: build_peft_adapter(tiny_llama_dir, tmp, spec, seed=200 + i) and None,
-            done=is_adapter_dir,
-        )
-    return out
-
 
 def test_edge_adapters_in_one_mixed_batch_with_base_rows_match_peft(
-    tiny_llama_dir: Path, edge_adapters: dict[str, Path]
+    tiny_llama_dir: Path, tiny_edge_adapters: dict[str, Path]
 ) -> None:
     prompts = PROMPTS[:2]
-    reference = peft_reference(tiny_llama_dir, edge_adapters, torch.float32, prompts, threads=1)
-    names = [*edge_adapters, None]
+    reference = peft_reference(tiny_llama_dir, tiny_edge_adapters, torch.float32, prompts, threads=1)
+    names = [*tiny_edge_adapters, None]
     cases = {f"{name}/{p}": (name, prompt) for name in names for p, prompt in enumerate(prompts)}
     _assert_adapters_matter(reference, cases)
-    tokens, logits = _run_mixed(_engine(tiny_llama_dir, edge_adapters), edge_adapters, cases)
+    tokens, logits = _run_mixed(_engine(tiny_llama_dir, tiny_edge_adapters), tiny_edge_adapters, cases)
     _assert_fp32_match(reference, cases, tokens, logits)
 
 
 def test_edge_weights_are_held_per_adapter_and_counted(
-    tiny_llama_dir: Path, edge_adapters: dict[str, Path]
+    tiny_llama_dir: Path, tiny_edge_adapters: dict[str, Path]
 ) -> None:
     engine = _engine(tiny_llama_dir, {})
     model = engine.runner.model
     vocab, hidden = model.config.vocab_size, model.config.hidden_size
-    both = to_device(load_weights(edge_adapters["edges-attn"]), model, 64, "cpu")
+    both = to_device(load_weights(tiny_edge_adapters["edges-attn"]), model, 64, "cpu")
     assert both.embed is not None and both.lm_head is not None
     assert both.embed.a_t.shape == (vocab, 8) and both.embed.b_t.shape == (8, hidden)
     assert both.lm_head.a_t.shape == (hidden, 8) and both.lm_head.b_t.shape == (8, vocab)
     edge_bytes = 4 * 2 * (vocab * 8 + 8 * hidden)  # fp32, both edges
     blocks = sum(t.numel() * 4 for t in (*both.a_t.values(), *both.b_t.values()))
     assert both.resident_bytes == blocks + edge_bytes
-    ordinary = to_device(load_weights(edge_adapters["ordinary"]), model, 64, "cpu")
+    ordinary = to_device(load_weights(tiny_edge_adapters["ordinary"]), model, 64, "cpu")
     assert ordinary.embed is None and ordinary.lm_head is None
