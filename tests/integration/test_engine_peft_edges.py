@@ -10,6 +10,8 @@ import torch
 from services.worker.engine.adapter_slots import to_device
 from tests.engine_support import load_weights
 from tests.integration.test_engine_peft_oracle import (
+    BF16_LOGIT_TOLERANCE,
+    BF16_TIE,
     PROMPTS,
     _assert_adapters_matter,
     _assert_fp32_match,
@@ -29,6 +31,35 @@ def test_edge_adapters_in_one_mixed_batch_with_base_rows_match_peft(
     _assert_adapters_matter(reference, cases)
     tokens, logits = _run_mixed(_engine(tiny_llama_dir, tiny_edge_adapters), tiny_edge_adapters, cases)
     _assert_fp32_match(reference, cases, tokens, logits)
+
+
+def test_edge_adapters_match_peft_in_bf16_up_to_near_ties(
+    tiny_llama_dir: Path, tiny_edge_adapters: dict[str, Path]
+) -> None:
+    """The oracle file's bf16 criterion: logits within BF16_LOGIT_TOLERANCE of the logit scale, tokens
+    equal until a near-tie that bf16 cannot order (then the contexts differ and the comparison
+    stops). Measured here: worst 0.036 before divergence; one near-tie (edges-attn, margin 0.007)."""
+    prompts = PROMPTS[:2]
+    reference = peft_reference(tiny_llama_dir, tiny_edge_adapters, torch.bfloat16, prompts, threads=1)
+    names = [*tiny_edge_adapters, None]
+    cases = {f"{name}/{p}": (name, prompt) for name in names for p, prompt in enumerate(prompts)}
+    engine = _engine(tiny_llama_dir, tiny_edge_adapters, torch.bfloat16)
+    tokens, logits = _run_mixed(engine, tiny_edge_adapters, cases)
+    ties = 0
+    for rid, key in cases.items():
+        want_tokens, want_logits = reference[key]
+        for step, want in enumerate(want_logits):
+            scale = want.abs().max()
+            assert ((logits[rid][step] - want).abs().max() / scale).item() <= BF16_LOGIT_TOLERANCE, (
+                rid,
+                step,
+            )
+            got_token, want_token = tokens[rid][step], want_tokens[step]
+            if got_token != want_token:
+                assert ((want[want_token] - want[got_token]) / scale).item() <= BF16_TIE, (rid, step)
+                ties += 1
+                break
+    assert ties <= len(cases) // 8, ties
 
 
 def test_edge_weights_are_held_per_adapter_and_counted(
