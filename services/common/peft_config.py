@@ -17,7 +17,9 @@ The semantics are those of the PEFT version loraplex is tested against (peft 0.2
 - the scale: lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (`LoraLayer.update_layer`),
   also for DoRA, whose magnitude vectors the weights carry.
 Full names are module paths in the base model as `named_modules()` spells them, e.g.
-"model.layers.3.self_attn.q_proj" (PEFT's `current_key`).
+"model.layers.3.self_attn.q_proj" (PEFT's `current_key`). The token embeddings
+("model.embed_tokens", not linear: PEFT's embedding LoRA) and lm_head (linear, the output layer)
+are asked the same questions; "all-linear" takes neither, as in PEFT.
 
 Every other field LoraConfig writes is either honoured (see FIELDS) or, where it changes what the
 weights mean and loraplex does not serve it, refused with a sentence naming the field.

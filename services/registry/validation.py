@@ -100,9 +100,10 @@ def validate_adapter(
 
 
 def _check_targeting(peft: PeftLoraConfig, modules: Mapping[str, _Module], base: BaseModelSpec) -> None:
-    """The config must target exactly the layers the tensors adapt, and nothing loraplex cannot
-    adapt: PEFT would silently drop tensors of untargeted layers and leave targeted layers without
-    tensors at their initial values, so either mismatch means the files do not say one thing."""
+    """The config must target exactly the layers the tensors adapt (the block projections and the
+    edges, embed_tokens and lm_head), and nothing loraplex cannot adapt: PEFT would silently drop
+    tensors of untargeted layers and leave targeted layers without tensors at their initial
+    values, so either mismatch means the files do not say one thing."""
     for name, linear, output_layer in _other_modules(base):
         if peft.targets(name, linear=linear, output_layer=output_layer):
             raise AdapterRejected(
@@ -134,8 +135,8 @@ def _check_targeting(peft: PeftLoraConfig, modules: Mapping[str, _Module], base:
 
 
 def _other_modules(base: BaseModelSpec) -> list[tuple[str, bool, bool]]:
-    """(full name, is linear, is the output layer) of the modules around the targetable linears,
-    as a Llama-family model names them: the containers, the embeddings, the final norm, lm_head."""
+    """(full name, is linear, is the output layer) of the modules around the targetable layers,
+    as a Llama-family model names them: the containers and the final norm."""
     parent = base.layers_prefix.rsplit(".", 1)[0] if "." in base.layers_prefix else ""
     outer = f"{parent}." if parent else ""
     names: list[tuple[str, bool, bool]] = [(f"{outer}norm", False, False), (base.layers_prefix, False, False)]

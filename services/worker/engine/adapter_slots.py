@@ -2,7 +2,8 @@
 
 Loading pads each module to its adapter's rank bucket, folds the scale into B, stores A^T and
 (sB)^T contiguously so a step can stack them without transposes, and computes the DoRA factor
-m / ||W + s B A||_row once, against the untouched base weight.
+m / ||W + s B A||_row once, against the untouched base weight. LoRA on embed_tokens / lm_head is
+held per adapter beside them (layers/lora_edges.py), unpadded: it is applied adapter by adapter.
 
 The same layout lives in host memory for the worker's HOST tier: `to_device(..., device="cpu")`
 prepares it there (pinned when the engine runs on CUDA), `move(adapter, device)` copies it to the
