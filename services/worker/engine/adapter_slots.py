@@ -73,7 +73,8 @@ def to_device(
     if weights.max_rank > max_rank:
         raise AdapterMismatch(f"adapter rank {weights.max_rank} exceeds this worker's limit of {max_rank}")
     dtype = model.lm_head.weight.dtype
-    bucket = rank_bucket(weights.max_rank)
+    # The edges are never stacked, so their rank does not pad the block modules.
+    bucket = rank_bucket(max((w.rank for w in weights.tensors.values()), default=1))
     a_t: dict[ModuleKey, torch.Tensor] = {}
     b_t: dict[ModuleKey, torch.Tensor] = {}
     dora: dict[ModuleKey, torch.Tensor] = {}
