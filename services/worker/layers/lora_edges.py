@@ -146,8 +146,9 @@ def add_lm_head_lora(logits: torch.Tensor, hidden: torch.Tensor, edges: EdgeBatc
     """logits [S, vocab] (of hidden [S, hidden]) += each sampled row's adapter delta, in place."""
     for lora, rows in edges.lm_head:
         h = hidden.index_select(0, rows)
-        delta = (h @ lora.a_t) @ lora.b_t  # [n, vocab], in the model's dtype like the base logits
-        adapted = logits.index_select(0, rows).add_(delta.to(logits.dtype))
-        if lora.dora_scale is not None:
-            adapted *= lora.dora_scale.to(logits.dtype)
+        delta = ((h @ lora.a_t) @ lora.b_t).to(logits.dtype)  # [n, vocab]; the model's dtype, as the base
+        if lora.dora_scale is None:
+            logits.index_add_(0, rows, delta)  # no [n, vocab] read-modify-copy of the logits
+            continue
+        adapted = logits.index_select(0, rows).add_(delta).mul_(lora.dora_scale.to(logits.dtype))
         logits.index_copy_(0, rows, adapted)
