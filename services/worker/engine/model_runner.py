@@ -16,6 +16,7 @@ from services.worker.engine.constrained import MaskJob
 from services.worker.engine.lora_batch import LoraBatchBuilder, long_tensor
 from services.worker.engine.scheduler import ScheduledBatch
 from services.worker.layers.attention import AttentionMetadata, DecodeGroup, PrefillGroup
+from services.worker.layers.lora_edges import build_edge_batch
 from services.worker.layers.sampler import sample
 from services.worker.models.llama import LlamaForCausalLM, StepContext
 
@@ -79,13 +80,15 @@ class ModelRunner:
             lora.place(extra[1:])
         input_ids = extra[0]
         assert input_ids is not None
-        ctx = StepContext(positions, attention, lora)
+        row_adapters = [adapters[s.adapter] if s.adapter is not None else None for s in seqs]
+        edges = build_edge_batch(row_adapters, offsets, sampling, self.device)
+        ctx = StepContext(positions, attention, lora, edges=edges)
         # Constrained rows' token masks are computed on other threads while the forward pass runs.
         masks = MaskJob.start([seqs[i].grammar for i in sampling], self.model.config.vocab_size)
         hidden = self.model(input_ids, ctx)
         if not sampling:
             return {}
-        logits = self.model.compute_logits(hidden.index_select(0, last))
+        logits = self.model.compute_logits(hidden.index_select(0, last), edges)
         if masks is not None:
             masks.apply(logits)
         # Kept for inspection (the PEFT oracle compares them); rows follow the sampling sequences.

@@ -15,6 +15,7 @@ from torch import nn
 
 from services.worker.layers.attention import AttentionMetadata, paged_attention
 from services.worker.layers.lora import FusedLoRALinear, LoraBatch, LoRALinear
+from services.worker.layers.lora_edges import EdgeBatch, add_embedding_lora, add_lm_head_lora
 from services.worker.layers.norm import RMSNorm
 from services.worker.layers.packed import matmul, pack
 from services.worker.layers.rotary import apply_rotary, rope_cache
@@ -79,6 +80,7 @@ class StepContext:
     lora: LoraBatch | None
     cos: torch.Tensor | None = None  # [T, 1, d], filled by the model
     sin: torch.Tensor | None = None
+    edges: EdgeBatch | None = None  # LoRA on embed_tokens / lm_head (layers/lora_edges.py)
 
 
 class Attention(nn.Module):
@@ -165,14 +167,19 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """input_ids [T] -> final hidden states [T, hidden]."""
         x = self.model.embed_tokens(input_ids)
+        if ctx.edges is not None:
+            add_embedding_lora(x, input_ids, ctx.edges)
         ctx.cos = self.rope_cos[ctx.positions].to(x.dtype).unsqueeze(1)
         ctx.sin = self.rope_sin[ctx.positions].to(x.dtype).unsqueeze(1)
         for layer in self.model.layers:
             x = layer(x, ctx)
         return self.model.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return matmul(hidden, self.lm_head.weight, self.lm_head_packed).float()
+    def compute_logits(self, hidden: torch.Tensor, edges: EdgeBatch | None = None) -> torch.Tensor:
+        logits = matmul(hidden, self.lm_head.weight, self.lm_head_packed).float()
+        if edges is not None:
+            add_lm_head_lora(logits, hidden, edges)
+        return logits
 
     def fuse_projections(self) -> None:
         """One matmul for q/k/v and one for gate/up in every layer (after the weights load)."""
