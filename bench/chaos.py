@@ -155,9 +155,9 @@ async def _client_loop(
     from services.client.inference import AsyncInferenceClient, GenerateOptions, Sampling
     from services.client.retry import RetryPolicy
 
-    # The library's rules with a budget (~40 s) that rides out the longest planned outage (a
-    # registry restart with a full spool behind it, or the S3 outage) before the first token.
-    policy = RetryPolicy(retries=30, initial_backoff_s=0.25, max_backoff_s=2.0)
+    # Exactly the library's defaults (not LORAPLEX_CLIENT_* from this shell): the soak judges what
+    # a client that configured nothing gets.
+    policy = RetryPolicy()
     seq = 0
     async with AsyncInferenceClient(target, api_key, ca=ca, timeout_s=90, retry=policy) as client:
         while not state["stop"]:

@@ -6,7 +6,8 @@ with InferenceClient("127.0.0.1:50050", api_key) as client:
 
 A call that fails with UNAVAILABLE or RESOURCE_EXHAUSTED before its first token is retried with the
 same request id (one is chosen here when the caller gave none), so it runs at most once; see
-services.client.retry for the policy (LORAPLEX_CLIENT_RETRIES, LORAPLEX_CLIENT_MAX_BACKOFF_S).
+services.client.retry for the policy (LORAPLEX_CLIENT_RETRIES, LORAPLEX_CLIENT_RETRY_BUDGET_S,
+LORAPLEX_CLIENT_MAX_BACKOFF_S).
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ class InferenceClient:
         request = generate_request(prompt, _with_request_id(options, self.retry))
         started = False
         attempt = 0
+        first_began = time.monotonic()
         while True:
             generated = False
             call = self._stub.Generate(request, metadata=self._metadata, timeout=self._timeout)
@@ -164,6 +166,7 @@ class InferenceClient:
                     code.name if code is not None else "",
                     generated=generated,
                     pushback_ms=pushback_ms(exc.trailing_metadata()),  # type: ignore[attr-defined]
+                    elapsed_s=time.monotonic() - first_began,
                 )
                 if wait is None:
                     raise
@@ -215,6 +218,7 @@ class AsyncInferenceClient:
         request = generate_request(prompt, _with_request_id(options, self.retry))
         started = False
         attempt = 0
+        first_began = time.monotonic()
         while True:
             generated = False
             call = self._stub.Generate(request, metadata=self._metadata, timeout=self._timeout)
@@ -234,6 +238,7 @@ class AsyncInferenceClient:
                     exc.code().name,
                     generated=generated,
                     pushback_ms=pushback_ms(exc.trailing_metadata()),
+                    elapsed_s=time.monotonic() - first_began,
                 )
                 if wait is None:
                     raise

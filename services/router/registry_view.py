@@ -36,6 +36,19 @@ log = logging.getLogger(__name__)
 _UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 CALL_TIMEOUT_S = 5.0
 MAX_ENTRIES = 100_000
+# gRPC's default reconnect backoff grows to 120 s: a registry back after a 20 s outage would go
+# unnoticed for as long again, while the spool fills and client-chosen ids cannot be checked.
+# One connection attempt a second per router to a registry that is down costs nothing.
+RECONNECT_MAX_BACKOFF_MS = 1000
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", RECONNECT_MAX_BACKOFF_MS),
+)
+# The retry pushback on a refusal that lasts until the registry answers (an unchecked request
+# id, a full spool): the router tries to reconnect at least this often, so a client asking again
+# after it loses at most one reconnect interval to the registry's return.
+UNAVAILABLE_PUSHBACK_MS = RECONNECT_MAX_BACKOFF_MS
 
 
 @dataclass(frozen=True)

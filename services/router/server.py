@@ -21,7 +21,7 @@ from services.router.limit_gate import LimitGate
 from services.router.limits import Limiter
 from services.router.metering import SpoolWriter
 from services.router.policy import PolicyKind
-from services.router.registry_view import RegistryView
+from services.router.registry_view import CHANNEL_OPTIONS, RegistryView
 from services.router.request_ids import RecentRequests, remember_spooled
 from services.router.servicer import SERVICE_NAME, InferenceServicer
 from services.router.shipper import Shipper
@@ -32,13 +32,6 @@ from services.router.worker_pool import WorkerPool
 log = logging.getLogger(__name__)
 
 FINAL_SHIP_TIMEOUT_S = 15.0
-# gRPC's default reconnect backoff grows to 120 s: a registry back after a 20 s outage would go
-# unnoticed for as long again, while the spool fills and client-chosen ids cannot be checked.
-REGISTRY_CHANNEL_OPTIONS = (
-    ("grpc.initial_reconnect_backoff_ms", 250),
-    ("grpc.min_reconnect_backoff_ms", 250),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-)
 
 
 @dataclass
@@ -65,7 +58,7 @@ async def start_router(settings: RouterSettings, *, fsync: Callable[[int], None]
     if settings.tls is None:
         warn_plaintext("the router's links to workers and the registry")
     # The router's certificate is its credential at the registry (no admin token) and at workers.
-    registry_channel = aio_channel(settings.registry, settings.tls, REGISTRY_CHANNEL_OPTIONS)
+    registry_channel = aio_channel(settings.registry, settings.tls, CHANNEL_OPTIONS)
     view = RegistryView(
         registry_channel,
         auth_ttl_s=settings.auth_cache_ttl_s,

@@ -25,6 +25,7 @@ from services.router.inflight import InflightJournal
 from services.router.limit_gate import LimitGate, OverLimit, Ticket
 from services.router.metering import SpoolWriter, usage_record
 from services.router.registry_view import (
+    UNAVAILABLE_PUSHBACK_MS,
     AdapterNotFound,
     AdapterNotServable,
     BadReference,
@@ -65,6 +66,15 @@ class Overloaded(RpcError):
 
     def __init__(self, message: str, pushback_ms: int | None = None) -> None:
         super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        self.pushback_ms = pushback_ms
+
+
+class Unavailable(RpcError):
+    """UNAVAILABLE until something the router waits on returns (the registry, the spool's disk),
+    with grpc-retry-pushback-ms: how often the router checks, so a retry lands soon after."""
+
+    def __init__(self, message: str, pushback_ms: int = UNAVAILABLE_PUSHBACK_MS) -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, message)
         self.pushback_ms = pushback_ms
 
 
@@ -505,7 +515,10 @@ class InferenceServicer:
         return () if pushback_ms is None else (("grpc-retry-pushback-ms", str(pushback_ms)),)
 
     def pushback_ms(self, exc: RpcError) -> int | None:
-        """How long an Overloaded caller should wait before retrying (ms); None for other errors."""
+        """How long an Overloaded or Unavailable caller should wait before retrying (ms); None for
+        other errors."""
+        if isinstance(exc, Unavailable):
+            return exc.pushback_ms
         if not isinstance(exc, Overloaded):
             return None
         return self._retry_pushback_ms if exc.pushback_ms is None else exc.pushback_ms
@@ -528,7 +541,7 @@ class InferenceServicer:
         except Unauthenticated as exc:
             raise RpcError(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
         except RegistryUnavailable as exc:
-            raise RpcError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+            raise Unavailable(str(exc)) from None
 
     async def _admit(
         self, request: inference_pb2.GenerateRequest, secret: str | None, arrived: float
@@ -556,15 +569,13 @@ class InferenceServicer:
                     self._spool.size_bytes,
                     self._spool.max_bytes,
                 )
-            raise RpcError(
-                grpc.StatusCode.UNAVAILABLE, "the router cannot record usage right now; retry later"
-            )
+            raise Unavailable("the router cannot record usage right now; retry later")
         if self._spool.failing and not await self._spool_writable_again():
             metrics.REJECTED.labels("spool_failing").inc()
-            raise RpcError(
-                grpc.StatusCode.UNAVAILABLE,
+            raise Unavailable(
                 "the router cannot write usage records to its disk right now, so it takes no new "
                 "requests until it can; retry later (or through another router)",
+                int(SPOOL_PROBE_S * 1000),
             )
         if self._spool_was_full:
             self._spool_was_full = False
@@ -599,7 +610,7 @@ class InferenceServicer:
         except AdapterNotServable as exc:
             raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
         except RegistryUnavailable as exc:
-            raise RpcError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+            raise Unavailable(str(exc)) from None
         if self.inflight >= self._max_inflight:
             metrics.REJECTED.labels("router_inflight").inc()
             raise Overloaded(f"the router has {self.inflight} requests in flight (limit); retry later")
@@ -674,8 +685,7 @@ class InferenceServicer:
                 if not isinstance(exc, RegistryUnavailable):
                     raise
                 metrics.REJECTED.labels("request_id_unchecked").inc()
-                raise RpcError(
-                    grpc.StatusCode.UNAVAILABLE,
+                raise Unavailable(
                     f"the router cannot check whether request_id {request_id!r} was already used "
                     "(the registry is unreachable); retry later, or send no request_id and the "
                     "router will choose a fresh one",

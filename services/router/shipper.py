@@ -3,6 +3,11 @@
 A segment is deleted only after every batch cut from it was acknowledged by RecordUsage; a failure
 leaves it in place and the next round (after a backoff) sends it again. Re-sent records are
 harmless: the ledger is idempotent on (tenant, request id).
+
+A registry that comes back after an outage is noticed by the channel's reconnects (at most a
+second apart, registry_view.CHANNEL_OPTIONS), not by this loop's backoff: the channel turning
+READY wakes the shipper, so a backlog (and a full spool's refusals) ends within about a second of
+the registry's return.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class Shipper:
         max_backoff_s: float = 5.0,
     ) -> None:
         self._spool = spool
+        self._channel = channel
         self._stub = usage_pb2_grpc.UsageServiceStub(channel)
         self._batch = batch
         self._interval = interval_s
@@ -95,6 +101,30 @@ class Shipper:
 
     async def run(self) -> None:
         """Runs until cancelled: ships every interval, backing off while the registry fails."""
+        watcher = asyncio.create_task(self._wake_on_reconnect(), name="usage-shipper-reconnect")
+        try:
+            await self._ship_forever()
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+    async def _wake_on_reconnect(self) -> None:
+        # try_to_connect: a channel that went IDLE after failures keeps reconnecting.
+        state = self._channel.get_state(try_to_connect=True)
+        while True:
+            await self._channel.wait_for_state_change(state)
+            state = self._channel.get_state(try_to_connect=True)
+            if state == grpc.ChannelConnectivity.READY and self._spool.size_bytes:
+                log.info("registry reachable again: shipping %d spooled bytes now", self._spool.size_bytes)
+                self.wake()
+
+    def _backoff(self, delay: float) -> float:
+        # A full spool refuses every new stream: retry each interval then, one small RPC a second.
+        cap = self._interval if self._spool.full else self._max_backoff
+        return min(cap, max(self._interval, delay * 2))
+
+    async def _ship_forever(self) -> None:
         delay = self._interval
         while True:
             try:
@@ -104,7 +134,7 @@ class Shipper:
                 delay = self._interval
             except grpc.aio.AioRpcError as exc:
                 metrics.SHIP_FAILURES.inc()
-                delay = min(self._max_backoff, max(self._interval, delay * 2))
+                delay = self._backoff(delay)
                 log.warning(
                     "cannot ship usage (%s: %s); %d bytes spooled, retrying in %.1fs",
                     exc.code().name,
@@ -114,7 +144,7 @@ class Shipper:
                 )
             except Exception:
                 metrics.SHIP_FAILURES.inc()
-                delay = min(self._max_backoff, max(self._interval, delay * 2))
+                delay = self._backoff(delay)
                 log.exception("usage shipping failed; retrying in %.1fs", delay)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):

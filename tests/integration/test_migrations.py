@@ -113,3 +113,14 @@ def test_0002_keeps_ledger_rows_prices_them_and_downgrades_when_ids_are_unique(
     with psycopg.connect(db.libpq_url(empty_database_url), autocommit=True) as conn:
         assert conn.execute("SELECT request_id, output_tokens FROM usage_records").fetchall() == [("r1", 4)]
     assert "base_model_prices" not in _relations(empty_database_url)[0]
+
+
+def test_only_a_database_at_the_newest_revision_counts_as_at_head(empty_database_url: str) -> None:
+    assert not db.database_at_head(empty_database_url)  # no alembic_version table yet
+    cfg = db.alembic_config(empty_database_url)
+    command.upgrade(cfg, "head")
+    assert db.database_at_head(empty_database_url)
+    command.downgrade(cfg, "-1")
+    assert not db.database_at_head(empty_database_url)
+    db.run_migrations(empty_database_url)  # not at head: alembic upgrades it
+    assert db.database_at_head(empty_database_url)

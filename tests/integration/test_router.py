@@ -41,9 +41,14 @@ from loraplex.v1 import (
 from services.common.config import RouterSettings
 from services.common.health import wait_serving
 from services.common.net import free_port
-from services.common.tls import Role
+from services.common.tls import Role, aio_channel
 from services.devtools.tiny_model import TINY_LLAMA
-from services.router.registry_view import RegistryUnavailable, RegistryView
+from services.router.registry_view import (
+    CHANNEL_OPTIONS,
+    UNAVAILABLE_PUSHBACK_MS,
+    RegistryUnavailable,
+    RegistryView,
+)
 from services.router.server import Router, start_router
 from services.router.servicer import SPOOL_PROBE_S
 from services.router.shipper import Shipper
@@ -314,6 +319,8 @@ async def test_a_client_id_is_refused_while_the_ledger_cannot_be_asked(s: Stack)
             r = await _generate(s, s.a.secret, _request(request_id=rid, adapter="bot"))
             assert r.code == grpc.StatusCode.UNAVAILABLE
             assert "cannot check whether request_id" in r.details and "send no request_id" in r.details
+            # The client retries when the router next tries the registry, not on a blind backoff.
+            assert int(r.trailing["grpc-retry-pushback-ms"]) == UNAVAILABLE_PUSHBACK_MS
             assert not any(w.worker.requests for w in s.workers)
             # An id the router chooses cannot repeat: it needs no lookup and still runs.
             fresh = await _generate(s, s.a.secret, _request(adapter="bot"))
@@ -805,6 +812,7 @@ async def test_full_spool_refuses_new_requests_rather_than_lose_billing(s: Stack
         r = await _generate(s, s.a.secret, _request(adapter="bot"))
         assert r.code == grpc.StatusCode.UNAVAILABLE
         assert "usage" in r.details
+        assert int(r.trailing["grpc-retry-pushback-ms"]) == UNAVAILABLE_PUSHBACK_MS
         assert not any(w.worker.requests for w in s.workers)
     finally:
         spool.max_bytes = cap
@@ -1032,6 +1040,53 @@ async def test_shipper_keeps_records_while_the_registry_is_down_and_replays_them
         shipped = await Shipper(restarted, channel, batch=3).ship_once()
     assert shipped == 7
     assert restarted.seal() == [] and restarted.size_bytes == 0
+    assert all(len(_ledger(s, r.request_id)) == 1 for r in records)
+
+
+async def test_the_shipper_ships_as_soon_as_the_registry_is_reachable_again_not_after_its_backoff(
+    s: Stack, tmp_path: Path
+) -> None:
+    records = _records(s.a, 3)
+    spool = Spool(tmp_path, max_bytes=1 << 30)
+    spool.append_many([r.SerializeToString() for r in records])
+    registry_host, registry_port = s.registry.target.rsplit(":", 1)
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(registry_host, int(registry_port))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+
+    # The registry's address answers nothing at first (the registry is down), then it is back.
+    port = free_port()
+    channel = aio_channel(f"127.0.0.1:{port}", s.registry.certs.files(Role.ROUTER), CHANNEL_OPTIONS)
+    # After the first failed round the next is 60 s away: only the reconnect can ship in time.
+    shipper = Shipper(spool, channel, interval_s=30.0, max_backoff_s=60.0)
+    task = asyncio.create_task(shipper.run())
+    proxy = None
+    try:
+        await asyncio.sleep(2.5)  # a few failed connection attempts: the reconnect backoff grows
+        assert spool.size_bytes > 0
+        proxy = await asyncio.start_server(forward, "127.0.0.1", port)
+        back = time.monotonic()
+        while spool.size_bytes and time.monotonic() - back < 10:
+            await asyncio.sleep(0.1)
+        took = time.monotonic() - back
+        assert spool.size_bytes == 0
+        # The channel retries at most every RECONNECT_MAX_BACKOFF_MS (1 s); allow a loaded machine.
+        assert took < 5, took
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await channel.close()
+        if proxy is not None:
+            proxy.close()
+        spool.close()
     assert all(len(_ledger(s, r.request_id)) == 1 for r in records)
 
 

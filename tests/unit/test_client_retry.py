@@ -50,10 +50,31 @@ def test_server_pushback_replaces_the_backoff_and_a_negative_one_stops_retries()
     assert pushback_ms(None) is None
 
 
+def test_no_retry_starts_past_the_time_budget_whatever_the_count() -> None:
+    policy = RetryPolicy(retries=100, initial_backoff_s=0.1, max_backoff_s=1.0, budget_s=10.0)
+    assert policy.delay_s(3, "UNAVAILABLE", generated=False, pushback_ms=1000, elapsed_s=8.9) == 1.0
+    assert policy.delay_s(3, "UNAVAILABLE", generated=False, pushback_ms=1000, elapsed_s=9.5) is None
+    assert policy.delay_s(3, "UNAVAILABLE", generated=False, elapsed_s=10.01) is None
+
+
+def test_the_default_policy_rides_out_a_registry_restart_at_the_routers_pushback() -> None:
+    # The router answers "registry unreachable" with 1 s pushback; a restart with a full spool
+    # behind it keeps refusing for ~10 s and a PostgreSQL restart up to ~20 s.
+    policy = RetryPolicy()
+    elapsed, attempt = 0.0, 0
+    while elapsed < 30:
+        wait = policy.delay_s(attempt, "UNAVAILABLE", generated=False, pushback_ms=1000, elapsed_s=elapsed)
+        assert wait is not None, f"gave up after {attempt} retries, {elapsed:.0f} s"
+        elapsed, attempt = elapsed + wait + 0.2, attempt + 1
+
+
 def test_policy_from_env_is_validated() -> None:
     assert RetryPolicy.from_env({}) == RetryPolicy()
     p = RetryPolicy.from_env({"LORAPLEX_CLIENT_RETRIES": "0", "LORAPLEX_CLIENT_MAX_BACKOFF_S": "0.1"})
     assert (p.retries, p.max_backoff_s, p.initial_backoff_s) == (0, 0.1, 0.1)
+    assert RetryPolicy.from_env({"LORAPLEX_CLIENT_RETRY_BUDGET_S": "5"}).budget_s == 5.0
+    with pytest.raises(ConfigError, match="LORAPLEX_CLIENT_RETRY_BUDGET_S"):
+        RetryPolicy.from_env({"LORAPLEX_CLIENT_RETRY_BUDGET_S": "0"})
     with pytest.raises(ConfigError, match="LORAPLEX_CLIENT_RETRIES"):
         RetryPolicy.from_env({"LORAPLEX_CLIENT_RETRIES": "-1"})
     with pytest.raises(ConfigError, match="LORAPLEX_CLIENT_MAX_BACKOFF_S"):
