@@ -17,7 +17,7 @@ from services.worker.engine.model_runner import ModelRunner
 from services.worker.engine.sampling import SamplingParams
 from services.worker.engine.scheduler import Scheduler
 from services.worker.engine.sequence import Sequence, SequenceStatus
-from services.worker.models.llama import load_model
+from services.worker.models.families import load_model
 
 __all__ = [
     "AdapterInUse",
