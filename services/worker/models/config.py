@@ -59,12 +59,21 @@ def _refuse(field: str, value: object, supported: str) -> UnsupportedModelError:
 
 
 def _rope(c: Raw, allowed: tuple[str, ...]) -> tuple[float, RopeScaling | None]:
-    """(rope_theta, scaling) from `rope_parameters` (transformers 5) or `rope_scaling` (older)."""
-    field = "rope_parameters" if c.get("rope_parameters") else "rope_scaling"
-    rope: Raw = c.get(field) or {}
-    kind = rope.get("rope_type", rope.get("type")) or "default"
-    if kind not in allowed:
-        raise _refuse(f"{field}.rope_type", kind, f"this family supports {', '.join(allowed)}")
+    """(rope_theta, scaling) from `rope_parameters` (transformers 5) or `rope_scaling` (older).
+
+    A config may carry both (an old config re-saved); each present one must be supported, so a
+    scaling the engine would ignore is refused rather than silently dropped."""
+    present: list[tuple[str, Raw, str]] = []
+    for field in ("rope_parameters", "rope_scaling"):
+        params = c.get(field) or {}
+        kind = params.get("rope_type", params.get("type")) or "default"
+        if kind not in allowed:
+            raise _refuse(f"{field}.rope_type", kind, f"this family supports {', '.join(allowed)}")
+        if params:
+            present.append((field, params, kind))
+    # A scaled one wins over a plain one (rope_parameters may hold only rope_theta).
+    present.sort(key=lambda p: p[2] == "default")
+    _, rope, kind = present[0] if present else ("", {}, "default")
     partial = rope.get("partial_rotary_factor") or c.get("partial_rotary_factor") or 1.0
     if partial != 1.0:
         raise _refuse("partial_rotary_factor", partial, "this family rotates the whole head (1.0)")
