@@ -40,7 +40,7 @@ MISTRAL_WINDOW = 5  # shorter than every test prompt, so the window changes the 
 
 
 def _config(family: str, **fields: Any) -> Any:
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     if family == "llama3":  # Llama 3.2 1B/3B: llama3 RoPE scaling, tied embeddings
         return LlamaConfig(**SHAPE, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True, **fields)
@@ -52,10 +52,13 @@ def _config(family: str, **fields: Any) -> Any:
         return MistralConfig(**SHAPE, sliding_window=None, **fields)
     if family == "mistral-sliding":
         return MistralConfig(**SHAPE, sliding_window=MISTRAL_WINDOW, **fields)
+    if family == "phi4-mini":  # fused qkv_proj / gate_up_proj, 3/4 of each head rotated, tied
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}
+        return Phi3Config(**SHAPE, rope_parameters=rope, tie_word_embeddings=True, **fields)
     raise KeyError(family)
 
 
-FAMILIES = ("llama3", "qwen2.5", "qwen3", "mistral", "mistral-sliding")
+FAMILIES = ("llama3", "qwen2.5", "qwen3", "mistral", "mistral-sliding", "phi4-mini")
 
 
 def _build(family: str, out: Path, tokenizer_dir: Path, seed: int) -> None:

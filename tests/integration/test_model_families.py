@@ -22,7 +22,7 @@ import torch
 
 from services.devtools.tiny_families import FAMILIES, build_tiny_family
 from services.worker.models.config import read_config
-from tests.engine_support import VARIANTS, build_peft_adapter
+from tests.engine_support import VARIANTS, PeftAdapterSpec, build_peft_adapter
 from tests.integration.test_engine_peft_oracle import (
     NEW_TOKENS,
     PROMPTS,
@@ -33,6 +33,11 @@ from tests.integration.test_engine_peft_oracle import (
 )
 
 ADAPTERS = VARIANTS[:2]  # qv-r8 (q/v, rank 8) and all-r16 (all seven projections, rank 16)
+# Phi stores q/k/v and gate/up fused, and adapters trained on it target the fused modules.
+PHI_ADAPTERS = (
+    PeftAdapterSpec("qkv-r8", 8, 16, ("qkv_proj",)),
+    PeftAdapterSpec("all-r16", 16, 32, ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
+)
 FP32_RELATIVE = 1e-4
 # bf16, the bare model: measured over these families, prompts and steps (the test prints it):
 # 0.0048-0.0080. (With the adapters, whose PEFT side stays fp32, it was 0.03-0.086, as in
@@ -81,7 +86,7 @@ def family(request: pytest.FixtureRequest, family_root: Path, tiny_llama_dir: Pa
     model_dir = build_tiny_family(name, family_root / name, tiny_llama_dir)
     adapters = {
         spec.name: build_peft_adapter(model_dir, family_root / f"{name}-{spec.name}", spec, seed=i)
-        for i, spec in enumerate(ADAPTERS)
+        for i, spec in enumerate(PHI_ADAPTERS if name.startswith("phi") else ADAPTERS)
     }
     return Family(name, model_dir, adapters)
 
@@ -147,6 +152,20 @@ def _transformers_reference(model_dir: Path, dtype: torch.dtype) -> Reference:
             new_tokens = out.sequences[0, ids.shape[1] :].tolist()
             ref[(None, prompt)] = (new_tokens, [step[0].float() for step in out.logits])
     return ref
+
+
+def test_phi_lora_targets_are_the_fused_modules(family_root: Path, tiny_llama_dir: Path) -> None:
+    from services.common.base_models import describe_model
+
+    model_dir = build_tiny_family("phi4-mini", family_root / "phi4-mini", tiny_llama_dir)
+    spec = describe_model("phi4-mini", model_dir)
+    assert [(m.name, m.in_features, m.out_features) for m in spec.target_modules] == [
+        ("o_proj", 64, 64),
+        ("qkv_proj", 64, 4 * 16 + 2 * 2 * 16),
+        ("gate_up_proj", 64, 2 * 128),
+        ("down_proj", 128, 64),
+    ]
+    assert read_config(model_dir).rotary_dim == 12  # partial_rotary_factor 0.75 of head_dim 16
 
 
 def test_sliding_window_changes_what_mistral_sees(family_root: Path, tiny_llama_dir: Path) -> None:

@@ -38,7 +38,11 @@ def rope_cache(
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, d]; cos, sin [T, 1, d] already in x's dtype."""
+    """x [T, heads, d]; cos, sin [T, 1, r] already in x's dtype. With r < d (partial rotary, as in
+    Phi-4-mini) only the first r dims of each head rotate; the rest pass through."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat([apply_rotary(x[..., :r], cos, sin), x[..., r:]], dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin

@@ -40,6 +40,7 @@ class ModelConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    rotary_dim: int  # the leading dims of each head that RoPE rotates (head_dim unless partial)
     rms_norm_eps: float
     rope_theta: float
     rope_scaling: RopeScaling | None
@@ -58,8 +59,9 @@ def _refuse(field: str, value: object, supported: str) -> UnsupportedModelError:
     return UnsupportedModelError(f"config field {field} = {value!r} is not supported; {supported}")
 
 
-def _rope(c: Raw, allowed: tuple[str, ...]) -> tuple[float, RopeScaling | None]:
-    """(rope_theta, scaling) from `rope_parameters` (transformers 5) or `rope_scaling` (older).
+def _rope(c: Raw, allowed: tuple[str, ...], partial_ok: bool) -> tuple[float, float, RopeScaling | None]:
+    """(rope_theta, partial_rotary_factor, scaling) from `rope_parameters` (transformers 5) or
+    `rope_scaling` (older).
 
     A config may carry both (an old config re-saved); each present one must be supported, so a
     scaling the engine would ignore is refused rather than silently dropped."""
@@ -75,16 +77,20 @@ def _rope(c: Raw, allowed: tuple[str, ...]) -> tuple[float, RopeScaling | None]:
     present.sort(key=lambda p: p[2] == "default")
     _, rope, kind = present[0] if present else ("", {}, "default")
     partial = rope.get("partial_rotary_factor") or c.get("partial_rotary_factor") or 1.0
-    if partial != 1.0:
+    if partial != 1.0 and not partial_ok:
         raise _refuse("partial_rotary_factor", partial, "this family rotates the whole head (1.0)")
     theta = float(rope.get("rope_theta") or c.get("rope_theta") or 10000.0)
     if kind == "default":
-        return theta, None
-    return theta, RopeScaling(
-        factor=float(rope["factor"]),
-        low_freq_factor=float(rope["low_freq_factor"]),
-        high_freq_factor=float(rope["high_freq_factor"]),
-        original_max_positions=int(rope["original_max_position_embeddings"]),
+        return theta, float(partial), None
+    return (
+        theta,
+        float(partial),
+        RopeScaling(
+            factor=float(rope["factor"]),
+            low_freq_factor=float(rope["low_freq_factor"]),
+            high_freq_factor=float(rope["high_freq_factor"]),
+            original_max_positions=int(rope["original_max_position_embeddings"]),
+        ),
     )
 
 
@@ -97,7 +103,13 @@ def _eos(c: Raw, model_dir: Path) -> tuple[int, ...]:
 
 
 def _common(
-    c: Raw, model_dir: Path, rope_types: tuple[str, ...], *, qkv_bias: bool, o_bias: bool
+    c: Raw,
+    model_dir: Path,
+    rope_types: tuple[str, ...],
+    *,
+    qkv_bias: bool,
+    o_bias: bool,
+    partial_rotary: bool = False,
 ) -> ModelConfig:
     """The fields every Llama-style family shares: a SiLU-gated MLP without biases, RMSNorm, RoPE."""
     act = c.get("hidden_act", "silu")
@@ -105,8 +117,14 @@ def _common(
         raise _refuse("hidden_act", act, "this family's MLP is SiLU-gated")
     if c.get("mlp_bias"):
         raise _refuse("mlp_bias", True, "the MLP projections have no bias")
-    theta, scaling = _rope(c, rope_types)
+    theta, partial, scaling = _rope(c, rope_types, partial_rotary)
     heads = c["num_attention_heads"]
+    head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    rotary_dim = int(head_dim * partial)
+    if rotary_dim % 2 or rotary_dim < 2:
+        raise _refuse(
+            "partial_rotary_factor", partial, f"it must rotate an even number of the {head_dim} dims"
+        )
     return ModelConfig(
         architecture=c["architectures"][0],
         vocab_size=c["vocab_size"],
@@ -115,7 +133,8 @@ def _common(
         num_layers=c["num_hidden_layers"],
         num_heads=heads,
         num_kv_heads=c.get("num_key_value_heads") or heads,
-        head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+        head_dim=head_dim,
+        rotary_dim=rotary_dim,
         rms_norm_eps=c.get("rms_norm_eps", 1e-6),
         rope_theta=theta,
         rope_scaling=scaling,
@@ -163,12 +182,23 @@ def read_qwen3(c: Raw, model_dir: Path) -> ModelConfig:
     return _common(c, model_dir, ("default",), qkv_bias=bias, o_bias=bias)
 
 
+def read_phi3(c: Raw, model_dir: Path) -> ModelConfig:
+    """Phi-3 / Phi-4-mini: fused qkv_proj and gate_up_proj (models/phi3.py), partial rotary,
+    a sliding window over every layer when the config sets one (Phi-3-mini: 2047)."""
+    cfg = _common(c, model_dir, ("default",), qkv_bias=False, o_bias=False, partial_rotary=True)
+    window = c.get("sliding_window")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise _refuse("sliding_window", window, "it must be a positive number of tokens or null")
+    return replace(cfg, sliding_window=window)
+
+
 # architectures[0] -> its reader. The model class for each is chosen in models/families.py.
 READERS: dict[str, Callable[[Raw, Path], ModelConfig]] = {
     "LlamaForCausalLM": read_llama,
     "MistralForCausalLM": read_mistral,
     "Qwen2ForCausalLM": read_qwen2,
     "Qwen3ForCausalLM": read_qwen3,
+    "Phi3ForCausalLM": read_phi3,
 }
 
 

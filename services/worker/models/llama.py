@@ -80,12 +80,14 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, attention: type[Attention]) -> None:
+    def __init__(
+        self, cfg: ModelConfig, layer: int, attention: type[nn.Module], mlp: type[nn.Module]
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg, layer)
+        self.mlp = mlp(cfg, layer)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx)
@@ -93,22 +95,24 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig, attention: type[Attention]) -> None:
+    def __init__(self, cfg: ModelConfig, attention: type[nn.Module], mlp: type[nn.Module]) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, attention) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, attention, mlp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
-    attention: type[Attention] = Attention  # a family with its own attention subclasses this model
+    # A family with its own attention or MLP subclasses this model and names them here.
+    attention: type[nn.Module] = Attention
+    mlp: type[nn.Module] = MLP
     rope_cos: torch.Tensor  # [max_positions, head_dim] fp32
     rope_sin: torch.Tensor
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.model = Backbone(cfg, self.attention)
+        self.model = Backbone(cfg, self.attention, self.mlp)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
@@ -123,7 +127,7 @@ class LlamaForCausalLM(nn.Module):
     def init_rope(self, device: str) -> None:
         """The cos/sin tables: computed, not loaded, and kept in fp32 (so set after `.to(dtype)`)."""
         cfg = self.config
-        cos, sin = rope_cache(cfg.head_dim, cfg.max_positions, cfg.rope_theta, cfg.rope_scaling)
+        cos, sin = rope_cache(cfg.rotary_dim, cfg.max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
@@ -157,7 +161,8 @@ class LlamaForCausalLM(nn.Module):
                 module.pack()
         self.lm_head_packed = pack(self.lm_head.weight)
 
-    def attention_layers(self) -> list[Attention]:
+    def attention_layers(self) -> list[nn.Module]:
+        """Each layer's attention; the runner gives each its `k_cache` and `v_cache`."""
         return [layer.self_attn for layer in self.model.layers if isinstance(layer, DecoderLayer)]
 
     def linear(self, key: tuple[int, str]) -> LoRALinear | None:
@@ -166,6 +171,8 @@ class LlamaForCausalLM(nn.Module):
             return None
         block = self.model.layers[layer]
         assert isinstance(block, DecoderLayer)
-        parent = block.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else block.mlp
-        module = getattr(parent, name, None)
-        return module if isinstance(module, LoRALinear) else None
+        for parent in (block.self_attn, block.mlp):
+            module = getattr(parent, name, None)
+            if isinstance(module, LoRALinear):
+                return module
+        return None
