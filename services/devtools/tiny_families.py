@@ -40,7 +40,14 @@ MISTRAL_WINDOW = 5  # shorter than every test prompt, so the window changes the 
 
 
 def _config(family: str, **fields: Any) -> Any:
-    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import (
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     if family == "llama3":  # Llama 3.2 1B/3B: llama3 RoPE scaling, tied embeddings
         return LlamaConfig(**SHAPE, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True, **fields)
@@ -55,10 +62,26 @@ def _config(family: str, **fields: Any) -> Any:
     if family == "phi4-mini":  # fused qkv_proj / gate_up_proj, 3/4 of each head rotated, tied
         rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}
         return Phi3Config(**SHAPE, rope_parameters=rope, tie_word_embeddings=True, **fields)
+    if family == "gemma3":  # one local (window 5, base 1e4) and one global (base 1e6) layer
+        rope = {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+        }
+        return Gemma3TextConfig(
+            **SHAPE,
+            head_dim=32,
+            query_pre_attn_scalar=24,
+            sliding_window=5,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters=rope,
+            final_logit_softcapping=2.0,
+            hidden_activation="gelu_pytorch_tanh",
+            **fields,
+        )
     raise KeyError(family)
 
 
-FAMILIES = ("llama3", "qwen2.5", "qwen3", "mistral", "mistral-sliding", "phi4-mini")
+FAMILIES = ("llama3", "qwen2.5", "qwen3", "mistral", "mistral-sliding", "phi4-mini", "gemma3")
 
 
 def _build(family: str, out: Path, tokenizer_dir: Path, seed: int) -> None:

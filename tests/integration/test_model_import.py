@@ -86,6 +86,10 @@ def test_unsupported_architecture_and_bad_names_are_refused(tiny_llama_dir: Path
         ),
         ({"hidden_act": "gelu"}, "config field hidden_act = 'gelu' is not supported; this family's MLP"),
         (
+            {"attn_logit_softcapping": 50.0},
+            "config field attn_logit_softcapping = 50.0 is not supported; this family has no soft-capping",
+        ),
+        (
             {"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True},
             "config field use_sliding_window = True is not supported; Qwen models are served with full",
         ),

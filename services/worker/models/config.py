@@ -117,6 +117,9 @@ def _common(
         raise _refuse("hidden_act", act, "this family's MLP is SiLU-gated")
     if c.get("mlp_bias"):
         raise _refuse("mlp_bias", True, "the MLP projections have no bias")
+    for field in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if c.get(field) is not None:
+            raise _refuse(field, c[field], "this family has no soft-capping (Gemma 3 caps final logits)")
     theta, partial, scaling = _rope(c, rope_types, partial_rotary)
     heads = c["num_attention_heads"]
     head_dim = c.get("head_dim") or c["hidden_size"] // heads
@@ -192,6 +195,67 @@ def read_phi3(c: Raw, model_dir: Path) -> ModelConfig:
     return replace(cfg, sliding_window=window)
 
 
+@dataclass(frozen=True)
+class Gemma3Config(ModelConfig):
+    sliding_layers: tuple[bool, ...]  # per layer: local (sliding window) or global attention
+    local_rope_theta: float
+    query_pre_attn_scalar: float
+    final_logit_softcapping: float | None
+
+
+def read_gemma3(c: Raw, model_dir: Path) -> Gemma3Config:
+    """Gemma 3 text models (model_type gemma3_text; Gemma 3 1B is one)."""
+    act = c.get("hidden_activation") or c.get("hidden_act") or "gelu_pytorch_tanh"
+    if act != "gelu_pytorch_tanh":
+        raise _refuse("hidden_activation", act, "Gemma 3's MLP is GELU (tanh approximation)-gated")
+    for field in ("attn_logit_softcapping", "use_bidirectional_attention"):
+        if c.get(field):
+            raise _refuse(field, c[field], "Gemma 3 text models are served without it")
+    layers = c["num_hidden_layers"]
+    pattern = c.get("sliding_window_pattern", 6)  # older configs: every 6th layer is global
+    kinds = c.get("layer_types") or [
+        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)
+    ]
+    if set(kinds) - {"sliding_attention", "full_attention"} or len(kinds) != layers:
+        raise _refuse("layer_types", kinds, "one of sliding_attention / full_attention per layer")
+    rope = c.get("rope_parameters") or {}
+    if "full_attention" in rope or "sliding_attention" in rope:  # transformers 5: per layer type
+        global_rope, local_rope = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+    else:
+        global_rope = {**(c.get("rope_scaling") or {}), "rope_theta": c.get("rope_theta", 1e6)}
+        local_rope = {"rope_theta": c.get("rope_local_base_freq", 10000.0)}
+    for kind, params in (("full_attention", global_rope), ("sliding_attention", local_rope)):
+        rope_type = params.get("rope_type", params.get("type")) or "default"
+        if rope_type != "default":
+            raise _refuse(f"rope_parameters.{kind}.rope_type", rope_type, "Gemma 3 text models use default")
+    heads = c["num_attention_heads"]
+    bias = bool(c.get("attention_bias", False))
+    return Gemma3Config(
+        architecture=c["architectures"][0],
+        vocab_size=c["vocab_size"],
+        hidden_size=c["hidden_size"],
+        intermediate_size=c["intermediate_size"],
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=c.get("num_key_value_heads") or heads,
+        head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+        rotary_dim=c.get("head_dim") or c["hidden_size"] // heads,
+        rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+        rope_theta=float(global_rope.get("rope_theta") or 1e6),
+        rope_scaling=None,
+        max_positions=c.get("max_position_embeddings", 131072),
+        tie_word_embeddings=c.get("tie_word_embeddings", True),
+        qkv_bias=bias,
+        o_bias=bias,
+        sliding_window=c.get("sliding_window"),
+        eos_token_ids=_eos(c, model_dir),
+        sliding_layers=tuple(k == "sliding_attention" for k in kinds),
+        local_rope_theta=float(local_rope.get("rope_theta") or 10000.0),
+        query_pre_attn_scalar=float(c.get("query_pre_attn_scalar", 256)),
+        final_logit_softcapping=c.get("final_logit_softcapping"),
+    )
+
+
 # architectures[0] -> its reader. The model class for each is chosen in models/families.py.
 READERS: dict[str, Callable[[Raw, Path], ModelConfig]] = {
     "LlamaForCausalLM": read_llama,
@@ -199,6 +263,7 @@ READERS: dict[str, Callable[[Raw, Path], ModelConfig]] = {
     "Qwen2ForCausalLM": read_qwen2,
     "Qwen3ForCausalLM": read_qwen3,
     "Phi3ForCausalLM": read_phi3,
+    "Gemma3ForCausalLM": read_gemma3,
 }
 
 

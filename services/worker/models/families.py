@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from services.worker.layers.packed import can_pack
 from services.worker.models.config import READERS, read_config
+from services.worker.models.gemma3 import Gemma3ForCausalLM
 from services.worker.models.llama import LlamaForCausalLM
 from services.worker.models.phi3 import Phi3ForCausalLM
 from services.worker.models.qwen3 import Qwen3ForCausalLM
@@ -23,6 +24,7 @@ MODEL_CLASSES: dict[str, type[LlamaForCausalLM]] = {
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
 }
 assert set(MODEL_CLASSES) == set(READERS), "every architecture needs a reader and a model class"
 

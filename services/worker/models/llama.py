@@ -43,6 +43,7 @@ class Attention(nn.Module):
         self.v_proj = LoRALinear((layer, "v_proj"), h, self.kv_heads * self.head_dim, bias)
         self.o_proj = LoRALinear((layer, "o_proj"), self.heads * self.head_dim, h, cfg.o_bias)
         self.sliding = cfg.sliding_window is not None
+        self.scale = self.head_dim**-0.5
         self.qkv = FusedLoRALinear((self.q_proj, self.k_proj, self.v_proj))
         self.k_cache = torch.empty(0)  # [kv_heads, slots, d], assigned by the runner
         self.v_cache = torch.empty(0)
@@ -56,8 +57,7 @@ class Attention(nn.Module):
         q, k = self.normalize_qk(q, k)
         assert ctx.cos is not None and ctx.sin is not None
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
-        scale = self.head_dim**-0.5
-        out = paged_attention(q, k, v, self.k_cache, self.v_cache, ctx.attention, scale, self.sliding)
+        out = paged_attention(q, k, v, self.k_cache, self.v_cache, ctx.attention, self.scale, self.sliding)
         return self.o_proj(out.reshape(t, -1), ctx.lora)
 
     def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,10 +95,10 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig, attention: type[nn.Module], mlp: type[nn.Module]) -> None:
+    def __init__(self, cfg: ModelConfig, layers: list[DecoderLayer]) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, attention, mlp) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -112,13 +112,16 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.model = Backbone(cfg, self.attention, self.mlp)
+        self.model = Backbone(cfg, [self.make_layer(cfg, i) for i in range(cfg.num_layers)])
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)  # see init_rope
         self.lm_head_packed: torch.Tensor | None = None
         self.requires_grad_(False)
+
+    def make_layer(self, cfg: ModelConfig, layer: int) -> DecoderLayer:
+        return DecoderLayer(cfg, layer, self.attention, self.mlp)
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
