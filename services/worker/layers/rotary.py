@@ -10,7 +10,7 @@ from services.worker.models.config import RopeScaling
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
     if scaling is None:
         return inv_freq
     # Llama 3.1: long wavelengths (beyond the pretraining context / low_freq_factor) are slowed by
@@ -30,9 +30,12 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None
 def rope_cache(
     head_dim: int, max_positions: int, theta: float, scaling: RopeScaling | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables of shape [max_positions, head_dim], computed in fp32."""
+    """cos, sin tables of shape [max_positions, head_dim], computed in fp32 on the host.
+
+    The host even inside a `torch.device("meta")` block: arange on meta runs through torch's
+    Python reference ops, whose first use imports torch._dynamo (~1.3 s of a cold start)."""
     inv_freq = inverse_frequencies(head_dim, theta, scaling)
-    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device="cpu"), inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
 

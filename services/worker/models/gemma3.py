@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from services.worker.layers.lora_edges import EdgeBatch, add_embedding_lora
 from services.worker.layers.norm import OffsetRMSNorm
 from services.worker.layers.rotary import rope_cache
 from services.worker.models.config import Gemma3Config, ModelConfig
@@ -78,6 +79,8 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         x = self.model.embed_tokens(input_ids)
         # sqrt(hidden) rounded to the weights' dtype first, as the reference does.
         x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
+        if ctx.edges is not None:  # PEFT adds an embedding LoRA's delta after the scaling
+            add_embedding_lora(x, input_ids, ctx.edges)
         tables = {
             False: (self.rope_cos[ctx.positions], self.rope_sin[ctx.positions]),
             True: (self.local_cos[ctx.positions], self.local_sin[ctx.positions]),
@@ -88,7 +91,7 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
             x = layer(x, ctx)
         return self.model.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = super().compute_logits(hidden)
+    def compute_logits(self, hidden: torch.Tensor, edges: EdgeBatch | None = None) -> torch.Tensor:
+        logits = super().compute_logits(hidden, edges)
         cap = _config(self.config).final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap

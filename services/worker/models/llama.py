@@ -3,7 +3,7 @@
 What tells them apart is config, not code: q/k/v (and o) biases, `llama3` RoPE scaling, a
 sliding window, tied embeddings (all read in models/config.py). Families with their own layers
 subclass these modules in their own file (qwen3.py). Parameter names mirror the HF checkpoints,
-so loading is a name-by-name copy (models/families.py).
+and models/weights.py loads them by name (models/families.py picks the class).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import nn
 
 from services.worker.layers.attention import AttentionMetadata, paged_attention
 from services.worker.layers.lora import FusedLoRALinear, LoraBatch, LoRALinear
+from services.worker.layers.lora_edges import EdgeBatch, add_embedding_lora, add_lm_head_lora
 from services.worker.layers.norm import RMSNorm
 from services.worker.layers.packed import matmul, pack
 from services.worker.layers.rotary import apply_rotary, rope_cache
@@ -31,6 +32,7 @@ class StepContext:
     lora: LoraBatch | None
     cos: torch.Tensor | None = None  # [T, 1, d], filled by the model
     sin: torch.Tensor | None = None
+    edges: EdgeBatch | None = None  # LoRA on embed_tokens / lm_head (layers/lora_edges.py)
 
 
 class Attention(nn.Module):
@@ -97,7 +99,11 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig, layers: list[DecoderLayer]) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Given a weight, Embedding skips its random init: on the meta device that init imports
+        # torch._dynamo (~1.3 s of a cold start), and the checkpoint overwrites it anyway.
+        self.embed_tokens = nn.Embedding(
+            cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size)
+        )
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -136,14 +142,19 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """input_ids [T] -> final hidden states [T, hidden]."""
         x = self.model.embed_tokens(input_ids)
+        if ctx.edges is not None:
+            add_embedding_lora(x, input_ids, ctx.edges)
         ctx.cos = self.rope_cos[ctx.positions].to(x.dtype).unsqueeze(1)
         ctx.sin = self.rope_sin[ctx.positions].to(x.dtype).unsqueeze(1)
         for layer in self.model.layers:
             x = layer(x, ctx)
         return self.model.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return matmul(hidden, self.lm_head.weight, self.lm_head_packed).float()
+    def compute_logits(self, hidden: torch.Tensor, edges: EdgeBatch | None = None) -> torch.Tensor:
+        logits = matmul(hidden, self.lm_head.weight, self.lm_head_packed).float()
+        if edges is not None:
+            add_lm_head_lora(logits, hidden, edges)
+        return logits
 
     def fuse_projections(self) -> None:
         """One matmul for q/k/v and one for gate/up in every layer (after the weights load)."""
