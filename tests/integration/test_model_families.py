@@ -1,8 +1,9 @@
 """Each supported base-model family against `transformers`' own implementation and PEFT.
 
 A tiny random model per family (services/devtools/tiny_families.py) is loaded through the
-worker's real loader; two PEFT adapters with random A and B (every Llama-style projection, and
-q/v only) go through the worker's real adapter path. One engine batch holds every prompt with
+worker's real loader; three PEFT adapters with random A and B (q/v only, every projection, and
+embed_tokens + lm_head + one projection; Phi's fused modules on Phi) go through the worker's real
+adapter path. One engine batch holds every prompt with
 each adapter and without one: prompts of different lengths prefill together over a paged cache
 (4-token blocks), then decode six tokens. Reference: PEFT's `PeftModel.generate` over
 `transformers`' model class for the architecture (its adapters disabled for the base rows).
@@ -32,11 +33,14 @@ from tests.integration.test_engine_peft_oracle import (
     peft_reference,
 )
 
-ADAPTERS = VARIANTS[:2]  # qv-r8 (q/v, rank 8) and all-r16 (all seven projections, rank 16)
+# qv-r8 (q/v, rank 8), all-r16 (all seven projections, rank 16), and LoRA on the model's edges
+# (embed_tokens, lm_head) with one projection.
+ADAPTERS = (*VARIANTS[:2], PeftAdapterSpec("edges-r8", 8, 16, ("embed_tokens", "lm_head", "k_proj")))
 # Phi stores q/k/v and gate/up fused, and adapters trained on it target the fused modules.
 PHI_ADAPTERS = (
     PeftAdapterSpec("qkv-r8", 8, 16, ("qkv_proj",)),
     PeftAdapterSpec("all-r16", 16, 32, ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
+    PeftAdapterSpec("edges-r8", 8, 16, ("embed_tokens", "lm_head", "qkv_proj")),
 )
 FP32_RELATIVE = 1e-4
 # bf16, the bare model: measured over these families, prompts and steps (the test prints it):

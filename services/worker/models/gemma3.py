@@ -77,10 +77,10 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
 
     def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
+        if ctx.edges is not None:  # PEFT scales an embedding LoRA's delta like the embedding
+            add_embedding_lora(x, input_ids, ctx.edges)
         # sqrt(hidden) rounded to the weights' dtype first, as the reference does.
         x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
-        if ctx.edges is not None:  # PEFT adds an embedding LoRA's delta after the scaling
-            add_embedding_lora(x, input_ids, ctx.edges)
         tables = {
             False: (self.rope_cos[ctx.positions], self.rope_sin[ctx.positions]),
             True: (self.local_cos[ctx.positions], self.local_sin[ctx.positions]),
