@@ -51,10 +51,10 @@ def check_model_dir(name: str, source: Path) -> BaseModelSpec:
         raise ModelImportError(f"{source} holds no *.safetensors weights{hint}")
     if not any((source / f).is_file() for f in TOKENIZER_FILES):
         raise ModelImportError(f"{source} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
-    from services.worker.models.llama import LlamaConfig
+    from services.worker.models.config import read_config
 
     try:
-        LlamaConfig.from_dir(source)
+        read_config(source)
         spec = describe_model(name, source)
     except (ValueError, KeyError, OSError) as exc:
         raise ModelImportError(f"{source}/config.json is not a model a worker can serve: {exc}") from None

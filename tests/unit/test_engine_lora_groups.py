@@ -12,6 +12,7 @@ from services.worker.engine.llm_engine import LLMEngine
 from services.worker.engine.sampling import SamplingParams
 from services.worker.engine.scheduler import ScheduledBatch
 from services.worker.engine.sequence import Sequence
+from services.worker.models.llama import Attention
 from tests.engine_support import PeftAdapterSpec, build_peft_adapter, load_weights
 
 QV = PeftAdapterSpec("qv-r8", 8, 16, ("q_proj", "v_proj"))
@@ -29,6 +30,7 @@ def engine(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> LL
 
 def test_fused_projections_share_storage_with_the_modules_adapters_target(engine: LLMEngine) -> None:
     for layer, attn in enumerate(engine.model.attention_layers()):
+        assert isinstance(attn, Attention)  # the Llama-style block, which fuses q/k/v itself
         fused = attn.qkv.weight
         assert fused.shape[0] == sum(p.out_features for p in (attn.q_proj, attn.k_proj, attn.v_proj))
         # Views, not copies: the base weights are in memory once.

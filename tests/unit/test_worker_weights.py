@@ -14,7 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from services.worker.engine import host_memory
-from services.worker.models.llama import MLP, Attention, DecoderLayer, LlamaForCausalLM, load_model
+from services.worker.models.families import load_model
+from services.worker.models.llama import MLP, Attention, DecoderLayer, LlamaForCausalLM
 from services.worker.serving_cache import SERVING_DIR
 
 
@@ -43,12 +44,14 @@ def _mapped_file(tensor: torch.Tensor) -> Path | None:
 
 
 def _attn(model: LlamaForCausalLM, layer: int) -> Attention:
-    return model.attention_layers()[layer]
+    attn = model.attention_layers()[layer]
+    assert isinstance(attn, Attention)
+    return attn
 
 
 def _mlp(model: LlamaForCausalLM, layer: int) -> MLP:
     block = model.model.layers[layer]
-    assert isinstance(block, DecoderLayer)
+    assert isinstance(block, DecoderLayer) and isinstance(block.mlp, MLP)
     return block.mlp
 
 
@@ -93,10 +96,9 @@ def test_fused_biases_are_one_tensor_with_each_part_its_rows(tiny_llama_dir: Pat
     tensors = _checkpoint(model_dir, torch.float32)
     torch.manual_seed(0)
     for layer in range(config["num_hidden_layers"]):
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):  # HF Llama's attention_bias: all four
             weight = tensors[f"model.layers.{layer}.self_attn.{proj}.weight"]
-            if proj != "o_proj":  # Llama's attention_bias covers q/k/v; o_proj has none here
-                tensors[f"model.layers.{layer}.self_attn.{proj}.bias"] = torch.randn(weight.shape[0])
+            tensors[f"model.layers.{layer}.self_attn.{proj}.bias"] = torch.randn(weight.shape[0])
     save_file(tensors, str(model_dir / "model.safetensors"))
     for _ in range(2):  # built, then mapped
         model = load_model(model_dir, torch.bfloat16, "cpu")

@@ -14,7 +14,19 @@ from services.common.adapter_errors import AdapterRejected, InvalidSafetensors
 from services.common.adapter_files import ADAPTER_WEIGHTS, read_safetensors_header, split_safetensors
 from services.common.peft_config import PeftLoraConfig, Variant, parse_peft_config
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The split projections of Llama-style models, and Phi-3's fused ones (the model's `linear` then
+# says whether the loaded base model has the module).
+TARGETS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "qkv_proj",
+    "gate_up_proj",
+)
 # base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight; group "module" is the layer's
 # full name in the base model ("model.layers.3.self_attn.q_proj"), which is what PEFT matches
 # target_modules and rank/alpha_pattern keys against.

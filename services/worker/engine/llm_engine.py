@@ -19,7 +19,7 @@ from services.worker.engine.sampling import SamplingParams
 from services.worker.engine.scheduler import Scheduler
 from services.worker.engine.sequence import Sequence, SequenceStatus
 from services.worker.layers.packed import can_pack
-from services.worker.models.llama import load_model
+from services.worker.models.families import load_model
 from services.worker.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)

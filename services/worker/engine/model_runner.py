@@ -110,6 +110,7 @@ class ModelRunner:
         copy with `extra`; the masks are then derived on the device.
         """
         bs = self.block_size
+        window = self.model.config.sliding_window
         counts = batch.num_tokens
         b = len(counts)
         q_lens = torch.tensor(counts)
@@ -162,15 +163,29 @@ class ModelRunner:
             key_pos = torch.arange(dec_blocks * bs, device=self.device)
             bias = torch.zeros(len(dec_rows), 1, 1, dec_blocks * bs, device=self.device)
             bias.masked_fill_(key_pos >= lens_d.view(-1, 1, 1, 1), float("-inf"))
-            decode = DecodeGroup(tokens=tokens_d, block_tables=tables_d, bias=bias)
+            window_bias = None
+            if window is not None:  # the query sits at position len - 1: keys from len - W on
+                far = key_pos < lens_d.view(-1, 1, 1, 1) - window
+                window_bias = bias.masked_fill(far, float("-inf"))
+            decode = DecodeGroup(tokens=tokens_d, block_tables=tables_d, bias=bias, window_bias=window_bias)
         if pre_rows:
             tables_p, tokens_p, unpad, dest, start_p = rest
             assert tables_p is not None and tokens_p is not None and unpad is not None and start_p is not None
             key_pos = torch.arange(pre_blocks * bs, device=self.device)
             q_pos = start_p.unsqueeze(1) + torch.arange(max_q, device=self.device)  # [B, max_q]
             mask = key_pos.view(1, 1, 1, -1) <= q_pos.view(len(pre_rows), 1, max_q, 1)
+            window_mask = None
+            if window is not None:
+                near = key_pos.view(1, 1, 1, -1) > q_pos.view(len(pre_rows), 1, max_q, 1) - window
+                window_mask = mask & near
             prefill = PrefillGroup(
-                tokens=tokens_p, unpad_index=unpad, dest=dest, block_tables=tables_p, mask=mask, max_q=max_q
+                tokens=tokens_p,
+                unpad_index=unpad,
+                dest=dest,
+                block_tables=tables_p,
+                mask=mask,
+                max_q=max_q,
+                window_mask=window_mask,
             )
         assert slot_mapping_d is not None and positions_d is not None and last_d is not None
         meta = AttentionMetadata(slot_mapping=slot_mapping_d, block_size=bs, decode=decode, prefill=prefill)

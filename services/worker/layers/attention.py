@@ -22,6 +22,11 @@ whose metadata the runner builds once per step for all layers:
 - Prompt-chunk rows (several queries each): padded to the longest chunk, SDPA with a causal bool
   mask built on the device from each row's first position (key j is visible to the query at
   position p when j <= p; later keys in a row's padding are never visible).
+
+Sliding-window layers (Mistral, Gemma 3's local layers) attend to the same cache through a second
+bias/mask that also hides keys W or more positions back (key j visible at p when p - W < j <= p).
+Both are built once per step; each layer picks its own. The cache keeps every key: the window
+changes what a layer sees, not what is stored.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class DecodeGroup:
     tokens: torch.Tensor | None  # [B] flat token of each row (None: the step's tokens, in order)
     block_tables: torch.Tensor  # [B, max_blocks] (padded with block 0, masked out)
     bias: torch.Tensor  # [B, 1, 1, max_blocks * block_size] fp32: 0 for real keys, -inf past the end
+    window_bias: torch.Tensor | None = None  # the same, -inf also for keys outside the sliding window
 
 
 @dataclass
@@ -51,6 +57,7 @@ class PrefillGroup:
     block_tables: torch.Tensor  # [B, max_blocks]
     mask: torch.Tensor  # [B, 1, max_q, max_blocks * block_size] bool, built on the device
     max_q: int
+    window_mask: torch.Tensor | None = None  # the same, False also for keys outside the sliding window
 
 
 @dataclass
@@ -74,7 +81,13 @@ def _gather(cache: torch.Tensor, tables: torch.Tensor, block_size: int) -> torch
 
 
 def _decode(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: DecodeGroup, bs: int, scale: float
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    g: DecodeGroup,
+    bs: int,
+    scale: float,
+    sliding: bool,
 ) -> torch.Tensor:
     b, heads, d = q.shape
     kv_heads = k_cache.shape[0]
@@ -82,12 +95,20 @@ def _decode(
     values = _gather(v_cache, g.block_tables, bs)
     queries = q.view(b, kv_heads, heads // kv_heads, d).transpose(0, 1)  # [kv, B, g, d]
     scores = torch.matmul(queries, keys.transpose(-1, -2))  # [kv, B, g, L]
-    probs = (scores.float() * scale + g.bias.view(1, b, 1, -1)).softmax(dim=-1).to(q.dtype)
+    bias = g.window_bias if sliding else g.bias
+    assert bias is not None
+    probs = (scores.float() * scale + bias.view(1, b, 1, -1)).softmax(dim=-1).to(q.dtype)
     return torch.matmul(probs, values).transpose(0, 1).reshape(b, heads, d)
 
 
 def _prefill(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: PrefillGroup, bs: int, scale: float
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    g: PrefillGroup,
+    bs: int,
+    scale: float,
+    sliding: bool,
 ) -> torch.Tensor:
     heads, d = q.shape[1], q.shape[2]
     kv_heads = k_cache.shape[0]
@@ -95,8 +116,10 @@ def _prefill(
     keys = _gather(k_cache, g.block_tables, bs).transpose(0, 1)  # [B, kv, L, d]
     values = _gather(v_cache, g.block_tables, bs).transpose(0, 1)
     queries = q.index_select(0, g.tokens).view(b, g.max_q, heads, d).transpose(1, 2)
+    mask = g.window_mask if sliding else g.mask
+    assert mask is not None
     out = F.scaled_dot_product_attention(
-        queries, keys, values, attn_mask=g.mask, scale=scale, enable_gqa=kv_heads != heads
+        queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=kv_heads != heads
     )
     return out.transpose(1, 2).reshape(b * g.max_q, heads, d).index_select(0, g.unpad_index)
 
@@ -109,21 +132,22 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    sliding: bool = False,  # this layer attends within the sliding window (the metadata carries it)
 ) -> torch.Tensor:  # [T, heads, d]
     k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
     v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     bs = meta.block_size
     dec, pre = meta.decode, meta.prefill
     if pre is None and dec is not None and dec.tokens is None:
-        return _decode(q, k_cache, v_cache, dec, bs, scale)
+        return _decode(q, k_cache, v_cache, dec, bs, scale, sliding)
     if dec is None and pre is not None and pre.dest is None:
-        return _prefill(q, k_cache, v_cache, pre, bs, scale)
+        return _prefill(q, k_cache, v_cache, pre, bs, scale, sliding)
     out = torch.empty_like(q)
     if dec is not None:
         assert dec.tokens is not None
-        rows = _decode(q.index_select(0, dec.tokens), k_cache, v_cache, dec, bs, scale)
+        rows = _decode(q.index_select(0, dec.tokens), k_cache, v_cache, dec, bs, scale, sliding)
         out.index_copy_(0, dec.tokens, rows)
     if pre is not None:
         assert pre.dest is not None
-        out.index_copy_(0, pre.dest, _prefill(q, k_cache, v_cache, pre, bs, scale))
+        out.index_copy_(0, pre.dest, _prefill(q, k_cache, v_cache, pre, bs, scale, sliding))
     return out

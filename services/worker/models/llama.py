@@ -1,13 +1,14 @@
-"""The Llama family (Llama, Mistral, Qwen2, SmolLM) over a paged KV cache, loading HF safetensors.
+"""The Llama family (Llama 2/3.x, Mistral, Qwen2/2.5, SmolLM) over a paged KV cache.
 
-Parameter names mirror the HF checkpoints; models/weights.py loads them by name.
+What tells them apart is config, not code: q/k/v (and o) biases, `llama3` RoPE scaling, a
+sliding window, tied embeddings (all read in models/config.py). Families with their own layers
+subclass these modules in their own file (qwen3.py). Parameter names mirror the HF checkpoints,
+and models/weights.py loads them by name (models/families.py picks the class).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,56 +20,7 @@ from services.worker.layers.lora_edges import EdgeBatch, add_embedding_lora, add
 from services.worker.layers.norm import RMSNorm
 from services.worker.layers.packed import matmul, pack
 from services.worker.layers.rotary import apply_rotary, rope_cache
-from services.worker.models.weights import load_weights
-
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-
-
-@dataclass(frozen=True)
-class LlamaConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    max_positions: int
-    tie_word_embeddings: bool
-    attention_bias: bool
-    eos_token_ids: tuple[int, ...]
-
-    @classmethod
-    def from_dir(cls, model_dir: Path) -> LlamaConfig:
-        c = json.loads((model_dir / "config.json").read_text())
-        arch = (c.get("architectures") or ["?"])[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"architecture {arch} is not supported; use one of {SUPPORTED_ARCHITECTURES}")
-        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-            raise ValueError(f"rope scaling {rope} is not supported")
-        eos = c.get("eos_token_id")
-        gen_path = model_dir / "generation_config.json"
-        if gen_path.is_file():
-            eos = json.loads(gen_path.read_text()).get("eos_token_id", eos)
-        heads = c["num_attention_heads"]
-        return cls(
-            vocab_size=c["vocab_size"],
-            hidden_size=c["hidden_size"],
-            intermediate_size=c["intermediate_size"],
-            num_layers=c["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=c.get("num_key_value_heads") or heads,
-            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
-            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
-            rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
-            max_positions=c.get("max_position_embeddings", 2048),
-            tie_word_embeddings=c.get("tie_word_embeddings", False),
-            attention_bias=c.get("attention_bias", c.get("model_type") == "qwen2"),
-            eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
-        )
+from services.worker.models.config import ModelConfig
 
 
 @dataclass
@@ -84,14 +36,16 @@ class StepContext:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        h, bias = cfg.hidden_size, cfg.attention_bias
+        h, bias = cfg.hidden_size, cfg.qkv_bias
         self.q_proj = LoRALinear((layer, "q_proj"), h, self.heads * self.head_dim, bias)
         self.k_proj = LoRALinear((layer, "k_proj"), h, self.kv_heads * self.head_dim, bias)
         self.v_proj = LoRALinear((layer, "v_proj"), h, self.kv_heads * self.head_dim, bias)
-        self.o_proj = LoRALinear((layer, "o_proj"), self.heads * self.head_dim, h, False)
+        self.o_proj = LoRALinear((layer, "o_proj"), self.heads * self.head_dim, h, cfg.o_bias)
+        self.sliding = cfg.sliding_window is not None
+        self.scale = self.head_dim**-0.5
         self.qkv = FusedLoRALinear((self.q_proj, self.k_proj, self.v_proj))
         self.k_cache = torch.empty(0)  # [kv_heads, slots, d], assigned by the runner
         self.v_cache = torch.empty(0)
@@ -102,14 +56,19 @@ class Attention(nn.Module):
         q = q.view(t, self.heads, self.head_dim)
         k = k.view(t, self.kv_heads, self.head_dim)
         v = v.view(t, self.kv_heads, self.head_dim)
+        q, k = self.normalize_qk(q, k)
         assert ctx.cos is not None and ctx.sin is not None
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
-        out = paged_attention(q, k, v, self.k_cache, self.v_cache, ctx.attention, self.head_dim**-0.5)
+        out = paged_attention(q, k, v, self.k_cache, self.v_cache, ctx.attention, self.scale, self.sliding)
         return self.o_proj(out.reshape(t, -1), ctx.lora)
+
+    def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Before RoPE; nothing here (Qwen3 and Gemma 3 norm each head)."""
+        return q, k
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: LlamaConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         h, i = cfg.hidden_size, cfg.intermediate_size
         self.gate_proj = LoRALinear((layer, "gate_proj"), h, i, False)
@@ -123,12 +82,14 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig, layer: int) -> None:
+    def __init__(
+        self, cfg: ModelConfig, layer: int, attention: type[nn.Module], mlp: type[nn.Module]
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer)
+        self.self_attn = attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg, layer)
+        self.mlp = mlp(cfg, layer)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx)
@@ -136,33 +97,47 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: LlamaConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layers: list[DecoderLayer]) -> None:
         super().__init__()
         # Given a weight, Embedding skips its random init: on the meta device that init imports
         # torch._dynamo (~1.3 s of a cold start), and the checkpoint overwrites it anyway.
         self.embed_tokens = nn.Embedding(
             cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size)
         )
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
+    # A family with its own attention or MLP subclasses this model and names them here.
+    attention: type[nn.Module] = Attention
+    mlp: type[nn.Module] = MLP
     rope_cos: torch.Tensor  # [max_positions, head_dim] fp32
     rope_sin: torch.Tensor
 
-    def __init__(self, cfg: LlamaConfig) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.model = Backbone(cfg)
+        self.model = Backbone(cfg, [self.make_layer(cfg, i) for i in range(cfg.num_layers)])
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        cos, sin = rope_cache(cfg.head_dim, cfg.max_positions, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.tie_weights()
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)  # see init_rope
         self.lm_head_packed: torch.Tensor | None = None
         self.requires_grad_(False)
+
+    def make_layer(self, cfg: ModelConfig, layer: int) -> DecoderLayer:
+        return DecoderLayer(cfg, layer, self.attention, self.mlp)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def init_rope(self, device: str) -> None:
+        """The cos/sin tables: computed, not loaded, and kept in fp32 (so set after `.to(dtype)`)."""
+        cfg = self.config
+        cos, sin = rope_cache(cfg.rotary_dim, cfg.max_positions, cfg.rope_theta, cfg.rope_scaling)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """input_ids [T] -> final hidden states [T, hidden]."""
@@ -200,7 +175,8 @@ class LlamaForCausalLM(nn.Module):
                 module.pack()
         self.lm_head_packed = pack(self.lm_head.weight)
 
-    def attention_layers(self) -> list[Attention]:
+    def attention_layers(self) -> list[nn.Module]:
+        """Each layer's attention; the runner gives each its `k_cache` and `v_cache`."""
         return [layer.self_attn for layer in self.model.layers if isinstance(layer, DecoderLayer)]
 
     def linear(self, key: tuple[int, str]) -> LoRALinear | None:
@@ -209,16 +185,8 @@ class LlamaForCausalLM(nn.Module):
             return None
         block = self.model.layers[layer]
         assert isinstance(block, DecoderLayer)
-        parent = block.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else block.mlp
-        module = getattr(parent, name, None)
-        return module if isinstance(module, LoRALinear) else None
-
-
-def load_model(model_dir: Path, dtype: torch.dtype, device: str) -> LlamaForCausalLM:
-    cfg = LlamaConfig.from_dir(model_dir)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    load_weights(model, model_dir, dtype, device)
-    model.rope_cos, model.rope_sin = model.rope_cos.to(device), model.rope_sin.to(device)
-    model.fuse_projections()
-    return model.eval()
+        for parent in (block.self_attn, block.mlp):
+            module = getattr(parent, name, None)
+            if isinstance(module, LoRALinear):
+                return module
+        return None

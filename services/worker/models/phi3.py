@@ -1,0 +1,64 @@
+"""Phi-3 / Phi-4-mini: the Llama block with q/k/v and gate/up stored as one matrix each.
+
+Adapters trained on Phi target the fused modules (`qkv_proj`, `gate_up_proj`), so these are the
+LoRA modules too: one LoRALinear each, whose low-rank delta lands on the whole fused output.
+Partial rotary (Phi-4-mini rotates 3/4 of each head) is config (`rotary_dim`), handled by
+layers/rotary.apply_rotary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.worker.layers.attention import paged_attention
+from services.worker.layers.lora import LoRALinear
+from services.worker.layers.rotary import apply_rotary
+from services.worker.models.config import ModelConfig
+from services.worker.models.llama import LlamaForCausalLM, StepContext
+
+
+class Phi3Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.sizes = [
+            self.heads * self.head_dim,
+            self.kv_heads * self.head_dim,
+            self.kv_heads * self.head_dim,
+        ]
+        self.qkv_proj = LoRALinear((layer, "qkv_proj"), cfg.hidden_size, sum(self.sizes), False)
+        self.o_proj = LoRALinear((layer, "o_proj"), self.heads * self.head_dim, cfg.hidden_size, False)
+        self.sliding = cfg.sliding_window is not None
+        self.k_cache = torch.empty(0)  # [kv_heads, slots, d], assigned by the runner
+        self.v_cache = torch.empty(0)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x, ctx.lora).split(self.sizes, dim=1)
+        q = q.reshape(t, self.heads, self.head_dim)
+        k = k.reshape(t, self.kv_heads, self.head_dim)
+        v = v.reshape(t, self.kv_heads, self.head_dim)
+        assert ctx.cos is not None and ctx.sin is not None
+        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        scale = self.head_dim**-0.5
+        out = paged_attention(q, k, v, self.k_cache, self.v_cache, ctx.attention, scale, self.sliding)
+        return self.o_proj(out.reshape(t, -1), ctx.lora)
+
+
+class Phi3MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_up_proj = LoRALinear((layer, "gate_up_proj"), h, 2 * i, False)  # [gate; up] rows
+        self.down_proj = LoRALinear((layer, "down_proj"), i, h, False)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, ctx.lora).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up, ctx.lora)
+
+
+class Phi3ForCausalLM(LlamaForCausalLM):
+    attention = Phi3Attention
+    mlp = Phi3MLP
