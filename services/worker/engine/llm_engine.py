@@ -121,6 +121,12 @@ class LLMEngine:
         """A removed device adapter back in host memory (no copy on CPU). Any thread."""
         return move(adapter, "cpu", pin=self.pins_host_memory)
 
+    def linear_shape(self, key: tuple[int, str]) -> tuple[int, int] | None:
+        """(in, out) of a layer adapters may target, None if the model lacks it (for sizing a slot
+        before loading: adapters/sizing.py). Any thread."""
+        linear = self.model.linear(key)
+        return None if linear is None else (linear.in_features, linear.out_features)
+
     def install_adapter(self, adapter: DeviceAdapter) -> None:
         """Make an adapter already on the engine's device usable by the next step. Step thread."""
         if adapter.digest in self.adapters:
