@@ -12,7 +12,10 @@ clock in this process:
 - first_state: from there to the first WatchState snapshot (what makes a router dispatch);
 - first_token: from there to the first delta of Generate (prefill of a short prompt).
 Baseline in the same run: the same request to a worker already up (warm TTFT), so the cold start
-cost is total minus warm. p50 over --trials (>= 5 by default). The registry and the router are not
+cost is total minus warm. p50 over --trials (>= 5 by default). The first start of a model on a
+host (or volume) also writes its serving copy (weights cast and fused once,
+services/worker/models/weights.py): on a fresh home that is trial 0, visible in total_ms_max; the
+p50 is the start an autoscaler sees every later time. The registry and the router are not
 in the path here: with them, registration adds one discovery round (LORAPLEX_WORKER_REFRESH_S,
 <= 1 s by default) before the first state; tests/integration/test_router_activator.py shows the
 router dispatching on the first snapshot.

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from services.common.base_models import build_atomically
+from services.devtools.adapters import is_adapter_dir
 from services.worker.engine.adapter_weights import AdapterWeights, load_adapter_weights
 from services.worker.engine.llm_engine import LLMEngine, RequestOutput
 
@@ -37,6 +40,41 @@ VARIANTS = (
 )
 
 
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+# LoRA on the model's edges (embed_tokens, lm_head), alone, together with attention, with DoRA
+# and rsLoRA, and an ordinary adapter to share their batches.
+EDGE_ADAPTERS = (
+    PeftAdapterSpec("embed", 8, 16, ("embed_tokens",)),
+    PeftAdapterSpec("head-rslora", 16, 8, ("lm_head",), use_rslora=True),
+    PeftAdapterSpec("edges-attn", 8, 16, ("embed_tokens", "lm_head", *ATTENTION)),
+    PeftAdapterSpec("embed-dora", 8, 16, ("embed_tokens", "v_proj"), use_dora=True),
+    PeftAdapterSpec("head-dora", 4, 8, ("lm_head",), use_dora=True),
+    PeftAdapterSpec("ordinary", 8, 16, ("q_proj", "v_proj")),
+)
+# Bump when build_peft_adapter's recipe changes, so cached adapters are rebuilt.
+RECIPE = 1
+
+
+def cached_peft_adapter(base_dir: Path, cache_dir: Path, spec: PeftAdapterSpec, seed: int) -> Path:
+    """build_peft_adapter's adapter, built once per cache for this base model, spec and PEFT."""
+    import peft
+
+    identity = {
+        "recipe": RECIPE,
+        "peft": peft.__version__,
+        "model_config": hashlib.sha256((base_dir / "config.json").read_bytes()).hexdigest(),
+        "spec": asdict(spec),
+        "seed": seed,
+    }
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def build(tmp: Path) -> None:
+        build_peft_adapter(base_dir, tmp, spec, seed)
+
+    dest = cache_dir / f"{base_dir.resolve().name}--random-{spec.name}--{key}"
+    return build_atomically(dest, build, done=is_adapter_dir)
+
+
 def build_peft_adapter(base_dir: Path, out: Path, spec: PeftAdapterSpec, seed: int) -> Path:
     """Save a PEFT adapter whose A and B are both random (B = 0 would make every test trivial)."""
     if (out / "adapter_model.safetensors").is_file():
@@ -62,7 +100,8 @@ def build_peft_adapter(base_dir: Path, out: Path, spec: PeftAdapterSpec, seed: i
                 p.normal_(0.0, 0.5 / spec.rank**0.5)
             elif "magnitude" in name:
                 p.mul_(1.0 + 0.1 * torch.randn_like(p))
-    peft_model.save_pretrained(str(out))
+    # Without full copies of embed_tokens / lm_head, which PEFT adds when they are targeted.
+    peft_model.save_pretrained(str(out), save_embedding_layers=False)
     return out
 
 

@@ -33,3 +33,14 @@ class BaseModelSpec:
 
     def module(self, name: str) -> TargetModule | None:
         return next((m for m in self.target_modules if m.name == name), None)
+
+    def edge_modules(self) -> tuple[TargetModule, ...]:
+        """embed_tokens and lm_head as LoRA targets, `path` their full module names, sized as LoRA
+        reads them (A [r, in], B [out, r]): the embeddings map a one-hot token (vocab inputs) to
+        the hidden size, lm_head maps the hidden size to the vocabulary."""
+        parent = self.layers_prefix.rsplit(".", 1)[0] if "." in self.layers_prefix else ""
+        embed = f"{parent}.embed_tokens" if parent else "embed_tokens"
+        return (
+            TargetModule("embed_tokens", embed, self.vocab_size, self.hidden_size),
+            TargetModule("lm_head", "lm_head", self.hidden_size, self.vocab_size),
+        )

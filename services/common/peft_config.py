@@ -17,7 +17,9 @@ The semantics are those of the PEFT version loraplex is tested against (peft 0.2
 - the scale: lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (`LoraLayer.update_layer`),
   also for DoRA, whose magnitude vectors the weights carry.
 Full names are module paths in the base model as `named_modules()` spells them, e.g.
-"model.layers.3.self_attn.q_proj" (PEFT's `current_key`).
+"model.layers.3.self_attn.q_proj" (PEFT's `current_key`). The token embeddings
+("model.embed_tokens", not linear: PEFT's embedding LoRA) and lm_head (linear, the output layer)
+are asked the same questions; "all-linear" takes neither, as in PEFT.
 
 Every other field LoraConfig writes is either honoured (see FIELDS) or, where it changes what the
 weights mean and loraplex does not serve it, refused with a sentence naming the field.
@@ -48,6 +50,7 @@ Variant = Literal["LORA", "RSLORA", "DORA"]
 ALL_LINEAR = "all-linear"  # PEFT's INCLUDE_LINEAR_LAYERS_SHORTHAND (compared lower-cased)
 # PEFT condenses target_modules lists this long into suffixes before matching (tuners_utils).
 MIN_TARGET_MODULES_FOR_OPTIMIZATION = 20
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's, for ensure_weight_tying
 
 # Fields of peft 0.21.2's LoraConfig that loraplex honours, or that do not change the served
 # model (training-only settings and bookkeeping). Anything else is refused below.
@@ -87,7 +90,8 @@ INERT_FIELDS = frozenset(
         "lora_ga_config",  # used only with init_lora_weights="lora_ga" (refused)
         "qalora_group_size",  # used only with use_qalora (refused)
         "runtime_config",  # ephemeral GPU offload of the trainer
-        "ensure_weight_tying",  # ties embedding adapters, which are refused
+        # Ties the adapters of tied input and output embeddings: refused where it applies (below).
+        "ensure_weight_tying",
     }
 )
 # Fields whose non-default (truthy) value changes what the weights mean; loraplex serves none.
@@ -231,9 +235,10 @@ class PeftLoraConfig:
         r, alpha = self.rank(name), self.alpha(name)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
-    def module(self, name: str) -> ModuleLora | None:
-        """The adapter at the linear (non-output) layer `name`, or None where it does not target it."""
-        if not self.targets(name):
+    def module(self, name: str, *, linear: bool = True, output_layer: bool = False) -> ModuleLora | None:
+        """The adapter at the module `name` (a linear layer unless `linear` is False, as for the
+        token embeddings; the output layer for lm_head), or None where it does not target it."""
+        if not self.targets(name, linear=linear, output_layer=output_layer):
             return None
         return ModuleLora(self.rank(name), self.alpha(name), self.scale(name), self.use_dora)
 
@@ -347,6 +352,13 @@ def _refuse_unserved(doc: Mapping[str, Any]) -> None:
                 f"newer PEFT?) and that may change what the weights mean; it serves plain LoRA, rsLoRA "
                 f"(use_rslora) and DoRA (use_dora), so retrain or remove the field."
             )
+    if doc.get("ensure_weight_tying") and _targets_embedding_layers(doc.get("target_modules")):
+        raise AdapterRejected(
+            "adapter_config.json sets ensure_weight_tying with embed_tokens or lm_head among its "
+            "target_modules: PEFT then shares one LoRA between the tied input and output embeddings, "
+            "which loraplex does not serve; retrain with ensure_weight_tying=False (separate LoRAs on "
+            "embed_tokens and lm_head are served, also on models that tie their embeddings)."
+        )
     bias = doc.get("bias", "none")
     if bias != "none":
         raise AdapterRejected(
@@ -360,6 +372,23 @@ def _refuse_unserved(doc: Mapping[str, Any]) -> None:
             f"weights, so it is not a delta on the shared base; convert it to a plain LoRA with PEFT's "
             f"save_pretrained(..., path_initial_model_for_weight_conversion=...)."
         )
+
+
+def _targets_embedding_layers(raw: object) -> bool:
+    """PEFT's is_embedding_in_target (BaseTuner._check_tied_modules): a list entry whose last dotted
+    part is embed_tokens or lm_head, or a regex that fully matches one of those bare names."""
+    if isinstance(raw, str):
+        return any(_safe_fullmatch(raw, name) for name in EMBEDDING_LAYER_NAMES)
+    if isinstance(raw, list):
+        return any(isinstance(t, str) and t.split(".")[-1] in EMBEDDING_LAYER_NAMES for t in raw)
+    return False
+
+
+def _safe_fullmatch(pattern: str, text: str) -> bool:
+    try:
+        return _Matcher().match(pattern, text, full=True, field="target_modules")
+    except AdapterRejected:
+        return False  # an invalid or runaway pattern is refused with its own sentence later
 
 
 def _target_modules(raw: object) -> frozenset[str] | str:

@@ -72,6 +72,15 @@ SMOLLM2_TEST_ADAPTERS: tuple[AdapterSpec, ...] = (
     AdapterSpec("mlp-r64", MLP, r=64, lora_alpha=64, seed=5),
 )
 
+# LoRA on the edges (embed_tokens, lm_head): alone, with attention, with rsLoRA and DoRA.
+SMOLLM2_EDGE_ADAPTERS: tuple[AdapterSpec, ...] = (
+    AdapterSpec("embed-r8", ("embed_tokens",), r=8, lora_alpha=16, seed=21),
+    AdapterSpec("head-rslora-r16", ("lm_head",), r=16, lora_alpha=8, use_rslora=True, seed=22),
+    AdapterSpec("edges-attn-r8", ("embed_tokens", "lm_head", *ATTENTION), r=8, lora_alpha=16, seed=23),
+    AdapterSpec("embed-dora-r8", ("embed_tokens", "v_proj"), r=8, lora_alpha=16, use_dora=True, seed=24),
+    AdapterSpec("head-dora-r4", ("lm_head",), r=4, lora_alpha=8, use_dora=True, seed=25),
+)
+
 TINY_TEST_ADAPTERS: tuple[AdapterSpec, ...] = (
     AdapterSpec("qv-r4", ("q_proj", "v_proj"), r=4, lora_alpha=8, seed=11),
     AdapterSpec("all-r8", ATTENTION + MLP, r=8, lora_alpha=16, seed=12),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,14 +10,13 @@ from pathlib import Path
 
 import grpc
 import torch
-from transformers import AutoTokenizer
 
 from loraplex.v1 import registry_pb2, worker_pb2, worker_pb2_grpc
 from services.common.base_models import is_complete, models_dir, pull_model
 from services.common.config import WorkerSettings
 from services.common.grpc_server import RunningServer, run_until_signalled, start_metrics
 from services.common.identity import WORKER_ALLOW, start_internal_server
-from services.worker import metrics
+from services.worker import metrics, tokenizer
 from services.worker.adapters import AdapterLoader
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine.config import EngineConfig, preferred_dtype
@@ -68,6 +66,7 @@ def engine_config(settings: WorkerSettings, model_dir: Path) -> EngineConfig:
         max_step_tokens=max(2048, settings.max_batch_size),
         kv_cache_blocks=settings.kv_cache_blocks,
         max_waiting=settings.max_waiting,
+        pack_in_background=True,  # the first tokens do not wait for it (see the cold start bench)
     )
 
 
@@ -78,8 +77,7 @@ async def start_worker(settings: WorkerSettings) -> RunningWorker:
     torch.set_num_threads(settings.worker_threads)
     config = engine_config(settings, model_dir)
     llm = await asyncio.to_thread(LLMEngine, config)
-    load_tokenizer = functools.partial(AutoTokenizer.from_pretrained, str(model_dir))
-    tokenizers = [await asyncio.to_thread(load_tokenizer) for _ in range(TOKENIZER_THREADS)]
+    tokenizers = await asyncio.to_thread(tokenizer.copies, llm.tokenizer, TOKENIZER_THREADS)
     engine = AsyncEngine(llm)
     engine.start()
     budgets = TierBudgets(

@@ -77,10 +77,51 @@ def test_pickled_weights_are_refused_without_being_read(tmp_path: Path) -> None:
         load_adapter_weights(path, "d", torch.float32)
 
 
-def test_tensors_outside_the_supported_linear_layers_are_refused(tmp_path: Path) -> None:
-    tensors = _qv(4) | {"base_model.model.model.embed_tokens.lora_embedding_A": torch.randn(4, 10)}
-    with pytest.raises(AdapterFormatError, match="embed_tokens"):
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "base_model.model.model.norm.lora_A.weight",
+        # PEFT writes lora_embedding_A for the embeddings and lora_A for lm_head, never the reverse.
+        "base_model.model.model.embed_tokens.lora_A.weight",
+        "base_model.model.lm_head.lora_embedding_A",
+    ],
+)
+def test_tensors_outside_the_supported_layers_are_refused(tmp_path: Path, extra: str) -> None:
+    tensors = _qv(4) | {extra: torch.randn(4, 10)}
+    with pytest.raises(AdapterFormatError, match="does not map to a supported"):
         load_adapter_weights(_write(tmp_path / "e", {"r": 4, "lora_alpha": 8}, tensors), "d", torch.float32)
+
+
+def test_embedding_and_lm_head_lora_are_read_with_peft_scales(tmp_path: Path) -> None:
+    tensors = _qv(8) | {
+        "base_model.model.model.embed_tokens.lora_embedding_A": torch.randn(8, 100),
+        "base_model.model.model.embed_tokens.lora_embedding_B": torch.randn(64, 8),
+        "base_model.model.lm_head.lora_A.weight": torch.randn(8, 64),
+        "base_model.model.lm_head.lora_B.weight": torch.randn(100, 8),
+    }
+    config = {
+        "r": 8,
+        "lora_alpha": 16,
+        "use_rslora": True,
+        "target_modules": ["q_proj", "v_proj", "embed_tokens", "lm_head"],
+        "alpha_pattern": {"lm_head": 4},
+    }
+    weights = load_adapter_weights(_write(tmp_path / "edges", config, tensors), "d", torch.float32)
+    embed, head = weights.edges["embed_tokens"], weights.edges["lm_head"]
+    assert (tuple(embed.a.shape), tuple(embed.b.shape)) == ((8, 100), (64, 8))
+    assert embed.scale == pytest.approx(16 / math.sqrt(8)) and head.scale == pytest.approx(4 / math.sqrt(8))
+    assert weights.ranks["embed_tokens"] == weights.ranks["lm_head"] == 8
+    assert weights.size_bytes == sum(t.numel() for t in tensors.values()) * 4
+
+
+def test_edge_tensors_the_config_does_not_target_are_refused(tmp_path: Path) -> None:
+    tensors = _qv(4) | {
+        "base_model.model.lm_head.lora_A.weight": torch.randn(4, 64),
+        "base_model.model.lm_head.lora_B.weight": torch.randn(100, 4),
+    }
+    config = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}  # all-linear never takes lm_head
+    with pytest.raises(AdapterFormatError, match=r"lm_head, which adapter_config\.json does not target"):
+        load_adapter_weights(_write(tmp_path / "h", config, tensors), "d", torch.float32)
 
 
 def test_rank_buckets_pad_only_to_the_next_power_of_two() -> None:

@@ -34,9 +34,10 @@ BLOCK_LINEARS = (
     "mlp.down_proj",
 )
 LINEARS = [f"model.layers.{i}.{p}" for i in range(LAYERS) for p in BLOCK_LINEARS]
+# The edges, (is linear, is the output layer) each: PEFT's embedding LoRA and lm_head's linear one.
+EDGES = {"model.embed_tokens": (False, False), "lm_head": (True, True)}
 OTHERS = [
     "model",
-    "model.embed_tokens",
     "model.layers",
     "model.norm",
     "model.rotary_emb",
@@ -67,7 +68,7 @@ PATTERN_KEYS = [
 ]
 
 
-@pytest.mark.parametrize("name", [*LINEARS, *OTHERS, "lm_head", "q_proj", ""])
+@pytest.mark.parametrize("name", [*LINEARS, *OTHERS, *EDGES, "q_proj", ""])
 def test_pattern_keys_resolve_as_peft_get_pattern_key_resolves_them(name: str) -> None:
     # Every order of a few keys, since the first match wins: all pairs, both ways.
     for keys in itertools.permutations(PATTERN_KEYS, 2):
@@ -133,6 +134,20 @@ FORMS: dict[str, dict[str, Any]] = {
     },
     "dora": {"target_modules": ["q_proj", "o_proj"], "use_dora": True, "alpha_pattern": {"o_proj": 2}},
     "dora-rslora": {"target_modules": ["up_proj"], "use_dora": True, "use_rslora": True, "r": 16},
+    "edges": {"target_modules": ["embed_tokens", "lm_head", "q_proj"]},
+    "edges-regex": {"target_modules": r".*(embed_tokens|lm_head|v_proj)"},
+    "edges-patterns": {
+        "target_modules": ["embed_tokens", "lm_head", "down_proj"],
+        "rank_pattern": {"lm_head": 8, "embed_tokens": 2},
+        "alpha_pattern": {"model.embed_tokens": 32},
+    },
+    "edges-rslora-dora": {
+        "target_modules": ["embed_tokens", "lm_head"],
+        "use_rslora": True,
+        "use_dora": True,
+    },
+    # Neither edge has a layer index, so the layer filter leaves only q_proj of layer 1.
+    "edges-layers": {"target_modules": ["embed_tokens", "lm_head", "q_proj"], "layers_to_transform": [1]},
 }
 
 
@@ -179,8 +194,8 @@ def test_targets_ranks_and_scales_are_what_get_peft_model_builds(form: str) -> N
     assert built, form
     for doc in (as_written, as_saved):
         ours = parse_peft_config(doc)
-        for name in LINEARS:
-            mine = ours.module(name)
+        for name, (linear, output_layer) in [*((n, (True, False)) for n in LINEARS), *EDGES.items()]:
+            mine = ours.module(name, linear=linear, output_layer=output_layer)
             layer = built.get(name)
             assert (mine is not None) == (layer is not None), (form, name)
             if mine is None or layer is None:
@@ -191,14 +206,13 @@ def test_targets_ranks_and_scales_are_what_get_peft_model_builds(form: str) -> N
             assert mine.dora == layer.use_dora["default"], (form, name)
         for name in OTHERS:
             assert not ours.targets(name, linear=False), (form, name)
-        assert not ours.targets("lm_head", linear=True, output_layer=True), form
 
 
 @pytest.mark.parametrize("form", [f for f in FORMS if "all-linear" not in FORMS[f].values()])
 def test_targets_agree_with_check_target_module_exists_on_every_module(form: str) -> None:
     peft_config = LoraConfig(**{"r": 4, "lora_alpha": 8, **FORMS[form]})
     ours = parse_peft_config(_saved_config(peft_config))
-    for name in [*LINEARS, *OTHERS, "lm_head"]:
+    for name in [*LINEARS, *OTHERS, *EDGES]:
         assert ours.targets(name) == bool(check_target_module_exists(peft_config, name)), (form, name)
 
 
@@ -270,3 +284,24 @@ def test_a_pattern_that_backtracks_exponentially_is_refused_in_bounded_time(chan
     else:
         assert module is None or module.rank == 4
     assert time.monotonic() - started < 5.0
+
+
+@pytest.mark.parametrize(
+    ("targets", "refused"),
+    [
+        (["embed_tokens", "q_proj"], True),
+        (["model.lm_head"], True),
+        (".*lm_head", True),
+        (["q_proj", "v_proj"], False),  # PEFT only warns: no embedding layer is adapted
+        ("all-linear", False),
+    ],
+)
+def test_ensure_weight_tying_is_refused_where_it_ties_embedding_adapters(
+    targets: object, refused: bool
+) -> None:
+    doc = {"peft_type": "LORA", "r": 4, "target_modules": targets, "ensure_weight_tying": True}
+    if not refused:
+        parse_peft_config(doc)
+        return
+    with pytest.raises(AdapterRejected, match="ensure_weight_tying=False"):
+        parse_peft_config(doc)

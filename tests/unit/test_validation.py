@@ -19,7 +19,7 @@ from services.common.adapter_files import (
     read_safetensors_header,
 )
 from services.registry.validation import AdapterLimits, ValidatedAdapter, validate_adapter
-from tests.fixtures.tiny_peft import HIDDEN, TINY_NAME, tiny_spec, write_adapter
+from tests.fixtures.tiny_peft import HIDDEN, TINY_NAME, VOCAB, tiny_spec, write_adapter
 
 LIMITS = AdapterLimits()
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -29,7 +29,7 @@ Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
 def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict[str, Any], SafetensorsHeader]]:
     root = tmp_path_factory.mktemp("adapters")
     out = {}
-    for kind in ("lora", "rslora", "dora", "mixed", "one_layer"):
+    for kind in ("lora", "rslora", "dora", "mixed", "one_layer", "edges", "edges_dora", "edges_with_copies"):
         directory = write_adapter(kind, root / kind)
         config = json.loads((directory / ADAPTER_CONFIG).read_text())
         out[kind] = (config, read_safetensors_header(directory / ADAPTER_WEIGHTS))
@@ -196,7 +196,7 @@ def test_magnitude_vectors_without_use_dora_are_rejected(adapters: dict[str, Any
             },
             "PEFT condenses such lists first",
         ),
-        ({"modules_to_save": ["lm_head"]}, "(modules_to_save)"),
+        ({"modules_to_save": ["lm_head"]}, "full trained copy of each of those layers in every adapter"),
         ({"layer_replication": [[0, 2]]}, "(layer_replication)"),
         ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "(target_parameters)"),
         ({"base_model_name_or_path": "meta-llama/Llama-3.2-1B"}, "trained on 'meta-llama/Llama-3.2-1B'"),
@@ -245,8 +245,8 @@ def test_matching_or_local_base_model_names_are_accepted(
     ("extra", "config_changes", "expected"),
     [
         ("base_model.model.lm_head.weight", {"modules_to_save": ["lm_head"]}, "modules_to_save"),
-        ("base_model.model.lm_head.lora_A.weight", {}, "adapts lm_head"),
-        ("base_model.model.model.embed_tokens.lora_embedding_A", {}, "token embeddings"),
+        ("base_model.model.lm_head.lora_A.weight", {}, "adapts lm_head, which adapter_config.json does not"),
+        ("base_model.model.model.embed_tokens.lora_embedding_A", {}, "adapts model.embed_tokens, which"),
         (f"{Q0}.lora_B.bias", {}, "lora_bias=False"),
         ("base_model.model.model.layers.0.self_attn.q_proj.weight", {}, "not a LoRA weight"),
     ],
@@ -288,7 +288,7 @@ def test_layers_to_transform_must_describe_the_tensors(adapters: dict[str, Any])
 
 @pytest.mark.parametrize(
     "targets",
-    [["q_proj", "v_proj", "lm_head"], ["q_proj", "v_proj", "self_attn"], ".*(q_proj|v_proj|embed_tokens)"],
+    [["q_proj", "v_proj", "norm"], ["q_proj", "v_proj", "self_attn"], ".*(q_proj|v_proj|model.norm)"],
 )
 def test_a_config_targeting_a_layer_loraplex_does_not_adapt_is_rejected(
     adapters: dict[str, Any], targets: object
@@ -327,3 +327,104 @@ def test_dora_with_rslora_is_served_as_peft_serves_it(adapters: dict[str, Any]) 
     v = validate(adapters, "dora", use_rslora=True)
     assert v.variant == "DORA"
     assert math.isclose(v.scale("model.layers.0.self_attn.q_proj"), 4 / math.sqrt(4))
+
+
+# -- LoRA on embed_tokens and lm_head ------------------------------------------------------------
+EMBED = "base_model.model.model.embed_tokens"
+HEAD = "base_model.model.lm_head"
+
+
+def test_lora_on_embed_tokens_and_lm_head_is_accepted_with_peft_scales(adapters: dict[str, Any]) -> None:
+    v = validate(adapters, "edges")
+    assert v.target_modules == ("embed_tokens", "lm_head", "q_proj")
+    assert v.module_ranks["model.embed_tokens"] == 4 and v.module_ranks["lm_head"] == 4
+    assert v.scale("model.embed_tokens") == 2.0 and v.scale("lm_head") == 2.0
+
+
+def test_dora_on_embed_tokens_and_lm_head_is_accepted(adapters: dict[str, Any]) -> None:
+    v = validate(adapters, "edges_dora")
+    assert (v.variant, v.target_modules) == ("DORA", ("embed_tokens", "lm_head"))
+
+
+@pytest.mark.parametrize(
+    ("tensor", "info", "expected"),
+    [
+        (
+            f"{EMBED}.lora_embedding_A",
+            TensorInfo("F32", (4, 300)),
+            f"lora_embedding_A has shape [4, 300] but embed_tokens of {TINY_NAME} has a vocabulary of "
+            f"{VOCAB} tokens (expected [rank, {VOCAB}])",
+        ),
+        (
+            f"{EMBED}.lora_embedding_B",
+            TensorInfo("F32", (48, 4)),
+            f"lora_embedding_B has shape [48, 4] but embed_tokens of {TINY_NAME} has {HIDDEN} hidden "
+            f"dimensions (expected [{HIDDEN}, rank])",
+        ),
+        (
+            f"{HEAD}.lora_A.weight",
+            TensorInfo("F32", (4, 48)),
+            f"lm_head.lora_A.weight has shape [4, 48] but lm_head of {TINY_NAME} takes {HIDDEN} inputs",
+        ),
+        (
+            f"{HEAD}.lora_B.weight",
+            TensorInfo("F32", (300, 4)),
+            f"lm_head.lora_B.weight has shape [300, 4] but lm_head of {TINY_NAME} has {VOCAB} outputs",
+        ),
+        (f"{HEAD}.lora_B.weight", TensorInfo("F32", (VOCAB, 3)), "lora_A of rank 4 but lora_B of rank 3"),
+    ],
+)
+def test_edge_tensors_of_the_wrong_shape_are_rejected_naming_module_and_shapes(
+    adapters: dict[str, Any], tensor: str, info: TensorInfo, expected: str
+) -> None:
+    config, header = adapters["edges"]
+    message = rejection(config, header_with(header, tensor, info))
+    assert expected in message
+    assert "another base model" in message or "the file is inconsistent" in message
+
+
+def test_an_embedding_dora_magnitude_of_the_wrong_size_is_rejected(adapters: dict[str, Any]) -> None:
+    config, header = adapters["edges_dora"]
+    bad = header_with(header, f"{EMBED}.lora_magnitude_vector", TensorInfo("F32", (VOCAB,)))
+    assert f"embed_tokens of {TINY_NAME} has {HIDDEN} outputs" in rejection(config, bad)
+
+
+def test_linear_lora_names_on_the_embeddings_are_rejected(adapters: dict[str, Any]) -> None:
+    config, header = adapters["edges"]
+    renamed = {
+        k.replace("lora_embedding_A", "lora_A.weight").replace("lora_embedding_B", "lora_B.weight"): v
+        for k, v in header.tensors.items()
+    }
+    message = rejection(config, SafetensorsHeader(tensors=renamed))
+    assert "not how PEFT names a LoRA of embed_tokens" in message
+
+
+def test_full_embedding_copies_from_save_embedding_layers_are_rejected_with_the_fix(
+    adapters: dict[str, Any],
+) -> None:
+    config, header = adapters["edges_with_copies"]
+    message = rejection(config, header)
+    assert "is a full copy of" in message and "save_embedding_layers=False" in message
+    assert f"{VOCAB * HIDDEN * 4 / 1e6:.1f} MB in this file" in message
+
+
+def test_an_edge_the_config_targets_without_tensors_is_rejected(adapters: dict[str, Any]) -> None:
+    config, header = adapters["edges"]
+    without_head = {k: v for k, v in header.tensors.items() if not k.startswith(HEAD)}
+    assert "targets lm_head" in rejection(config, SafetensorsHeader(tensors=without_head))
+
+
+def test_all_linear_does_not_target_lm_head_as_in_peft(adapters: dict[str, Any]) -> None:
+    config, header = adapters["edges"]
+    head_only = {k: v for k, v in header.tensors.items() if k.startswith(HEAD)}
+    message = rejection({**config, "target_modules": "all-linear"}, SafetensorsHeader(tensors=head_only))
+    assert "no lora_A / lora_B" in message  # all-linear wants the block projections, not lm_head
+
+
+def test_modules_to_save_is_rejected_with_its_cost_on_this_base_model(adapters: dict[str, Any]) -> None:
+    smollm2_like = dataclasses.replace(tiny_spec(), name="smollm2-like", vocab_size=49152, hidden_size=576)
+    config = config_of(adapters, "lora", modules_to_save=["lm_head", "embed_tokens"])
+    message = rejection(config, adapters["lora"][1], base=smollm2_like)
+    assert "lm_head: 28.3M parameters, 56.6 MB per adapter in bf16" in message
+    assert "against 1.6 MB for a rank-16 LoRA of it" in message
+    assert "embed_tokens: 28.3M parameters" in message and "train a LoRA on those layers" in message

@@ -14,6 +14,7 @@ import torch
 
 from services.common.adapter_files import TensorInfo
 from services.worker.engine.adapter_slots import slot_bytes
+from services.worker.engine.adapter_weights import _EDGE_KEY as EDGE_TENSOR_NAME
 from services.worker.engine.adapter_weights import _KEY as TENSOR_NAME
 from services.worker.layers.lora import ModuleKey
 
@@ -24,10 +25,13 @@ def planned_slot_bytes(
     tensors: Mapping[str, TensorInfo], linear_shape: LinearShape, dtype: torch.dtype
 ) -> int:
     """Slot bytes for the adapter whose header lists `tensors`; ValueError if a tensor names no
-    layer of this model (the parse would refuse it too)."""
+    layer of this model (the parse would refuse it too). LoRA on embed_tokens / lm_head is held
+    beside the slots (layers/lora_edges.py), so it neither counts here nor pads the bucket."""
     shapes: dict[ModuleKey, tuple[int, int]] = {}
     rank, dora = 0, False
     for name, info in tensors.items():
+        if EDGE_TENSOR_NAME.match(name):
+            continue
         m = TENSOR_NAME.match(name)
         if m is None:
             raise ValueError(f"tensor {name!r} does not map to a supported linear layer")

@@ -2,7 +2,8 @@
 
 Loading pads each module to its adapter's rank bucket, folds the scale into B, stores A^T and
 (sB)^T in the layout of a slot (engine/slot_pool.py), and computes the DoRA factor
-m / ||W + s B A||_row once, against the untouched base weight.
+m / ||W + s B A||_row once, against the untouched base weight. LoRA on embed_tokens / lm_head is
+held per adapter beside the slots (layers/lora_edges.py), unpadded: it is applied adapter by adapter.
 
 The same layout lives in host memory for the worker's HOST tier: `to_device(..., device="cpu")`
 prepares it there (pinned when the engine runs on CUDA), `move(adapter, device)` copies it to the
@@ -18,6 +19,7 @@ import torch
 
 from services.worker.engine.adapter_weights import AdapterWeights
 from services.worker.layers.lora import ModuleKey
+from services.worker.layers.lora_edges import EdgeLora, edge_lora
 from services.worker.models.llama import LlamaForCausalLM
 
 MIN_BUCKET = 8
@@ -50,6 +52,8 @@ class DeviceAdapter:
     size_bytes: int
     slot_bytes: int = 0  # what its slot occupies: rank padded to the bucket, the engine's dtype
     targets: tuple[ModuleKey, ...] = ()  # kept when the tensors are dropped (they live in a slot)
+    embed: EdgeLora | None = None  # LoRA on embed_tokens (layers/lora_edges.py)
+    lm_head: EdgeLora | None = None
 
     def __post_init__(self) -> None:
         if not self.targets:
@@ -65,6 +69,11 @@ class DeviceAdapter:
         are computed together, so an adapter pays only at the modules it targets (a q/v-only
         adapter is never padded with zeros at the MLP next to an all-linear one)."""
         return self.bucket, self.is_dora, self.targets
+
+    @property
+    def resident_bytes(self) -> int:
+        """Device bytes: its slot (rank padded to the bucket, the engine's dtype) and its edges."""
+        return self.slot_bytes + sum(e.nbytes for e in (self.embed, self.lm_head) if e is not None)
 
 
 def slot_bytes(
@@ -84,7 +93,8 @@ def to_device(
     if weights.max_rank > max_rank:
         raise AdapterMismatch(f"adapter rank {weights.max_rank} exceeds this worker's limit of {max_rank}")
     dtype = model.lm_head.weight.dtype
-    bucket = rank_bucket(weights.max_rank)
+    # The edges are never stacked, so their rank does not pad the block modules.
+    bucket = rank_bucket(max((w.rank for w in weights.tensors.values()), default=1))
     a_t: dict[ModuleKey, torch.Tensor] = {}
     b_t: dict[ModuleKey, torch.Tensor] = {}
     dora: dict[ModuleKey, torch.Tensor] = {}
@@ -109,6 +119,7 @@ def to_device(
             delta = (w.b.to(device=at, dtype=torch.float32) * w.scale) @ w.a.to(at, torch.float32)
             norm = torch.linalg.norm(base + delta, dim=1)
             dora[key] = (w.magnitude.to(at, torch.float32) / norm).to(device=device, dtype=dtype)
+    embed, head = (_edge(weights, name, model, dtype, device, pin) for name in ("embed_tokens", "lm_head"))
     if pin:
         a_t, b_t, dora = _pinned(a_t), _pinned(b_t), _pinned(dora)
     is_dora = weights.variant == "DORA"
@@ -122,8 +133,25 @@ def to_device(
         b_t=b_t,
         dora_scale=dora,
         size_bytes=weights.size_bytes,
-        slot_bytes=slot_bytes(shapes, weights.max_rank, is_dora, dtype),
+        slot_bytes=slot_bytes(shapes, bucket, is_dora, dtype),
+        embed=embed,
+        lm_head=head,
     )
+
+
+def _edge(
+    weights: AdapterWeights, name: str, model: LlamaForCausalLM, dtype: torch.dtype, device: str, pin: bool
+) -> EdgeLora | None:
+    w = weights.edges.get(name)
+    if w is None:
+        return None
+    # Both as [out, in]: the embedding table read as a layer from one-hot tokens to hidden.
+    base = model.model.embed_tokens.weight.T if name == "embed_tokens" else model.lm_head.weight
+    try:
+        edge = edge_lora(w.a, w.b, w.scale, w.magnitude, base, dtype=dtype, device=device)
+    except ValueError as exc:
+        raise AdapterMismatch(f"{name}: {exc}; was it trained for another base model?") from None
+    return edge.to(device, pin=True) if pin else edge
 
 
 def move(adapter: DeviceAdapter, device: str, *, pin: bool = False) -> DeviceAdapter:
@@ -149,6 +177,8 @@ def move(adapter: DeviceAdapter, device: str, *, pin: bool = False) -> DeviceAda
             a_t=to(adapter.a_t),
             b_t=to(adapter.b_t),
             dora_scale=to(adapter.dora_scale),
+            embed=adapter.embed and adapter.embed.to(device, pin=pin),
+            lm_head=adapter.lm_head and adapter.lm_head.to(device, pin=pin),
         )
     # On CUDA: the copies run on a stream of their own, so they overlap the steps' kernels, and
     # this (loader) thread waits on that stream's event only, never on the step's work.
@@ -159,6 +189,8 @@ def move(adapter: DeviceAdapter, device: str, *, pin: bool = False) -> DeviceAda
             a_t=to(adapter.a_t),
             b_t=to(adapter.b_t),
             dora_scale=to(adapter.dora_scale),
+            embed=adapter.embed and adapter.embed.to(device, pin=pin),
+            lm_head=adapter.lm_head and adapter.lm_head.to(device, pin=pin),
         )
         done = torch.cuda.Event()
         done.record(stream)
@@ -167,7 +199,8 @@ def move(adapter: DeviceAdapter, device: str, *, pin: bool = False) -> DeviceAda
         # Allocated on the copy stream, read by the step's stream: tell the caching allocator, so
         # their memory is not reused while a step may still read it.
         consumer = torch.cuda.default_stream(torch.device(device))
-        for t in (*moved.a_t.values(), *moved.b_t.values(), *moved.dora_scale.values()):
+        edges = [t for e in (moved.embed, moved.lm_head) if e is not None for t in e.tensors()]
+        for t in (*moved.a_t.values(), *moved.b_t.values(), *moved.dora_scale.values(), *edges):
             t.record_stream(consumer)
     return moved
 
@@ -179,7 +212,8 @@ def _copy_stream(device: str, adapter: DeviceAdapter) -> torch.cuda.Stream | Non
     """The CUDA device a move involves (either side), or None when both sides are host memory."""
     at = torch.device(device)
     if at.type != "cuda":
-        at = next((t.device for t in adapter.a_t.values() if t.is_cuda), at)
+        edges = [t for e in (adapter.embed, adapter.lm_head) if e is not None for t in e.tensors()]
+        at = next((t.device for t in (*adapter.a_t.values(), *edges) if t.is_cuda), at)
     if at.type != "cuda":
         return None
     if at.index is None:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from services.common.adapter_errors import AdapterRejected, InvalidSafetensors
 from services.common.adapter_files import ADAPTER_WEIGHTS, read_safetensors_header, split_safetensors
-from services.common.peft_config import Variant, parse_peft_config
+from services.common.peft_config import PeftLoraConfig, Variant, parse_peft_config
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight; group "module" is the layer's
@@ -22,6 +22,13 @@ _KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>model\.layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<name>\w+))\."
     r"(?P<kind>lora_A|lora_B|lora_magnitude_vector)(?:\.weight)?$"
 )
+# The edges (layers/lora_edges.py): PEFT's embedding LoRA, and a linear LoRA on lm_head.
+# base_model.model.model.embed_tokens.lora_embedding_A, base_model.model.lm_head.lora_B.weight
+_EDGE_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>model\.(?P<embed>embed_tokens)|(?P<head>lm_head))\."
+    r"(?P<kind>lora_embedding_A|lora_embedding_B|lora_A|lora_B|lora_magnitude_vector)(?:\.weight)?$"
+)
+_EDGE_KINDS = {"lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B"}
 
 
 class AdapterFormatError(ValueError):
@@ -47,6 +54,7 @@ class AdapterWeights:
     tensors: dict[tuple[int, str], LoraModuleWeights]
     ranks: dict[str, int] = field(default_factory=dict)  # module name -> rank
     size_bytes: int = 0
+    edges: dict[str, LoraModuleWeights] = field(default_factory=dict)  # "embed_tokens" / "lm_head"
 
     @property
     def max_rank(self) -> int:
@@ -113,7 +121,13 @@ def adapter_weights_from(
         raise AdapterFormatError(str(exc)) from None
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     names: dict[tuple[int, str], str] = {}
+    edge_parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in raw.items():
+        edge = _EDGE_KEY.match(key)
+        if edge is not None and _edge_kind_fits(edge.group("embed") is not None, edge.group("kind")):
+            kind = _EDGE_KINDS.get(edge.group("kind"), edge.group("kind"))
+            edge_parts.setdefault(edge.group("module"), {})[kind] = tensor
+            continue
         m = _KEY.match(key)
         if m is None or m.group("name") not in TARGETS:
             raise AdapterFormatError(f"tensor {key!r} does not map to a supported linear layer")
@@ -123,43 +137,59 @@ def adapter_weights_from(
     tensors: dict[tuple[int, str], LoraModuleWeights] = {}
     ranks: dict[str, int] = {}
     for (layer, name), p in sorted(parts.items()):
-        if "lora_A" not in p or "lora_B" not in p:
-            raise AdapterFormatError(f"layer {layer} {name} lacks lora_A or lora_B")
-        a, b = p["lora_A"], p["lora_B"]
-        r = int(a.shape[0])
-        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != r:
-            raise AdapterFormatError(
-                f"layer {layer} {name}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}"
-            )
-        # PEFT's own targeting, rank and scale for this layer (the registry checked the same).
-        module = peft.module(names[(layer, name)])
-        if module is None:
-            raise AdapterFormatError(
-                f"the weights adapt {names[(layer, name)]}, which adapter_config.json does not target; "
-                f"the config does not match the weights"
-            )
-        if module.rank != r:
-            raise AdapterFormatError(
-                f"adapter_config.json gives {names[(layer, name)]} rank {module.rank} (r / rank_pattern) "
-                f"but its tensors have rank {r}"
-            )
-        magnitude = p.get("lora_magnitude_vector")
-        if module.dora and magnitude is None:
-            raise AdapterFormatError(f"DoRA adapter lacks the magnitude vector for layer {layer} {name}")
-        if not module.dora and magnitude is not None:
-            raise AdapterFormatError(
-                f"layer {layer} {name} has a DoRA magnitude vector but adapter_config.json does not "
-                f"set use_dora"
-            )
-        tensors[(layer, name)] = LoraModuleWeights(
-            a=a.to(dtype).contiguous(),
-            b=b.to(dtype).contiguous(),
-            scale=module.scale,
-            magnitude=None if magnitude is None else magnitude.to(dtype).reshape(-1),
-        )
-        ranks[name] = max(ranks.get(name, 0), r)
-    if not tensors:
+        tensors[(layer, name)] = _module_weights(p, names[(layer, name)], peft, dtype)
+        ranks[name] = max(ranks.get(name, 0), tensors[(layer, name)].rank)
+    edges: dict[str, LoraModuleWeights] = {}
+    for module_name, p in sorted(edge_parts.items()):
+        name = module_name.rsplit(".", 1)[-1]
+        edges[name] = _module_weights(p, module_name, peft, dtype, edge=name)
+        ranks[name] = edges[name].rank
+    if not tensors and not edges:
         raise AdapterFormatError("adapter_model.safetensors holds no LoRA tensors")
     # Bytes as resident in the engine's dtype, which is what a step reads.
     size = sum(t.numel() for t in raw.values()) * torch.empty(0, dtype=dtype).element_size()
-    return AdapterWeights(digest=digest, variant=peft.variant, tensors=tensors, ranks=ranks, size_bytes=size)
+    return AdapterWeights(
+        digest=digest, variant=peft.variant, tensors=tensors, ranks=ranks, edges=edges, size_bytes=size
+    )
+
+
+def _edge_kind_fits(embedding: bool, kind: str) -> bool:
+    """PEFT writes lora_embedding_A/B for the embeddings and lora_A/B for lm_head, never the reverse."""
+    return kind == "lora_magnitude_vector" or kind.startswith("lora_embedding_") == embedding
+
+
+def _module_weights(
+    p: dict[str, torch.Tensor], module_name: str, peft: PeftLoraConfig, dtype: torch.dtype, edge: str = ""
+) -> LoraModuleWeights:
+    """One adapted module's tensors, checked against PEFT's targeting, rank and scale for it (the
+    registry checked the same); `edge` names an embed_tokens / lm_head module."""
+    if "lora_A" not in p or "lora_B" not in p:
+        raise AdapterFormatError(f"{module_name} lacks lora_A or lora_B")
+    a, b = p["lora_A"], p["lora_B"]
+    r = int(a.shape[0])
+    if a.dim() != 2 or b.dim() != 2 or b.shape[1] != r:
+        raise AdapterFormatError(f"{module_name}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}")
+    module = peft.module(module_name, linear=edge != "embed_tokens", output_layer=edge == "lm_head")
+    if module is None:
+        raise AdapterFormatError(
+            f"the weights adapt {module_name}, which adapter_config.json does not target; "
+            f"the config does not match the weights"
+        )
+    if module.rank != r:
+        raise AdapterFormatError(
+            f"adapter_config.json gives {module_name} rank {module.rank} (r / rank_pattern) "
+            f"but its tensors have rank {r}"
+        )
+    magnitude = p.get("lora_magnitude_vector")
+    if module.dora and magnitude is None:
+        raise AdapterFormatError(f"DoRA adapter lacks the magnitude vector for {module_name}")
+    if not module.dora and magnitude is not None:
+        raise AdapterFormatError(
+            f"{module_name} has a DoRA magnitude vector but adapter_config.json does not set use_dora"
+        )
+    return LoraModuleWeights(
+        a=a.to(dtype).contiguous(),
+        b=b.to(dtype).contiguous(),
+        scale=module.scale,
+        magnitude=None if magnitude is None else magnitude.to(dtype).reshape(-1),
+    )

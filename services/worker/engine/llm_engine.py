@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
-
-from transformers import AutoTokenizer
 
 from services.worker.engine.adapter_slots import AdapterMismatch, DeviceAdapter, move, to_device
 from services.worker.engine.adapter_weights import AdapterWeights
@@ -17,7 +18,11 @@ from services.worker.engine.model_runner import ModelRunner
 from services.worker.engine.sampling import SamplingParams
 from services.worker.engine.scheduler import Scheduler
 from services.worker.engine.sequence import Sequence, SequenceStatus
+from services.worker.layers.packed import can_pack
 from services.worker.models.llama import load_model
+from services.worker.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "AdapterInUse",
@@ -89,8 +94,9 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.tokenizer: Any = AutoTokenizer.from_pretrained(str(config.model_dir))
         self.model = load_model(config.model_dir, config.dtype, config.device)
+        self.packing = self._pack_weights()
+        self.tokenizer: Any = load_tokenizer(config.model_dir)
         self.context_length = self.model.config.max_positions
         self.eos_token_ids = set(self.model.config.eos_token_ids)
         self.runner = ModelRunner(config, self.model)
@@ -100,6 +106,29 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.detok: dict[str, Detokenizer] = {}
         self._aborted: list[RequestOutput] = []
+
+    def _pack_weights(self) -> threading.Thread | None:
+        """oneDNN-packed weights where they help (CPU bf16): now, or on a thread of their own.
+
+        Packed and plain GEMMs give bit-identical results and each layer switches to its packed
+        weight in one attribute assignment, so steps may run while the thread works."""
+        if not can_pack(self.config.device, self.config.dtype):
+            return None
+        if not self.config.pack_in_background:
+            self.model.pack_weights()
+            return None
+        thread = threading.Thread(target=self._pack_logged, name="pack-weights")
+        thread.start()
+        return thread
+
+    def _pack_logged(self) -> None:
+        started = time.monotonic()
+        try:
+            self.model.pack_weights()
+        except Exception:
+            log.exception("packing the base weights failed; steps keep using the plain ones")
+            return
+        log.info("base weights packed for oneDNN in %.2f s", time.monotonic() - started)
 
     # Adapters -------------------------------------------------------------------------------
     # The worker's loader prepares an adapter in host memory and moves it to the device off the

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import torch
 
+from services.worker.engine import host_memory
 from services.worker.engine.adapter_slots import DeviceAdapter
 from services.worker.engine.config import EngineConfig
 from services.worker.engine.constrained import MaskJob
 from services.worker.engine.lora_batch import LoraBatchBuilder, long_tensor
 from services.worker.engine.scheduler import ScheduledBatch
 from services.worker.layers.attention import AttentionMetadata, DecodeGroup, PrefillGroup
+from services.worker.layers.lora_edges import build_edge_batch
 from services.worker.layers.sampler import sample
 from services.worker.models.llama import LlamaForCausalLM, StepContext
 
@@ -32,8 +34,8 @@ class ModelRunner:
         slots = self.num_blocks * self.block_size
         for attn in model.attention_layers():
             shape = (cfg.num_kv_heads, slots, cfg.head_dim)  # head-major: see layers/attention.py
-            attn.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-            attn.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+            attn.k_cache = host_memory.zeros(shape, dtype, self.device)
+            attn.v_cache = host_memory.zeros(shape, dtype, self.device)
         self.lora = LoraBatchBuilder(model, self.device)
         self.last_logits: tuple[torch.Tensor, list[str]] = (torch.empty(0), [])
 
@@ -78,13 +80,15 @@ class ModelRunner:
             lora.place(extra[1:])
         input_ids = extra[0]
         assert input_ids is not None
-        ctx = StepContext(positions, attention, lora)
+        row_adapters = [adapters[s.adapter] if s.adapter is not None else None for s in seqs]
+        edges = build_edge_batch(row_adapters, offsets, sampling, self.device)
+        ctx = StepContext(positions, attention, lora, edges=edges)
         # Constrained rows' token masks are computed on other threads while the forward pass runs.
         masks = MaskJob.start([seqs[i].grammar for i in sampling], self.model.config.vocab_size)
         hidden = self.model(input_ids, ctx)
         if not sampling:
             return {}
-        logits = self.model.compute_logits(hidden.index_select(0, last))
+        logits = self.model.compute_logits(hidden.index_select(0, last), edges)
         if masks is not None:
             masks.apply(logits)
         # Kept for inspection (the PEFT oracle compares them); rows follow the sampling sequences.

@@ -138,16 +138,24 @@ class FusedLoRALinear(nn.Module):
         self.packed = pack(self.weight)
 
     def fuse(self) -> None:
-        """Concatenate the parts' loaded weights; each part then holds a view of its rows."""
-        weight = torch.cat([p.weight.detach() for p in self.parts])
+        """Concatenate the parts' loaded weights; each part then holds a view of its rows.
+
+        Parts that already are consecutive rows of one tensor (models/weights.py loads them so)
+        are adopted as they are: no copy, no second buffer."""
+        weight = _adjacent_rows([p.weight.detach() for p in self.parts])
+        if weight is None:
+            weight = torch.cat([p.weight.detach() for p in self.parts])
         bias = None
         if any(p.bias is not None for p in self.parts):
-            bias = torch.cat(
-                [
-                    p.bias.detach() if p.bias is not None else weight.new_zeros(p.out_features)
-                    for p in self.parts
-                ]
-            )
+            biases = [p.bias.detach() for p in self.parts if p.bias is not None]
+            bias = _adjacent_rows(biases) if len(biases) == len(self.parts) else None
+            if bias is None:
+                bias = torch.cat(
+                    [
+                        p.bias.detach() if p.bias is not None else weight.new_zeros(p.out_features)
+                        for p in self.parts
+                    ]
+                )
         offset = 0
         for p in self.parts:
             p.weight.data = weight[offset : offset + p.out_features]
@@ -166,3 +174,20 @@ class FusedLoRALinear(nn.Module):
         if self.bias is not None:
             y += self.bias
         return y.split(self.sizes, dim=1)
+
+
+def _adjacent_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The tensor whose consecutive row blocks are exactly `parts`, when they share one storage
+    back to back; else None."""
+    first = parts[0]
+    storage = first.untyped_storage().data_ptr()
+    offset = first.storage_offset()
+    for p in parts:
+        same_kind = p.dtype == first.dtype and p.device == first.device and p.shape[1:] == first.shape[1:]
+        if not (same_kind and p.is_contiguous() and p.untyped_storage().data_ptr() == storage):
+            return None
+        if p.storage_offset() != offset:
+            return None
+        offset += p.numel()
+    rows = sum(p.shape[0] for p in parts)
+    return first.as_strided((rows, *first.shape[1:]), first.stride())

@@ -6,9 +6,12 @@ import torch
 
 
 def rope_cache(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables of shape [max_positions, head_dim], computed in fp32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+    """cos, sin tables of shape [max_positions, head_dim], computed in fp32 on the host.
+
+    The host even inside a `torch.device("meta")` block: arange on meta runs through torch's
+    Python reference ops, whose first use imports torch._dynamo (~1.3 s of a cold start)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device="cpu"), inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
 

@@ -1,6 +1,6 @@
 """The Llama family (Llama, Mistral, Qwen2, SmolLM) over a paged KV cache, loading HF safetensors.
 
-Parameter names mirror the HF checkpoints, so loading is a name-by-name copy.
+Parameter names mirror the HF checkpoints; models/weights.py loads them by name.
 """
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
 from services.worker.layers.attention import AttentionMetadata, paged_attention
 from services.worker.layers.lora import FusedLoRALinear, LoraBatch, LoRALinear
+from services.worker.layers.lora_edges import EdgeBatch, add_embedding_lora, add_lm_head_lora
 from services.worker.layers.norm import RMSNorm
-from services.worker.layers.packed import can_pack, matmul, pack
+from services.worker.layers.packed import matmul, pack
 from services.worker.layers.rotary import apply_rotary, rope_cache
+from services.worker.models.weights import load_weights
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -79,6 +80,7 @@ class StepContext:
     lora: LoraBatch | None
     cos: torch.Tensor | None = None  # [T, 1, d], filled by the model
     sin: torch.Tensor | None = None
+    edges: EdgeBatch | None = None  # LoRA on embed_tokens / lm_head (layers/lora_edges.py)
 
 
 class Attention(nn.Module):
@@ -136,7 +138,11 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Given a weight, Embedding skips its random init: on the meta device that init imports
+        # torch._dynamo (~1.3 s of a cold start), and the checkpoint overwrites it anyway.
+        self.embed_tokens = nn.Embedding(
+            cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size)
+        )
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -161,14 +167,19 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """input_ids [T] -> final hidden states [T, hidden]."""
         x = self.model.embed_tokens(input_ids)
+        if ctx.edges is not None:
+            add_embedding_lora(x, input_ids, ctx.edges)
         ctx.cos = self.rope_cos[ctx.positions].to(x.dtype).unsqueeze(1)
         ctx.sin = self.rope_sin[ctx.positions].to(x.dtype).unsqueeze(1)
         for layer in self.model.layers:
             x = layer(x, ctx)
         return self.model.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return matmul(hidden, self.lm_head.weight, self.lm_head_packed).float()
+    def compute_logits(self, hidden: torch.Tensor, edges: EdgeBatch | None = None) -> torch.Tensor:
+        logits = matmul(hidden, self.lm_head.weight, self.lm_head_packed).float()
+        if edges is not None:
+            add_lm_head_lora(logits, hidden, edges)
+        return logits
 
     def fuse_projections(self) -> None:
         """One matmul for q/k/v and one for gate/up in every layer (after the weights load)."""
@@ -207,30 +218,7 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: str) -> LlamaForCaus
     cfg = LlamaConfig.from_dir(model_dir)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
-    model = model.to_empty(device=device).to(dtype)
-    cos, sin = rope_cache(cfg.head_dim, cfg.max_positions, cfg.rope_theta)
-    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    params = dict(model.named_parameters(remove_duplicate=False))
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
-    loaded: set[str] = set()
-    for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                if name not in params:
-                    continue  # e.g. rotary inv_freq buffers in older checkpoints
-                with torch.no_grad():
-                    params[name].copy_(f.get_tensor(name).to(dtype))
-                loaded.add(name)
-    if cfg.tie_word_embeddings:
-        loaded.add("lm_head.weight")
-    missing = set(params) - loaded
-    if missing:
-        raise ValueError(f"{model_dir} lacks weights for {sorted(missing)[:5]}")
+    load_weights(model, model_dir, dtype, device)
+    model.rope_cos, model.rope_sin = model.rope_cos.to(device), model.rope_sin.to(device)
     model.fuse_projections()
-    if can_pack(device, dtype):
-        model.pack_weights()
     return model.eval()
