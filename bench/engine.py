@@ -27,8 +27,10 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -524,7 +526,18 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _run(args, engine, shapes, model_dir, dtype, adapter_ranks, scale_targets, result, tmp, log) -> int:
+def _run(
+    args: argparse.Namespace,
+    engine: LLMEngine,
+    shapes: ModelShapes,
+    model_dir: Path,
+    dtype: torch.dtype,
+    adapter_ranks: list[int],
+    scale_targets: tuple[str, ...],
+    result: dict[str, Any],
+    tmp: Path,
+    log: Callable[..., None],
+) -> int:
     n = args.batch
     peft_model, dirs = make_peft_adapters(model_dir, adapter_ranks, tmp, dtype)
     weights = [load_adapter_weights(d, f"bench-{i}", dtype) for i, d in enumerate(dirs)]

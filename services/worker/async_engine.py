@@ -195,6 +195,9 @@ class AsyncEngine:
     def to_host(self, adapter: DeviceAdapter) -> DeviceAdapter:
         return self._engine.to_host(adapter)
 
+    def linear_shape(self, key: tuple[int, str]) -> tuple[int, int] | None:
+        return self._engine.linear_shape(key)
+
     async def install_adapter(self, adapter: DeviceAdapter) -> None:
         await self._call(lambda engine: engine.install_adapter(adapter))
 

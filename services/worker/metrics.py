@@ -80,6 +80,13 @@ KV_BLOCKS_USED = Gauge("loraplex_worker_kv_blocks_used", "KV cache blocks in use
 KV_BLOCKS_TOTAL = Gauge("loraplex_worker_kv_blocks_total", "KV cache blocks the engine holds.")
 QUEUE_DEPTH = Gauge("loraplex_worker_queue_depth", "Requests waiting in the engine's queue.")
 RUNNING = Gauge("loraplex_worker_running", "Requests the engine is running.")
+ADAPTER_SLOT_SLACK_BYTES = Gauge(
+    "loraplex_worker_adapter_slot_slack_bytes", "Preallocated device adapter slot bytes not in use."
+)
+ADAPTER_SLOT_BYTES_COPIED = Gauge(
+    "loraplex_worker_adapter_slot_bytes_copied",
+    "Adapter bytes moved between device slots since start (batch membership changes, removals).",
+)
 
 
 def finish_label(reason: common_pb2.FinishReason.ValueType) -> str:
@@ -91,6 +98,8 @@ def observe_engine(stats: EngineStats) -> None:
     KV_BLOCKS_TOTAL.set(stats.kv_blocks_total)
     QUEUE_DEPTH.set(stats.waiting)
     RUNNING.set(stats.running)
+    ADAPTER_SLOT_SLACK_BYTES.set(stats.slot_capacity_slack_bytes)
+    ADAPTER_SLOT_BYTES_COPIED.set(stats.slot_bytes_copied_total)
 
 
 def observe_adapters(resident_bytes: Mapping[str, int]) -> None:

@@ -48,13 +48,17 @@ def test_fused_projections_share_storage_with_the_modules_adapters_target(engine
 def test_adapters_of_one_rank_bucket_that_target_different_modules_are_stacked_apart(
     engine: LLMEngine,
 ) -> None:
-    qv, all_linear = sorted(engine.adapters.values(), key=lambda a: len(a.a_t))
+    qv, all_linear = sorted(engine.adapters.values(), key=lambda a: len(a.targets))
     assert qv.bucket == all_linear.bucket == 8
     seqs = [
         Sequence(f"r{i}", [5, 6, 7], SamplingParams(), adapter.digest)
         for i, adapter in enumerate((qv, all_linear, qv))
     ]
-    lora = engine.runner.lora.build(ScheduledBatch(seqs, [3, 3, 3]), [0, 3, 6, 9], engine.adapters)
+    batch = ScheduledBatch(seqs, [3, 3, 3])
+    engine.runner.lora.arrange(batch, engine.adapters)
+    order = sorted(range(3), key=lambda i: (engine.runner.lora.row_key(seqs[i].adapter, engine.adapters), i))
+    batch = ScheduledBatch([seqs[i] for i in order], [3, 3, 3])
+    lora = engine.runner.lora.build(batch, [0, 3, 6, 9], engine.adapters)
     assert lora is not None
     targets = sorted({name for _, name in group.weights} for group in lora.groups)
     # The q/v-only adapter is not padded with zero A/B at k, o or the MLP next to the other one.
@@ -65,10 +69,17 @@ def test_adapters_of_one_rank_bucket_that_target_different_modules_are_stacked_a
     assert sorted(g.num_adapters for g in lora.groups) == [1, 1]
 
 
-def test_resident_bytes_count_the_bucket_padding_and_the_engine_dtype(engine: LLMEngine) -> None:
+def test_slot_bytes_count_the_bucket_padding_and_the_engine_dtype(engine: LLMEngine) -> None:
+    pool = engine.runner.lora.slots
     for adapter in engine.adapters.values():
-        padded = sum(
-            (a.shape[0] + b.shape[1]) * adapter.bucket * 4
-            for a, b in zip(adapter.a_t.values(), adapter.b_t.values(), strict=True)
+        group = pool.groups[adapter.group]
+        # What one slot of its group's buffers really occupies, all modules together.
+        occupied = sum(
+            t[0].numel() * t.element_size() for buf in (group.a, group.b, group.dora) for t in buf.values()
         )
-        assert adapter.resident_bytes == padded
+        padded = 0
+        for k in adapter.targets:
+            linear = engine.model.linear(k)
+            assert linear is not None
+            padded += (linear.in_features + linear.out_features) * adapter.bucket * 4
+        assert adapter.slot_bytes == group.slot_bytes == occupied == padded

@@ -1,9 +1,9 @@
-"""Adapters resident on the device, keyed by digest, in the layout the multi-LoRA layer reads.
+"""An adapter in the layout the multi-LoRA layer reads, before it is written into its slot.
 
 Loading pads each module to its adapter's rank bucket, folds the scale into B, stores A^T and
-(sB)^T contiguously so a step can stack them without transposes, and computes the DoRA factor
+(sB)^T in the layout of a slot (engine/slot_pool.py), and computes the DoRA factor
 m / ||W + s B A||_row once, against the untouched base weight. LoRA on embed_tokens / lm_head is
-held per adapter beside them (layers/lora_edges.py), unpadded: it is applied adapter by adapter.
+held per adapter beside the slots (layers/lora_edges.py), unpadded: it is applied adapter by adapter.
 
 The same layout lives in host memory for the worker's HOST tier: `to_device(..., device="cpu")`
 prepares it there (pinned when the engine runs on CUDA), `move(adapter, device)` copies it to the
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, replace
-from functools import cached_property
 
 import torch
 
@@ -38,32 +37,53 @@ def rank_bucket(rank: int) -> int:
     return bucket
 
 
+GroupKey = tuple[int, bool, tuple[ModuleKey, ...]]  # rank bucket, DoRA, target modules
+
+
 @dataclass
 class DeviceAdapter:
     digest: str
-    uid: int  # changes on every load, so cached step stacks never outlive the weights they copied
+    uid: int  # changes on every load and move
     bucket: int
     is_dora: bool
     a_t: dict[ModuleKey, torch.Tensor]  # [in, bucket]
     b_t: dict[ModuleKey, torch.Tensor]  # [bucket, out], scale folded in
     dora_scale: dict[ModuleKey, torch.Tensor]  # [out]
     size_bytes: int
+    slot_bytes: int = 0  # what its slot occupies: rank padded to the bucket, the engine's dtype
+    targets: tuple[ModuleKey, ...] = ()  # kept when the tensors are dropped (they live in a slot)
     embed: EdgeLora | None = None  # LoRA on embed_tokens (layers/lora_edges.py)
     lm_head: EdgeLora | None = None
 
-    @cached_property
-    def group(self) -> tuple[int, tuple[ModuleKey, ...]]:
-        """Adapters with the same rank bucket and the same target modules are computed together,
-        so an adapter pays only at the modules it targets (a q/v-only adapter is never stacked
-        with zeros at the MLP next to an all-linear one)."""
-        return self.bucket, tuple(sorted(self.a_t))
+    def __post_init__(self) -> None:
+        if not self.targets:
+            self.targets = tuple(sorted(self.a_t))
+
+    def without_tensors(self) -> DeviceAdapter:
+        """Its description only, for an adapter whose weights now live in slot buffers."""
+        return replace(self, a_t={}, b_t={}, dora_scale={})
+
+    @property
+    def group(self) -> GroupKey:
+        """Adapters with the same rank bucket, DoRA flag and target modules share slot buffers and
+        are computed together, so an adapter pays only at the modules it targets (a q/v-only
+        adapter is never padded with zeros at the MLP next to an all-linear one)."""
+        return self.bucket, self.is_dora, self.targets
 
     @property
     def resident_bytes(self) -> int:
-        """Bytes its tensors occupy in the step layout: rank padded to the bucket, the engine's dtype."""
-        tensors = (*self.a_t.values(), *self.b_t.values(), *self.dora_scale.values())
-        edges = sum(e.nbytes for e in (self.embed, self.lm_head) if e is not None)
-        return sum(t.numel() * t.element_size() for t in tensors) + edges
+        """Device bytes: its slot (rank padded to the bucket, the engine's dtype) and its edges."""
+        return self.slot_bytes + sum(e.nbytes for e in (self.embed, self.lm_head) if e is not None)
+
+
+def slot_bytes(
+    targets: dict[ModuleKey, tuple[int, int]], rank: int, is_dora: bool, dtype: torch.dtype
+) -> int:
+    """Bytes an adapter's slot occupies, from its target modules' (in, out) shapes and its largest
+    rank: known from the safetensors header and the model config before anything is loaded."""
+    bucket = rank_bucket(rank)
+    element = torch.empty(0, dtype=dtype).element_size()
+    return element * sum(i * bucket + bucket * o + (o if is_dora else 0) for i, o in targets.values())
 
 
 def to_device(
@@ -102,15 +122,18 @@ def to_device(
     embed, head = (_edge(weights, name, model, dtype, device, pin) for name in ("embed_tokens", "lm_head"))
     if pin:
         a_t, b_t, dora = _pinned(a_t), _pinned(b_t), _pinned(dora)
+    is_dora = weights.variant == "DORA"
+    shapes = {k: (t.shape[0], b_t[k].shape[1]) for k, t in a_t.items()}
     return DeviceAdapter(
         digest=weights.digest,
         uid=next(_uids),
         bucket=bucket,
-        is_dora=weights.variant == "DORA",
+        is_dora=is_dora,
         a_t=a_t,
         b_t=b_t,
         dora_scale=dora,
         size_bytes=weights.size_bytes,
+        slot_bytes=slot_bytes(shapes, bucket, is_dora, dtype),
         embed=embed,
         lm_head=head,
     )

@@ -87,6 +87,8 @@ class EngineStats:
     prefix_cache_queries: int
     resident_adapters: int
     preemptions: int
+    slot_bytes_copied_total: int = 0  # moved between adapter slots (membership changes, removals)
+    slot_capacity_slack_bytes: int = 0  # preallocated adapter slots not in use
 
 
 class LLMEngine:
@@ -148,13 +150,21 @@ class LLMEngine:
         """A removed device adapter back in host memory (no copy on CPU). Any thread."""
         return move(adapter, "cpu", pin=self.pins_host_memory)
 
+    def linear_shape(self, key: tuple[int, str]) -> tuple[int, int] | None:
+        """(in, out) of a layer adapters may target, None if the model lacks it (for sizing a slot
+        before loading: adapters/sizing.py). Any thread."""
+        linear = self.model.linear(key)
+        return None if linear is None else (linear.in_features, linear.out_features)
+
     def install_adapter(self, adapter: DeviceAdapter) -> None:
         """Make an adapter already on the engine's device usable by the next step. Step thread."""
         if adapter.digest in self.adapters:
             return
         if len(self.adapters) >= self.config.max_adapter_slots:
             raise AdapterSlotsFull(f"all {self.config.max_adapter_slots} adapter slots are taken; unload one")
-        self.adapters[adapter.digest] = adapter
+        # Written into its group's slot buffers once; the engine keeps only its description.
+        self.runner.lora.slots.install(adapter)
+        self.adapters[adapter.digest] = adapter.without_tensors()
 
     def remove_adapter(self, digest: str) -> DeviceAdapter:
         """Take an adapter out of the resident set and return it (for a host copy). Step thread."""
@@ -162,18 +172,14 @@ class LLMEngine:
             raise UnknownAdapter(f"adapter {digest} is not resident")
         if any(s.adapter == digest for s in self.seqs.values()):
             raise AdapterInUse(f"adapter {digest} is serving requests; unload it when they finish")
-        adapter = self.adapters.pop(digest)
-        self.runner.lora.forget_stacks()
-        return adapter
+        return self.runner.lora.slots.remove(self.adapters.pop(digest))
 
     def load_adapter(self, weights: AdapterWeights) -> None:
         if weights.digest in self.adapters:
             return
         if len(self.adapters) >= self.config.max_adapter_slots:
             raise AdapterSlotsFull(f"all {self.config.max_adapter_slots} adapter slots are taken; unload one")
-        self.adapters[weights.digest] = to_device(
-            weights, self.model, self.config.max_lora_rank, self.config.device
-        )
+        self.install_adapter(to_device(weights, self.model, self.config.max_lora_rank, self.config.device))
 
     def unload_adapter(self, digest: str) -> None:
         self.remove_adapter(digest)
@@ -290,4 +296,6 @@ class LLMEngine:
             prefix_cache_queries=self.blocks.prefix_queries,
             resident_adapters=len(self.adapters),
             preemptions=self.scheduler.num_preemptions,
+            slot_bytes_copied_total=self.runner.lora.slots.stats.bytes_copied,
+            slot_capacity_slack_bytes=self.runner.lora.slots.slack_bytes,
         )

@@ -1,11 +1,10 @@
-"""Per step: which tokens belong to which adapter, and the step's adapters stacked per group.
+"""Per step: which tokens belong to which adapter slot, per group.
 
-A group is a rank bucket and a set of target modules (DeviceAdapter.group): adapters that target
-different modules are stacked apart, so none is padded with zeros at a module it does not target.
-
-Built once per step and shared by every layer. Stacked weights are kept while the step's set of
-adapters is unchanged, which in steady decoding is almost every step, so decoding never copies
-adapter weights; the size of the resident pool does not enter a step at all.
+A group is a rank bucket, a DoRA flag and a set of target modules (DeviceAdapter.group). Before a
+step, `arrange` brings each group's adapters of this step to the front of its slot buffers (moving
+only adapters whose membership changed); the runner then orders rows by (group, slot), so each
+group's weights are `buffer[:n]` views and, when its adapters have equal token counts, its
+activations are a slice of x too. The size of the resident pool does not enter a step at all.
 """
 
 from __future__ import annotations
@@ -14,12 +13,11 @@ from collections import defaultdict
 
 import torch
 
-from services.worker.engine.adapter_slots import DeviceAdapter
+from services.worker.engine.adapter_slots import DeviceAdapter, GroupKey
 from services.worker.engine.scheduler import ScheduledBatch
-from services.worker.layers.lora import LoraBatch, LoraGroup, ModuleKey
+from services.worker.engine.slot_pool import SlotPool
+from services.worker.layers.lora import LoraBatch, LoraGroup
 from services.worker.models.llama import LlamaForCausalLM
-
-StackedWeights = dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]]
 
 
 def long_tensor(values: list[int]) -> torch.Tensor:
@@ -29,99 +27,70 @@ def long_tensor(values: list[int]) -> torch.Tensor:
 
 class LoraBatchBuilder:
     def __init__(self, model: LlamaForCausalLM, device: str) -> None:
-        self.model = model
-        self.device = device
-        self._stacks: dict[tuple, tuple[tuple[int, ...], StackedWeights]] = {}
-        self._dora: tuple[tuple[int, ...], dict[ModuleKey, torch.Tensor]] = ((), {})
+        self.slots = SlotPool(model, device)
+        self._members: dict[GroupKey, int] = {}
+
+    def arrange(self, batch: ScheduledBatch, adapters: dict[str, DeviceAdapter]) -> None:
+        """Put this step's adapters at the front of their groups' slots (before rows are ordered)."""
+        step: dict[GroupKey, set[str]] = defaultdict(set)
+        for s in batch.seqs:
+            if s.adapter is not None:
+                step[adapters[s.adapter].group].add(s.adapter)
+        self._members = self.slots.arrange(step)
+
+    def row_key(self, adapter: str | None, adapters: dict[str, DeviceAdapter]) -> tuple:
+        """Rows sort by this: base rows first, then by group and slot."""
+        if adapter is None:
+            return ()
+        group = adapters[adapter].group
+        return (group, self.slots.groups[group].slot(adapter))
 
     def build(
         self, batch: ScheduledBatch, offsets: list[int], adapters: dict[str, DeviceAdapter]
     ) -> LoraBatch | None:
+        """The step's groups; rows must already be ordered by `row_key` after `arrange`."""
         rows: dict[str, list[int]] = defaultdict(list)
         for i, s in enumerate(batch.seqs):
             if s.adapter is not None:
                 rows[s.adapter].extend(range(offsets[i], offsets[i + 1]))
         if not rows:
             return None
-        by_group: dict[tuple, list[DeviceAdapter]] = defaultdict(list)
-        for digest in sorted(rows):
-            by_group[adapters[digest].group].append(adapters[digest])
-        stacks, self._stacks = self._stacks, {}  # keep only the groups this step uses
-        groups = [self._group(members, rows, stacks) for _, members in sorted(by_group.items())]
-        lora = LoraBatch(groups)
-        dora = [adapters[d] for d in sorted(rows) if adapters[d].is_dora]
-        if dora:
-            lora.dora_tokens = long_tensor([t for a in dora for t in rows[a.digest]])
-            lora.dora_rows = long_tensor([j for j, a in enumerate(dora) for _ in rows[a.digest]])
-            lora.dora_scales = self._dora_scales(dora)
-        return lora
+        by_group: dict[GroupKey, list[str]] = defaultdict(list)
+        for digest in rows:
+            by_group[adapters[digest].group].append(digest)
+        groups = []
+        for key in sorted(by_group):
+            group = self.slots.groups[key]
+            members = sorted(by_group[key], key=group.slot)
+            n = self._members.get(key, 0)
+            assert [group.slot(d) for d in members] == list(range(n)), "arrange() before build()"
+            groups.append(self._group(members, rows, key))
+        return LoraBatch(groups)
 
-    def _group(
-        self, members: list[DeviceAdapter], rows: dict[str, list[int]], stacks: dict[tuple, tuple]
-    ) -> LoraGroup:
-        seg_len = max(len(rows[a.digest]) for a in members)
+    def _group(self, members: list[str], rows: dict[str, list[int]], key: GroupKey) -> LoraGroup:
+        slots = self.slots.groups[key]
+        seg_len = max(len(rows[d]) for d in members)
         gather: list[int] = []
         valid: list[int] = []
         dest: list[int] = []
-        for j, a in enumerate(members):
-            toks = rows[a.digest]
+        dest_slot: list[int] = []
+        for j, d in enumerate(members):
+            toks = rows[d]
             gather += toks + [toks[0]] * (seg_len - len(toks))
             valid += range(j * seg_len, j * seg_len + len(toks))
             dest += toks
+            dest_slot += [j] * len(toks)
         padded = len(valid) != len(gather)
         contiguous = not padded and dest == list(range(dest[0], dest[0] + len(dest)))
+        n = len(members)
         return LoraGroup(
-            num_adapters=len(members),
+            num_adapters=n,
             seg_len=seg_len,
             gather_index=long_tensor(gather),
             valid=long_tensor(valid) if padded else None,
             dest=long_tensor(dest),
-            weights=self._stacked(members, stacks),
+            weights=slots.weights(n),
             span=(dest[0], dest[0] + len(dest)) if contiguous else None,
+            dora_scales=slots.dora_scales(n),
+            dest_slot=long_tensor(dest_slot) if slots.is_dora else None,
         )
-
-    def _stacked(self, members: list[DeviceAdapter], stacks: dict[tuple, tuple]) -> StackedWeights:
-        group, bucket, uids = members[0].group, members[0].bucket, tuple(a.uid for a in members)
-        cached = stacks.get(group)
-        if cached is not None and cached[0] == uids:
-            self._stacks[group] = cached
-            return cached[1]
-        weights: StackedWeights = {}
-        if len(members) == 1:
-            # A view, not a copy: an adapter alone in its bucket (the common case right after a
-            # cold load) costs its first step nothing extra.
-            (only,) = members
-            weights = {k: (only.a_t[k].unsqueeze(0), only.b_t[k].unsqueeze(0)) for k in sorted(only.a_t)}
-            self._stacks[group] = (uids, weights)
-            return weights
-        keys = sorted({k for a in members for k in a.a_t})
-        for key in keys:
-            linear = self.model.linear(key)
-            assert linear is not None
-            dtype = linear.weight.dtype
-            za = torch.zeros(linear.in_features, bucket, dtype=dtype, device=self.device)
-            zb = torch.zeros(bucket, linear.out_features, dtype=dtype, device=self.device)
-            weights[key] = (
-                torch.stack([a.a_t.get(key, za) for a in members]),
-                torch.stack([a.b_t.get(key, zb) for a in members]),
-            )
-        self._stacks[group] = (uids, weights)
-        return weights
-
-    def _dora_scales(self, dora: list[DeviceAdapter]) -> dict[ModuleKey, torch.Tensor]:
-        uids = tuple(a.uid for a in dora)
-        if self._dora[0] == uids:
-            return self._dora[1]
-        scales: dict[ModuleKey, torch.Tensor] = {}
-        for key in sorted({k for a in dora for k in a.dora_scale}):
-            linear = self.model.linear(key)
-            assert linear is not None
-            ones = torch.ones(linear.out_features, dtype=linear.weight.dtype, device=self.device)
-            scales[key] = torch.stack([a.dora_scale.get(key, ones) for a in dora])
-        self._dora = (uids, scales)
-        return scales
-
-    def forget_stacks(self) -> None:
-        """Drop cached stacks, e.g. after an unload, so their memory is released."""
-        self._stacks.clear()
-        self._dora = ((), {})

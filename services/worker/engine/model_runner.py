@@ -52,12 +52,12 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch, adapters: dict[str, DeviceAdapter]) -> dict[str, int]:
         """Compute this step's tokens; returns request id -> sampled token for every sequence that
         reached its end (prompt chunks that are not the last sample nothing)."""
-        # Rows of one adapter side by side, adapters of one group (rank bucket and target modules)
-        # side by side: then most LoRA segments are plain slices of the activations, with no
-        # gather or scatter.
+        # This step's adapters at the front of their groups' slots, then rows in slot order:
+        # each group's weights are views of its slot buffers, and when its adapters have equal
+        # token counts (decoding) its activations are a slice of x, with no gather or scatter.
+        self.lora.arrange(batch, adapters)
         order = sorted(
-            range(len(batch.seqs)),
-            key=lambda i: (self._group_of(batch.seqs[i].adapter, adapters), batch.seqs[i].adapter or "", i),
+            range(len(batch.seqs)), key=lambda i: (self.lora.row_key(batch.seqs[i].adapter, adapters), i)
         )
         batch = ScheduledBatch([batch.seqs[i] for i in order], [batch.num_tokens[i] for i in order])
         seqs, counts = batch.seqs, batch.num_tokens
@@ -95,10 +95,6 @@ class ModelRunner:
         self.last_logits = (logits, [seqs[i].request_id for i in sampling])
         tokens = sample(logits, [seqs[i] for i in sampling])
         return {seqs[i].request_id: t for i, t in zip(sampling, tokens, strict=True)}
-
-    @staticmethod
-    def _group_of(adapter: str | None, adapters: dict[str, DeviceAdapter]) -> tuple[int, tuple]:
-        return (0, ()) if adapter is None else adapters[adapter].group
 
     def _metadata(
         self, batch: ScheduledBatch, starts: list[int], last: list[int], extra: list[torch.Tensor | None]

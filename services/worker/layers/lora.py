@@ -1,10 +1,11 @@
 """A linear layer whose every row may carry its own LoRA adapter (SGMV-style, in plain PyTorch).
 
 The base product x W^T is computed once for all T tokens. For the low-rank part, adapters are
-grouped into rank buckets (8, 16, 32, ...); within a bucket the step's distinct adapters are
-stacked into A_t [n, in, r] and B_t [n, r, out] (zero-padded only up to the bucket's rank), the
-tokens of each adapter are gathered into one segment of a padded [n, L, in] tensor, and two
-batched matmuls give every segment its own correction, which is added back row by row:
+grouped by rank bucket (8, 16, 32, ...), DoRA flag and target modules; a group's adapters of this
+step sit in slots [0, n) of its preallocated buffers (engine/slot_pool.py), so A_t [n, in, r] and
+B_t [n, r, out] are views, never stacked copies. The tokens of each adapter form one segment of a
+[n, L, in] tensor (a view of x when the group's rows are contiguous and equal in count, else a
+padded gather), and two batched matmuls give every segment its own correction:
 
     y[t] = x[t] W^T + (x[t] A_i^T) (s_i B_i)^T          for token t of adapter i
 
@@ -28,39 +29,37 @@ ModuleKey = tuple[int, str]  # (layer index, module name)
 
 @dataclass
 class LoraGroup:
-    """The rows of one rank bucket in one step."""
+    """The rows of one group (rank bucket, DoRA flag, target modules) in one step."""
 
     num_adapters: int
-    seg_len: int  # L: tokens of the busiest adapter in this bucket
+    seg_len: int  # L: tokens of the busiest adapter in this group
     gather_index: torch.Tensor  # [n * L] flat token feeding each padded segment position
     valid: torch.Tensor | None  # positions of real tokens in the padded layout (None: no padding)
     dest: torch.Tensor  # [tokens] flat token receiving each real position's correction
     weights: dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]]  # A_t [n, in, r], B_t [n, r, out]
     span: tuple[int, int] | None = None  # the group's tokens are exactly x[start:end], in order
+    dora_scales: dict[ModuleKey, torch.Tensor] = field(default_factory=dict)  # [n, out]; DoRA groups
+    dest_slot: torch.Tensor | None = None  # [tokens] slot of each dest token (DoRA groups)
 
 
 @dataclass
 class LoraBatch:
     groups: list[LoraGroup]
-    dora_tokens: torch.Tensor | None = None  # [Td] flat tokens whose adapter is DoRA
-    dora_rows: torch.Tensor | None = None  # [Td] row of each in dora_scales
-    dora_scales: dict[ModuleKey, torch.Tensor] = field(default_factory=dict)  # [n_dora, out]
 
     def index_tensors(self) -> list[torch.Tensor | None]:
         """The step's token index tensors, in a fixed order (built on the host, sent in one copy)."""
         out: list[torch.Tensor | None] = []
         for g in self.groups:
-            out += [g.gather_index, g.valid, g.dest]
-        return [*out, self.dora_tokens, self.dora_rows]
+            out += [g.gather_index, g.valid, g.dest, g.dest_slot]
+        return out
 
     def place(self, tensors: list[torch.Tensor | None]) -> None:
         """Take index_tensors()'s tensors back, now on the device."""
         it = iter(tensors)
         for g in self.groups:
-            gather, g.valid, dest = next(it), next(it), next(it)
+            gather, g.valid, dest, g.dest_slot = next(it), next(it), next(it), next(it)
             assert gather is not None and dest is not None
             g.gather_index, g.dest = gather, dest
-        self.dora_tokens, self.dora_rows = next(it), next(it)
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, key: ModuleKey, batch: LoraBatch) -> None:
@@ -70,21 +69,24 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, key: ModuleKey, batch: LoraBatch)
         if ab is None:
             continue
         a_t, b_t = ab
+        scales = g.dora_scales.get(key)
         if g.span is not None:
             start, end = g.span
             xs = x[start:end].view(g.num_adapters, g.seg_len, x.shape[1])
             # Accumulate straight into y's rows: no [tokens, out] temporary to write and re-read.
-            y[start:end].view(g.num_adapters, g.seg_len, y.shape[1]).baddbmm_(torch.bmm(xs, a_t), b_t)
+            ys = y[start:end].view(g.num_adapters, g.seg_len, y.shape[1])
+            ys.baddbmm_(torch.bmm(xs, a_t), b_t)
+            if scales is not None:
+                ys.mul_(scales.unsqueeze(1))
             continue
         xg = x.index_select(0, g.gather_index).view(g.num_adapters, g.seg_len, x.shape[1])
         delta = torch.bmm(torch.bmm(xg, a_t), b_t).view(-1, y.shape[1])
         if g.valid is not None:
             delta = delta.index_select(0, g.valid)
         y.index_add_(0, g.dest, delta)
-    scales = batch.dora_scales.get(key)
-    if scales is not None and batch.dora_tokens is not None and batch.dora_rows is not None:
-        rows = y.index_select(0, batch.dora_tokens) * scales.index_select(0, batch.dora_rows)
-        y.index_copy_(0, batch.dora_tokens, rows)
+        if scales is not None and g.dest_slot is not None:
+            rows = y.index_select(0, g.dest) * scales.index_select(0, g.dest_slot)
+            y.index_copy_(0, g.dest, rows)
 
 
 class LoRALinear(nn.Module):
