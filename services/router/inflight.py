@@ -2,12 +2,16 @@
 
 A usage record is spooled when a stream ends; a router that dies (SIGKILL, OOM, power) before
 that would bill nothing for its open streams. So each stream also keeps one small checkpoint file:
-written at its first token, then at most every `interval_s`, atomically (temp file, fsync,
-rename), and removed once the final record is in the spool. On start the router spools what the
-dead process left as records with finish reason ERROR. Tokens streamed after the last checkpoint
-(at most `interval_s` of them) are the bounded loss; the ledger's (tenant, request id) idempotency
-makes a checkpoint that races its final record harmless. Files are named by (tenant, request id):
-two tenants' streams with the same id never share a checkpoint.
+written when its second message of tokens arrives, then at most every `interval_s`, atomically
+(temp file, fsync, rename), and removed once the final record is in the spool. A checkpoint
+counts only the tokens of messages already handed to the client's stream, never the message about
+to be sent, so a router killed in between bills no token the client did not get (the chaos soak
+caught that: a checkpoint written with the first token, the router killed before the client read
+it, the client's retry then refused as a replay). On start the router spools what the dead process
+left as records with finish reason ERROR. Tokens streamed after the last checkpoint (at most
+`interval_s` of them, plus the last message) are the bounded loss; the ledger's (tenant,
+request id) idempotency makes a checkpoint that races its final record harmless. Files are named
+by (tenant, request id): two tenants' streams with the same id never share a checkpoint.
 """
 
 from __future__ import annotations

@@ -364,10 +364,13 @@ class InferenceServicer:
                         now = time.perf_counter()
                         if n and not state.tokens_out:
                             state.first_token_at = now
-                        state.tokens_out += n
-                        if self._journal.due(state.checkpointed_at, now):
+                        # A checkpoint counts only tokens already handed to the client's stream
+                        # (earlier messages, not this one): a router killed between writing it and
+                        # the client reading this message must not bill tokens never delivered.
+                        if state.tokens_out and self._journal.due(state.checkpointed_at, now):
                             state.worker_id = handle.worker_id
                             self._checkpoint(admitted, state, now)
+                        state.tokens_out += n
                         yield out
                     if batch[-1][:1] == _FINISHED:
                         finished_event = batch[-1]

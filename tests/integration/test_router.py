@@ -1004,6 +1004,48 @@ async def test_a_router_killed_mid_stream_bills_the_streamed_tokens_once_after_r
     assert row["input_tokens"] > 0
 
 
+async def test_a_checkpoint_never_counts_the_message_being_sent(s: Stack, tmp_path: Path) -> None:
+    """A router killed between writing a checkpoint and the client reading the message it covers
+    would bill tokens never delivered (the chaos soak caught one: billed 1 token, received 0, the
+    retry refused as a replay). So at every message the client reads, the router's checkpoint on
+    disk counts at most the tokens of the messages before it."""
+    for w in s.workers:
+        w.worker.token_delay_s = 0.3
+    proc, target = await _router_process(s, tmp_path, ship_interval_s=3600, checkpoint_s=0.01)
+    inflight = tmp_path / "inflight"
+    rid = f"checkpoint-{uuid.uuid4().hex}"
+    seen: list[tuple[int, int]] = []  # (tokens received, largest count checkpointed)
+    try:
+        async with _public(target, s.registry.certs) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            for _ in range(50):  # until the new router has probed the workers
+                call = stub.Generate(
+                    _request(request_id=rid, adapter="bot", max_tokens=5), metadata=_md(s.a.secret)
+                )
+                received = 0
+                try:
+                    async for e in call:
+                        if not e.delta.token_ids:
+                            continue
+                        received += len(e.delta.token_ids)
+                        await asyncio.sleep(0.1)  # the router's checkpoint write, if any, lands
+                        counts = [
+                            usage_pb2.UsageRecord.FromString(p.read_bytes()).usage.output_tokens
+                            for p in inflight.glob("*.inflight")
+                        ]
+                        seen.append((received, max(counts, default=0)))
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
+                    await asyncio.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait()
+    assert [r for r, _ in seen] == [1, 2, 3, 4, 5]
+    assert all(checkpointed <= received - 1 for received, checkpointed in seen), seen
+    assert any(checkpointed > 0 for _, checkpointed in seen), seen  # checkpoints were written
+
+
 def _records(tenant: Tenant, n: int) -> list[usage_pb2.UsageRecord]:
     now = time.time()
     out = []
