@@ -1,4 +1,32 @@
-"""Rotary position embedding (RoFormer), HF "rotate half" layout, with Llama 3's frequency scaling."""
+"""Rotary position embedding (RoFormer), HF "rotate half" layout, with Llama 3's frequency
+scaling and Phi's `longrope`.
+
+LongRoPE keeps two cos/sin tables, one from `short_factor` and one from `long_factor`, stacked
+as one table of 2 * max_positions rows (short, then long), both already multiplied by
+`attention_factor`. Which one a token reads is decided per sequence, from the largest position
+that sequence has in this step: long when that position + 1 exceeds `original_max_positions`.
+
+transformers' rotary module decides once per forward call, from the largest position in the
+whole call (`dynamic_rope_update`: seq_len = max(position_ids) + 1). For one sequence run alone,
+one forward call per step over its KV cache, the two rules agree (tests/integration/
+test_model_families.py checks it): a prompt longer than the original context reads the long table
+for every prompt token, and a decode token at position p reads it when p + 1 > original, the keys
+already cached keeping the rotation they were written with. They differ:
+- `generate` (Phi3ForCausalLM.prepare_inputs_for_generation) drops the KV cache at the first step
+  past the original context (the token at position `original_max_positions`) and recomputes the
+  whole sequence with the long table. The engine does not: a sequence whose decode crosses the
+  original context keeps its short-rotated keys (and the hidden states built on them), so from
+  that step on its logits differ from `generate`'s (in the tiny test model, by up to half the
+  logit scale). Matching it needs the scheduler to re-prefill such a sequence once, outside this
+  module; prompts that start past the context and ones that never reach it are unaffected.
+- when one HF call holds several sequences (a padded batch): one long sequence switches every
+  sequence in the call to the long table; here each sequence keeps its own;
+- when our scheduler splits a long prompt into chunks over several steps: a chunk that ends
+  within the original context is rotated with the short table (HF, given the whole prompt at
+  once, uses the long one for all of it);
+- when a prompt reuses cached prefix blocks that a shorter sequence computed with the short
+  table, the reused keys keep that rotation (HF has no prefix cache).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +34,8 @@ import math
 
 import torch
 
-from services.worker.models.config import RopeScaling
+from services.worker.layers.attention import AttentionMetadata
+from services.worker.models.config import LongRope, RopeScaling
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -38,6 +67,46 @@ def rope_cache(
     freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device="cpu"), inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
+
+
+def longrope_cache(
+    rotary_dim: int, max_positions: int, theta: float, longrope: LongRope
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [2 * max_positions, rotary_dim] in fp32: the short-factor table, then the
+    long-factor one, each times `attention_factor` (as transformers scales them)."""
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float() / rotary_dim
+    positions = torch.arange(max_positions, dtype=torch.float32, device="cpu")
+    tables = []
+    for factors in (longrope.short_factor, longrope.long_factor):
+        inv_freq = 1.0 / (torch.tensor(factors, dtype=torch.float32) * theta**exponents)
+        freqs = torch.outer(positions, inv_freq)
+        tables.append(torch.cat([freqs, freqs], dim=-1))
+    emb = torch.cat(tables)
+    return emb.cos() * longrope.attention_factor, emb.sin() * longrope.attention_factor
+
+
+def longrope_rows(
+    positions: torch.Tensor, attention: AttentionMetadata, max_positions: int, original_max: int
+) -> torch.Tensor:
+    """Each token's row in `longrope_cache`'s table: its position, plus max_positions when its
+    sequence's largest position in this step + 1 exceeds `original_max`.
+
+    A decode row is one token, its own largest position; a prompt chunk's tokens are grouped by
+    the attention metadata's padded layout (row = padded index // max_q)."""
+    largest = positions.clone()
+    prefill = attention.prefill
+    if prefill is not None:
+        flat = (
+            prefill.dest
+            if prefill.dest is not None
+            else torch.arange(len(positions), device=positions.device)
+        )
+        row = prefill.unpad_index // prefill.max_q
+        chunk = positions[flat]
+        row_max = torch.zeros(int(prefill.mask.shape[0]), dtype=positions.dtype, device=positions.device)
+        row_max = row_max.scatter_reduce(0, row, chunk, reduce="amax")
+        largest[flat] = row_max[row]
+    return positions + (largest + 1 > original_max).long() * max_positions
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

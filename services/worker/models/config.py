@@ -10,6 +10,7 @@ else.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +32,21 @@ class RopeScaling:
 
 
 @dataclass(frozen=True)
+class LongRope:
+    """`rope_type: longrope` (Phi-3 / Phi-4-mini long-context), as transformers computes it.
+
+    Two frequency sets, each the default one divided per frequency by a factor: `short_factor`
+    for sequences within the pretraining context (`original_max_positions`), `long_factor`
+    beyond it (layers/rotary.py says which token uses which). cos and sin are both multiplied by
+    `attention_factor`."""
+
+    short_factor: tuple[float, ...]
+    long_factor: tuple[float, ...]
+    original_max_positions: int
+    attention_factor: float
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     architecture: str
     vocab_size: int
@@ -44,6 +60,7 @@ class ModelConfig:
     rms_norm_eps: float
     rope_theta: float
     rope_scaling: RopeScaling | None
+    longrope: LongRope | None  # Phi only; with it, rope_scaling is None
     max_positions: int
     tie_word_embeddings: bool
     qkv_bias: bool
@@ -59,9 +76,9 @@ def _refuse(field: str, value: object, supported: str) -> UnsupportedModelError:
     return UnsupportedModelError(f"config field {field} = {value!r} is not supported; {supported}")
 
 
-def _rope(c: Raw, allowed: tuple[str, ...], partial_ok: bool) -> tuple[float, float, RopeScaling | None]:
-    """(rope_theta, partial_rotary_factor, scaling) from `rope_parameters` (transformers 5) or
-    `rope_scaling` (older).
+def _rope(c: Raw, allowed: tuple[str, ...], partial_ok: bool) -> tuple[float, float, str, Raw]:
+    """(rope_theta, partial_rotary_factor, rope type, its parameters) from `rope_parameters`
+    (transformers 5) or `rope_scaling` (older).
 
     A config may carry both (an old config re-saved); each present one must be supported, so a
     scaling the engine would ignore is refused rather than silently dropped."""
@@ -69,6 +86,8 @@ def _rope(c: Raw, allowed: tuple[str, ...], partial_ok: bool) -> tuple[float, fl
     for field in ("rope_parameters", "rope_scaling"):
         params = c.get(field) or {}
         kind = params.get("rope_type", params.get("type")) or "default"
+        if kind == "su" and "longrope" in allowed:  # early Phi-3 configs' name for it (as in transformers)
+            kind = "longrope"
         if kind not in allowed:
             raise _refuse(f"{field}.rope_type", kind, f"this family supports {', '.join(allowed)}")
         if params:
@@ -80,17 +99,45 @@ def _rope(c: Raw, allowed: tuple[str, ...], partial_ok: bool) -> tuple[float, fl
     if partial != 1.0 and not partial_ok:
         raise _refuse("partial_rotary_factor", partial, "this family rotates the whole head (1.0)")
     theta = float(rope.get("rope_theta") or c.get("rope_theta") or 10000.0)
-    if kind == "default":
-        return theta, float(partial), None
-    return (
-        theta,
-        float(partial),
-        RopeScaling(
-            factor=float(rope["factor"]),
-            low_freq_factor=float(rope["low_freq_factor"]),
-            high_freq_factor=float(rope["high_freq_factor"]),
-            original_max_positions=int(rope["original_max_position_embeddings"]),
-        ),
+    return theta, float(partial), kind, rope
+
+
+def _llama3_scaling(rope: Raw) -> RopeScaling:
+    return RopeScaling(
+        factor=float(rope["factor"]),
+        low_freq_factor=float(rope["low_freq_factor"]),
+        high_freq_factor=float(rope["high_freq_factor"]),
+        original_max_positions=int(rope["original_max_position_embeddings"]),
+    )
+
+
+def _longrope(c: Raw, rope: Raw, rotary_dim: int) -> LongRope:
+    """As transformers' `_compute_longrope_parameters` with Phi3Config: the top-level
+    `original_max_position_embeddings` (Phi3Config's default 4096 when absent) wins over the one
+    in the RoPE dict; `factor`, when absent, is max_position_embeddings / original; and
+    `attention_factor`, when absent, is sqrt(1 + ln factor / ln original) (1 for factor <= 1)."""
+    original = int(c.get("original_max_position_embeddings") or 4096)
+    factors = {}
+    for field in ("short_factor", "long_factor"):
+        value = rope[field]
+        if not isinstance(value, list) or len(value) != rotary_dim // 2:
+            raise _refuse(
+                f"rope_parameters.{field}",
+                value,
+                f"it must list {rotary_dim // 2} numbers (one per rotated pair)",
+            )
+        factors[field] = tuple(float(v) for v in value)
+    factor = rope.get("factor")
+    if factor is None:
+        factor = c.get("max_position_embeddings", 2048) / original
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return LongRope(
+        short_factor=factors["short_factor"],
+        long_factor=factors["long_factor"],
+        original_max_positions=original,
+        attention_factor=float(attention_factor),
     )
 
 
@@ -120,7 +167,7 @@ def _common(
     for field in ("attn_logit_softcapping", "final_logit_softcapping"):
         if c.get(field) is not None:
             raise _refuse(field, c[field], "this family has no soft-capping (Gemma 3 caps final logits)")
-    theta, partial, scaling = _rope(c, rope_types, partial_rotary)
+    theta, partial, kind, rope = _rope(c, rope_types, partial_rotary)
     heads = c["num_attention_heads"]
     head_dim = c.get("head_dim") or c["hidden_size"] // heads
     rotary_dim = int(head_dim * partial)
@@ -140,7 +187,8 @@ def _common(
         rotary_dim=rotary_dim,
         rms_norm_eps=c.get("rms_norm_eps", 1e-6),
         rope_theta=theta,
-        rope_scaling=scaling,
+        rope_scaling=_llama3_scaling(rope) if kind == "llama3" else None,
+        longrope=_longrope(c, rope, rotary_dim) if kind == "longrope" else None,
         max_positions=c.get("max_position_embeddings", 2048),
         tie_word_embeddings=c.get("tie_word_embeddings", False),
         qkv_bias=qkv_bias,
@@ -187,8 +235,8 @@ def read_qwen3(c: Raw, model_dir: Path) -> ModelConfig:
 
 def read_phi3(c: Raw, model_dir: Path) -> ModelConfig:
     """Phi-3 / Phi-4-mini: fused qkv_proj and gate_up_proj (models/phi3.py), partial rotary,
-    a sliding window over every layer when the config sets one (Phi-3-mini: 2047)."""
-    cfg = _common(c, model_dir, ("default",), qkv_bias=False, o_bias=False, partial_rotary=True)
+    `longrope` scaling, a sliding window over every layer when the config sets one (Phi-3-mini: 2047)."""
+    cfg = _common(c, model_dir, ("default", "longrope"), qkv_bias=False, o_bias=False, partial_rotary=True)
     window = c.get("sliding_window")
     if window is not None and (not isinstance(window, int) or window < 1):
         raise _refuse("sliding_window", window, "it must be a positive number of tokens or null")
@@ -243,6 +291,7 @@ def read_gemma3(c: Raw, model_dir: Path) -> Gemma3Config:
         rms_norm_eps=c.get("rms_norm_eps", 1e-6),
         rope_theta=float(global_rope.get("rope_theta") or 1e6),
         rope_scaling=None,
+        longrope=None,
         max_positions=c.get("max_position_embeddings", 131072),
         tie_word_embeddings=c.get("tie_word_embeddings", True),
         qkv_bias=bias,

@@ -3,10 +3,14 @@
 Adapters trained on Phi target the fused modules (`qkv_proj`, `gate_up_proj`), so these are the
 LoRA modules too: one LoRALinear each, whose low-rank delta lands on the whole fused output.
 Partial rotary (Phi-4-mini rotates 3/4 of each head) is config (`rotary_dim`), handled by
-layers/rotary.apply_rotary.
+layers/rotary.apply_rotary. `longrope` scaling (the 128k-context Phi-3 and Phi-4-mini) keeps a
+short and a long cos/sin table stacked in one; each step maps every token's position to its row
+(layers/rotary.longrope_rows) before the shared forward reads the table.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +18,7 @@ from torch import nn
 
 from services.worker.layers.attention import paged_attention
 from services.worker.layers.lora import LoRALinear
-from services.worker.layers.rotary import apply_rotary
+from services.worker.layers.rotary import apply_rotary, longrope_cache, longrope_rows
 from services.worker.models.config import ModelConfig
 from services.worker.models.llama import LlamaForCausalLM, StepContext
 
@@ -62,3 +66,20 @@ class Phi3MLP(nn.Module):
 class Phi3ForCausalLM(LlamaForCausalLM):
     attention = Phi3Attention
     mlp = Phi3MLP
+
+    def init_rope(self, device: str) -> None:
+        cfg = self.config
+        if cfg.longrope is None:
+            return super().init_rope(device)
+        cos, sin = longrope_cache(cfg.rotary_dim, cfg.max_positions, cfg.rope_theta, cfg.longrope)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+
+    def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        cfg = self.config
+        if cfg.longrope is not None:
+            # The shared forward reads rope_cos[ctx.positions]; here that index is the table row.
+            rows = longrope_rows(
+                ctx.positions, ctx.attention, cfg.max_positions, cfg.longrope.original_max_positions
+            )
+            ctx = replace(ctx, positions=rows)
+        return super().forward(input_ids, ctx)
