@@ -105,6 +105,21 @@ def build_peft_adapter(base_dir: Path, out: Path, spec: PeftAdapterSpec, seed: i
     return out
 
 
+def hf_greedy(model: Any, ids: torch.Tensor, new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
+    """A transformers (or PEFT) model's greedy continuation of ids [1, L]: exactly `new_tokens`
+    tokens and each step's logits in fp32 (the reference the engine is compared with)."""
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    return out.sequences[0, ids.shape[1] :].tolist(), [step[0].float() for step in out.logits]
+
+
 def digest_of(adapter_dir: Path) -> str:
     return hashlib.sha256((adapter_dir / "adapter_model.safetensors").read_bytes()).hexdigest()
 

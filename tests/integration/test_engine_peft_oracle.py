@@ -16,6 +16,7 @@ from tests.engine_support import (
     PeftAdapterSpec,
     build_peft_adapter,
     digest_of,
+    hf_greedy,
     load_weights,
     run_all,
     tokens_of,
@@ -85,16 +86,7 @@ def peft_reference(
 
     def generate(prompt: str) -> tuple[list[int], list[torch.Tensor]]:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-        return out.sequences[0, ids.shape[1] :].tolist(), [step[0].float() for step in out.logits]
+        return hf_greedy(model, ids, NEW_TOKENS)
 
     # threads=1 for the tiny model: too small to gain from more, and on a busy CPU an OpenMP pool
     # waiting for its threads made its reference 10-30x slower (measured: 25-70 s against 2 s).

@@ -26,7 +26,7 @@ import torch
 from services.devtools.tiny_families import FAMILIES, build_tiny_family
 from services.worker.engine.llm_engine import LLMEngine
 from services.worker.models.config import Gemma3Config, read_config
-from tests.engine_support import VARIANTS, PeftAdapterSpec, build_peft_adapter, digest_of
+from tests.engine_support import VARIANTS, PeftAdapterSpec, build_peft_adapter, digest_of, hf_greedy
 from tests.integration.test_engine_peft_oracle import (
     NEW_TOKENS,
     PROMPTS,
@@ -150,17 +150,7 @@ def _transformers_reference(model_dir: Path, dtype: torch.dtype) -> Reference:
     with torch.no_grad():
         for prompt in PROMPTS:
             ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=NEW_TOKENS,
-                min_new_tokens=NEW_TOKENS,
-                do_sample=False,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
-            new_tokens = out.sequences[0, ids.shape[1] :].tolist()
-            ref[(None, prompt)] = (new_tokens, [step[0].float() for step in out.logits])
+            ref[(None, prompt)] = hf_greedy(model, ids, NEW_TOKENS)
     return ref
 
 
