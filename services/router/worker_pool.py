@@ -334,6 +334,7 @@ class WorkerPool:
     async def close(self) -> None:
         handles = list(self._by_id.values())
         self._by_id.clear()
+        self.views()  # a closed pool routes to no worker: its live-workers series drop to 0
         watches = [h.watch for h in handles if h.watch is not None]
         for task in watches:
             task.cancel()
