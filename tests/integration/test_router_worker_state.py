@@ -246,17 +246,21 @@ async def test_an_archived_adapter_is_evicted_from_the_workers_holding_it(
 
 
 async def test_a_worker_that_joins_late_is_routed_to_as_soon_as_it_reports(
-    stack: Stack, loraplex_home: Path
+    stack: Stack, loraplex_home: Path, tiny_llama_dir: Path
 ) -> None:
-    # An adapter whose rendezvous home is not the late worker: only its residency can draw traffic.
-    ids = [*WORKER_IDS, LATE_ID]
-    probes = [WorkerView(w, TINY_LLAMA) for w in ids]
-    kind = next(
-        k
-        for k in ("attn_rs", "dora")
-        if rendezvous_order(adapter_digest(stack.adapters[k]), probes)[0].worker_id != LATE_ID
-    )
-    adapter = _upload(stack, kind, "late-only")
+    # An adapter no other test registers, whose rendezvous home is not the late worker: only its
+    # residency can draw traffic. Digests follow the adapters' bytes, so the seed is searched
+    # (each home is as likely; a fixed pair of adapters had the late worker as home for both).
+    probes = [WorkerView(w, TINY_LLAMA) for w in (*WORKER_IDS, LATE_ID)]
+    root = loraplex_home / "worker-test-adapters" / TINY_LLAMA
+    for seed in range(70, 90):
+        path = build_adapter(
+            tiny_llama_dir, TINY_KINDS["attn_rs"], root / f"late-only-{seed}", b_scale=TINY_B_SCALE, seed=seed
+        )
+        if rendezvous_order(adapter_digest(path), probes)[0].worker_id != LATE_ID:
+            break
+    stack.adapters["late-only"] = path
+    adapter = _upload(stack, "late-only", "late-only")
     digest = adapter.ref.digest
     port = free_port()
     settings = replace(
