@@ -14,8 +14,7 @@ import torch
 
 from services.common.adapter_files import TensorInfo
 from services.worker.engine.adapter_slots import slot_bytes
-from services.worker.engine.adapter_weights import _EDGE_KEY as EDGE_TENSOR_NAME
-from services.worker.engine.adapter_weights import _KEY as TENSOR_NAME
+from services.worker.engine.adapter_weights import EDGE_TENSOR_NAME, TENSOR_NAME
 from services.worker.layers.lora import ModuleKey
 
 LinearShape = Callable[[ModuleKey], "tuple[int, int] | None"]  # (in, out), None: no such layer

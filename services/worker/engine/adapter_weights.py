@@ -30,13 +30,13 @@ TARGETS = (
 # base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight; group "module" is the layer's
 # full name in the base model ("model.layers.3.self_attn.q_proj"), which is what PEFT matches
 # target_modules and rank/alpha_pattern keys against.
-_KEY = re.compile(
+TENSOR_NAME = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>model\.layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<name>\w+))\."
     r"(?P<kind>lora_A|lora_B|lora_magnitude_vector)(?:\.weight)?$"
 )
 # The edges (layers/lora_edges.py): PEFT's embedding LoRA, and a linear LoRA on lm_head.
 # base_model.model.model.embed_tokens.lora_embedding_A, base_model.model.lm_head.lora_B.weight
-_EDGE_KEY = re.compile(
+EDGE_TENSOR_NAME = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>model\.(?P<embed>embed_tokens)|(?P<head>lm_head))\."
     r"(?P<kind>lora_embedding_A|lora_embedding_B|lora_A|lora_B|lora_magnitude_vector)(?:\.weight)?$"
 )
@@ -135,12 +135,12 @@ def adapter_weights_from(
     names: dict[tuple[int, str], str] = {}
     edge_parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in raw.items():
-        edge = _EDGE_KEY.match(key)
+        edge = EDGE_TENSOR_NAME.match(key)
         if edge is not None and _edge_kind_fits(edge.group("embed") is not None, edge.group("kind")):
             kind = _EDGE_KINDS.get(edge.group("kind"), edge.group("kind"))
             edge_parts.setdefault(edge.group("module"), {})[kind] = tensor
             continue
-        m = _KEY.match(key)
+        m = TENSOR_NAME.match(key)
         if m is None or m.group("name") not in TARGETS:
             raise AdapterFormatError(f"tensor {key!r} does not map to a supported linear layer")
         where = (int(m.group("layer")), m.group("name"))
