@@ -31,7 +31,7 @@ changes what a layer sees, not what is stored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,17 @@ class DecodeGroup:
     block_tables: torch.Tensor  # [B, max_blocks] (padded with block 0, masked out)
     bias: torch.Tensor  # [B, 1, 1, max_blocks * block_size] fp32: 0 for real keys, -inf past the end
     window_bias: torch.Tensor | None = None  # the same, -inf also for keys outside the sliding window
+    # Buffers the step's layers share (gathered keys and values, scores), by name: every
+    # layer has the same shapes, so one step allocates them once instead of once per layer.
+    scratch: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def buffer(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        buf = self.scratch.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = self.scratch[name] = torch.empty(shape, dtype=dtype, device=device)
+        return buf
 
 
 @dataclass
@@ -68,16 +79,23 @@ class AttentionMetadata:
     prefill: PrefillGroup | None
 
 
-def _gather(cache: torch.Tensor, tables: torch.Tensor, block_size: int) -> torch.Tensor:
+def _gather(
+    cache: torch.Tensor, tables: torch.Tensor, block_size: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """[kv_heads, B, max_blocks * block_size, d]: each row's blocks, whole blocks at a time.
 
     The cache is head-major ([kv_heads, slots, d]), so the gathered keys of one KV head are
     already [B, L, d] in memory: the attention matmuls read them as they are, with no transpose
-    copy of every row's context."""
+    copy of every row's context. `out` ([kv_heads, B * max_blocks, block_size * d]) is reused."""
     kv_heads, slots, d = cache.shape
     b = tables.shape[0]
     blocks = cache.view(kv_heads, slots // block_size, block_size * d)
-    return blocks.index_select(1, tables.view(-1)).view(kv_heads, b, -1, d)
+    gathered = (
+        torch.index_select(blocks, 1, tables.view(-1), out=out)
+        if out is not None
+        else (blocks.index_select(1, tables.view(-1)))
+    )
+    return gathered.view(kv_heads, b, -1, d)
 
 
 def _decode(
@@ -91,13 +109,19 @@ def _decode(
 ) -> torch.Tensor:
     b, heads, d = q.shape
     kv_heads = k_cache.shape[0]
-    keys = _gather(k_cache, g.block_tables, bs)  # [kv, B, L, d]
-    values = _gather(v_cache, g.block_tables, bs)
-    queries = q.view(b, kv_heads, heads // kv_heads, d).transpose(0, 1)  # [kv, B, g, d]
-    scores = torch.matmul(queries, keys.transpose(-1, -2))  # [kv, B, g, L]
+    group = heads // kv_heads
+    # Into buffers the step's layers share: a fresh ~1 MB tensor per gather and layer costs page
+    # faults and cold cache lines (measured 1,040 -> 360 us per layer, 32 rows of 80 tokens, cold).
+    gathered = (kv_heads, g.block_tables.numel(), bs * d)
+    keys = _gather(k_cache, g.block_tables, bs, g.buffer("keys", gathered, q.dtype, q.device))
+    values = _gather(v_cache, g.block_tables, bs, g.buffer("values", gathered, q.dtype, q.device))
+    length = keys.shape[2]
+    queries = q.view(b, kv_heads, group, d).transpose(0, 1)  # [kv, B, g, d]
+    scores = g.buffer("scores", (kv_heads, b, group, length), q.dtype, q.device)
+    torch.matmul(queries, keys.transpose(-1, -2), out=scores)  # [kv, B, g, L]
     bias = g.window_bias if sliding else g.bias
     assert bias is not None
-    probs = (scores.float() * scale + bias.view(1, b, 1, -1)).softmax(dim=-1).to(q.dtype)
+    probs = (scores.float().mul_(scale).add_(bias.view(1, b, 1, -1))).softmax(dim=-1).to(q.dtype)
     return torch.matmul(probs, values).transpose(0, 1).reshape(b, heads, d)
 
 
