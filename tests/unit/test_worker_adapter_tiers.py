@@ -262,7 +262,8 @@ async def test_an_eviction_the_engine_refuses_leaves_the_accounting_matching_the
     await engine.add_request(EngineRequest("still-running", PROMPT, sampling, qv.digest))
     assert await loader.evict(qv.digest) is False
     assert loader.policy.tier_of(qv.digest) == Tier.DEVICE
-    assert loader.resident_bytes()["device"] == qv.size_bytes
+    sizes = loader.policy.known_size(qv.digest)
+    assert sizes is not None and loader.resident_bytes()["device"] == sizes.device_bytes
     assert await engine.resident_adapters() == [qv.digest]
     engine.abort("still-running")
     assert await loader.evict(qv.digest) is True
