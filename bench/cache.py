@@ -92,7 +92,7 @@ def run_policy(trace: np.ndarray, sizes: np.ndarray, device: int, order: str) ->
     hits = hit_bytes = rejected = 0
     for t, a in enumerate(trace.tolist()):
         d, size = digests[a], int(sizes[a])
-        plan = policy.access(d, size, now=float(t))
+        plan = policy.access(d, size, now=float(t), device_bytes=size)
         if not plan.admitted:
             rejected += 1
             continue

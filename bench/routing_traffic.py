@@ -69,7 +69,7 @@ class TierPolicyCache:
     def use(self, adapter: int) -> bool:
         self._t += 1.0
         digest = f"{adapter:064x}"
-        plan = self.policy.access(digest, self.size, now=self._t)
+        plan = self.policy.access(digest, self.size, now=self._t, device_bytes=self.size)
         if not plan.admitted:  # cannot happen one request at a time; counted as a miss
             return False
         for load in plan.loads:

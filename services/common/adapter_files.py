@@ -173,6 +173,23 @@ def split_safetensors(
     return header, base
 
 
+def safetensors_header_length(
+    prefix: bytes,
+    file_size: int,
+    *,
+    file_name: str = ADAPTER_WEIGHTS,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+) -> int:
+    """The header length a file's first 8 bytes declare, checked against the cap and the file's
+    size (for a header read from a remote object a range at a time)."""
+    if len(prefix) < 8:
+        raise InvalidSafetensors(
+            f"{file_name} is {file_size} bytes, too short to be a safetensors file (it needs an 8-byte "
+            f"header length); the file is truncated or not safetensors."
+        )
+    return _header_length(prefix[:8], file_size, max_header_bytes, file_name)
+
+
 def _header_length(prefix: bytes, file_size: int, max_header_bytes: int, name: str) -> int:
     """The header length the 8-byte prefix declares, checked against the cap and the file size
     before a byte of the header is read."""

@@ -48,6 +48,10 @@ class ObjectStore(Protocol):
         """`name`'s bytes in memory; the same limits and errors as `download`."""
         ...
 
+    def read_head(self, name: str, length: int) -> tuple[bytes, int]:
+        """At most the first `length` bytes of `name` (one ranged read), and its whole size."""
+        ...
+
     def upload(self, name: str, src: Path) -> None: ...
 
     def exists(self, name: str) -> bool: ...
@@ -172,6 +176,10 @@ class FileStore:
                 src.readinto, size, max_bytes=max_bytes, label=self.uri_for(name), on_chunk=on_chunk
             )
 
+    def read_head(self, name: str, length: int) -> tuple[bytes, int]:
+        with self._open(name) as src:
+            return src.read(length), os.fstat(src.fileno()).st_size
+
     def upload(self, name: str, src: Path) -> None:
         path = self._path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -240,6 +248,26 @@ class S3Store:
             )
         finally:
             body.close()
+
+    def read_head(self, name: str, length: int) -> tuple[bytes, int]:
+        try:
+            response = self._client.get_object(
+                Bucket=self.bucket, Key=self._key(name), Range=f"bytes=0-{max(length, 1) - 1}"
+            )
+        except ClientError as exc:
+            if _is_missing(exc):
+                raise NotFound(f"{self.uri_for(name)} does not exist.") from None
+            if exc.response.get("Error", {}).get("Code", "") == "InvalidRange":
+                return b"", 0  # an empty object has no first byte to range over
+            raise
+        body = response["Body"]
+        try:
+            head = body.read(length)  # the server sent at most `length` bytes
+        finally:
+            body.close()
+        # "bytes 0-N/TOTAL"; a server that ignores Range answers 200 with the whole length.
+        total = response.get("ContentRange", "").rpartition("/")[2]
+        return head[:length], int(total) if total.isdigit() else int(response.get("ContentLength", 0))
 
     def _get(self, name: str, max_bytes: int) -> tuple[StreamingBody, int]:
         try:

@@ -50,7 +50,7 @@ def test_legal_transitions_are_counted_per_pair() -> None:
 def test_the_policy_records_a_cold_load_and_its_eviction_as_transitions() -> None:
     policy = TierPolicy(TierBudgets(10, 0, 100), float("inf"), lambda: 0.0)
     for digest in ("a", "b"):
-        plan = policy.access(digest, 10)
+        plan = policy.access(digest, 10, device_bytes=10)
         for load in plan.loads:
             policy.on_loaded(digest, load.dst)
         policy.unpin(digest)

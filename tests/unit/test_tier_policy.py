@@ -30,7 +30,7 @@ def make(
 
 def serve(p: TierPolicy, digest: str, size: int = 10, *, keep_pinned: bool = False) -> Plan:
     """Access, run every load at once, release the request (unless it keeps running)."""
-    plan = p.access(digest, size)
+    plan = p.access(digest, size, device_bytes=size)
     assert plan.admitted, plan.reason
     for load in plan.loads:
         p.on_loaded(digest, load.dst)
@@ -41,7 +41,7 @@ def serve(p: TierPolicy, digest: str, size: int = 10, *, keep_pinned: bool = Fal
 
 def test_cold_access_downloads_to_disk_then_loads_to_device() -> None:
     p, _ = make()
-    plan = p.access("a", 10)
+    plan = p.access("a", 10, device_bytes=10)
     assert (plan.found_in, plan.hit, plan.evictions) == (OS, False, ())
     assert plan.loads == (Load("a", 10, OS, DISK), Load("a", 10, DISK, DEV))
     assert p.state("a") == S.DOWNLOADING
@@ -51,15 +51,15 @@ def test_cold_access_downloads_to_disk_then_loads_to_device() -> None:
     p.on_loaded("a", DEV)
     assert p.state("a") == S.ON_DEVICE
     p.unpin("a")
-    again = p.access("a", 10)
+    again = p.access("a", 10, device_bytes=10)
     assert again.hit and again.loads == () and again.evictions == ()
     assert p.lookups == {OS: 1, DEV: 1}
 
 
 def test_second_request_during_a_load_joins_it_instead_of_loading_again() -> None:
     p, _ = make()
-    first = p.access("a", 10)
-    second = p.access("a", 10)
+    first = p.access("a", 10, device_bytes=10)
+    second = p.access("a", 10, device_bytes=10)
     assert first.loads and second.loads == ()
     assert second.admitted and second.awaiting == DEV
     assert p.snapshot()[0].in_flight == 2
@@ -117,7 +117,7 @@ def test_pinned_adapters_are_never_evicted_and_a_full_device_refuses_the_newcome
     p, _ = make(device=20, host=0)
     serve(p, "a", keep_pinned=True)
     serve(p, "b", keep_pinned=True)
-    refused = p.access("c", 10)
+    refused = p.access("c", 10, device_bytes=10)
     assert not refused.admitted and "pinned" in refused.reason
     assert refused.loads == () and refused.evictions == ()
     assert p.state("a") == p.state("b") == S.ON_DEVICE
@@ -130,7 +130,7 @@ def test_pinned_adapters_are_never_evicted_and_a_full_device_refuses_the_newcome
 
 def test_an_adapter_larger_than_the_device_budget_is_refused() -> None:
     p, _ = make(device=30)
-    plan = p.access("huge", 31)
+    plan = p.access("huge", 31, device_bytes=31)
     assert not plan.admitted and "exceed" in plan.reason
     assert p.resident_bytes(DEV) == p.resident_bytes(DISK) == 0
 
@@ -203,12 +203,12 @@ def test_keep_warm_adapter_is_not_evicted_under_budget_pressure() -> None:
     serve(p, "b")
     plan = serve(p, "c")
     assert [e.digest for e in plan.evictions] == ["b"]
-    assert not p.access("d", 20).admitted
+    assert not p.access("d", 20, device_bytes=20).admitted
 
 
 def test_failed_load_releases_its_reservations_and_a_retry_starts_over() -> None:
     p, _ = make()
-    p.access("a", 10)
+    p.access("a", 10, device_bytes=10)
     p.on_failed("a")
     assert p.state("a") == S.FAILED
     assert p.resident_bytes(DEV) == p.resident_bytes(DISK) == 0
@@ -221,12 +221,12 @@ def test_failed_load_releases_its_reservations_and_a_retry_starts_over() -> None
 
 def test_failed_device_load_keeps_the_disk_copy() -> None:
     p, _ = make()
-    p.access("a", 10)
+    p.access("a", 10, device_bytes=10)
     p.on_loaded("a", DISK)
     p.on_failed("a")
     assert p.resident_bytes(DISK) == 10 and p.resident_bytes(DEV) == 0
     p.unpin("a")
-    assert p.access("a", 10).loads == (Load("a", 10, DISK, DEV),)
+    assert p.access("a", 10, device_bytes=10).loads == (Load("a", 10, DISK, DEV),)
 
 
 def test_prefetch_to_disk_pins_nothing_and_counts_no_lookup() -> None:
@@ -241,11 +241,11 @@ def test_misuse_is_an_error_not_a_silent_change() -> None:
     p, _ = make()
     with pytest.raises(ValueError):
         p.unpin("never-seen")
-    p.access("a", 10)
+    p.access("a", 10, device_bytes=10)
     with pytest.raises(ValueError):
         p.on_loaded("a", DEV)  # the download to DISK runs first
     with pytest.raises(ValueError):
-        p.access("a", 11)  # one digest, one size
+        p.access("a", 11, device_bytes=11)  # one digest, one size
     with pytest.raises(ValueError):
         TierBudgets(-1, 0, 0)
 
@@ -273,7 +273,7 @@ def test_random_operations_never_exceed_a_budget_or_evict_a_protected_adapter(or
         op = rng.random()
         if op < 0.45:
             d = rng.choice(list(sizes))
-            plan = p.access(d, sizes[d])
+            plan = p.access(d, sizes[d], device_bytes=sizes[d])
             check(list(plan.evictions))
             if plan.admitted:
                 pins.append(d)

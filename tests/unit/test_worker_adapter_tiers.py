@@ -1,7 +1,7 @@
 """The adapter loader carrying out the tier policy on the tiny Llama with real PEFT adapters and tiny
 byte budgets: pins hold under pressure, demotion keeps the device layout, disk budgets delete
 files, a restart takes over the cache within budget, keep_warm survives idle expiry, a cold load
-writes its disk copy behind it."""
+writes its disk copy behind it, DEVICE counts the bytes the engine really holds."""
 
 from __future__ import annotations
 
@@ -23,10 +23,12 @@ from services.worker.adapters import (
     fetch_to_cache,
 )
 from services.worker.async_engine import AsyncEngine
+from services.worker.engine.adapter_slots import DeviceAdapter
 from services.worker.engine.config import EngineConfig
 from services.worker.engine.llm_engine import EngineRequest, LLMEngine
 from services.worker.engine.sampling import SamplingParams
 from services.worker.tiers import TierBudgets
+from tests.engine_support import load_weights
 
 PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173]
 BIG = 1 << 30
@@ -80,7 +82,7 @@ async def make_loader(engine: AsyncEngine, tmp_path: Path) -> AsyncIterator[Make
             dtype=torch.float32,
             budgets=TierBudgets(device_bytes=device, host_bytes=host, disk_bytes=disk),
             idle_ttl_s=ttl,
-            max_adapter_bytes=1 << 20,
+            max_adapter_bytes=8 << 20,  # the edge adapter's embeddings are 3 MiB
             clock=clock or Clock(),
             expire_every_s=3600,  # the tests call expire_idle themselves
         )
@@ -262,9 +264,73 @@ async def test_an_eviction_the_engine_refuses_leaves_the_accounting_matching_the
     await engine.add_request(EngineRequest("still-running", PROMPT, sampling, qv.digest))
     assert await loader.evict(qv.digest) is False
     assert loader.policy.tier_of(qv.digest) == Tier.DEVICE
-    assert loader.resident_bytes()["device"] == qv.size_bytes
+    sizes = loader.policy.known_size(qv.digest)
+    assert sizes is not None and loader.resident_bytes()["device"] == sizes.device_bytes
     assert await engine.resident_adapters() == [qv.digest]
     engine.abort("still-running")
     assert await loader.evict(qv.digest) is True
     assert loader.policy.tier_of(qv.digest) == Tier.DISK and loader.resident_bytes()["device"] == 0
     assert await engine.resident_adapters() == []
+
+
+def _engine_layout_bytes(adapter: DeviceAdapter) -> int:
+    """The bytes of every tensor the engine holds for a prepared adapter (slots and edges)."""
+    tensors = [t for d in (adapter.a_t, adapter.b_t, adapter.dora_scale) for t in d.values()]
+    tensors += [t for e in (adapter.embed, adapter.lm_head) if e is not None for t in e.tensors()]
+    return sum(t.nbytes for t in tensors)
+
+
+@pytest.fixture
+def mixed(
+    specs: dict[str, AdapterSpec], worker_tiny_adapters: dict[str, Path], tiny_edge_adapters: dict[str, Path]
+) -> dict[str, tuple[AdapterSpec, Path]]:
+    """qv (rank 4, padded to 8), dora, mlp (rank 16) and one with edge LoRA beside attention."""
+    edge = tiny_edge_adapters["edges-attn"]
+    edge_spec = AdapterSpec(
+        digest=adapter_digest(edge),
+        uri=edge.as_uri(),
+        label="edges-attn@1",
+        size_bytes=sum((edge / name).stat().st_size for name in ADAPTER_FILES),
+    )
+    out = {k: (specs[k], worker_tiny_adapters[k]) for k in ("qv", "dora", "mlp")}
+    out["edges-attn"] = (edge_spec, edge)
+    return out
+
+
+async def test_device_resident_bytes_are_the_bytes_the_engine_holds_for_its_adapters(
+    engine: AsyncEngine, make_loader: MakeLoader, mixed: dict[str, tuple[AdapterSpec, Path]]
+) -> None:
+    loader = await make_loader()
+    held = 0
+    for spec, path in mixed.values():
+        loader.release(await loader.acquire(spec))
+        held += _engine_layout_bytes(engine.prepare_adapter(load_weights(path, torch.float32)))
+    assert sorted(await engine.resident_adapters()) == sorted(s.digest for s, _ in mixed.values())
+    files = sum(s.size_bytes for s, _ in mixed.values())
+    assert loader.resident_bytes() == {"device": held, "host": 0, "disk": files}
+    assert held != files
+    # WatchState reports each adapter with the bytes of its tier.
+    rows, _ = loader.view()
+    assert sum(r.size_bytes for r in rows) == held
+
+
+async def test_a_device_budget_that_fits_by_file_bytes_but_not_by_slot_bytes_evicts_or_refuses(
+    engine: AsyncEngine, make_loader: MakeLoader, mixed: dict[str, tuple[AdapterSpec, Path]]
+) -> None:
+    three = [mixed[k][0] for k in ("qv", "dora", "mlp")]
+    device = {
+        s.digest: _engine_layout_bytes(engine.prepare_adapter(load_weights(mixed[k][1], torch.float32)))
+        for k, s in zip(("qv", "dora", "mlp"), three, strict=True)
+    }
+    budget = sum(s.size_bytes for s in three)
+    assert sum(device.values()) > budget >= max(device.values())  # fits by files, not by slots
+    loader = await make_loader(device=budget, host=0)
+    leases = [await loader.acquire(s) for s in three[:2]]
+    with pytest.raises(AdaptersBusy):  # both held: no room for the third's slot bytes
+        await loader.acquire(three[2], wait_s=0.1)
+    for lease in leases:
+        loader.release(lease)
+    loader.release(await loader.acquire(three[2]))  # now one of the others leaves the device
+    resident = await engine.resident_adapters()
+    assert three[2].digest in resident and len(resident) < 3
+    assert loader.resident_bytes()["device"] == sum(device[d] for d in resident) <= budget

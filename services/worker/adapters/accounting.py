@@ -22,7 +22,7 @@ class HeldAdapter:
     digest: str
     adapter_id: str
     tier: Tier
-    size_bytes: int
+    size_bytes: int  # what it occupies in `tier`: its files on DISK, its engine layout on DEVICE/HOST
     last_used_at: float  # wall clock seconds
     in_flight: int
     pinned: bool  # in use or keep_warm
@@ -51,14 +51,15 @@ def held_adapters(
         if row.state in IN_PROGRESS:
             loading.append(row.digest)
         tier = policy.tier_of(row.digest)
-        if tier == Tier.OBJECT_STORE:
+        sizes = policy.known_size(row.digest)
+        if tier == Tier.OBJECT_STORE or sizes is None:
             continue  # only being loaded, or a failed load still held by a request
         held.append(
             HeldAdapter(
                 digest=row.digest,
                 adapter_id=adapter_ids.get(row.digest, ""),
                 tier=tier,
-                size_bytes=row.size_bytes,
+                size_bytes=sizes.bytes_in(tier),
                 last_used_at=now_wall - max(now - row.last_used, 0.0),
                 in_flight=row.in_flight,
                 pinned=row.pinned or row.keep_warm,
@@ -68,7 +69,8 @@ def held_adapters(
 
 
 def resident_bytes(policy: TierPolicy) -> dict[str, int]:
-    """Bytes held or reserved per budgeted tier (DISK is inclusive of the faster tiers)."""
+    """Bytes held or reserved per budgeted tier, each counted as that tier does: file bytes on
+    DISK (inclusive of the faster tiers), the engine layout's bytes on DEVICE and HOST."""
     return {tier_label(t): policy.resident_bytes(t) for t in (Tier.DEVICE, Tier.HOST, Tier.DISK)}
 
 

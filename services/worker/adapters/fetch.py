@@ -23,8 +23,17 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from services.common import object_store
-from services.common.adapter_errors import NotFound
-from services.common.adapter_files import ADAPTER_FILES, AdapterDigest, adapter_digest, digest_hex
+from services.common.adapter_errors import InvalidSafetensors, NotFound, TooLarge
+from services.common.adapter_files import (
+    ADAPTER_FILES,
+    ADAPTER_WEIGHTS,
+    AdapterDigest,
+    SafetensorsHeader,
+    adapter_digest,
+    digest_hex,
+    parse_safetensors_header,
+    safetensors_header_length,
+)
 from services.common.object_store import ObjectStore, open_store
 from services.worker.adapters.spec import AdapterSpec, DigestMismatch, StoreUnavailable
 from services.worker.tiers import Tier
@@ -35,6 +44,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".fetch-"
+# First read of a remote weights file's header: a real adapter's header (a few hundred tensor
+# entries) fits, so one ranged GET usually does; a longer one takes a second, exact read.
+HEADER_READ_BYTES = 64 << 10
 
 
 def s3_client(timeout_s: float) -> S3Client:
@@ -114,6 +126,27 @@ def _download(spec: AdapterSpec, staging: Path, max_bytes: int, s3: S3Client | N
                 name, staging / name, max_bytes=budget, on_chunk=functools.partial(digest.update, name)
             )
     return digest.hexdigest()
+
+
+def fetch_weights_header(
+    spec: AdapterSpec, *, max_bytes: int, s3: S3Client | None = None
+) -> SafetensorsHeader:
+    """Only the safetensors header of the adapter's weights, from its object store, to size its
+    device layout before anything is downloaded: one ranged read (two past HEADER_READ_BYTES),
+    within the header cap and `max_bytes`. Not verified (the digest covers whole files), so
+    whoever plans with it checks the plan against the verified bytes."""
+    store = open_adapter_store(spec.uri, s3)
+    with _fetch_errors(spec):
+        head, size = store.read_head(ADAPTER_WEIGHTS, HEADER_READ_BYTES)
+        uri = store.uri_for(ADAPTER_WEIGHTS)
+        if size > max_bytes:
+            raise TooLarge(f"{uri} is {size} bytes, over the limit of {max_bytes} bytes.", limit=max_bytes)
+        end = 8 + safetensors_header_length(head, size)
+        if end > len(head):
+            head, size = store.read_head(ADAPTER_WEIGHTS, end)
+            if len(head) < end:
+                raise InvalidSafetensors(f"{uri} changed while its header was read; retry the request.")
+    return parse_safetensors_header(head[8:end], data_size=size - end, file_name=ADAPTER_WEIGHTS)
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from services.common.adapter_files import ADAPTER_WEIGHTS, SafetensorsHeader, read_safetensors_header
 from services.worker.adapters.disk_tier import DiskTier
 from services.worker.adapters.fetch import (
     FetchedAdapter,
     fetch_to_cache,
     fetch_to_memory,
+    fetch_weights_header,
     s3_client,
     write_to_cache,
 )
@@ -105,6 +107,19 @@ class Fetcher:
 
         write.add_done_callback(written)
         return Tier.OBJECT_STORE
+
+    async def weights_header(self, spec: AdapterSpec) -> SafetensorsHeader:
+        """The safetensors header of the adapter's weights: from the disk copy when there is one,
+        else a ranged read of the object store's (unverified: see fetch_weights_header)."""
+        local = self.disk.path(spec.digest) / ADAPTER_WEIGHTS
+        try:
+            return await asyncio.to_thread(read_safetensors_header, local)
+        except (FileNotFoundError, NotADirectoryError):
+            pass  # not on disk (or deleted while we looked)
+        s3 = self._s3_client() if spec.uri.startswith("s3://") else None
+        return await self._in(
+            self._downloads, fetch_weights_header, spec, max_bytes=self.read_limit(spec), s3=s3
+        )
 
     async def written(self, digest: str) -> None:
         """Wait for a disk copy being written behind (its failure is logged, not raised here)."""

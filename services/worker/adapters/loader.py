@@ -22,8 +22,14 @@ tiers really hold a copy (accounting.copies_of) and counts those again.
 Concurrent requests for one adapter share one load (the plan's `awaiting`); a load starts when the
 request arrives, before engine admission.
 
-Every adapter counts with one size in every tier: the file bytes of its AdapterRef (`size_bytes`),
-or of its fetched files when the reference carries none (the fetch then runs before planning).
+Every adapter counts with two sizes (tiers.AdapterSizes). DISK counts its file bytes: those of its
+AdapterRef (`size_bytes`), or of its fetched files when the reference carries none (the fetch
+then runs before planning). DEVICE and HOST count its bytes in the engine's layout
+(sizing.planned_device_bytes: slots with the rank padded to its bucket in the engine's dtype, and
+edge LoRA), learnt before a DEVICE/HOST target is planned from the safetensors header of the disk
+copy, or of the object store's file by a ranged read (one small GET before a cold download). That
+remote header is not verified, so once the verified bytes are prepared their real size is compared
+with the planned one; a mismatch fails the load (AdapterUnreadable) and its reservations go.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from services.common.adapter_errors import InvalidSafetensors
 from services.common.adapter_files import digest_hex
 from services.common.object_store import AllowedSources
 from services.worker.adapters import telemetry
@@ -56,10 +63,11 @@ from services.worker.adapters.fetcher import Fetcher
 from services.worker.adapters.host_tier import HostTier
 from services.worker.adapters.planning import ADMIT_WAIT_S, check_fits, check_reference
 from services.worker.adapters.preparation import prepare_from_bytes, prepare_from_files
-from services.worker.adapters.spec import AdaptersBusy, AdapterSpec
+from services.worker.adapters.sizing import planned_device_bytes
+from services.worker.adapters.spec import AdaptersBusy, AdapterSpec, AdapterUnreadable
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine.adapter_slots import DeviceAdapter
-from services.worker.tiers import Eviction, Plan, Tier, TierBudgets, TierPolicy
+from services.worker.tiers import AdapterSizes, Eviction, Load, Plan, Tier, TierBudgets, TierPolicy
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +177,9 @@ class AdapterLoader:
         """
         started = time.monotonic()
         wait_s = self.admit_wait_s if wait_s is None else min(wait_s, self.admit_wait_s)
-        size = await self._prepare_request(spec)
+        sizes = await self._prepare_request(spec, Tier.DEVICE)
         try:
-            plan = await self._admit(spec, size, Tier.DEVICE, pin=True, until=started + wait_s)
+            plan = await self._admit(spec, sizes, Tier.DEVICE, pin=True, until=started + wait_s)
         except Exception:
             await self._drop_unaccounted(spec.digest)
             raise
@@ -239,17 +247,31 @@ class AdapterLoader:
     def _check(self, spec: AdapterSpec) -> None:
         check_reference(spec, self.sources, self.base_model)
 
-    async def _prepare_request(self, spec: AdapterSpec) -> int:
+    async def _prepare_request(self, spec: AdapterSpec, target: Tier) -> AdapterSizes:
         self._check(spec)
         if spec.adapter_id:
             self._adapter_ids[spec.digest] = spec.adapter_id
         self.policy.set_keep_warm(spec.digest, spec.keep_warm)
-        return await self._size_of(spec)
+        known = self.policy.known_size(spec.digest)
+        size = known.size_bytes if known is not None else await self._size_of(spec)
+        device = known.device_bytes if known is not None else None
+        if device is None and target != Tier.DISK:
+            device = await self._device_bytes_of(spec)
+        return AdapterSizes(size, device)
+
+    async def _device_bytes_of(self, spec: AdapterSpec) -> int:
+        """What the adapter will occupy in the engine's layout, from its weights' header."""
+        try:
+            header = await self.fetcher.weights_header(spec)
+            return planned_device_bytes(header.tensors, self.engine.linear_shape, self.dtype)
+        except (InvalidSafetensors, ValueError) as exc:  # ValueError: a layer this model lacks
+            raise AdapterUnreadable(
+                f"adapter {spec.name} cannot be read: {exc}; re-register it from a PEFT "
+                f"save_pretrained output"
+            ) from exc
 
     async def _size_of(self, spec: AdapterSpec) -> int:
-        known = self.policy.known_size(spec.digest)
-        if known is not None:
-            return known
+        """Its file bytes: the reference's, the disk copy's, or those of a fetch run to learn them."""
         if spec.size_bytes > 0:
             return spec.size_bytes
         task = self._sizing.get(spec.digest)
@@ -276,11 +298,15 @@ class AdapterLoader:
             self.fetcher.verified.discard(digest)
             await asyncio.to_thread(self.disk.delete, digest)
 
-    async def _admit(self, spec: AdapterSpec, size: int, target: Tier, *, pin: bool, until: float) -> Plan:
+    async def _admit(
+        self, spec: AdapterSpec, sizes: AdapterSizes, target: Tier, *, pin: bool, until: float
+    ) -> Plan:
         """policy.access, retried while the tiers are full of pinned or loading adapters."""
-        check_fits(self.policy, spec, size, target)
+        check_fits(self.policy, spec, sizes, target)
         while True:
-            plan = self.policy.access(spec.digest, size, target=target, pin=pin)
+            plan = self.policy.access(
+                spec.digest, sizes.size_bytes, target=target, pin=pin, device_bytes=sizes.device_bytes
+            )
             if plan.admitted:
                 return plan
             remaining = until - time.monotonic()
@@ -319,10 +345,10 @@ class AdapterLoader:
         return plan.found_in
 
     async def _prefetch(self, spec: AdapterSpec, target: Tier) -> None:
-        size = await self._prepare_request(spec)
+        sizes = await self._prepare_request(spec, target)
         try:
             until = time.monotonic() + self.admit_wait_s
-            plan = await self._admit(spec, size, target, pin=False, until=until)
+            plan = await self._admit(spec, sizes, target, pin=False, until=until)
         except Exception:
             await self._drop_unaccounted(spec.digest)
             raise
@@ -383,16 +409,24 @@ class AdapterLoader:
             log.exception(
                 "evicting adapter %s from %s failed; reconciling the accounting", digest, ev.src.name
             )
-            await self._reconcile(digest, ev.size_bytes)
+            await self._reconcile(digest, ev)
 
-    async def _reconcile(self, digest: str, size: int) -> None:
+    async def _reconcile(self, digest: str, ev: Eviction) -> None:
         try:
             on_device = await self.engine.resident_adapters()
             present = await asyncio.to_thread(copies_of, digest, on_device, self.host, self.disk)
+            sizes = self.policy.known_size(digest)
+            if sizes is None:  # the policy let go of it: the eviction knows its size in `src`
+                on_disk = await asyncio.to_thread(self.disk.size, digest)
+                sizes = (
+                    AdapterSizes(ev.size_bytes)
+                    if ev.src == Tier.DISK
+                    else AdapterSizes(on_disk or ev.size_bytes, ev.size_bytes)
+                )
+            self.policy.reconcile(digest, sizes, present)
         except Exception:
             log.exception("could not tell where adapter %s is; its accounting stays as planned", digest)
             return
-        self.policy.reconcile(digest, size, present)
         self._notify()
 
     async def _run_loads(self, spec: AdapterSpec, plan: Plan) -> Tier:
@@ -403,7 +437,7 @@ class AdapterLoader:
         try:
             for i, load in enumerate(plan.loads):
                 step_started = time.monotonic()
-                got = await self._load_step(spec, load.src, load.dst, then=i + 1 < len(plan.loads))
+                got = await self._load_step(spec, load, then=i + 1 < len(plan.loads))
                 source = max(source, got)  # a copy gone missing means a slower source
                 self.policy.on_loaded(digest, load.dst)
                 steps.append(f"{load.dst.name.lower()} {(time.monotonic() - step_started) * 1000:.1f}")
@@ -430,14 +464,14 @@ class AdapterLoader:
         )
         return source
 
-    async def _load_step(self, spec: AdapterSpec, src: Tier, dst: Tier, *, then: bool = False) -> Tier:
+    async def _load_step(self, spec: AdapterSpec, load: Load, *, then: bool = False) -> Tier:
         """One step of a plan; returns where the bytes really came from. `then`: another step of
         the same plan follows (so a cold fetch keeps its bytes for it and writes the disk copy
         behind)."""
+        src, dst = load.src, load.dst
         if dst == Tier.DISK:
             if src == Tier.OBJECT_STORE and then:
-                size = self.policy.known_size(spec.digest) or spec.size_bytes
-                return await self.fetcher.fetch_write_behind(spec, size)
+                return await self.fetcher.fetch_write_behind(spec, load.size_bytes)
             got, _ = await self.fetcher.fetch(spec)
             return max(src, got)
         prepared: DeviceAdapter | None = self.host.take(spec.digest) if src == Tier.HOST else None
@@ -445,6 +479,13 @@ class AdapterLoader:
         if prepared is None:
             got, prepared = await self._prepare_from_disk(spec)
             got = max(src, got)
+            if prepared.resident_bytes != load.size_bytes:
+                # Planned from a header read before the verified download: trust only these bytes.
+                raise AdapterUnreadable(
+                    f"adapter {spec.name} occupies {prepared.resident_bytes} bytes in the engine's "
+                    f"layout, not the {load.size_bytes} bytes its header promised when the load was "
+                    f"planned; its stored files changed while it was loaded, retry the request"
+                )
         if dst == Tier.HOST:
             self.host.put(prepared)
             return got

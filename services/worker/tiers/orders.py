@@ -8,6 +8,10 @@ optimal for a fixed popularity), aged instead by the policy halving every freque
 `aging_window` accesses (LFU with aging, as TinyLFU's reset), so a burst's adapters lose their
 counts within a few windows. All answer `victims(...)` without changing anything, so the policy
 can check that a whole plan fits before it commits to any eviction.
+
+One order per tier, each reading an adapter's size in its own tier (`size_of`): file bytes on
+DISK, the engine layout's bytes on DEVICE and HOST, so priorities and freed bytes are the bytes
+that tier's budget counts.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from typing import Protocol
 
 class Item(Protocol):
     digest: str
-    size_bytes: int
     last_used: float
     freq: int
+
+
+SizeOf = Callable[[Item], int]  # an item's bytes in the order's tier
 
 
 class Order(Protocol):
@@ -43,7 +49,8 @@ class Order(Protocol):
 class LruOrder:
     ages = False
 
-    def __init__(self) -> None:
+    def __init__(self, size_of: SizeOf) -> None:
+        self.size_of = size_of
         self._od: OrderedDict[str, None] = OrderedDict()
 
     def touch(self, item: Item) -> None:
@@ -74,12 +81,13 @@ class LruOrder:
             if colder_than is not None and item.last_used > colder_than.last_used:
                 break  # everything after this one is more recent still
             out.append(item)
-            freed += item.size_bytes
+            freed += self.size_of(item)
         return out if freed >= needed else None
 
 
 class GdsfOrder:
-    def __init__(self, *, inflate: bool = True) -> None:
+    def __init__(self, size_of: SizeOf, *, inflate: bool = True) -> None:
+        self.size_of = size_of
         self._heap: list[tuple[float, int, str]] = []
         self._live: dict[str, tuple[float, int]] = {}
         self._seq = itertools.count()  # ties go to the one touched longest ago
@@ -88,7 +96,7 @@ class GdsfOrder:
         self.ages = not inflate
 
     def priority(self, item: Item) -> float:
-        return self.inflation + item.freq * 1e6 / max(item.size_bytes, 1)
+        return self.inflation + item.freq * 1e6 / max(self.size_of(item), 1)
 
     def touch(self, item: Item) -> None:
         key = (self.priority(item), next(self._seq))
@@ -127,17 +135,17 @@ class GdsfOrder:
             item = evictable(digest)
             if item is not None:
                 out.append(item)
-                freed += item.size_bytes
+                freed += self.size_of(item)
         for top in popped:  # the caller discards the victims it evicts
             heapq.heappush(self._heap, top)
         return out if freed >= needed else None
 
 
-def make_order(kind: str) -> Order:
+def make_order(kind: str, size_of: SizeOf) -> Order:
     if kind == "lru":
-        return LruOrder()
+        return LruOrder(size_of)
     if kind == "gdsf":
-        return GdsfOrder()
+        return GdsfOrder(size_of)
     if kind == "lfu_size":
-        return GdsfOrder(inflate=False)
+        return GdsfOrder(size_of, inflate=False)
     raise ValueError(f"unknown eviction order {kind!r} (lfu_size, gdsf or lru)")

@@ -39,7 +39,27 @@ class TierBudgets:
 
 
 @dataclass(frozen=True)
+class AdapterSizes:
+    """An adapter's two sizes. `size_bytes`: its files (what DISK holds and a download reads).
+    `device_bytes`: what it occupies in the engine's layout (slots with the rank padded to its
+    bucket and the engine's dtype, plus edge LoRA), on DEVICE and on HOST, which keeps that
+    layout; None until someone needs it on either."""
+
+    size_bytes: int
+    device_bytes: int | None = None
+
+    def bytes_in(self, tier: Tier) -> int:
+        if tier == Tier.DISK:
+            return self.size_bytes
+        if tier in (Tier.DEVICE, Tier.HOST) and self.device_bytes is not None:
+            return self.device_bytes
+        raise ValueError(f"no size in {tier.name} is known (device_bytes {self.device_bytes})")
+
+
+@dataclass(frozen=True)
 class Load:
+    """Bring a copy from `src` into `dst`; `size_bytes` is what it occupies in `dst`."""
+
     digest: str
     size_bytes: int
     src: Tier
@@ -48,7 +68,8 @@ class Load:
 
 @dataclass(frozen=True)
 class Eviction:
-    """Free the copy in `src`; when `dst` is set, first copy it there (a demotion that moves bytes)."""
+    """Free the copy in `src`; when `dst` is set, first copy it there (a demotion that moves bytes).
+    `size_bytes` is what it occupies in `src` (a demotion DEVICE -> HOST moves the same bytes)."""
 
     digest: str
     size_bytes: int
@@ -76,7 +97,7 @@ class ResidentRow:
     digest: str
     state: AdapterState
     tier: Tier  # fastest tier holding or being loaded into
-    size_bytes: int
+    size_bytes: int  # what it occupies (or reserves) in `tier`; its file bytes when OBJECT_STORE
     last_used: float
     in_flight: int
     pinned: bool

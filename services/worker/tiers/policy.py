@@ -6,11 +6,16 @@ loads in progress. DEVICE and HOST are exclusive (a device load from HOST moves 
 a demotion moves them back); DISK is inclusive (the content-addressed file stays until disk
 pressure removes it), so a demotion to disk costs nothing while the file is there.
 
+Each adapter has two sizes (plans.AdapterSizes): DISK counts its file bytes; DEVICE and HOST count
+its bytes in the engine's layout (slot bytes with the rank padded to its bucket, in the engine's
+dtype, plus edge LoRA), which may be several times the file, or less. Every budget, eviction
+order and plan uses the size of the tier in question.
+
 Calls, for the worker that wires this in (times are `clock()` seconds unless passed):
 
     policy = TierPolicy(TierBudgets(device_bytes=..., host_bytes=..., disk_bytes=...),
                         idle_ttl_s=300.0, clock=time.monotonic)
-    plan = policy.access(digest, size_bytes)     # a request wants it on DEVICE; pins it
+    plan = policy.access(digest, size_bytes, device_bytes=...)  # a request wants it on DEVICE; pins it
     if not plan.admitted: queue or shed (plan.reason); nothing changed, nothing pinned;
         access again when a pin is released or a load ends
     for ev in plan.evictions: copy ev.src -> ev.dst if ev.dst else just free ev.src   (in order)
@@ -19,12 +24,14 @@ Calls, for the worker that wires this in (times are `clock()` seconds unless pas
     ... the request finishes: policy.unpin(digest)
     policy.expire_idle() periodically -> evictions to execute (scale to zero)
     policy.set_keep_warm(digest, True); policy.snapshot(); policy.resident_bytes(Tier.DEVICE)
-    an eviction's carry-out failed: policy.reconcile(digest, size, tiers that really hold a copy)
+    an eviction's carry-out failed: policy.reconcile(digest, sizes, tiers that really hold a copy)
 
-`access(..., target=Tier.DISK or Tier.HOST, pin=False)` prefetches. Pinned adapters (a running
-or waiting request holds them) and keep_warm adapters on DEVICE are never evicted; an idle
-adapter leaves DEVICE after `idle_ttl_s`, and lower tiers shed adapters only under byte pressure.
-Eviction within a tier follows `order` (orders.py): "lfu_size" (the default: accesses per byte,
+`access(..., target=Tier.DISK or Tier.HOST, pin=False)` prefetches; DISK-only accesses may omit
+device_bytes (an adapter first seen on DISK learns them from the first access that passes them).
+Pinned adapters (a running or waiting request holds them) and keep_warm adapters on DEVICE are
+never evicted; an idle adapter leaves DEVICE after `idle_ttl_s`, and lower tiers shed adapters
+only under byte pressure. Eviction within a tier follows `order` (orders.py), each tier's order
+reading that tier's size: "lfu_size" (the default: accesses per byte,
 every count halved each `aging_window` accesses), "gdsf" or "lru". bench/cache.py replays Zipf
 (alpha 0.8-1.2) and bursty traces at device budgets of 5-20% of all adapter bytes: the device
 request hit ratio is 0.93-0.99 of a size-aware Belady's for lfu_size, 0.89-0.98 for gdsf and
@@ -37,9 +44,18 @@ import math
 from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import cast
 
-from services.worker.tiers.orders import Item, Order, make_order
-from services.worker.tiers.plans import Eviction, Load, Plan, ResidentRow, Tier, TierBudgets
+from services.worker.tiers.orders import Item, Order, SizeOf, make_order
+from services.worker.tiers.plans import (
+    AdapterSizes,
+    Eviction,
+    Load,
+    Plan,
+    ResidentRow,
+    Tier,
+    TierBudgets,
+)
 from services.worker.tiers.states import IN_PROGRESS, AdapterState, Lifecycle
 
 S = AdapterState
@@ -53,13 +69,25 @@ _LOADING = {Tier.DEVICE: S.LOADING_DEVICE, Tier.HOST: S.LOADING_HOST, Tier.DISK:
 @dataclass(eq=False)
 class _Entry:
     digest: str
-    size_bytes: int
+    size_bytes: int  # file bytes: what DISK counts
+    device_bytes: int | None  # the engine layout's bytes: what DEVICE and HOST count
     state: AdapterState
     last_used: float
     freq: int = 0
     refs: int = 0
     held: set[Tier] = field(default_factory=set)  # tiers whose bytes this adapter occupies/reserves
     pending: list[Load] = field(default_factory=list)  # first one is running
+
+    def bytes_in(self, tier: Tier) -> int:
+        if tier == Tier.DISK:
+            return self.size_bytes
+        if self.device_bytes is None:  # access refuses DEVICE/HOST targets without it
+            raise AssertionError(f"adapter {self.digest[:12]}: device bytes unknown")
+        return self.device_bytes
+
+    @property
+    def sizes(self) -> AdapterSizes:
+        return AdapterSizes(self.size_bytes, self.device_bytes)
 
     def fastest(self) -> Tier:
         return min(self.held, default=Tier.OBJECT_STORE)
@@ -101,7 +129,7 @@ class TierPolicy:
         self.loads_planned: Counter[tuple[Tier, Tier]] = Counter()
         self.rejected = 0
         self._entries: dict[str, _Entry] = {}
-        self._orders: dict[Tier, Order] = {t: make_order(order) for t in BUDGETED}
+        self._orders: dict[Tier, Order] = {t: make_order(order, _size_in(t)) for t in BUDGETED}
         self._used: dict[Tier, int] = {t: 0 for t in BUDGETED}
         self._budget: dict[Tier, int] = {t: budgets.of(t) for t in BUDGETED}
         self._keep_warm: set[str] = set()
@@ -120,10 +148,10 @@ class TierPolicy:
         e = self._entries.get(digest)
         return e.complete() if e is not None else Tier.OBJECT_STORE
 
-    def known_size(self, digest: str) -> int | None:
-        """The size this adapter is accounted with, while the policy holds a row for it."""
+    def known_size(self, digest: str) -> AdapterSizes | None:
+        """The sizes this adapter is accounted with, while the policy holds a row for it."""
         e = self._entries.get(digest)
-        return e.size_bytes if e is not None else None
+        return e.sizes if e is not None else None
 
     def snapshot(self) -> list[ResidentRow]:
         return [
@@ -131,7 +159,7 @@ class TierPolicy:
                 digest=e.digest,
                 state=e.state,
                 tier=e.fastest(),
-                size_bytes=e.size_bytes,
+                size_bytes=e.bytes_in(e.fastest()) if e.held else e.size_bytes,
                 last_used=e.last_used,
                 in_flight=e.refs,
                 pinned=e.refs > 0,
@@ -151,16 +179,31 @@ class TierPolicy:
         *,
         target: Tier = Tier.DEVICE,
         pin: bool = True,
+        device_bytes: int | None = None,
     ) -> Plan:
-        """Plan to have `digest` in `target`; commits the plan's bookkeeping when admitted."""
+        """Plan to have `digest` in `target`; commits the plan's bookkeeping when admitted.
+
+        `size_bytes`: its files; `device_bytes`: its engine layout, needed for a DEVICE or HOST
+        target unless an earlier access passed them."""
         if target == Tier.OBJECT_STORE:
             raise ValueError("target must be DEVICE, HOST or DISK")
-        if size_bytes <= 0:
-            raise ValueError("size_bytes must be > 0")
+        if size_bytes <= 0 or (device_bytes is not None and device_bytes <= 0):
+            raise ValueError("size_bytes and device_bytes must be > 0")
         now = self.clock() if now is None else now
         e = self._entries.get(digest)
-        if e is not None and e.size_bytes != size_bytes:
-            raise ValueError(f"adapter {digest[:12]}: size {size_bytes} != known {e.size_bytes}")
+        if e is not None:
+            if e.size_bytes != size_bytes:
+                raise ValueError(f"adapter {digest[:12]}: size {size_bytes} != known {e.size_bytes}")
+            if device_bytes is not None and e.device_bytes not in (None, device_bytes):
+                raise ValueError(
+                    f"adapter {digest[:12]}: device bytes {device_bytes} != known {e.device_bytes}"
+                )
+            if e.device_bytes is None:
+                e.device_bytes = device_bytes  # first seen on DISK: nothing counted it on DEVICE/HOST
+            device_bytes = e.device_bytes
+        if target != Tier.DISK and device_bytes is None:
+            raise ValueError(f"adapter {digest[:12]}: a {target.name} target needs its device bytes")
+        sizes = AdapterSizes(size_bytes, device_bytes)
         found = e.complete() if e is not None else Tier.OBJECT_STORE
         if pin:
             self.lookups[found] += 1
@@ -172,14 +215,14 @@ class TierPolicy:
             # A slower-target load (a prefetch) is running; let it finish before planning more.
             self.rejected += 1
             return Plan(digest, found, admitted=False, reason="a load of this adapter is running")
-        chain = self._chain(digest, size_bytes, found, target)
+        chain = self._chain(digest, sizes, found, target)
         try:
-            victims = {dst: self._victims(dst, size_bytes, digest) for dst in {ld.dst for ld in chain}}
+            victims = {ld.dst: self._victims(ld.dst, ld.size_bytes, digest) for ld in chain}
         except NoRoom as exc:
             self.rejected += 1
             return Plan(digest, found, admitted=False, reason=str(exc))
         if e is None:
-            e = self._new_entry(digest, size_bytes, now)
+            e = self._new_entry(digest, sizes, now)
         e.pending = list(chain)  # from here on no demotion may take this adapter's own copies
         evictions: list[Eviction] = []
         for tier in (Tier.DISK, Tier.HOST, Tier.DEVICE):
@@ -225,7 +268,7 @@ class TierPolicy:
             if tier not in e.held:
                 continue
             self._release(e, tier, evicted=True)
-            out.append(Eviction(digest, e.size_bytes, tier, None))
+            out.append(Eviction(digest, e.bytes_in(tier), tier, None))
             if e.state == _AT_REST[tier]:
                 rest = e.fastest()
                 if rest == Tier.OBJECT_STORE:
@@ -237,7 +280,7 @@ class TierPolicy:
         return out
 
     def reconcile(
-        self, digest: str, size_bytes: int, present: Collection[Tier], now: float | None = None
+        self, digest: str, sizes: AdapterSizes, present: Collection[Tier], now: float | None = None
     ) -> None:
         """Make the accounting match where copies of `digest` really are, after an eviction whose
         carry-out failed (the policy committed it when it planned it).
@@ -245,19 +288,26 @@ class TierPolicy:
         A copy the policy let go of that is still there (the engine refused to remove it, a file
         would not delete) is counted again, over budget if it must be: the next plans evict to
         make room. A copy it counts that is not there (a demotion's copy failed) is released.
-        Reservations of loads in progress stay theirs."""
+        Reservations of loads in progress stay theirs. `sizes` count a copy of an adapter the
+        policy had forgotten (each tier with its own size); a known adapter keeps its own."""
         present = {t for t in present if t in BUDGETED}
         e = self._entries.get(digest)
         if e is None:
             if not present:
                 return
-            e = self._new_entry(digest, size_bytes, self.clock() if now is None else now)
+            for tier in present:
+                sizes.bytes_in(tier)  # ValueError before anything changes: a size is missing
+            e = self._new_entry(digest, sizes, self.clock() if now is None else now)
+        elif e.device_bytes is None and present & {Tier.DEVICE, Tier.HOST}:
+            if sizes.device_bytes is None:
+                raise ValueError(f"adapter {digest[:12]}: a DEVICE/HOST copy needs its device bytes")
+            e.device_bytes = sizes.device_bytes
         planned = {ld.dst for ld in e.pending}
         for tier in sorted(e.held - present - planned):
             self._release(e, tier)
         for tier in sorted(present - e.held):
             e.held.add(tier)
-            self._used[tier] += e.size_bytes
+            self._used[tier] += e.bytes_in(tier)
             self._orders[tier].touch(e)
         if e.state in IN_PROGRESS:
             return
@@ -285,13 +335,17 @@ class TierPolicy:
             e.state = self.lifecycle.move(digest, e.state, _LOADING[e.pending[0].dst])
 
     def on_failed(self, digest: str) -> None:
-        """The running load failed: release what the rest of the plan reserved; copies stay."""
+        """The running load failed: release what the rest of the plan reserved; copies stay. Device
+        bytes no DEVICE/HOST copy uses are forgotten: they may be why it failed (planned from an
+        unverified header), and the next access passes them again."""
         e = self._entries.get(digest)
         if e is None or e.state not in IN_PROGRESS:
             raise ValueError(f"adapter {digest[:12]}: no load is running")
         for ld in e.pending:
             self._release(e, ld.dst)
         e.pending.clear()
+        if not e.held & {Tier.DEVICE, Tier.HOST}:
+            e.device_bytes = None
         e.state = self.lifecycle.move(digest, e.state, S.FAILED)
         self._drop_if_failed_and_unused(e)
 
@@ -320,10 +374,10 @@ class TierPolicy:
             e.state = self.lifecycle.move(e.digest, e.state, S.ABSENT)
             del self._entries[e.digest]
 
-    def _new_entry(self, digest: str, size_bytes: int, now: float) -> _Entry:
+    def _new_entry(self, digest: str, sizes: AdapterSizes, now: float) -> _Entry:
         # Frequency lives as long as the row: an adapter in any tier keeps its count; one that
         # fell back to object storage starts over (a remembered count measured worse with gdsf).
-        e = _Entry(digest, size_bytes, S.ABSENT, now)
+        e = _Entry(digest, sizes.size_bytes, sizes.device_bytes, S.ABSENT, now)
         self._entries[digest] = e
         return e
 
@@ -345,14 +399,14 @@ class TierPolicy:
             for t in e.held:
                 self._orders[t].refresh(e)
 
-    def _chain(self, digest: str, size: int, found: Tier, target: Tier) -> list[Load]:
+    def _chain(self, digest: str, sizes: AdapterSizes, found: Tier, target: Tier) -> list[Load]:
         chain: list[Load] = []
         src = found
         if src == Tier.OBJECT_STORE:
-            chain.append(Load(digest, size, Tier.OBJECT_STORE, Tier.DISK))
+            chain.append(Load(digest, sizes.size_bytes, Tier.OBJECT_STORE, Tier.DISK))
             src = Tier.DISK
         if target < src:
-            chain.append(Load(digest, size, src, target))
+            chain.append(Load(digest, sizes.bytes_in(target), src, target))
         return chain
 
     def _evictable(self, e: _Entry, tier: Tier) -> bool:
@@ -380,25 +434,28 @@ class TierPolicy:
         return [self._entries[v.digest] for v in found]
 
     def _reserve(self, e: _Entry, tier: Tier) -> None:
-        if self._used[tier] + e.size_bytes > self._budget[tier]:
+        size = e.bytes_in(tier)
+        if self._used[tier] + size > self._budget[tier]:
             raise AssertionError(f"{tier.name} budget would be exceeded")  # planning bug
         e.held.add(tier)
-        self._used[tier] += e.size_bytes
+        self._used[tier] += size
         self._orders[tier].touch(e)
 
     def _release(self, e: _Entry, tier: Tier, *, evicted: bool = False) -> None:
         if tier not in e.held:
             return  # already released (reconcile found the copy gone before its load moved it)
         e.held.discard(tier)
-        self._used[tier] -= e.size_bytes
+        self._used[tier] -= e.bytes_in(tier)
         self._orders[tier].discard(e.digest, evicted=evicted)
 
     def _evict(self, e: _Entry, tier: Tier) -> list[Eviction]:
-        """Remove e's copy in `tier`, demoting DEVICE to HOST when HOST has colder room."""
+        """Remove e's copy in `tier`, demoting DEVICE to HOST when HOST has colder room (HOST keeps
+        the device layout, so the same bytes move)."""
         out: list[Eviction] = []
+        size = e.bytes_in(tier)
         self._release(e, tier, evicted=True)
-        if tier == Tier.DEVICE and e.size_bytes <= self.budgets.host_bytes:
-            needed = self._used[Tier.HOST] + e.size_bytes - self.budgets.host_bytes
+        if tier == Tier.DEVICE and size <= self.budgets.host_bytes:
+            needed = self._used[Tier.HOST] + size - self.budgets.host_bytes
 
             def candidate(d: str) -> Item | None:
                 h = self._entries.get(d)
@@ -410,8 +467,8 @@ class TierPolicy:
                     out += self._evict(self._entries[h.digest], Tier.HOST)
                 self._reserve(e, Tier.HOST)
                 e.state = self.lifecycle.move(e.digest, e.state, S.IN_HOST)
-                return [*out, Eviction(e.digest, e.size_bytes, Tier.DEVICE, Tier.HOST)]
-        out.append(Eviction(e.digest, e.size_bytes, tier, None))
+                return [*out, Eviction(e.digest, size, Tier.DEVICE, Tier.HOST)]
+        out.append(Eviction(e.digest, size, tier, None))
         if e.state == _AT_REST[tier]:
             rest = e.fastest()
             if rest == Tier.OBJECT_STORE:
@@ -421,3 +478,12 @@ class TierPolicy:
                 e.state = self.lifecycle.move(e.digest, e.state, _AT_REST[rest])
         self._drop_if_failed_and_unused(e)
         return out
+
+
+def _size_in(tier: Tier) -> SizeOf:
+    """An eviction order's view of an entry's size: its bytes in that order's tier."""
+
+    def size_of(item: Item) -> int:
+        return cast(_Entry, item).bytes_in(tier)
+
+    return size_of
