@@ -347,17 +347,26 @@ async def test_chat_prompt_is_rendered_with_the_chat_template(
     assert by_chat.token_ids == by_ids.token_ids
 
 
-def adapter_bytes(*dirs: Path) -> int:
-    return sum((d / name).stat().st_size for d in dirs for name in ADAPTER_FILES)
+async def device_sizes(
+    home: Path, refs: dict[str, common_pb2.AdapterRef], kinds: tuple[str, ...]
+) -> dict[str, int]:
+    """Each adapter's bytes in the engine's layout (what the DEVICE budget counts: slots with
+    padded ranks, not file bytes), learnt by loading each once on a worker of its own."""
+    async with serving(worker_settings(home, TINY_LLAMA)) as (worker, stub):
+        for kind in kinds:
+            await generate(stub, gen_request(adapter=refs[kind], max_tokens=1))
+        known = {k: worker.loader.policy.known_size(refs[k].digest) for k in kinds}
+    sizes = {k: v.device_bytes for k, v in known.items() if v is not None and v.device_bytes}
+    assert sizes.keys() == set(kinds)
+    return sizes
 
 
 async def test_device_budget_demotes_the_least_used_adapter_to_host(
     loraplex_home: Path,
     tiny_llama_dir: Path,
     tiny_refs: dict[str, common_pb2.AdapterRef],
-    worker_tiny_adapters: dict[str, Path],
 ) -> None:
-    sizes = {k: adapter_bytes(worker_tiny_adapters[k]) for k in ("qv", "attn_rs", "mlp")}
+    sizes = await device_sizes(loraplex_home, tiny_refs, ("qv", "attn_rs", "mlp"))
     # Room for qv and the larger of the others, never for all three.
     budget = sizes["qv"] + max(sizes["attn_rs"], sizes["mlp"])
     assert budget < sum(sizes.values())
@@ -612,9 +621,10 @@ async def test_cold_adapter_is_shed_while_the_device_is_full_of_adapters_in_use(
     loraplex_home: Path,
     tiny_llama_dir: Path,
     tiny_refs: dict[str, common_pb2.AdapterRef],
-    worker_tiny_adapters: dict[str, Path],
 ) -> None:
-    budget = max(adapter_bytes(worker_tiny_adapters["qv"]), adapter_bytes(worker_tiny_adapters["mlp"]))
+    sizes = await device_sizes(loraplex_home, tiny_refs, ("qv", "mlp"))
+    budget = max(sizes.values())  # room for one of them at a time
+    assert budget < sum(sizes.values())
     settings = worker_settings(loraplex_home, TINY_LLAMA, device_adapter_bytes=budget)
     async with serving(settings) as (worker, stub):
         worker.loader.admit_wait_s = 0.3  # shed quickly instead of waiting up to 10 s for room
@@ -640,9 +650,10 @@ async def test_a_waiting_request_gets_the_device_when_the_holder_finishes(
     loraplex_home: Path,
     tiny_llama_dir: Path,
     tiny_refs: dict[str, common_pb2.AdapterRef],
-    worker_tiny_adapters: dict[str, Path],
 ) -> None:
-    budget = max(adapter_bytes(worker_tiny_adapters["qv"]), adapter_bytes(worker_tiny_adapters["mlp"]))
+    sizes = await device_sizes(loraplex_home, tiny_refs, ("qv", "mlp"))
+    budget = max(sizes.values())  # room for one of them at a time
+    assert budget < sum(sizes.values())
     settings = worker_settings(loraplex_home, TINY_LLAMA, device_adapter_bytes=budget)
     async with serving(settings) as (_, stub):
         busy = stub.Generate(gen_request(adapter=tiny_refs["qv"], max_tokens=30, ignore_eos=True))

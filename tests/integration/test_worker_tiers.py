@@ -143,14 +143,19 @@ async def test_watch_state_follows_an_adapter_through_evict_prefetch_and_generat
     loraplex_home: Path, tiny_llama_dir: Path, refs: dict[str, common_pb2.AdapterRef]
 ) -> None:
     ref = refs["dora"]
-    async with serving(worker_settings(loraplex_home, TINY_LLAMA)) as (_, stub):
+    async with serving(worker_settings(loraplex_home, TINY_LLAMA)) as (worker, stub):
         first = await generate(stub, gen_request(adapter=ref, max_tokens=4, ignore_eos=True))
         on_device = await wait_tier(stub, ref.digest, DEVICE)
-        assert on_device.size_bytes == ref.size_bytes and on_device.adapter_id == "id-dora"
+        # Each tier reports the bytes it counts: the engine's layout on DEVICE, the files on DISK.
+        sizes = worker.loader.policy.known_size(ref.digest)
+        assert sizes is not None and sizes.device_bytes is not None
+        assert on_device.size_bytes == sizes.device_bytes != ref.size_bytes
+        assert on_device.adapter_id == "id-dora"
         assert not on_device.pinned and on_device.in_flight == 0
 
         assert (await stub.EvictAdapter(worker_pb2.EvictAdapterRequest(digest=ref.digest))).evicted
-        await wait_tier(stub, ref.digest, DISK)
+        on_disk = await wait_tier(stub, ref.digest, DISK)
+        assert on_disk.size_bytes == ref.size_bytes
 
         reply = await stub.PrefetchAdapter(
             worker_pb2.PrefetchAdapterRequest(adapter=ref, tier=common_pb2.ADAPTER_TIER_HOST)

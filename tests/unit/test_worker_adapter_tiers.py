@@ -7,21 +7,31 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from services.common.adapter_files import ADAPTER_FILES, adapter_digest
+from services.common.adapter_files import (
+    ADAPTER_FILES,
+    ADAPTER_WEIGHTS,
+    adapter_digest,
+    read_safetensors_header,
+)
 from services.worker.adapters import (
     AdapterLoader,
     AdaptersBusy,
     AdapterSpec,
     AdapterTooLarge,
+    AdapterUnreadable,
     Tier,
     fetch_to_cache,
 )
+from services.worker.adapters.sizing import planned_device_bytes
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine.adapter_slots import DeviceAdapter
 from services.worker.engine.config import EngineConfig
@@ -65,6 +75,18 @@ def specs(worker_tiny_adapters: dict[str, Path]) -> dict[str, AdapterSpec]:
     }
 
 
+@pytest.fixture
+def device_bytes(engine: AsyncEngine, worker_tiny_adapters: dict[str, Path]) -> dict[str, int]:
+    """What each tiny adapter occupies on DEVICE (and HOST) in the fp32 engine: what those
+    budgets count, unlike the file bytes DISK counts."""
+    return {
+        kind: planned_device_bytes(
+            read_safetensors_header(path / ADAPTER_WEIGHTS).tensors, engine.linear_shape, torch.float32
+        )
+        for kind, path in worker_tiny_adapters.items()
+    }
+
+
 MakeLoader = Callable[..., Awaitable[AdapterLoader]]
 
 
@@ -102,10 +124,10 @@ async def greedy(engine: AsyncEngine, digest: str, request_id: str) -> list[int]
 
 
 async def test_budget_pressure_never_evicts_an_adapter_a_request_holds(
-    engine: AsyncEngine, make_loader: MakeLoader, specs: dict[str, AdapterSpec]
+    engine: AsyncEngine, make_loader: MakeLoader, specs: dict[str, AdapterSpec], device_bytes: dict[str, int]
 ) -> None:
     qv, mlp = specs["qv"], specs["mlp"]
-    loader = await make_loader(device=max(qv.size_bytes, mlp.size_bytes))
+    loader = await make_loader(device=max(device_bytes["qv"], device_bytes["mlp"]))  # one at a time
     held = await loader.acquire(qv)
     with pytest.raises(AdaptersBusy, match=r"adapter mlp@1 cannot be loaded now: .*retry shortly"):
         await loader.acquire(mlp, wait_s=0.05)
@@ -123,10 +145,10 @@ async def test_budget_pressure_never_evicts_an_adapter_a_request_holds(
 
 
 async def test_host_demotion_and_reload_give_the_same_greedy_output_as_a_fresh_load(
-    engine: AsyncEngine, make_loader: MakeLoader, specs: dict[str, AdapterSpec]
+    engine: AsyncEngine, make_loader: MakeLoader, specs: dict[str, AdapterSpec], device_bytes: dict[str, int]
 ) -> None:
     dora, mlp = specs["dora"], specs["mlp"]  # DoRA: its folded factor must survive the round trip
-    loader = await make_loader(device=max(dora.size_bytes, mlp.size_bytes))
+    loader = await make_loader(device=max(device_bytes["dora"], device_bytes["mlp"]))
     fresh = await loader.acquire(dora)
     expected = await greedy(engine, dora.digest, "fresh")
     loader.release(fresh)
@@ -177,14 +199,34 @@ async def test_a_cold_load_writes_its_disk_copy_behind_and_a_failed_write_only_c
 
 
 async def test_a_copy_fetched_only_to_learn_the_size_of_a_refused_adapter_is_not_kept(
-    make_loader: MakeLoader, specs: dict[str, AdapterSpec], tmp_path: Path
+    make_loader: MakeLoader, specs: dict[str, AdapterSpec], tmp_path: Path, device_bytes: dict[str, int]
 ) -> None:
     qv = specs["qv"]
-    loader = await make_loader(device=qv.size_bytes - 1)
+    loader = await make_loader(device=device_bytes["qv"] - 1)
     unsized = AdapterSpec(**{**qv.__dict__, "size_bytes": 0})  # the size is learnt by fetching
     with pytest.raises(AdapterTooLarge, match="DEVICE budget"):
         await loader.acquire(unsized)
     assert not (tmp_path / "worker-cache" / qv.digest[7:]).exists()
+    assert loader.policy.resident_bytes(Tier.DISK) == 0
+
+
+async def test_a_copy_fetched_to_learn_the_size_of_an_adapter_this_model_cannot_hold_is_not_kept(
+    make_loader: MakeLoader, worker_tiny_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    # Verified files (the digest matches) whose weights name a layer the tiny model lacks: the
+    # device size cannot be planned, after a fetch that ran only to learn the file size.
+    odd = tmp_path / "odd-adapter"
+    shutil.copytree(worker_tiny_adapters["qv"], odd)
+    tensors = load_file(odd / ADAPTER_WEIGHTS)
+    name = next(iter(tensors))
+    tensors[re.sub(r"layers\.\d+\.", "layers.99.", name)] = tensors.pop(name)
+    save_file(tensors, odd / ADAPTER_WEIGHTS)
+    spec = AdapterSpec(digest=adapter_digest(odd), uri=odd.as_uri(), label="odd@1", size_bytes=0)
+    loader = await make_loader()
+    with pytest.raises(AdapterUnreadable, match=r"odd@1 cannot be read: .*layer 99"):
+        await loader.acquire(spec)
+    assert not (tmp_path / "worker-cache" / spec.digest[7:]).exists()
+    assert loader.policy.known_size(spec.digest) is None
     assert loader.policy.resident_bytes(Tier.DISK) == 0
 
 

@@ -177,8 +177,9 @@ class AdapterLoader:
         """
         started = time.monotonic()
         wait_s = self.admit_wait_s if wait_s is None else min(wait_s, self.admit_wait_s)
-        sizes = await self._prepare_request(spec, Tier.DEVICE)
+        self._check(spec)  # a malformed or disallowed reference touches nothing below
         try:
+            sizes = await self._prepare_request(spec, Tier.DEVICE)
             plan = await self._admit(spec, sizes, Tier.DEVICE, pin=True, until=started + wait_s)
         except Exception:
             await self._drop_unaccounted(spec.digest)
@@ -248,7 +249,8 @@ class AdapterLoader:
         check_reference(spec, self.sources, self.base_model)
 
     async def _prepare_request(self, spec: AdapterSpec, target: Tier) -> AdapterSizes:
-        self._check(spec)
+        """Its sizes, for a reference `_check` accepted; a fetch run only to learn them leaves a
+        copy the caller drops if the request goes no further (`_drop_unaccounted`)."""
         if spec.adapter_id:
             self._adapter_ids[spec.digest] = spec.adapter_id
         self.policy.set_keep_warm(spec.digest, spec.keep_warm)
@@ -345,8 +347,8 @@ class AdapterLoader:
         return plan.found_in
 
     async def _prefetch(self, spec: AdapterSpec, target: Tier) -> None:
-        sizes = await self._prepare_request(spec, target)
         try:
+            sizes = await self._prepare_request(spec, target)
             until = time.monotonic() + self.admit_wait_s
             plan = await self._admit(spec, sizes, target, pin=False, until=until)
         except Exception:
