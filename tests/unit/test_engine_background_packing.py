@@ -45,3 +45,15 @@ def test_packing_in_the_background_matches_packing_first(smollm2_dir: Path) -> N
     assert (later.packing is not None) == packs
     assert _packed_matrices(later) == _packed_matrices(first) == (120 if packs else 0)
     assert (later.model.lm_head_packed is not None) == packs
+
+
+def test_fp32_weights_are_packed_before_the_engine_serves(smollm2_dir: Path) -> None:
+    # Packed fp32 GEMMs differ from plain ones in the last bits, so no step may run on a mix.
+    config = EngineConfig(
+        model_dir=smollm2_dir, dtype=torch.float32, kv_cache_blocks=32, pack_in_background=True
+    )
+    engine = LLMEngine(config)
+    assert engine.packing is None
+    packs = can_pack("cpu", torch.float32)
+    assert _packed_matrices(engine) == (120 if packs else 0)
+    assert (engine.model.lm_head_packed is not None) == packs

@@ -506,12 +506,10 @@ class AdapterLoader:
         Right after a cold fetch the files are still in memory: parsed from there."""
         fetched = self.fetcher.take_fetched(spec.digest)
         if fetched is not None:
-            prepared = await self._in(
-                self._parsing, prepare_from_bytes, self.engine, spec, fetched, self.dtype
-            )
+            prepared = await self._in(self._parsing, prepare_from_bytes, self.engine, spec, fetched)
             return Tier.DISK, prepared
         got, path = await self.fetcher.fetch(spec)
-        return got, await self._in(self._parsing, prepare_from_files, self.engine, spec, path, self.dtype)
+        return got, await self._in(self._parsing, prepare_from_files, self.engine, spec, path)
 
     async def _in(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()

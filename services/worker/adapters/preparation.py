@@ -18,20 +18,20 @@ from services.worker.engine.adapter_weights import (
     load_adapter_weights,
 )
 
+# Files are read at full precision and rounded once, into the slot layout in the engine's dtype
+# (the scale folded into B before that rounding, not after).
+PARSE_DTYPE = torch.float32
 
-def prepare_from_files(
-    engine: AsyncEngine, spec: AdapterSpec, path: Path, dtype: torch.dtype
-) -> DeviceAdapter:
-    weights = _parse(spec, lambda: load_adapter_weights(path, spec.digest, dtype))
+
+def prepare_from_files(engine: AsyncEngine, spec: AdapterSpec, path: Path) -> DeviceAdapter:
+    weights = _parse(spec, lambda: load_adapter_weights(path, spec.digest, PARSE_DTYPE))
     return engine.prepare_adapter(weights)
 
 
-def prepare_from_bytes(
-    engine: AsyncEngine, spec: AdapterSpec, fetched: FetchedAdapter, dtype: torch.dtype
-) -> DeviceAdapter:
+def prepare_from_bytes(engine: AsyncEngine, spec: AdapterSpec, fetched: FetchedAdapter) -> DeviceAdapter:
     """Right after a cold fetch, from the bytes still in memory (the disk copy is written behind)."""
     config, weights = (fetched.files[name] for name in ADAPTER_FILES)
-    parsed = _parse(spec, lambda: adapter_weights_from_bytes(config, weights, spec.digest, dtype))
+    parsed = _parse(spec, lambda: adapter_weights_from_bytes(config, weights, spec.digest, PARSE_DTYPE))
     return engine.prepare_adapter(parsed)
 
 

@@ -24,9 +24,10 @@ class EngineConfig:
     max_adapter_slots: int = 4096
     max_lora_rank: int = 256
     kv_cache_bytes: int | None = None  # None: 512 MiB on CPU, half the free memory on CUDA
-    # CPU bf16 weights are packed for oneDNN (layers/packed.py), ~1 s for SmolLM2: True packs them
+    # CPU weights are packed for oneDNN (layers/packed.py), ~1 s for SmolLM2: True packs bf16 ones
     # on a thread of its own while the worker finishes starting (its cold start), False before
-    # the engine is returned. Either way a step's results are the same.
+    # the engine is returned; either way a step's results are the same. fp32 weights, whose packed
+    # results differ in the last bits, are always packed before the engine is returned.
     pack_in_background: bool = False
 
     def __post_init__(self) -> None:

@@ -18,7 +18,7 @@ from services.worker.engine.model_runner import ModelRunner
 from services.worker.engine.sampling import SamplingParams
 from services.worker.engine.scheduler import Scheduler
 from services.worker.engine.sequence import Sequence, SequenceStatus
-from services.worker.layers.packed import can_pack
+from services.worker.layers.packed import can_pack, packs_exactly
 from services.worker.models.families import load_model
 from services.worker.tokenizer import load_tokenizer
 
@@ -108,13 +108,14 @@ class LLMEngine:
         self._aborted: list[RequestOutput] = []
 
     def _pack_weights(self) -> threading.Thread | None:
-        """oneDNN-packed weights where they help (CPU bf16): now, or on a thread of their own.
+        """oneDNN-packed weights where they help (CPU bf16 and fp32): now, or on a thread of their own.
 
-        Packed and plain GEMMs give bit-identical results and each layer switches to its packed
-        weight in one attribute assignment, so steps may run while the thread works."""
+        In bf16 packed and plain GEMMs give bit-identical results and each layer switches to its
+        packed weight in one attribute assignment, so steps may run while the thread works; fp32
+        results differ in the last bits, so fp32 weights are packed before the engine serves."""
         if not can_pack(self.config.device, self.config.dtype):
             return None
-        if not self.config.pack_in_background:
+        if not (self.config.pack_in_background and packs_exactly(self.config.dtype)):
             self.model.pack_weights()
             return None
         thread = threading.Thread(target=self._pack_logged, name="pack-weights")
