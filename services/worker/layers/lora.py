@@ -45,30 +45,6 @@ class LoraGroup:
 @dataclass
 class LoraBatch:
     groups: list[LoraGroup]
-    # x in fp32 (see WIDE_MAX_TOKENS), kept while the parts of a fused module (q/k/v, gate/up) read one x.
-    _widened: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    # One flat fp32 buffer per operand, reused by every module and layer of the step, so converted
-    # slot views land in memory that is already mapped and in cache (fresh tensors cost ~1/3 more).
-    _scratch: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def converted(self, name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """`t` in `dtype`, written into this step's scratch buffer `name` (valid until its next use)."""
-        if t.dtype == dtype:
-            return t
-        buf = self._scratch.get(name)
-        if buf is None or buf.numel() < t.numel() or buf.dtype != dtype:
-            buf = self._scratch[name] = torch.empty(t.numel(), dtype=dtype, device=t.device)
-        return buf[: t.numel()].view(t.shape).copy_(t)
-
-    def widened(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """x in `dtype`, converted once for every part and group that reads this x."""
-        if x.dtype == dtype:
-            return x
-        cached = self._widened
-        if cached is None or cached[0] is not x or cached[1].dtype != dtype:
-            cached = self._widened = (x, x.to(dtype))
-        return cached[1]
 
     def index_tensors(self) -> list[torch.Tensor | None]:
         """The step's token index tensors, in a fixed order (built on the host, sent in one copy)."""
@@ -86,54 +62,31 @@ class LoraBatch:
             g.gather_index, g.dest = gather, dest
 
 
-# Tokens per adapter up to which a group's low-rank matmuls run in fp32 on the CPU when the engine
-# is in bf16 (or fp16): the slot views are converted per call, into buffers that stay in cache.
-# A decode step is hundreds of batched GEMVs (groups x modules x layers), and CPU bf16 `bmm` pays
-# ~20 us a call whatever its size. Measured here (2-core AMD EPYC, AVX512-BF16, torch 2.13,
-# 1 thread), 30 layers x 7 modules x 4 groups of 8 adapters (ranks 8-64), one token each:
-# 100 ms a step in bf16, 60 ms converting to fp32 (71 ms with fp32 slots, which double the bytes).
-# Per call (8 adapters, 576 -> 1536): 1 token 22 us fp32 vs 60 bf16; 4 tokens about even at rank
-# 16, 2x slower in fp32 at rank 64; 256 tokens 4-14x slower, so prompt chunks stay in bf16.
-WIDE_MAX_TOKENS = 2
-
-
-def _compute_dtype(x: torch.Tensor, seg_len: int) -> torch.dtype:
-    narrow = x.dtype in (torch.bfloat16, torch.float16)
-    return torch.float32 if narrow and x.device.type == "cpu" and seg_len <= WIDE_MAX_TOKENS else x.dtype
-
-
 def add_lora(y: torch.Tensor, x: torch.Tensor, key: ModuleKey, batch: LoraBatch) -> None:
     """y [T, out] += each row's low-rank correction of x [T, in]; DoRA rows rescaled, in place."""
     for g in batch.groups:
         ab = g.weights.get(key)
         if ab is None:
             continue
-        dtype = _compute_dtype(x, g.seg_len)
-        a_t, b_t = batch.converted("a", ab[0], dtype), batch.converted("b", ab[1], dtype)
-        wide = dtype != x.dtype
+        a_t, b_t = ab
         scales = g.dora_scales.get(key)
         if g.span is not None:
             start, end = g.span
             xs = x[start:end].view(g.num_adapters, g.seg_len, x.shape[1])
+            # Accumulate straight into y's rows: no [tokens, out] temporary to write and re-read.
             ys = y[start:end].view(g.num_adapters, g.seg_len, y.shape[1])
-            if wide:
-                xw = batch.widened(x, a_t.dtype)[start:end].view(xs.shape)
-                ys.add_(torch.bmm(torch.bmm(xw, a_t), b_t))
-            else:
-                # Accumulate straight into y's rows: no [tokens, out] temporary to write and re-read.
-                ys.baddbmm_(torch.bmm(xs, a_t), b_t)
+            ys.baddbmm_(torch.bmm(xs, a_t), b_t)
             if scales is not None:
                 ys.mul_(scales.unsqueeze(1))
             continue
-        xg = batch.widened(x, a_t.dtype).index_select(0, g.gather_index)
-        xg = xg.view(g.num_adapters, g.seg_len, x.shape[1])
-        delta = torch.bmm(torch.bmm(xg, a_t), b_t).view(-1, y.shape[1]).to(y.dtype)
+        xg = x.index_select(0, g.gather_index).view(g.num_adapters, g.seg_len, x.shape[1])
+        delta = torch.bmm(torch.bmm(xg, a_t), b_t).view(-1, y.shape[1])
         if g.valid is not None:
             delta = delta.index_select(0, g.valid)
         y.index_add_(0, g.dest, delta)
         if scales is not None and g.dest_slot is not None:
             rows = y.index_select(0, g.dest) * scales.index_select(0, g.dest_slot)
-            y.index_copy_(0, g.dest, rows.to(y.dtype))
+            y.index_copy_(0, g.dest, rows)
 
 
 class LoRALinear(nn.Module):
