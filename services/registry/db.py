@@ -278,10 +278,13 @@ class AdapterChanges:
 
     async def wait(self, timeout_s: float) -> bool:
         """True when a change was committed since the last wait; False after `timeout_s` without one."""
-        try:
-            await asyncio.wait_for(self._event.wait(), timeout_s)
-        except TimeoutError:
-            return False
+        # A change already pending is taken at once: `wait_for` with a zero timeout gives up before
+        # the waiting task runs, which would leave it pending for the next wait.
+        if not self._event.is_set():
+            try:
+                await asyncio.wait_for(self._event.wait(), timeout_s)
+            except TimeoutError:
+                return False
         self._event.clear()
         return True
 

@@ -389,6 +389,16 @@ async def test_a_lost_listen_connection_is_reopened_and_wakes_watchers_to_catch_
         assert str(adapter.revision) in payloads
 
 
+async def test_a_pending_change_is_taken_by_a_zero_timeout_wait() -> None:
+    # CI once saw `wait(0)` leave the reopening's wake-up pending, so the next wait returned
+    # before the NOTIFY it was meant to see had arrived.
+    changes = db.AdapterChanges(None)
+    changes._wake("")
+    assert await changes.wait(0) is True
+    assert await changes.wait(0) is False
+    assert await changes.wait(0.01) is False
+
+
 async def test_listener_falls_back_to_polling_when_it_cannot_connect() -> None:
     async with db.listen_adapter_changes("postgresql://nobody@127.0.0.1:1/none") as changes:
         assert not changes.listening
