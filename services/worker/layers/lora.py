@@ -165,6 +165,10 @@ class FusedLoRALinear(nn.Module):
         self.weight, self.bias = weight, bias
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> tuple[torch.Tensor, ...]:
+        return self.fused(x, lora).split(self.sizes, dim=1)
+
+    def fused(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+        """The parts' outputs side by side, [T, sum of out_features]."""
         y = matmul(x, self.weight, self.packed)
         if lora is not None:
             offset = 0
@@ -173,7 +177,7 @@ class FusedLoRALinear(nn.Module):
                 offset += p.out_features
         if self.bias is not None:
             y += self.bias
-        return y.split(self.sizes, dim=1)
+        return y
 
 
 def _adjacent_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:

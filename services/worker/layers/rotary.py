@@ -59,30 +59,36 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None
 def rope_cache(
     head_dim: int, max_positions: int, theta: float, scaling: RopeScaling | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables of shape [max_positions, head_dim], computed in fp32 on the host.
+    """cos, sin tables of shape [max_positions, head_dim], computed in fp32 on the host; sin's
+    first half negated (see `rotate_`).
 
     The host even inside a `torch.device("meta")` block: arange on meta runs through torch's
     Python reference ops, whose first use imports torch._dynamo (~1.3 s of a cold start)."""
     inv_freq = inverse_frequencies(head_dim, theta, scaling)
     freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device="cpu"), inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+    return _tables(freqs)
+
+
+def _tables(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[positions, d/2] angles -> cos [positions, d] and sin [positions, d], sin's first half negated."""
+    sin = freqs.sin()
+    return torch.cat([freqs, freqs], dim=-1).cos(), torch.cat([-sin, sin], dim=-1)
 
 
 def longrope_cache(
     rotary_dim: int, max_positions: int, theta: float, longrope: LongRope
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [2 * max_positions, rotary_dim] in fp32: the short-factor table, then the
-    long-factor one, each times `attention_factor` (as transformers scales them)."""
+    long-factor one, each times `attention_factor` (as transformers scales them); sin's first half
+    negated (see `rotate_`)."""
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float() / rotary_dim
     positions = torch.arange(max_positions, dtype=torch.float32, device="cpu")
     tables = []
     for factors in (longrope.short_factor, longrope.long_factor):
         inv_freq = 1.0 / (torch.tensor(factors, dtype=torch.float32) * theta**exponents)
-        freqs = torch.outer(positions, inv_freq)
-        tables.append(torch.cat([freqs, freqs], dim=-1))
-    emb = torch.cat(tables)
-    return emb.cos() * longrope.attention_factor, emb.sin() * longrope.attention_factor
+        tables.append(torch.outer(positions, inv_freq))
+    cos, sin = _tables(torch.cat(tables))
+    return cos * longrope.attention_factor, sin * longrope.attention_factor
 
 
 def longrope_rows(
@@ -109,12 +115,13 @@ def longrope_rows(
     return positions + (largest + 1 > original_max).long() * max_positions
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, d]; cos, sin [T, 1, r] already in x's dtype. With r < d (partial rotary, as in
-    Phi-4-mini) only the first r dims of each head rotate; the rest pass through."""
-    r = cos.shape[-1]
-    if r < x.shape[-1]:
-        return torch.cat([apply_rotary(x[..., :r], cos, sin), x[..., r:]], dim=-1)
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotates x [T, heads, d] in place (any strides: q and k are rotated as one view of the q/k/v
+    projection); cos, sin [T, 1, r] in x's dtype, from the tables above. With r < d (partial
+    rotary, as in Phi-4-mini) only the first r dims of each head rotate; the rest pass through.
+
+    HF's rotate-half, x * cos + cat(-x2, x1) * sin, as x * cos + roll(x, r/2) * sin with sin's
+    first half negated: three kernels a call instead of five, the same products."""
+    x = x[..., : cos.shape[-1]]
+    rolled = x.roll(x.shape[-1] // 2, dims=-1)
+    x.mul_(cos).addcmul_(rolled, sin)

@@ -19,7 +19,7 @@ from services.worker.layers.lora import FusedLoRALinear, LoraBatch, LoRALinear
 from services.worker.layers.lora_edges import EdgeBatch, add_embedding_lora, add_lm_head_lora
 from services.worker.layers.norm import RMSNorm
 from services.worker.layers.packed import matmul, pack
-from services.worker.layers.rotary import apply_rotary, rope_cache
+from services.worker.layers.rotary import rope_cache, rotate_
 from services.worker.models.config import ModelConfig
 
 
@@ -52,18 +52,22 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv(x, ctx.lora)
-        q = q.view(t, self.heads, self.head_dim)
-        k = k.view(t, self.kv_heads, self.head_dim)
-        v = v.view(t, self.kv_heads, self.head_dim)
-        q, k = self.normalize_qk(q, k)
+        qkv = self.qkv.fused(x, ctx.lora).view(t, -1, self.head_dim)  # [T, heads + 2 kv_heads, d]
+        q, k, v = qkv.split((self.heads, self.kv_heads, self.kv_heads), dim=1)
         assert ctx.cos is not None and ctx.sin is not None
-        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        if self.normalizes_qk:
+            q, k = self.normalize_qk(q, k)
+            rotate_(q, ctx.cos, ctx.sin)
+            rotate_(k, ctx.cos, ctx.sin)
+        else:
+            rotate_(qkv[:, : self.heads + self.kv_heads], ctx.cos, ctx.sin)
         out = paged_attention(q, k, v, self.k_cache, self.v_cache, ctx.attention, self.scale, self.sliding)
         return self.o_proj(out.reshape(t, -1), ctx.lora)
 
+    normalizes_qk = False  # Qwen3 and Gemma 3 norm each query and key head before RoPE
+
     def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Before RoPE; nothing here (Qwen3 and Gemma 3 norm each head)."""
+        """Before RoPE, when `normalizes_qk`; returns new tensors (q and k are views of the projection)."""
         return q, k
 
 

@@ -3,7 +3,7 @@
 Adapters trained on Phi target the fused modules (`qkv_proj`, `gate_up_proj`), so these are the
 LoRA modules too: one LoRALinear each, whose low-rank delta lands on the whole fused output.
 Partial rotary (Phi-4-mini rotates 3/4 of each head) is config (`rotary_dim`), handled by
-layers/rotary.apply_rotary. `longrope` scaling (the 128k-context Phi-3 and Phi-4-mini) keeps a
+layers/rotary.rotate_. `longrope` scaling (the 128k-context Phi-3 and Phi-4-mini) keeps a
 short and a long cos/sin table stacked in one; each step maps every token's position to its row
 (layers/rotary.longrope_rows) before the shared forward reads the table.
 """
@@ -18,7 +18,7 @@ from torch import nn
 
 from services.worker.layers.attention import paged_attention
 from services.worker.layers.lora import LoRALinear
-from services.worker.layers.rotary import apply_rotary, longrope_cache, longrope_rows
+from services.worker.layers.rotary import longrope_cache, longrope_rows, rotate_
 from services.worker.models.config import ModelConfig
 from services.worker.models.llama import LlamaForCausalLM, StepContext
 
@@ -27,12 +27,8 @@ class Phi3Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.sizes = [
-            self.heads * self.head_dim,
-            self.kv_heads * self.head_dim,
-            self.kv_heads * self.head_dim,
-        ]
-        self.qkv_proj = LoRALinear((layer, "qkv_proj"), cfg.hidden_size, sum(self.sizes), False)
+        qkv_out = (self.heads + 2 * self.kv_heads) * self.head_dim
+        self.qkv_proj = LoRALinear((layer, "qkv_proj"), cfg.hidden_size, qkv_out, False)
         self.o_proj = LoRALinear((layer, "o_proj"), self.heads * self.head_dim, cfg.hidden_size, False)
         self.sliding = cfg.sliding_window is not None
         self.k_cache = torch.empty(0)  # [kv_heads, slots, d], assigned by the runner
@@ -40,12 +36,10 @@ class Phi3Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x, ctx.lora).split(self.sizes, dim=1)
-        q = q.reshape(t, self.heads, self.head_dim)
-        k = k.reshape(t, self.kv_heads, self.head_dim)
-        v = v.reshape(t, self.kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x, ctx.lora).view(t, -1, self.head_dim)  # [T, heads + 2 kv_heads, d]
+        q, k, v = qkv.split((self.heads, self.kv_heads, self.kv_heads), dim=1)
         assert ctx.cos is not None and ctx.sin is not None
-        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        rotate_(qkv[:, : self.heads + self.kv_heads], ctx.cos, ctx.sin)
         scale = self.head_dim**-0.5
         out = paged_attention(q, k, v, self.k_cache, self.v_cache, ctx.attention, scale, self.sliding)
         return self.o_proj(out.reshape(t, -1), ctx.lora)
