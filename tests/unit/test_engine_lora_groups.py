@@ -12,7 +12,8 @@ from services.worker.engine.llm_engine import LLMEngine
 from services.worker.engine.sampling import SamplingParams
 from services.worker.engine.scheduler import ScheduledBatch
 from services.worker.engine.sequence import Sequence
-from services.worker.models.llama import Attention
+from services.worker.layers.lora import SHARED_SHRINK_TOKENS
+from services.worker.models.llama import MLP, Attention
 from tests.engine_support import PeftAdapterSpec, build_peft_adapter, load_weights
 
 QV = PeftAdapterSpec("qv-r8", 8, 16, ("q_proj", "v_proj"))
@@ -83,3 +84,29 @@ def test_slot_bytes_count_the_bucket_padding_and_the_engine_dtype(engine: LLMEng
             assert linear is not None
             padded += (linear.in_features + linear.out_features) * adapter.bucket * 4
         assert adapter.slot_bytes == group.slot_bytes == occupied == padded
+
+
+@pytest.mark.parametrize("tokens", [1, 3, SHARED_SHRINK_TOKENS])
+def test_a_fused_projection_adds_each_parts_lora_as_the_part_alone_would(
+    engine: LLMEngine, tokens: int
+) -> None:
+    qv, all_linear = sorted(engine.adapters.values(), key=lambda a: len(a.targets))
+    seqs = [
+        Sequence(f"s{i}", [5] * tokens, SamplingParams(), a.digest) for i, a in enumerate((qv, all_linear))
+    ]
+    batch = ScheduledBatch(seqs, [tokens, tokens])
+    engine.runner.lora.arrange(batch, engine.adapters)
+    order = sorted(range(2), key=lambda i: engine.runner.lora.row_key(seqs[i].adapter, engine.adapters))
+    batch = ScheduledBatch([seqs[i] for i in order], [tokens, tokens])
+    lora = engine.runner.lora.build(batch, [0, tokens, 2 * tokens], engine.adapters)
+    assert lora is not None
+    attn = engine.model.attention_layers()[1]
+    mlp = engine.model.model.layers[1].mlp
+    assert isinstance(attn, Attention) and isinstance(mlp, MLP)
+    x = torch.randn(2 * tokens, attn.q_proj.in_features)
+    # q/v only for one adapter, q/k/v for the other: prompt chunks shrink the targeted parts in one
+    # matmul, decode rows part by part; either way each part gets what its own module would add.
+    for fused in (attn.qkv, mlp.gate_up):
+        apart = torch.cat([part(x, lora) for part in fused.parts], dim=1)
+        torch.testing.assert_close(fused.fused(x, lora), apart)
+        assert not torch.equal(fused.fused(x, lora), fused.fused(x, None))  # the adapters did change it
