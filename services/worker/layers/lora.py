@@ -5,9 +5,9 @@ grouped by rank bucket (8, 16, 32, ...), DoRA flag and target modules; a group's
 step sit in slots [0, n) of its preallocated buffers (engine/slot_pool.py), so A_t [n, in, r] and
 B_t [n, r, out] are views, never stacked copies (one exception, for prompt chunks only: the A_t of
 a fused projection's parts, put side by side for one shrink; see add_fused_lora). The tokens of
-each adapter form one segment of a
-[n, L, in] tensor (a view of x when the group's rows are contiguous and equal in count, else a
-padded gather), and two batched matmuls give every segment its own correction:
+each adapter form one segment of a [n, L, in] tensor (a view of x when the group's rows are
+contiguous and equal in count, else a padded gather), and two batched matmuls give every segment
+its own correction:
 
     y[t] = x[t] W^T + (x[t] A_i^T) (s_i B_i)^T          for token t of adapter i
 

@@ -32,11 +32,6 @@ class Gemma3Attention(Attention):
         self.sliding = g.sliding_layers[layer]
         self.scale = g.query_pre_attn_scalar**-0.5
 
-    normalizes_qk = True
-
-    def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.q_norm(q), self.k_norm(k)
-
 
 class Gemma3MLP(MLP):
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:

@@ -47,6 +47,9 @@ class Attention(nn.Module):
         self.sliding = cfg.sliding_window is not None
         self.scale = self.head_dim**-0.5
         self.qkv = FusedLoRALinear((self.q_proj, self.k_proj, self.v_proj))
+        # Per-head norms of queries and keys before RoPE (Qwen3, Gemma 3 set them).
+        self.q_norm: nn.Module | None = None
+        self.k_norm: nn.Module | None = None
         self.k_cache = torch.empty(0)  # [kv_heads, slots, d], assigned by the runner
         self.v_cache = torch.empty(0)
 
@@ -55,20 +58,14 @@ class Attention(nn.Module):
         qkv = self.qkv.fused(x, ctx.lora).view(t, -1, self.head_dim)  # [T, heads + 2 kv_heads, d]
         q, k, v = qkv.split((self.heads, self.kv_heads, self.kv_heads), dim=1)
         assert ctx.cos is not None and ctx.sin is not None
-        if self.normalizes_qk:
-            q, k = self.normalize_qk(q, k)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # new tensors, normalized over d per head
             rotate_(q, ctx.cos, ctx.sin)
             rotate_(k, ctx.cos, ctx.sin)
         else:
             rotate_(qkv[:, : self.heads + self.kv_heads], ctx.cos, ctx.sin)
         out = paged_attention(q, k, v, self.k_cache, self.v_cache, ctx.attention, self.scale, self.sliding)
         return self.o_proj(out.reshape(t, -1), ctx.lora)
-
-    normalizes_qk = False  # Qwen3 and Gemma 3 norm each query and key head before RoPE
-
-    def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Before RoPE, when `normalizes_qk`; returns new tensors (q and k are views of the projection)."""
-        return q, k
 
 
 class MLP(nn.Module):

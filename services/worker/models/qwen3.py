@@ -6,8 +6,6 @@ bias are config, read in models/config.py; the per-head norms are the only new l
 
 from __future__ import annotations
 
-import torch
-
 from services.worker.layers.norm import RMSNorm
 from services.worker.models.config import ModelConfig
 from services.worker.models.llama import Attention, LlamaForCausalLM
@@ -18,11 +16,6 @@ class Qwen3Attention(Attention):
         super().__init__(cfg, layer)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-
-    normalizes_qk = True
-
-    def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.q_norm(q), self.k_norm(k)  # [T, heads, d]: normalized over d, per head
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
