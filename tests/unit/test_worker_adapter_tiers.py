@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from services.common.adapter_files import (
     ADAPTER_FILES,
     ADAPTER_WEIGHTS,
+    SafetensorsHeader,
     adapter_digest,
     read_safetensors_header,
 )
@@ -376,3 +377,43 @@ async def test_a_device_budget_that_fits_by_file_bytes_but_not_by_slot_bytes_evi
     resident = await engine.resident_adapters()
     assert three[2].digest in resident and len(resident) < 3
     assert loader.resident_bytes()["device"] == sum(device[d] for d in resident) <= budget
+
+
+async def test_a_load_planned_from_a_header_the_verified_files_contradict_fails_and_leaves_nothing(
+    engine: AsyncEngine,
+    make_loader: MakeLoader,
+    worker_tiny_adapters: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    # The race the check is for: the object's weights change between the ranged header read and
+    # the verified download. The store holds a smaller adapter's weights while the header is
+    # read, and the adapter's own (the digest's) again before the download.
+    store = tmp_path / "store-mlp"
+    shutil.copytree(worker_tiny_adapters["mlp"], store)
+    spec = AdapterSpec(
+        digest=adapter_digest(store),
+        uri=store.as_uri(),
+        label="mlp@1",
+        size_bytes=sum((store / name).stat().st_size for name in ADAPTER_FILES),
+    )
+    own = (store / ADAPTER_WEIGHTS).read_bytes()
+    shutil.copy(worker_tiny_adapters["qv"] / ADAPTER_WEIGHTS, store / ADAPTER_WEIGHTS)
+    loader = await make_loader()
+    read_header = loader.fetcher.weights_header
+
+    async def header_then_restored(s: AdapterSpec) -> SafetensorsHeader:
+        header = await read_header(s)
+        (store / ADAPTER_WEIGHTS).write_bytes(own)
+        return header
+
+    loader.fetcher.weights_header = header_then_restored  # type: ignore[method-assign,assignment]
+    with pytest.raises(AdapterUnreadable, match=r"mlp@1 occupies \d+ bytes .* not the \d+ bytes its header"):
+        await loader.acquire(spec)
+    await loader.settle()
+    assert (await engine.resident_adapters()) == []
+    assert loader.policy.resident_bytes(Tier.DEVICE) == 0 and loader.policy.resident_bytes(Tier.HOST) == 0
+    # The verified copy itself is sound: asked again, the adapter loads from what is now on disk.
+    loader.fetcher.weights_header = read_header  # type: ignore[method-assign]
+    lease = await loader.acquire(spec)
+    assert (await engine.resident_adapters()) == [spec.digest]
+    loader.release(lease)

@@ -49,7 +49,6 @@ class DeviceAdapter:
     a_t: dict[ModuleKey, torch.Tensor]  # [in, bucket]
     b_t: dict[ModuleKey, torch.Tensor]  # [bucket, out], scale folded in
     dora_scale: dict[ModuleKey, torch.Tensor]  # [out]
-    size_bytes: int
     slot_bytes: int = 0  # what its slot occupies: rank padded to the bucket, the engine's dtype
     targets: tuple[ModuleKey, ...] = ()  # kept when the tensors are dropped (they live in a slot)
     embed: EdgeLora | None = None  # LoRA on embed_tokens (layers/lora_edges.py)
@@ -132,7 +131,6 @@ def to_device(
         a_t=a_t,
         b_t=b_t,
         dora_scale=dora,
-        size_bytes=weights.size_bytes,
         slot_bytes=slot_bytes(shapes, bucket, is_dora, dtype),
         embed=embed,
         lm_head=head,
