@@ -296,7 +296,7 @@ def _curl_example(stack: Stack, adapter: str) -> str:
         return ""
     cacert = f" --cacert {certs_dir(stack.home) / 'ca.crt'}" if stack.tls is not None else ""
     body = (
-        f'{{"model": "{adapter}", "stream": true, '
+        f'{{"model": "{adapter}", "stream": true, "max_tokens": 64, '
         '"messages": [{"role": "user", "content": "How do I reset my password?"}]}'
     )
     return (

@@ -54,19 +54,26 @@ class DevStack:
 
 @pytest.fixture(scope="module")
 def dev_stack(
-    tmp_path_factory: pytest.TempPathFactory, stack_database_url: str, smollm2_dir: Path
+    tmp_path_factory: pytest.TempPathFactory, stack_database_url: str, smollm2_dir: Path, adapter_cache: Path
 ) -> Iterator[DevStack]:
     home = tmp_path_factory.mktemp("dev-home")
-    with running_dev(home, stack_database_url, smollm2_dir, workers=2) as stack:
+    # The session's trained adapters too: the README test trains the demo adapters on first run.
+    with running_dev(home, stack_database_url, smollm2_dir, workers=2, adapter_cache=adapter_cache) as stack:
         yield stack
 
 
 @contextmanager
-def running_dev(home: Path, database_url: str, smollm2_dir: Path, *, workers: int) -> Iterator[DevStack]:
-    """`loraplex dev --workers N` on a fresh home (the session's converted model linked in)."""
+def running_dev(
+    home: Path, database_url: str, smollm2_dir: Path, *, workers: int, adapter_cache: Path | None = None
+) -> Iterator[DevStack]:
+    """`loraplex dev --workers N` on a fresh home (the session's converted model linked in, and
+    its trained test adapters when `adapter_cache` is given)."""
     # Reuse the session's converted model instead of converting the GGUF again.
     (home / "models").mkdir()
     (home / "models" / smollm2_dir.name).symlink_to(smollm2_dir)
+    if adapter_cache is not None:
+        adapter_cache.mkdir(parents=True, exist_ok=True)
+        (home / "test-adapters").symlink_to(adapter_cache)
     router_port = free_port()
     env = {
         **os.environ,

@@ -282,6 +282,7 @@ def test_generate_without_a_key_points_at_the_dev_key_and_uses_it(
     home.mkdir()
     env["LORAPLEX_HOME"] = str(home)
     env["LORAPLEX_ROUTER"] = registry.target  # nothing answers InferenceService there
+    env["LORAPLEX_CLIENT_RETRIES"] = "0"  # the UNAVAILABLE it gets is not worth a minute of retries
 
     def run() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
