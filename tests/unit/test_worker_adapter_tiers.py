@@ -65,15 +65,17 @@ async def engine(tiny_llama_dir: Path) -> AsyncIterator[AsyncEngine]:
 @pytest.fixture
 def specs(worker_tiny_adapters: dict[str, Path]) -> dict[str, AdapterSpec]:
     """The tiny adapters in a file:// store, with their file bytes as the registry reports them."""
-    return {
-        kind: AdapterSpec(
-            digest=adapter_digest(path),
-            uri=path.as_uri(),
-            label=f"{kind}@1",
-            size_bytes=sum((path / name).stat().st_size for name in ADAPTER_FILES),
-        )
-        for kind, path in worker_tiny_adapters.items()
-    }
+    return {kind: stored_spec(path, f"{kind}@1") for kind, path in worker_tiny_adapters.items()}
+
+
+def stored_spec(path: Path, label: str) -> AdapterSpec:
+    """An adapter directory as a file:// store, with its file bytes as the registry reports them."""
+    return AdapterSpec(
+        digest=adapter_digest(path),
+        uri=path.as_uri(),
+        label=label,
+        size_bytes=sum((path / name).stat().st_size for name in ADAPTER_FILES),
+    )
 
 
 @pytest.fixture
@@ -329,14 +331,8 @@ def mixed(
 ) -> dict[str, tuple[AdapterSpec, Path]]:
     """qv (rank 4, padded to 8), dora, mlp (rank 16) and one with edge LoRA beside attention."""
     edge = tiny_edge_adapters["edges-attn"]
-    edge_spec = AdapterSpec(
-        digest=adapter_digest(edge),
-        uri=edge.as_uri(),
-        label="edges-attn@1",
-        size_bytes=sum((edge / name).stat().st_size for name in ADAPTER_FILES),
-    )
     out = {k: (specs[k], worker_tiny_adapters[k]) for k in ("qv", "dora", "mlp")}
-    out["edges-attn"] = (edge_spec, edge)
+    out["edges-attn"] = (stored_spec(edge, "edges-attn@1"), edge)
     return out
 
 
@@ -390,12 +386,7 @@ async def test_a_load_planned_from_a_header_the_verified_files_contradict_fails_
     # read, and the adapter's own (the digest's) again before the download.
     store = tmp_path / "store-mlp"
     shutil.copytree(worker_tiny_adapters["mlp"], store)
-    spec = AdapterSpec(
-        digest=adapter_digest(store),
-        uri=store.as_uri(),
-        label="mlp@1",
-        size_bytes=sum((store / name).stat().st_size for name in ADAPTER_FILES),
-    )
+    spec = stored_spec(store, "mlp@1")
     own = (store / ADAPTER_WEIGHTS).read_bytes()
     shutil.copy(worker_tiny_adapters["qv"] / ADAPTER_WEIGHTS, store / ADAPTER_WEIGHTS)
     loader = await make_loader()
