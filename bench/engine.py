@@ -10,6 +10,8 @@ Workloads (one run, same machine, same prompts; bf16 where the CPU computes it n
 - prefill: N long prompts with the same adapters versus without;
 - scale: traffic spread over a large resident pool (2,000) versus a small one (N), N distinct
   adapters per batch in both;
+- --profile: a bare and a multi-LoRA decode run of their own, each step's time split by kind of
+  work (base GEMMs, LoRA, attention and its KV gather, sampler, other; bench/step_profile.py);
 - --vs-vllm: vLLM's CPU build (an isolated venv under $LORAPLEX_HOME/bench-venvs/, installed on first
   use) on the same model, adapter files, prompts and thread count, bare and with the N adapters,
   each engine alone in turn; both timed on the wall clock as generated tokens / seconds for the
@@ -34,6 +36,7 @@ from typing import Any
 
 import torch
 
+from bench.step_profile import profile_decode
 from services.worker.engine.adapter_weights import AdapterWeights, LoraModuleWeights, load_adapter_weights
 from services.worker.engine.config import EngineConfig, preferred_dtype
 from services.worker.engine.llm_engine import EngineRequest, LLMEngine
@@ -466,6 +469,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-prefill", action="store_true")
     p.add_argument("--skip-scale", action="store_true")
     p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also time a bare and a multi-LoRA decode run by kind of work (GEMM, LoRA, attention, ...)",
+    )
+    p.add_argument(
         "--vs-vllm",
         action="store_true",
         help="also run vLLM's CPU build (installed on first use under $LORAPLEX_HOME/bench-venvs/)",
@@ -566,6 +574,8 @@ def _run(
         **roof,
     }
     result |= _latency("decode_base", base) | _latency("decode_multilora", multi)
+    if args.profile:
+        result |= step_profiles(engine, n, args.prompt_tokens, args.new_tokens, digests, log)
     if not args.skip_peft:
         peft = peft_decode_tok_s(peft_model, prompts, [f"a{i}" for i in range(n)], args.peft_new_tokens)
         log(f"PEFT mixed decode {peft:.1f} tok/s")
@@ -604,6 +614,32 @@ def _run(
     args.plot.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
     return 0
+
+
+def step_profiles(
+    engine: LLMEngine,
+    n: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    digests: list[str | None],
+    log: Callable[..., None],
+) -> dict[str, float]:
+    """The decode step by kind of work, bare and with the n adapters (runs of their own)."""
+    out: dict[str, float] = {}
+    bare: list[str | None] = [None] * n
+    for label, adapters, salt in (("base", bare, 6), ("multilora", digests, 7)):
+        prompts = _prompts(engine, n, prompt_tokens, salt=salt)
+        times = profile_decode(engine, prompts, adapters, new_tokens, CLOCK, label)
+        log(
+            f"profile {label}: step {times[f'profile_{label}_step_ms']:.1f} ms = "
+            + ", ".join(
+                f"{kind} {times[f'profile_{label}_{kind}_ms']:.1f}"
+                for kind in ("gemm", "lora", "attention", "sampler", "other")
+            )
+            + f" (KV gather {times[f'profile_{label}_kv_gather_ms']:.1f} of attention)"
+        )
+        out |= times
+    return out
 
 
 def scale(args, engine, shapes, dtype, targets, log) -> dict:

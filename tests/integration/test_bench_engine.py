@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
 import pytest
 
 from bench.engine import ModelShapes
+from bench.step_profile import ENTRY_POINTS
 from services.cli.main import main as cli_main
 
 
@@ -18,7 +20,7 @@ def test_engine_bench_reports_the_roofline_terms(
         "bench", "engine", "--json", "--model-dir", str(tiny_llama_dir), "--dtype", "float32",
         "--batch", "4", "--new-tokens", "8", "--peft-new-tokens", "3", "--prefill-tokens", "16",
         "--prefill-requests", "4", "--scale-pool", "12", "--scale-new-tokens", "3",
-        "--bandwidth-mib", "64", "--plot", str(tmp_path / "engine.png"),
+        "--bandwidth-mib", "64", "--plot", str(tmp_path / "engine.png"), "--profile",
     ]  # fmt: skip
     assert cli_main(argv) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -51,3 +53,21 @@ def test_engine_bench_reports_the_roofline_terms(
     assert result["scale_pool"] == 12
     for key in ("ratio_vs_peft", "prefill_ratio_vs_base", "scaling_ratio", "multilora_vs_base"):
         assert result[key] > 0
+
+    # The step profile: no kind of work is counted twice (what is left of the step, norms, rotary
+    # and Python among it, stays positive), LoRA costs nothing without adapters,
+    # the gather is part of attention, and the engine's functions are unwrapped afterwards.
+    for label in ("base", "multilora"):
+        ms = {
+            k: result[f"profile_{label}_{k}_ms"]
+            for k in ("step", "gemm", "lora", "attention", "kv_gather", "sampler", "other")
+        }
+        assert result[f"profile_{label}_steps"] == 7  # 8 new tokens, the first from the prefill
+        assert ms["gemm"] > 0 and ms["attention"] > 0 and ms["sampler"] > 0
+        assert 0 < ms["kv_gather"] < ms["attention"]
+        assert 0 < ms["other"] < ms["step"]
+    assert result["profile_base_lora_ms"] == 0
+    assert result["profile_multilora_lora_ms"] > 0
+    for names in ENTRY_POINTS.values():
+        for module_name, attr in names:
+            assert getattr(importlib.import_module(module_name), attr).__name__ == attr
