@@ -97,12 +97,12 @@ def test_edge_weights_are_held_per_adapter_and_counted(
     assert both.embed.a_t.shape == (vocab, 8) and both.embed.b_t.shape == (8, hidden)
     assert both.lm_head.a_t.shape == (hidden, 8) and both.lm_head.b_t.shape == (8, vocab)
     edge_bytes = 4 * 2 * (vocab * 8 + 8 * hidden)  # fp32, both edges
-    blocks = sum(t.numel() * 4 for t in (*both.a_t.values(), *both.b_t.values()))
+    blocks = sum(t.numel() * 4 for t in (*both.a.values(), *both.b_t.values()))
     assert both.resident_bytes == blocks + edge_bytes
     moved = move(both, "cpu")  # a tier move carries the edges too
     assert moved.uid != both.uid and moved.resident_bytes == both.resident_bytes
     assert moved.lm_head is not None and torch.equal(moved.lm_head.b_t, both.lm_head.b_t)
     head_only = to_device(load_weights(tiny_edge_adapters["head-rslora"]), model, 64, "cpu")
-    assert head_only.bucket == 8 and not head_only.a_t  # lm_head's rank 16 pads no block module
+    assert head_only.bucket == 8 and not head_only.a  # lm_head's rank 16 pads no block module
     ordinary = to_device(load_weights(tiny_edge_adapters["ordinary"]), model, 64, "cpu")
     assert ordinary.embed is None and ordinary.lm_head is None

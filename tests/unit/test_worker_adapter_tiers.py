@@ -320,7 +320,7 @@ async def test_an_eviction_the_engine_refuses_leaves_the_accounting_matching_the
 
 def _engine_layout_bytes(adapter: DeviceAdapter) -> int:
     """The bytes of every tensor the engine holds for a prepared adapter (slots and edges)."""
-    tensors = [t for d in (adapter.a_t, adapter.b_t, adapter.dora_scale) for t in d.values()]
+    tensors = [t for d in (adapter.a, adapter.b_t, adapter.dora_scale) for t in d.values()]
     tensors += [t for e in (adapter.embed, adapter.lm_head) if e is not None for t in e.tensors()]
     return sum(t.nbytes for t in tensors)
 

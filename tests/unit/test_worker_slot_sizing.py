@@ -59,5 +59,5 @@ def test_planned_device_bytes_count_edge_lora_unpadded_beside_the_slots(
         edges = [e for e in (adapter.embed, adapter.lm_head) if e is not None]
         assert edges or name == "ordinary", name
         held = sum(t.nbytes for e in edges for t in e.tensors())
-        held += sum(t.nbytes for d in (adapter.a_t, adapter.b_t, adapter.dora_scale) for t in d.values())
+        held += sum(t.nbytes for d in (adapter.a, adapter.b_t, adapter.dora_scale) for t in d.values())
         assert planned == adapter.resident_bytes == held, name

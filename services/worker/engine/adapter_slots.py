@@ -1,8 +1,8 @@
 """An adapter in the layout the multi-LoRA layer reads, before it is written into its slot.
 
-Loading pads each module to its adapter's rank bucket, folds the scale into B, stores A^T and
-(sB)^T in the layout of a slot (engine/slot_pool.py), and computes the DoRA factor
-m / ||W + s B A||_row once, against the untouched base weight. LoRA on embed_tokens / lm_head is
+Loading pads each module to its adapter's rank bucket, folds the scale into B, stores A (as PEFT
+writes it, [r, in]) and (sB)^T in the layout of a slot (engine/slot_pool.py), and computes the
+DoRA factor m / ||W + s B A||_row once, against the untouched base weight. LoRA on embed_tokens / lm_head is
 held per adapter beside the slots (layers/lora_edges.py), unpadded: it is applied adapter by adapter.
 
 The same layout lives in host memory for the worker's HOST tier: `to_device(..., device="cpu")`
@@ -46,7 +46,7 @@ class DeviceAdapter:
     uid: int  # changes on every load and move
     bucket: int
     is_dora: bool
-    a_t: dict[ModuleKey, torch.Tensor]  # [in, bucket]
+    a: dict[ModuleKey, torch.Tensor]  # [bucket, in]: PEFT's lora_A, rank padded to the bucket
     b_t: dict[ModuleKey, torch.Tensor]  # [bucket, out], scale folded in
     dora_scale: dict[ModuleKey, torch.Tensor]  # [out]
     slot_bytes: int = 0  # what its slot occupies: rank padded to the bucket, the engine's dtype
@@ -56,11 +56,11 @@ class DeviceAdapter:
 
     def __post_init__(self) -> None:
         if not self.targets:
-            self.targets = tuple(sorted(self.a_t))
+            self.targets = tuple(sorted(self.a))
 
     def without_tensors(self) -> DeviceAdapter:
         """Its description only, for an adapter whose weights now live in slot buffers."""
-        return replace(self, a_t={}, b_t={}, dora_scale={})
+        return replace(self, a={}, b_t={}, dora_scale={})
 
     @property
     def group(self) -> GroupKey:
@@ -94,7 +94,7 @@ def to_device(
     dtype = model.lm_head.weight.dtype
     # The edges are never stacked, so their rank does not pad the block modules.
     bucket = rank_bucket(max((w.rank for w in weights.tensors.values()), default=1))
-    a_t: dict[ModuleKey, torch.Tensor] = {}
+    a_rows: dict[ModuleKey, torch.Tensor] = {}
     b_t: dict[ModuleKey, torch.Tensor] = {}
     dora: dict[ModuleKey, torch.Tensor] = {}
     for key, w in weights.tensors.items():
@@ -106,11 +106,11 @@ def to_device(
                 f"layer {key[0]} {key[1]}: adapter shapes {tuple(w.a.shape)}/{tuple(w.b.shape)} do not fit "
                 f"[{linear.out_features}, {linear.in_features}]; was it trained for another base model?"
             )
-        a = torch.zeros(linear.in_features, bucket, dtype=dtype, device=device)
+        a = torch.zeros(bucket, linear.in_features, dtype=dtype, device=device)
         b = torch.zeros(bucket, linear.out_features, dtype=dtype, device=device)
-        a[:, : w.rank] = w.a.to(device=device, dtype=dtype).T
+        a[: w.rank] = w.a.to(device=device, dtype=dtype)
         b[: w.rank] = (w.b.to(device=device, dtype=torch.float32) * w.scale).T.to(dtype)
-        a_t[key], b_t[key] = a, b
+        a_rows[key], b_t[key] = a, b
         if w.magnitude is not None:
             # Against the base weight where it lives (only read, so any thread may do this).
             at = linear.weight.device
@@ -120,15 +120,15 @@ def to_device(
             dora[key] = (w.magnitude.to(at, torch.float32) / norm).to(device=device, dtype=dtype)
     embed, head = (_edge(weights, name, model, dtype, device, pin) for name in ("embed_tokens", "lm_head"))
     if pin:
-        a_t, b_t, dora = _pinned(a_t), _pinned(b_t), _pinned(dora)
+        a_rows, b_t, dora = _pinned(a_rows), _pinned(b_t), _pinned(dora)
     is_dora = weights.variant == "DORA"
-    shapes = {k: (t.shape[0], b_t[k].shape[1]) for k, t in a_t.items()}
+    shapes = {k: (t.shape[1], b_t[k].shape[1]) for k, t in a_rows.items()}
     return DeviceAdapter(
         digest=weights.digest,
         uid=next(_uids),
         bucket=bucket,
         is_dora=is_dora,
-        a_t=a_t,
+        a=a_rows,
         b_t=b_t,
         dora_scale=dora,
         slot_bytes=slot_bytes(shapes, bucket, is_dora, dtype),
@@ -172,7 +172,7 @@ def move(adapter: DeviceAdapter, device: str, *, pin: bool = False) -> DeviceAda
         return replace(
             adapter,
             uid=next(_uids),
-            a_t=to(adapter.a_t),
+            a=to(adapter.a),
             b_t=to(adapter.b_t),
             dora_scale=to(adapter.dora_scale),
             embed=adapter.embed and adapter.embed.to(device, pin=pin),
@@ -184,7 +184,7 @@ def move(adapter: DeviceAdapter, device: str, *, pin: bool = False) -> DeviceAda
         moved = replace(
             adapter,
             uid=next(_uids),
-            a_t=to(adapter.a_t),
+            a=to(adapter.a),
             b_t=to(adapter.b_t),
             dora_scale=to(adapter.dora_scale),
             embed=adapter.embed and adapter.embed.to(device, pin=pin),
@@ -198,7 +198,7 @@ def move(adapter: DeviceAdapter, device: str, *, pin: bool = False) -> DeviceAda
         # their memory is not reused while a step may still read it.
         consumer = torch.cuda.default_stream(torch.device(device))
         edges = [t for e in (moved.embed, moved.lm_head) if e is not None for t in e.tensors()]
-        for t in (*moved.a_t.values(), *moved.b_t.values(), *moved.dora_scale.values(), *edges):
+        for t in (*moved.a.values(), *moved.b_t.values(), *moved.dora_scale.values(), *edges):
             t.record_stream(consumer)
     return moved
 
@@ -211,7 +211,7 @@ def _copy_stream(device: str, adapter: DeviceAdapter) -> torch.cuda.Stream | Non
     at = torch.device(device)
     if at.type != "cuda":
         edges = [t for e in (adapter.embed, adapter.lm_head) if e is not None for t in e.tensors()]
-        at = next((t.device for t in (*adapter.a_t.values(), *edges) if t.is_cuda), at)
+        at = next((t.device for t in (*adapter.a.values(), *edges) if t.is_cuda), at)
     if at.type != "cuda":
         return None
     if at.index is None:

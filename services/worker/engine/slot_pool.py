@@ -1,7 +1,7 @@
 """Device-tier adapters in preallocated slot buffers, one set per group and module.
 
 A group is a rank bucket, a DoRA flag and a set of target modules (DeviceAdapter.group). For each
-of its modules it owns A^T [capacity, in, bucket], (sB)^T [capacity, bucket, out] and, for DoRA,
+of its modules it owns A [capacity, bucket, in], (sB)^T [capacity, bucket, out] and, for DoRA,
 the row scale [capacity, out], in the engine's dtype on the engine's device. Installing writes an
 adapter into a free slot once; a step reads its group's adapters as `buffer[:n]`, a view (the slot
 table keeps them at the front), so the batched matmuls never read a stacked copy. Bytes moved to
@@ -65,7 +65,7 @@ class SlotGroup:
         if self.table.capacity != self._capacity:
             self._resize(self.table.capacity)
         for k in self.modules:
-            self.a[k][slot].copy_(adapter.a_t[k], non_blocking=True)
+            self.a[k][slot].copy_(adapter.a[k], non_blocking=True)
             self.b[k][slot].copy_(adapter.b_t[k], non_blocking=True)
             if self.is_dora:
                 scale = adapter.dora_scale.get(k)
@@ -80,7 +80,7 @@ class SlotGroup:
         slot = self.table.slot(digest)
         out = replace(
             template,
-            a_t={k: self.a[k][slot].clone() for k in self.modules},
+            a={k: self.a[k][slot].clone() for k in self.modules},
             b_t={k: self.b[k][slot].clone() for k in self.modules},
             dora_scale={k: self.dora[k][slot].clone() for k in self.modules} if self.is_dora else {},
         )
@@ -125,7 +125,7 @@ class SlotGroup:
     def _resize(self, capacity: int) -> None:
         used = min(len(self.table), self._capacity, capacity)  # slots holding weights already
         for k, (i, o) in self.shapes.items():
-            new_a = torch.zeros(capacity, i, self.bucket, dtype=self.dtype, device=self.device)
+            new_a = torch.zeros(capacity, self.bucket, i, dtype=self.dtype, device=self.device)
             new_b = torch.zeros(capacity, self.bucket, o, dtype=self.dtype, device=self.device)
             if k in self.a and used:
                 new_a[:used].copy_(self.a[k][:used])

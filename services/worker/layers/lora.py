@@ -2,12 +2,11 @@
 
 The base product x W^T is computed once for all T tokens. For the low-rank part, adapters are
 grouped by rank bucket (8, 16, 32, ...), DoRA flag and target modules; a group's adapters of this
-step sit in slots [0, n) of its preallocated buffers (engine/slot_pool.py), so A_t [n, in, r] and
-B_t [n, r, out] are views, never stacked copies (one exception, for prompt chunks only: the A_t of
-a fused projection's parts, put side by side for one shrink; see add_fused_lora). The tokens of
-each adapter form one segment of a [n, L, in] tensor (a view of x when the group's rows are
-contiguous and equal in count, else a padded gather), and two batched matmuls give every segment
-its own correction:
+step sit in slots [0, n) of its preallocated buffers (engine/slot_pool.py), so A [n, r, in] and
+B_t [n, r, out] are views, never stacked copies (one exception, for prompt chunks only: the A of a
+fused projection's parts, stacked for one shrink; see add_fused_lora). The tokens of each adapter
+form one segment of a [n, L, in] tensor (a view of x when the group's rows are contiguous and equal
+in count, else a padded gather), and two batched matmuls give every segment its own correction:
 
     y[t] = x[t] W^T + (x[t] A_i^T) (s_i B_i)^T          for token t of adapter i
 
@@ -39,7 +38,7 @@ class LoraGroup:
     gather_index: torch.Tensor  # [n * L] flat token feeding each padded segment position
     valid: torch.Tensor | None  # positions of real tokens in the padded layout (None: no padding)
     dest: torch.Tensor  # [tokens] flat token receiving each real position's correction
-    weights: dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]]  # A_t [n, in, r], B_t [n, r, out]
+    weights: dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]]  # A [n, r, in], B_t [n, r, out]
     span: tuple[int, int] | None = None  # the group's tokens are exactly x[start:end], in order
     dora_scales: dict[ModuleKey, torch.Tensor] = field(default_factory=dict)  # [n, out]; DoRA groups
     dest_slot: torch.Tensor | None = None  # [tokens] slot of each dest token (DoRA groups)
@@ -71,8 +70,7 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, key: ModuleKey, batch: LoraBatch)
         ab = g.weights.get(key)
         if ab is None:
             continue
-        xs = _segments(g, x)
-        _expand(g, y, torch.bmm(xs, ab[0]), ab[1], g.dora_scales.get(key))
+        _expand(g, y, _shrink(_segments(g, x), ab[0]), ab[1], g.dora_scales.get(key))
 
 
 def add_fused_lora(
@@ -80,10 +78,10 @@ def add_fused_lora(
 ) -> None:
     """add_lora for modules that read the same x and write side by side in y: parts are (key,
     first column, width). A group's segments are formed once. For prompt chunks (segments of at
-    least SHARED_SHRINK_TOKENS) the parts' shrinks are one matmul over their A^T put side by side
-    for the step, which reads x once and gives BLAS a wider N (fp32, 2,048 tokens: q/k/v LoRA 12.1
-    -> 9.1 ms a layer); the copy is small next to those segments, and decode rows, where a matrix-
-    vector product reads A either way, never pay it."""
+    least SHARED_SHRINK_TOKENS) the parts' shrinks are one matmul over their A stacked for the
+    step, which reads x once and gives BLAS a wider N (fp32, 2,048 tokens: q/k/v LoRA 12.1 -> 9.1 ms
+    a layer); the copy is small next to those segments, and decode rows, where a matrix-vector
+    product reads A either way, never pay it."""
     for g in batch.groups:
         present = [(k, start, width) for k, start, width in parts if k in g.weights]
         if not present:
@@ -91,12 +89,23 @@ def add_fused_lora(
         xs = _segments(g, x)
         xa_all = None
         if g.seg_len >= SHARED_SHRINK_TOKENS and len(present) > 1:
-            xa_all = torch.bmm(xs, torch.cat([g.weights[k][0] for k, _, _ in present], dim=2))
+            xa_all = _shrink(xs, torch.cat([g.weights[k][0] for k, _, _ in present], dim=1))
         for j, (k, start, width) in enumerate(present):
-            a_t, b_t = g.weights[k]
-            r = a_t.shape[2]
-            xa = xa_all[..., j * r : (j + 1) * r] if xa_all is not None else torch.bmm(xs, a_t)
+            a, b_t = g.weights[k]
+            r = a.shape[1]
+            xa = xa_all[..., j * r : (j + 1) * r] if xa_all is not None else _shrink(xs, a)
             _expand(g, y[:, start : start + width], xa, b_t, g.dora_scales.get(k))
+
+
+def _shrink(xs: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """xs [n, L, in] @ A^T -> [n, L, r]. A stays as PEFT writes it, [r, in]: for a few tokens an
+    adapter (decoding) the product runs as A @ xs^T, matrix-vector products over A's contiguous
+    rows, which CPU BLAS runs faster than x @ A^T over a transposed operand (Zen 3, 1 thread, 8
+    adapters, rank 64, 576 in, cold weights: fp32 123 -> 99 µs, bf16 343 -> 111 µs); longer
+    segments are a GEMM either way."""
+    if xs.shape[1] < SHARED_SHRINK_TOKENS:
+        return torch.bmm(a, xs.transpose(1, 2)).transpose(1, 2)
+    return torch.bmm(xs, a.transpose(1, 2))
 
 
 def _segments(g: LoraGroup, x: torch.Tensor) -> torch.Tensor:
