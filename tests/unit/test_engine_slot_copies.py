@@ -119,3 +119,30 @@ def test_two_thousand_resident_adapters_serve_a_batch_spread_over_the_pool(tiny_
     by_digest = {w.digest: w for w in weights}
     for i in (0, len(picked) - 1):
         assert tokens_of(outputs[f"q{i}"]) == alone(tiny_llama_dir, by_digest, picked[i], 3)
+
+
+def test_the_slot_views_a_step_reads_follow_the_buffers_when_they_are_reallocated(
+    tiny_llama_dir: Path,
+) -> None:
+    shapes = ModelShapes.of(tiny_llama_dir)
+    weights = [
+        random_weights(shapes, f"v{i:02}", 8, seed=50 + i, dtype=torch.float32, targets=("q_proj", "v_proj"))
+        for i in range(12)
+    ]
+    first = weights[0].digest
+    engine = make_engine(tiny_llama_dir, 40)
+    engine.load_adapter(weights[0])
+    engine.add_request(request("before", first, 3))
+    run_all(engine)  # the group's views of slots [0, 1) are now kept
+    (group,) = engine.runner.lora.slots.groups.values()
+    capacity = group.table.capacity
+    for w in weights[1:]:
+        engine.load_adapter(w)
+    assert group.table.capacity > capacity  # new, larger buffers
+    engine.add_request(request("after", first, 3))
+    outputs = run_all(engine)
+    key = group.modules[0]
+    a, b = group.weights(1)[key]
+    assert a.untyped_storage().data_ptr() == group.a[key].untyped_storage().data_ptr()
+    assert b.untyped_storage().data_ptr() == group.b[key].untyped_storage().data_ptr()
+    assert tokens_of(outputs["after"]) == alone(tiny_llama_dir, {first: weights[0]}, first, 3)

@@ -47,6 +47,8 @@ class SlotGroup:
         self.b: dict[ModuleKey, torch.Tensor] = {}
         self.dora: dict[ModuleKey, torch.Tensor] = {}
         self._capacity = 0
+        self._views: tuple[int, dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]]] = (-1, {})
+        self._dora_views: tuple[int, dict[ModuleKey, torch.Tensor]] = (-1, {})
         self._resize(0)
         element = torch.empty(0, dtype=dtype).element_size()
         self.slot_bytes = element * sum(
@@ -100,10 +102,19 @@ class SlotGroup:
         return self.table.slot(digest)
 
     def weights(self, n: int) -> dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]]:
-        return {k: (self.a[k][:n], self.b[k][:n]) for k in self.modules}
+        """Each module's A and B_t of slots [0, n), as views. The last n's views are kept until the
+        buffers are reallocated: slicing every module's buffers anew cost ~0.7 ms a group a step
+        (all-linear, 30 layers), and steady decoding asks for the same n step after step."""
+        if self._views[0] != n:
+            self._views = (n, {k: (self.a[k][:n], self.b[k][:n]) for k in self.modules})
+        return self._views[1]
 
     def dora_scales(self, n: int) -> dict[ModuleKey, torch.Tensor]:
-        return {k: self.dora[k][:n] for k in self.modules} if self.is_dora else {}
+        if not self.is_dora:
+            return {}
+        if self._dora_views[0] != n:
+            self._dora_views = (n, {k: self.dora[k][:n] for k in self.modules})
+        return self._dora_views[1]
 
     def _buffers(self) -> list[dict[ModuleKey, torch.Tensor]]:
         return [self.a, self.b, self.dora] if self.is_dora else [self.a, self.b]
@@ -139,6 +150,7 @@ class SlotGroup:
         if used:
             self.stats.bytes_regrown += used * self.slot_bytes
         self._capacity = capacity
+        self._views, self._dora_views = (-1, {}), (-1, {})  # views of the old buffers
 
 
 class SlotPool:
