@@ -2,8 +2,9 @@
 
 Loading pads each module to its adapter's rank bucket, folds the scale into B, stores A (as PEFT
 writes it, [r, in]) and (sB)^T in the layout of a slot (engine/slot_pool.py), and computes the
-DoRA factor m / ||W + s B A||_row once, against the untouched base weight. LoRA on embed_tokens / lm_head is
-held per adapter beside the slots (layers/lora_edges.py), unpadded: it is applied adapter by adapter.
+DoRA factor m / ||W + s B A||_row once, against the untouched base weight. LoRA on
+embed_tokens / lm_head is held per adapter beside the slots (layers/lora_edges.py), unpadded: it
+is applied adapter by adapter.
 
 The same layout lives in host memory for the worker's HOST tier: `to_device(..., device="cpu")`
 prepares it there (pinned when the engine runs on CUDA), `move(adapter, device)` copies it to the
