@@ -486,6 +486,12 @@ def main(argv: list[str] | None = None) -> int:
         help="only the JSON-schema workload: half the batch constrained vs none (no adapters, no plot)",
     )
     args = p.parse_args(argv)
+    for flag in ("new_tokens", "peft_new_tokens", "scale_new_tokens"):
+        if getattr(args, flag) < 2:
+            p.error(
+                f"--{flag.replace('_', '-')} must be at least 2: decode speed is timed over the steps "
+                "after every request's first token"
+            )
     if args.threads:
         torch.set_num_threads(args.threads)
     global CLOCK

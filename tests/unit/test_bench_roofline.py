@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.engine import ModelShapes, RunTimes, lora_flops_per_token, random_weights, roofline
+from bench.engine import ModelShapes, RunTimes, lora_flops_per_token, main, random_weights, roofline
 
 
 def _model(tmp_path: Path) -> Path:
@@ -74,3 +74,14 @@ def test_roofline_adds_the_larger_of_compute_and_memory_time(
     assert terms["multilora_step_ms"] == pytest.approx(20.0)
     # Slower than the roofline: the ratio is below 1 by exactly the measured step's excess.
     assert terms["ratio_vs_roofline"] == pytest.approx((10.0 + max(compute_ms, memory_ms)) / 20.0)
+
+
+@pytest.mark.parametrize("flag", ["--new-tokens", "--peft-new-tokens", "--scale-new-tokens"])
+def test_a_run_without_decode_steps_is_refused_before_anything_loads(
+    flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One new token is the prefill's: no decode step to time, and the roofline would divide by 0.
+    with pytest.raises(SystemExit) as exit_info:
+        main([flag, "1", "--model-dir", "/nonexistent"])
+    assert exit_info.value.code == 2
+    assert f"{flag} must be at least 2" in capsys.readouterr().err
