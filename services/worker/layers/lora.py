@@ -106,7 +106,7 @@ class _OneDNNOff:
 
     A CPU bf16 batched matmul with one token an adapter goes to oneDNN, which costs tens of µs a
     call whatever its size; with oneDNN off it runs ATen's bf16 matrix-vector kernel (fp32
-    accumulation), 2-4x faster (Zen 4, AVX512-BF16, 1 thread, 8 adapters, shrink and expand,
+    accumulation), 1.5-3x faster (Zen 4, AVX512-BF16, 1 thread, 8 adapters, shrink and expand,
     576 -> 576: rank 8 104 -> 70 µs, rank 64 576 -> 1536 506 -> 169 µs). For two or more tokens an
     adapter that path is a scalar GEMM (16 tokens, rank 64: 0.37 -> 15 ms), so only one-token
     segments take it. The flag is process-wide, but what other threads compute does not depend on
